@@ -1,0 +1,1 @@
+"""Rules: the catalogue (metadata), the registry, and the check functions."""

@@ -1,0 +1,3 @@
+"""Check functions of the rules that need forward."""
+
+from __future__ import annotations

@@ -1,0 +1,292 @@
+"""Check functions of the rules that read only the model, its buffers and the optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..context import AuditContext
+from ..discovery import BNLayer
+from ..report import Finding
+from .registry import check
+
+__all__ = ["channel_list", "stats_at_init", "is_trained"]
+
+
+def channel_list(mask: torch.Tensor, limit: int = 3) -> str:
+    """``channels 3, 17, +2`` for a boolean per-channel mask."""
+    idx = torch.nonzero(mask.flatten(), as_tuple=False).flatten().tolist()
+    shown = ", ".join(str(i) for i in idx[:limit])
+    more = f", +{len(idx) - limit}" if len(idx) > limit else ""
+    return f"channel{'s' if len(idx) != 1 else ''} {shown}{more}"
+
+
+def _indices(mask: torch.Tensor, limit: int = 32) -> list[int]:
+    return torch.nonzero(mask.flatten(), as_tuple=False).flatten()[:limit].tolist()
+
+
+def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
+    for layer in layers:
+        if not layer.lazy_uninitialized:
+            yield layer
+
+
+def stats_at_init(layer: BNLayer) -> bool:
+    """Running statistics exactly at PyTorch's initial values (mean 0, var 1, counter 0)."""
+    rm, rv, nbt = layer.running_mean, layer.running_var, layer.num_batches_tracked
+    if rm is None or rv is None:
+        return False
+    with torch.no_grad():
+        at_init = bool((rm == 0).all()) and bool((rv == 1).all())
+    if nbt is not None and int(nbt.reshape(-1)[0]) != 0:
+        return False
+    return at_init
+
+
+def _affine_at_init(layer: BNLayer) -> bool:
+    w, b = layer.weight, layer.bias
+    with torch.no_grad():
+        return (w is None or bool((w == 1).all())) and (b is None or bool((b == 0).all()))
+
+
+def is_trained(layer: BNLayer) -> bool:
+    """Evidence the layer saw training: updated counter, moved statistics, or moved gamma/beta."""
+    nbt = layer.num_batches_tracked
+    if nbt is not None and int(nbt.reshape(-1)[0]) > 0:
+        return True
+    if layer.has_running_stats and not stats_at_init(layer):
+        return True
+    return not _affine_at_init(layer)
+
+
+@check("keras-momentum")
+def keras_momentum(ctx: AuditContext) -> Iterator[Finding]:
+    limit = ctx.tol("momentum_max")
+    for layer in _usable(ctx.layers):
+        m = layer.momentum
+        if m is None or not layer.has_running_stats or m <= limit:
+            continue
+        yield ctx.finding(
+            "keras-momentum", layer,
+            f"momentum = {m:g} > {limit:g}: each update keeps only {1 - m:.0%} of the running "
+            f"statistics (PyTorch: new = (1 - momentum) * old + momentum * batch)",
+            hint=f"if this is a Keras/TF value, use momentum={1 - m:.3g} (= 1 - {m:g})",
+            momentum=m, limit=limit, suggested=1 - m,
+        )
+
+
+@check("invalid-eps")
+def invalid_eps(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        eps = layer.eps
+        if eps is None or (math.isfinite(eps) and eps > 0):
+            continue
+        yield ctx.finding(
+            "invalid-eps", layer,
+            f"eps = {eps!r}, expected a finite value > 0 (it keeps 1/sqrt(var + eps) finite)",
+            hint="use eps=1e-5 (PyTorch's default) or 1e-3 (Keras/TF's)",
+            eps=eps,
+        )
+
+
+@check("no-running-stats")
+def no_running_stats(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        if not layer.standard:
+            continue
+        if layer.has_running_stats and layer.track_running_stats:
+            continue
+        if layer.has_running_stats:
+            text = ("track_running_stats was set to False after construction: train mode uses "
+                    "batch statistics without updating the buffers, eval mode uses the stale "
+                    "buffers")
+            hint = "construct the layer with the setting you want instead of flipping it"
+        else:
+            text = ("track_running_stats=False: there are no running statistics, so eval mode "
+                    "normalises with the statistics of each eval batch")
+            hint = ("use track_running_stats=True unless batch statistics at inference are "
+                    "intended; silence with ignore=['no-running-stats']")
+        yield ctx.finding("no-running-stats", layer, text, hint=hint,
+                          has_buffers=layer.has_running_stats)
+
+
+def _in_optimizer(ctx: AuditContext, layer: BNLayer) -> bool | None:
+    if ctx.optimizer is None:
+        return None
+    ids = {id(p) for group in ctx.optimizer.param_groups for p in group["params"]}
+    return any(id(p) in ids for p in layer.params)
+
+
+@check("frozen-bn-in-train-mode")
+def frozen_bn_in_train_mode(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        if not layer.module.training or not layer.params or not layer.has_running_stats:
+            continue
+        if not layer.track_running_stats or layer.momentum == 0:
+            continue
+        frozen = layer.params_frozen
+        optimized = _in_optimizer(ctx, layer)
+        if not frozen and optimized is not False:
+            continue
+        why = ("gamma/beta have requires_grad=False" if frozen
+               else "gamma/beta are in no optimizer param group")
+        yield ctx.finding(
+            "frozen-bn-in-train-mode", layer,
+            f"{why} but the layer is in train mode, so every forward still rewrites "
+            "running_mean/running_var",
+            hint="call .eval() on frozen BN layers after every model.train(), or use a "
+                 "FrozenBatchNorm layer",
+            requires_grad=not frozen, in_optimizer=optimized,
+        )
+
+
+def _nonfinite(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or not t.is_floating_point():
+        return None
+    with torch.no_grad():
+        bad = ~torch.isfinite(t.detach())
+    return bad if bool(bad.any()) else None
+
+
+@check("nonfinite-stats")
+def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        parts = []
+        details: dict[str, object] = {}
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            bad = _nonfinite(getattr(layer, name))
+            if bad is not None:
+                parts.append(f"{name} ({channel_list(bad)})")
+                details[name] = _indices(bad)
+        if parts:
+            yield ctx.finding(
+                "nonfinite-stats", layer,
+                f"NaN/Inf in {'; '.join(parts)}; every output of those channels is NaN",
+                hint="look for fp16 overflow or a skipped AMP step before the last update; "
+                     "recompute the statistics (torch.optim.swa_utils.update_bn) or reload them",
+                **details,
+            )
+
+
+@check("negative-running-var")
+def negative_running_var(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        rv = layer.running_var
+        if rv is None:
+            continue
+        with torch.no_grad():
+            neg = rv.detach() < 0
+        if bool(neg.any()):
+            yield ctx.finding(
+                "negative-running-var", layer,
+                f"running_var < 0 in {channel_list(neg)} (min {float(rv.min()):.3g}); a "
+                "variance cannot be negative, and sqrt(var + eps) is NaN there",
+                hint="the buffer was corrupted or written by hand; recompute the statistics",
+                channels=_indices(neg), min=float(rv.min()),
+            )
+
+
+@check("tiny-running-var")
+def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
+    for layer in _usable(ctx.layers):
+        rv = layer.running_var
+        if rv is None or layer.eps is None or layer.eps <= 0:
+            continue
+        with torch.no_grad():
+            tiny = (rv.detach() >= 0) & (rv.detach() <= layer.eps)
+        if bool(tiny.any()):
+            yield ctx.finding(
+                "tiny-running-var", layer,
+                f"running_var <= eps = {layer.eps:g} in {channel_list(tiny)} of "
+                f"{rv.numel()}: eval divides by about sqrt(eps) there, amplifying noise",
+                hint="those channels' inputs were (nearly) constant in training; check for dead "
+                     "units upstream or recompute statistics on real data",
+                channels=_indices(tiny), count=int(tiny.sum()), eps=layer.eps,
+            )
+
+
+@check("untrained-stats")
+def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
+    hits = []
+    for layer in _usable(ctx.layers):
+        if not layer.has_running_stats or not stats_at_init(layer):
+            continue
+        in_eval = not layer.module.training
+        trained_affine = not _affine_at_init(layer)
+        if in_eval or trained_affine:
+            hits.append((layer, in_eval, trained_affine))
+    if not hits:
+        return
+    hint = ("train (or calibrate) in train mode before saving, load the statistics with "
+            "strict=True, or recompute them with torch.optim.swa_utils.update_bn")
+    usable = [layer for layer in ctx.layers if layer.has_running_stats
+              and not layer.lazy_uninitialized]
+    if len(hits) > 1 and len(hits) == len(usable):
+        yield ctx.finding(
+            "untrained-stats", None,
+            f"all {len(hits)} BN layers still have their initial running statistics "
+            "(mean 0, var 1, num_batches_tracked 0) in a model "
+            + ("in eval mode" if all(h[1] for h in hits) else "with trained gamma/beta"),
+            hint=hint, layers=[h[0].name for h in hits],
+        )
+        return
+    for layer, in_eval, trained_affine in hits:
+        why = "with trained gamma/beta" if trained_affine else "in eval mode"
+        yield ctx.finding(
+            "untrained-stats", layer,
+            f"running statistics are still the initial values (mean 0, var 1) {why}; "
+            "inference normalises with statistics no data produced",
+            hint=hint, eval_mode=in_eval, trained_affine=trained_affine,
+        )
+
+
+@check("dead-channels")
+def dead_channels(ctx: AuditContext) -> Iterator[Finding]:
+    atol = ctx.tol("dead_gamma_atol")
+    for layer in _usable(ctx.layers):
+        w = layer.weight
+        if w is None or not w.is_floating_point() or not is_trained(layer):
+            continue
+        with torch.no_grad():
+            dead = w.detach().abs() <= atol
+        if not bool(dead.any()) or bool(dead.all()) and stats_at_init(layer):
+            continue
+        yield ctx.finding(
+            "dead-channels", layer,
+            f"|gamma| <= {atol:g} in {channel_list(dead)} of {w.numel()} "
+            f"({float(dead.float().mean()):.0%}): those channels output only beta",
+            hint="if pruned on purpose, remove the channels (fold beta into the next layer); "
+                 "else check weight decay and learning rate",
+            channels=_indices(dead), count=int(dead.sum()), atol=atol,
+        )
+
+
+@check("weight-decay-on-bn")
+def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
+    opt = ctx.optimizer
+    if opt is None:
+        return
+    where: dict[int, tuple[int, float]] = {}
+    for gi, group in enumerate(opt.param_groups):
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        if wd > 0:
+            for p in group["params"]:
+                where.setdefault(id(p), (gi, wd))
+    for layer in _usable(ctx.layers):
+        decayed = [(name, where[id(p)]) for name, p in layer.module._parameters.items()
+                   if p is not None and id(p) in where]
+        if not decayed:
+            continue
+        names = " and ".join("gamma" if n == "weight" else "beta" if n == "bias" else n
+                             for n, _ in decayed)
+        gi, wd = decayed[0][1]
+        yield ctx.finding(
+            "weight-decay-on-bn", layer,
+            f"{names} {'are' if len(decayed) > 1 else 'is'} in param group {gi} with "
+            f"weight_decay={wd:g}; decay pulls gamma toward 0 without regularising "
+            "(BN output is scale-invariant)",
+            hint="put BN (and bias) parameters in a param group with weight_decay=0",
+            group=gi, weight_decay=wd, params=[n for n, _ in decayed],
+        )

@@ -1,0 +1,3 @@
+"""Check functions of the rules that need training."""
+
+from __future__ import annotations

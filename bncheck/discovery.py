@@ -1,0 +1,159 @@
+"""Find every BatchNorm-like layer of a model, by qualified module name.
+
+Recognised: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, the lazy variants, and any module
+with the BN buffer signature (its own per-channel ``running_mean`` and ``running_var``
+buffers, optional ``weight``/``bias``), which covers torchvision's ``FrozenBatchNorm2d`` and
+timm's ``BatchNormAct2d`` family without importing either library. Models wrapped in
+``DistributedDataParallel`` or ``DataParallel`` are unwrapped, so names are relative to the
+user's model (``features.1``, never ``module.features.1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+__all__ = ["BNLayer", "find_bn_layers", "unwrap_model", "is_bn_like"]
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP/DataParallel wrappers (any depth); else ``model`` itself."""
+    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None),
+                                                            nn.Module):
+        model = model.module
+    return model
+
+
+def _own_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = module._buffers.get(name) if name in module._buffers else None
+    if value is None:
+        value = module._parameters.get(name) if name in module._parameters else None
+    return value
+
+
+def is_bn_like(module: nn.Module) -> bool:
+    """True for PyTorch's BN classes and for modules with the BN buffer signature."""
+    if isinstance(module, _BatchNorm):
+        return True
+    rm, rv = module._buffers.get("running_mean"), module._buffers.get("running_var")
+    return (
+        isinstance(rm, torch.Tensor)
+        and isinstance(rv, torch.Tensor)
+        and rm.dim() == 1
+        and rm.shape == rv.shape
+    )
+
+
+@dataclass(eq=False)
+class BNLayer:
+    """One BN-like layer. Settings are read when the layer is found; tensors are read live."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    standard: bool
+    lazy_uninitialized: bool
+    num_features: int | None
+    eps: float | None
+    momentum: float | None
+    has_momentum: bool
+    affine: bool
+    track_running_stats: bool
+
+    # ---- live tensors ----------------------------------------------------------------
+    @property
+    def running_mean(self) -> torch.Tensor | None:
+        return self.module._buffers.get("running_mean")
+
+    @property
+    def running_var(self) -> torch.Tensor | None:
+        return self.module._buffers.get("running_var")
+
+    @property
+    def num_batches_tracked(self) -> torch.Tensor | None:
+        return self.module._buffers.get("num_batches_tracked")
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return _own_tensor(self.module, "weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return _own_tensor(self.module, "bias")
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.running_mean is not None and self.running_var is not None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The layer's own trainable parameters (gamma, beta), if any."""
+        return [p for p in self.module._parameters.values() if p is not None]
+
+    @property
+    def params_frozen(self) -> bool:
+        """No own parameter requires grad (including layers with no parameters at all)."""
+        return not any(p.requires_grad for p in self.params)
+
+    @property
+    def frozen_by_design(self) -> bool:
+        """FrozenBatchNorm-style (gamma/beta are buffers), or eval mode with frozen params."""
+        if not self.params and self.has_running_stats and not self.standard:
+            return True
+        return (not self.module.training) and self.params_frozen
+
+    @property
+    def label(self) -> str:
+        """``name (Kind)``, the prefix of every message about this layer."""
+        return f"{self.name or '(model)'} ({self.kind})"
+
+
+def _describe(name: str, module: nn.Module) -> BNLayer:
+    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+    rm = module._buffers.get("running_mean")
+    weight = _own_tensor(module, "weight")
+    num_features = getattr(module, "num_features", None)
+    if not isinstance(num_features, int) or num_features <= 0:
+        if isinstance(rm, torch.Tensor) and not lazy:
+            num_features = rm.numel()
+        elif isinstance(weight, torch.Tensor) and not lazy:
+            num_features = weight.numel()
+        else:
+            num_features = None
+    eps = getattr(module, "eps", None)
+    has_momentum = hasattr(module, "momentum")
+    momentum = getattr(module, "momentum", None)
+    affine = bool(getattr(module, "affine", isinstance(module._parameters.get("weight"),
+                                                         nn.Parameter)))
+    track = bool(getattr(module, "track_running_stats", rm is not None))
+    return BNLayer(
+        name=name,
+        module=module,
+        kind=type(module).__name__,
+        standard=isinstance(module, _BatchNorm),
+        lazy_uninitialized=lazy,
+        num_features=num_features,
+        eps=float(eps) if isinstance(eps, (int, float)) else None,
+        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+        has_momentum=has_momentum,
+        affine=affine,
+        track_running_stats=track,
+    )
+
+
+def iter_bn_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in unwrap_model(model).named_modules():
+        if is_bn_like(module):
+            yield name, module
+
+
+def find_bn_layers(model: nn.Module) -> list[BNLayer]:
+    """Every BN-like layer of ``model`` in module order, named relative to the user's model."""
+    return [_describe(name, module) for name, module in iter_bn_modules(model)]

@@ -1,0 +1,53 @@
+"""Exceptions and warnings raised by bncheck.
+
+Every error bncheck raises on bad input derives from :class:`BNCheckError` and carries a
+one-line message that says what is wrong and what to do about it. Front ends (the CLI, the
+pytest plugin) print that line instead of a traceback.
+
+This module imports nothing heavy: the pytest plugin imports it in every test session.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "BNCheckError",
+    "BNCheckWarning",
+    "InputError",
+    "LoadError",
+    "NoBatchNormError",
+    "UsageError",
+    "did_you_mean",
+]
+
+
+class BNCheckError(Exception):
+    """Base class of every error bncheck raises on bad input or bad usage."""
+
+
+class UsageError(BNCheckError, ValueError):
+    """A wrong argument: an unknown rule id, tolerance, format or option value."""
+
+
+class InputError(BNCheckError, ValueError):
+    """The example input cannot be used (NaN values, wrong shape for the model, ...)."""
+
+
+class NoBatchNormError(BNCheckError, ValueError):
+    """The model has no BatchNorm-like layer, so there is nothing to check."""
+
+
+class LoadError(BNCheckError, OSError):
+    """A file could not be read or loaded as a model or checkpoint."""
+
+
+class BNCheckWarning(UserWarning):
+    """A BN problem found while training (emitted by ``bncheck.Monitor`` in warnings mode)."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""`` if none is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""

@@ -1,0 +1,1 @@
+"""The bncheck pytest plugin (registered through the ``pytest11`` entry point ``bncheck``)."""

@@ -1,0 +1,78 @@
+"""A zoo of tiny models for tests. Each builds in milliseconds and runs on a CPU.
+
+Every factory is deterministic (seeded) so tests can rebuild the same model twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class ConvBNReLU(nn.Module):
+    """conv (no bias) -> BN -> ReLU -> global pool -> linear. The canonical correct block."""
+
+    def __init__(self, c_in: int = 3, c: int = 8, classes: int = 4, **bn_kwargs) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c, **bn_kwargs)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class MLPBN(nn.Module):
+    """linear (no bias) -> BatchNorm1d -> ReLU -> linear: a BN1d MLP head."""
+
+    def __init__(self, d_in: int = 6, d: int = 16, classes: int = 3, **bn_kwargs) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d, bias=False)
+        self.bn = nn.BatchNorm1d(d, **bn_kwargs)
+        self.fc2 = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class TwoBlock(nn.Module):
+    """Two conv-BN-ReLU blocks, for tests that need more than one BN layer."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.block2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(x)).mean((2, 3)))
+
+
+class NoBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
+    """Run a few train-mode forwards so running statistics are no longer at init, then eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    return model.eval()
+
+
+def image_batch(n: int = 8, c: int = 3, hw: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, c, hw, hw, generator=seeded(seed))
