@@ -127,7 +127,7 @@ def audit(
     forward_error: str | None = None
     wants_forward = any(get_rule(r).needs in FORWARD_NEEDS for r in ctx.rule_ids)
     if example_input is not None and wants_forward:
-        lazy = [l.name for l in ctx.layers if l.lazy_uninitialized]
+        lazy = [layer.name for layer in ctx.layers if layer.lazy_uninitialized]
         if lazy:
             reason = (f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
                       "run one forward pass before auditing")

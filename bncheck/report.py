@@ -218,7 +218,9 @@ class Report:
         skipped: dict[str, str] = {}
         for r in reports:
             skipped.update(r.skipped)
-        ran = set().union(*(set(r.settings.get("rules", [])) for r in reports)) if reports else set()
+        ran: set[str] = set()
+        for r in reports:
+            ran.update(r.settings.get("rules", []))
         for rid in ran:
             skipped.pop(rid, None)
         notes: list[str] = []
@@ -273,7 +275,8 @@ class Report:
             for key, value in f.details.items():
                 row.setdefault(key, value)
             rows.append(row)
-        return pd.DataFrame(rows, columns=None if rows else ["rule", "severity", "layer", "message"])
+        columns = None if rows else ["rule", "severity", "layer", "message"]
+        return pd.DataFrame(rows, columns=columns)
 
     def _rows(self) -> list[list[str]]:
         return [[f.severity.value, f.rule, f.layer or "(model)", f.message] for f in self.findings]
