@@ -31,10 +31,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _own_buffer(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The module's own buffer ``name`` (works for TorchScript modules too), or None."""
+    buffers = module._buffers
+    if isinstance(buffers, dict):
+        return buffers.get(name)
+    return dict(module.named_buffers(recurse=False)).get(name)
+
+
 def _own_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    value = module._buffers.get(name) if name in module._buffers else None
+    value = _own_buffer(module, name)
     if value is None:
-        value = module._parameters.get(name) if name in module._parameters else None
+        params = module._parameters
+        if isinstance(params, dict):
+            value = params.get(name)
+        else:
+            value = dict(module.named_parameters(recurse=False)).get(name)
     return value
 
 
@@ -42,7 +54,7 @@ def is_bn_like(module: nn.Module) -> bool:
     """True for PyTorch's BN classes and for modules with the BN buffer signature."""
     if isinstance(module, _BatchNorm):
         return True
-    rm, rv = module._buffers.get("running_mean"), module._buffers.get("running_var")
+    rm, rv = _own_buffer(module, "running_mean"), _own_buffer(module, "running_var")
     return (
         isinstance(rm, torch.Tensor)
         and isinstance(rv, torch.Tensor)
@@ -70,15 +82,15 @@ class BNLayer:
     # ---- live tensors ----------------------------------------------------------------
     @property
     def running_mean(self) -> torch.Tensor | None:
-        return self.module._buffers.get("running_mean")
+        return _own_buffer(self.module, "running_mean")
 
     @property
     def running_var(self) -> torch.Tensor | None:
-        return self.module._buffers.get("running_var")
+        return _own_buffer(self.module, "running_var")
 
     @property
     def num_batches_tracked(self) -> torch.Tensor | None:
-        return self.module._buffers.get("num_batches_tracked")
+        return _own_buffer(self.module, "num_batches_tracked")
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -95,7 +107,7 @@ class BNLayer:
     @property
     def params(self) -> list[nn.Parameter]:
         """The layer's own trainable parameters (gamma, beta), if any."""
-        return [p for p in self.module._parameters.values() if p is not None]
+        return [p for p in self.module.parameters(recurse=False) if p is not None]
 
     @property
     def params_frozen(self) -> bool:
@@ -117,7 +129,7 @@ class BNLayer:
 
 def _describe(name: str, module: nn.Module) -> BNLayer:
     lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
-    rm = module._buffers.get("running_mean")
+    rm = _own_buffer(module, "running_mean")
     weight = _own_tensor(module, "weight")
     num_features = getattr(module, "num_features", None)
     if not isinstance(num_features, int) or num_features <= 0:
@@ -130,13 +142,12 @@ def _describe(name: str, module: nn.Module) -> BNLayer:
     eps = getattr(module, "eps", None)
     has_momentum = hasattr(module, "momentum")
     momentum = getattr(module, "momentum", None)
-    affine = bool(getattr(module, "affine", isinstance(module._parameters.get("weight"),
-                                                         nn.Parameter)))
+    affine = bool(getattr(module, "affine", isinstance(weight, nn.Parameter)))
     track = bool(getattr(module, "track_running_stats", rm is not None))
     return BNLayer(
         name=name,
         module=module,
-        kind=type(module).__name__,
+        kind=getattr(module, "original_name", None) or type(module).__name__,
         standard=isinstance(module, _BatchNorm),
         lazy_uninitialized=lazy,
         num_features=num_features,

@@ -128,9 +128,14 @@ def audit(
     wants_forward = any(get_rule(r).needs in FORWARD_NEEDS for r in ctx.rule_ids)
     if example_input is not None and wants_forward:
         lazy = [layer.name for layer in ctx.layers if layer.lazy_uninitialized]
-        if lazy:
+        reason = None
+        if isinstance(ctx.model, torch.jit.ScriptModule):
+            reason = ("TorchScript modules take no forward hooks; audit the eager model "
+                      "(or pass --arch with the state dict) to run the forward checks")
+        elif lazy:
             reason = (f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
                       "run one forward pass before auditing")
+        if reason is not None:
             ctx.notes.append(reason)
             for rid in ctx.rule_ids:
                 if get_rule(rid).needs in FORWARD_NEEDS:

@@ -72,8 +72,11 @@ class ModelState:
             module.training = flag
         with torch.no_grad():
             for module, name, original, copy, version in self.buffers:
-                if module._buffers.get(name) is not original:
-                    module._buffers[name] = original
+                if isinstance(module._buffers, dict):
+                    if module._buffers.get(name) is not original:
+                        module._buffers[name] = original
+                elif original is not None:  # TorchScript: buffers cannot be swapped back
+                    original = dict(module.named_buffers(recurse=False)).get(name, original)
                 if original is not None and copy is not None and original._version != version:
                     original.copy_(copy)
         for param, flag in self.requires_grad:

@@ -132,3 +132,12 @@ def test_model_without_bn_is_a_clear_error():
 def test_audit_rejects_a_non_module():
     with pytest.raises(bncheck.UsageError, match="needs a torch.nn.Module, got dict"):
         bncheck.audit({"features.1.weight": torch.ones(3)})  # type: ignore[arg-type]
+
+
+def test_torchscript_models_get_the_static_rules_and_a_clear_skip_reason():
+    scripted = torch.jit.script(ConvBNReLU(momentum=0.99))
+    (layer,) = find_bn_layers(scripted)
+    assert layer.name == "bn" and layer.kind == "BatchNorm2d" and layer.momentum == 0.99
+    report = bncheck.audit(scripted, torch.randn(2, 3, 4, 4))
+    assert "keras-momentum" in report.rules_found()
+    assert "TorchScript modules take no forward hooks" in report.skipped["normalization"]
