@@ -1,7 +1,596 @@
-"""The ``bncheck`` command line."""
+"""The ``bncheck`` command line: ``bncheck audit PATH``, ``bncheck rules``, ``bncheck explain``.
+
+Exit codes (the public contract): **0** no finding at or above ``--fail-on``; **1** some
+finding at or above it; **2** a usage error, or the file could not be read or loaded. Errors
+are one line on stderr starting with ``bncheck: error:``; ``--debug`` adds the traceback.
+
+The front end is thin: it parses options, loads the file (:mod:`bncheck.loading`), makes up an
+input when none is given, calls :func:`bncheck.engine.audit` and renders the report. torch is
+imported only by ``audit``, so ``bncheck rules`` and ``--help`` are quick.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("bncheck: the command line is not implemented yet")
+from ._version import __version__
+from .errors import BNCheckError, InputError, UsageError, did_you_mean
+from .report import FAIL_ON_CHOICES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from .report import Report
+
+__all__ = ["main", "build_parser", "parse_shape", "FORMATS"]
+
+#: Values of ``--format``.
+FORMATS = ("table", "json", "markdown", "sarif")
+#: Batch size of a synthetic input (and of a large one, e.g. 224x224 images).
+SYNTHETIC_BATCH = 4
+SYNTHETIC_BATCH_LARGE = 2
+#: Spatial size used when neither the architecture nor ``--input-shape`` gives one.
+DEFAULT_SPATIAL = {1: 32, 2: 32, 3: 16}
+_LARGE_INPUT = 128 * 128
+#: Largest spatial size of a synthetic input for a built-in architecture. The reference VGGs
+#: end in adaptive pooling, so they accept any size from 32; at 224x224 the audit's passes on a
+#: full VGG16-BN take several times longer and more memory than the checkpoint itself.
+BUILTIN_MAX_SPATIAL = 64
+
+
+class ArgumentError(Exception):
+    """A malformed command line (argparse's errors, turned into one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message}; see `{self.prog} --help`")
+
+
+def _choice(name: str, choices: Sequence[str]) -> Any:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"unknown {name} {value!r}{did_you_mean(value, choices)}; "
+                f"choose one of {', '.join(choices)}"
+            )
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8,3,32,32"`` (or ``8x3x32x32``) -> ``(8, 3, 32, 32)``; every size a positive integer."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad shape {text!r}: expected comma-separated positive integers such as 8,3,32,32"
+        ) from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: every size must be >= 1")
+    return shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+AUDIT_EPILOG = """\
+examples:
+  bncheck audit --arch vgg16_bn_small             audit a freshly built reference model
+  bncheck audit model.pt --arch vgg16_bn          a state dict with a built-in architecture
+  bncheck audit ckpt.pt --arch mypkg.nets:build   ... or with your own factory
+  bncheck audit model.ts                          a TorchScript or torch.export archive
+  bncheck audit ckpt.pt --arch vgg16_bn --format sarif --output bncheck.sarif
+
+exit codes: 0 no finding at or above --fail-on, 1 findings at or above it,
+            2 usage error or the file could not be loaded
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bncheck",
+        description="Find what is wrong with the Batch Normalization in a PyTorch model.",
+    )
+    parser.add_argument("--version", action="version", version=f"bncheck {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    audit = commands.add_parser(
+        "audit",
+        help="audit a model file (or a built-in architecture)",
+        description="Audit the BatchNorm layers of a model file. Loading is safe by default:\n"
+        "state dicts (torch.load weights_only=True, memory-mapped), safetensors, TorchScript\n"
+        "and torch.export archives; a pickled full module only with --trust-pickle.",
+        epilog=AUDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit.add_argument("path", nargs="?", metavar="PATH",
+                       help="the file to audit; without it, --arch builds a fresh model")
+    audit.add_argument("--arch", metavar="NAME|module:callable",
+                       help="the architecture of a state dict: a built-in name (vgg11_bn, "
+                            "vgg13_bn, vgg16_bn, vgg19_bn, vgg16_bn_small) or "
+                            "pkg.module:callable returning an nn.Module")
+    audit.add_argument("--input-shape", type=parse_shape, metavar="N,C,H,W",
+                       help="shape of the random input batch, batch dimension first "
+                            "(C,H,W when --batch-size is given); default: inferred from the "
+                            "first conv/linear layer, and not judged by the batch-size rules")
+    audit.add_argument("--batch-size", type=_positive_int, metavar="N",
+                       help="batch size of the input (the batch you train with)")
+    audit.add_argument("--format", type=_choice("format", FORMATS), default="table",
+                       metavar="{" + ",".join(FORMATS) + "}",
+                       help="report format (default: table)")
+    audit.add_argument("--output", "-o", metavar="FILE",
+                       help="write the report to FILE (atomically) instead of stdout")
+    audit.add_argument("--fail-on", type=_choice("--fail-on value", FAIL_ON_CHOICES),
+                       default="error", metavar="{" + ",".join(FAIL_ON_CHOICES) + "}",
+                       help="exit 1 when a finding is at or above this severity "
+                            "(default: error)")
+    audit.add_argument("--select", metavar="IDS",
+                       help="comma-separated rule ids to run (default: all)")
+    audit.add_argument("--ignore", metavar="IDS", help="comma-separated rule ids to skip")
+    audit.add_argument("--trust-pickle", action="store_true",
+                       help="allow unpickling a full pickled module: this runs code from the "
+                            "file, so only for files you trust")
+    audit.add_argument("--progress", action="store_true",
+                       help="show progress on stderr (default: only when stderr is a terminal)")
+    audit.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    audit.set_defaults(handler=run_audit)
+
+    rules = commands.add_parser("rules", help="list the rules",
+                                description="List every rule: id, severity, needs, summary.")
+    rules.add_argument("--format", type=_choice("format", ("table", "json", "markdown")),
+                       default="table", metavar="{table,json,markdown}")
+    rules.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rules.set_defaults(handler=run_rules)
+
+    explain = commands.add_parser("explain", help="explain one rule",
+                                  description="Print the long explanation of a rule.")
+    explain.add_argument("rule", metavar="RULE", help="a rule id, e.g. ema-update")
+    explain.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    explain.set_defaults(handler=run_explain)
+    return parser
+
+
+# ---- progress --------------------------------------------------------------------------------
+class Progress:
+    """Progress lines on stderr, only when asked or when stderr is a terminal."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    @classmethod
+    def for_args(cls, args: argparse.Namespace) -> Progress:
+        stream = sys.stderr
+        isatty = getattr(stream, "isatty", None)
+        return cls(bool(args.progress) or bool(isatty and isatty()), stream)
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"bncheck: [{elapsed:5.1f}s] {message}", file=self.stream, flush=True)
+
+
+# ---- commands --------------------------------------------------------------------------------
+def run_rules(args: argparse.Namespace) -> int:
+    from .checks.catalogue import CATALOGUE
+
+    rows = [[info.id, info.severity, info.needs, info.summary] for info in CATALOGUE]
+    if args.format == "json":
+        import json
+
+        doc = [{"id": info.id, "severity": info.severity, "needs": info.needs,
+                "summary": info.summary,
+                "tolerances": {t.name: t.default for t in info.tolerances}}
+               for info in CATALOGUE]
+        _write_stdout(json.dumps(doc, indent=2) + "\n")
+        return 0
+    from tabulate import tabulate
+
+    tablefmt = "github" if args.format == "markdown" else "simple"
+    text = tabulate(rows, headers=["rule", "severity", "needs", "summary"], tablefmt=tablefmt,
+                    maxcolwidths=[None, None, None, 70])
+    _write_stdout(text + "\n\n`bncheck explain RULE` shows the full explanation of a rule.\n")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .checks.registry import explanation
+
+    text = explanation(args.rule)
+    _write_stdout(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode of the file being replaced, else what ``open()`` would give (0666 & ~umask)."""
+    with contextlib.suppress(OSError):
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}; check "
+                         "that the folder exists and is writable") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes it 0600
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def _first_input_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+    for name, module in model.named_modules():
+        if isinstance(module, (_ConvNd, nn.Linear, _BatchNorm)):
+            return name, module
+    return None
+
+
+def infer_input_shape(model: nn.Module, arch_shape: tuple[int, ...] | None,
+                      batch: int | None) -> tuple[tuple[int, ...], str]:
+    """The input shape for a synthetic batch, and a sentence saying where it came from.
+
+    The channel count comes from the first conv/linear/BN layer in module order; the spatial
+    size from the architecture (``bncheck.models.INPUT_SHAPES``) when it matches, else
+    :data:`DEFAULT_SPATIAL`. The batch is :data:`SYNTHETIC_BATCH` (``SYNTHETIC_BATCH_LARGE``
+    for inputs of 128x128 and more, to keep a CPU audit quick) unless ``batch`` is given.
+    """
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+    found = _first_input_layer(model)
+    hint = "pass --input-shape N,C,H,W"
+    if found is None:
+        raise UsageError(f"cannot infer the input shape (no conv, linear or BN layer found); "
+                         f"{hint}")
+    name, layer = found
+    kind = type(layer).__name__
+    spatial: tuple[int, ...]
+    if isinstance(layer, _ConvNd):
+        channels, dims = int(layer.in_channels), len(layer.kernel_size)
+        what = f"{name} ({kind}, in_channels={channels})"
+    elif isinstance(layer, nn.Linear):
+        channels, dims = int(layer.in_features), 0
+        what = f"{name} ({kind}, in_features={channels})"
+    else:
+        assert isinstance(layer, _BatchNorm)
+        channels = int(layer.num_features)
+        dims = {"BatchNorm1d": 0, "BatchNorm2d": 2, "BatchNorm3d": 3}.get(kind, 0)
+        what = f"{name} ({kind}, num_features={channels})"
+    if channels <= 0:
+        raise UsageError(f"cannot infer the input shape: {name} ({kind}) is not initialised "
+                         f"yet; {hint}")
+    size_note = ""
+    if dims == 0:
+        spatial = ()
+    elif arch_shape is not None and len(arch_shape) == dims + 1:
+        spatial = tuple(min(s, BUILTIN_MAX_SPATIAL) for s in arch_shape[1:])
+        if spatial == tuple(arch_shape[1:]):
+            size_note = "; spatial size from the architecture"
+        else:
+            made_for = "x".join(map(str, arch_shape[1:]))
+            size_note = (f"; spatial size {'x'.join(map(str, spatial))}, not the {made_for} "
+                         "the architecture is made for: it accepts any size from 32, and a "
+                         "small input keeps the audit quick")
+    else:
+        spatial = (DEFAULT_SPATIAL.get(dims, 16),) * dims
+        size_note = f"; spatial size {'x'.join(map(str, spatial))} is a default guess"
+    if batch is None:
+        batch = SYNTHETIC_BATCH_LARGE if math.prod(spatial or (1,)) >= _LARGE_INPUT \
+            else SYNTHETIC_BATCH
+    return (batch, channels, *spatial), f"channels from {what}{size_note}"
+
+
+def random_batch(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A standard normal batch from a local generator (seed 0): the global RNG is untouched."""
+    import torch
+
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None and not param.is_meta else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator).to(dtype=dtype, device=device)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _own_forward_error(model: nn.Module, x: Any) -> str | None:
+    """Run the model once, unhooked, to tell whether its own forward fails on ``x``."""
+    import torch
+
+    from .engine import first_line
+    from .state import preserved
+
+    try:
+        with preserved(model), torch.no_grad():
+            if isinstance(x, dict):
+                model(**x)
+            elif isinstance(x, tuple):
+                model(*x)
+            else:
+                model(x)
+    except Exception as exc:
+        return first_line(exc)
+    return None
+
+
+# ---- audit -----------------------------------------------------------------------------------
+def run_audit(args: argparse.Namespace) -> int:
+    from .checks.registry import resolve_rule_ids
+
+    rule_ids = resolve_rule_ids(args.select, args.ignore)  # fail fast on unknown ids
+    if args.path is None and args.arch is None:
+        raise UsageError("give a PATH to audit, or --arch NAME to audit a freshly built "
+                         "architecture (e.g. bncheck audit --arch vgg16_bn_small)")
+    if args.input_shape is not None and args.batch_size is None and len(args.input_shape) < 2:
+        raise UsageError(f"--input-shape {','.join(map(str, args.input_shape))} has no batch "
+                         "dimension: give N,C,H,W (or C,H,W with --batch-size N)")
+    progress = Progress.for_args(args)
+    report = audit_command(args, rule_ids, progress)
+    text = report.render(args.format)
+    if not text.endswith("\n"):
+        text += "\n"
+    if args.output:
+        write_atomically(args.output, text)
+        progress(f"wrote the {args.format} report to {args.output}")
+        if progress.enabled:
+            print(report.headline(), file=sys.stderr)
+    else:
+        _write_stdout(text)
+    return 1 if report.failed(args.fail_on) else 0
+
+
+def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progress) -> Report:
+    """Load or build the model, choose the input, audit, and finish the report."""
+    from . import loading
+    from .checks.catalogue import info_for
+    from .engine import FORWARD_NEEDS, audit
+
+    notes: list[str] = []
+    loaded: loading.LoadedModel | None = None
+    if args.path is not None:
+        path = Path(args.path)
+        size = path.stat().st_size if path.is_file() else 0
+        progress(f"loading {args.path} ({size / 1e6:.1f} MB)...")
+        loaded = loading.load_model(path, args.arch, trust_pickle=args.trust_pickle)
+        model = loaded.model
+        source = str(args.path)
+        arch_shape = loaded.input_shape
+    else:
+        spec = loading.resolve_arch(args.arch)
+        progress(f"building {spec.label}...")
+        model = loading.build_arch(spec)
+        source = spec.label
+        arch_shape = spec.input_shape
+        notes.append(f"model: {spec.label} freshly built (seed 0), in train mode")
+
+    runnable = loaded is None or loaded.runnable
+    x: Any = None
+    synthetic = True
+    given = args.input_shape is not None or args.batch_size is not None
+    if not runnable:
+        if given:
+            notes.append("--input-shape/--batch-size ignored: the model cannot be run")
+    elif given:
+        if args.input_shape is not None and args.batch_size is not None:
+            shape = (args.batch_size, *args.input_shape)
+        elif args.input_shape is not None:
+            shape = args.input_shape
+        else:
+            shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
+        x = random_batch(model, shape)
+        synthetic = False
+        notes.append(f"input: random normal batch of shape {_shape_text(shape)} from "
+                     "--input-shape/--batch-size; the batch-size rules judge it as the batch "
+                     "you train with")
+    elif loaded is not None and loaded.example_input is not None:
+        x = loaded.example_input
+        notes.append("input: the sample input saved in the exported program (synthetic, "
+                     "not judged by the batch-size rules)")
+    else:
+        shape, where = infer_input_shape(model, arch_shape, None)
+        x = random_batch(model, shape)
+        notes.append(f"input: synthetic random normal batch of shape {_shape_text(shape)}, "
+                     "not judged by the batch-size rules (--input-shape sets the shape); "
+                     f"{where}")
+
+    run_ids = rule_ids
+    unknown_settings: list[str] = []
+    if loaded is not None and loaded.static_unknown:
+        unknown_settings = [r for r in rule_ids if info_for(r).needs == "model"]
+        run_ids = [r for r in rule_ids if r not in unknown_settings]
+
+    progress("running the audit" + (f" (forward passes on {_shape_text(x.shape)})"
+                                     if hasattr(x, "shape") else "") + "...")
+    report = audit(model, x, select=run_ids, synthetic_input=synthetic, source=source)
+
+    skipped = dict(report.skipped)
+    unknown_reason = loaded.static_unknown if loaded is not None else None
+    for rid in unknown_settings:
+        skipped[rid] = unknown_reason or ""
+    for rid in list(skipped):
+        cli_reason = _CLI_SKIP_REASONS.get(info_for(rid).needs)
+        if cli_reason is not None and rid not in unknown_settings:
+            skipped[rid] = cli_reason
+    if not runnable and loaded is not None and loaded.not_runnable_reason:
+        for rid in list(skipped):
+            if info_for(rid).needs in FORWARD_NEEDS:
+                skipped[rid] = loaded.not_runnable_reason
+    findings = list(report.findings)
+    if loaded is not None and loaded.missing_bn_stats and "untrained-stats" in rule_ids:
+        findings = _with_missing_stats(findings, loaded.missing_bn_stats, model)
+
+    if report.forward_error is not None and x is not None:
+        own = _own_forward_error(model, x)
+        explained = any(f.severity.value == "error" and info_for(f.rule).needs
+                        in ("model", "buffers") for f in findings)
+        if own is not None and not explained:
+            shape_text = _shape_text(x.shape) if hasattr(x, "shape") else "the given input"
+            raise InputError(
+                f"{source}: the model's forward failed on an input of shape {shape_text}: "
+                f"{own}; pass --input-shape with the shape the model expects"
+            )
+
+    from .report import Report
+
+    all_notes = (loaded.notes if loaded is not None else []) + notes + report.notes
+    progress("done")
+    return Report(findings, source=source, skipped=skipped, notes=all_notes,
+                  settings=report.settings, layers=report.layers,
+                  forward_error=report.forward_error)
+
+
+#: Skip reasons worded for the command line, where no optimizer or data loader can be given.
+_CLI_SKIP_REASONS = {
+    "optimizer": "needs the optimizer, which a file does not hold: in Python, "
+                 "bncheck.audit(model, x, optimizer=opt)",
+    "data": "needs batches of real data: in Python, bncheck.audit(model, x, data=loader)",
+    "user batch": "judges only the batch you train with: give its shape with --input-shape "
+                  "N,C,H,W (or --batch-size N); a synthetic input is not judged",
+}
+
+
+def _with_missing_stats(findings: list[Any], missing: dict[str, list[str]],
+                        model: nn.Module) -> list[Any]:
+    """Replace ``untrained-stats`` findings on layers whose statistics were not saved.
+
+    Those layers hold the initial values only because the checkpoint lacks them, which is
+    worse than statistics that were saved untrained: an error, naming the missing buffers.
+    """
+    from .context import format_message
+    from .report import Finding, Severity
+
+    layers = set(missing)
+    kept = []
+    for f in findings:
+        if f.rule == "untrained-stats":
+            covered = [f.layer] if f.layer is not None else f.details.get("layers", [])
+            if set(covered) <= layers:
+                continue
+        kept.append(f)
+    modules = dict(model.named_modules())
+    hint = ("save model.state_dict() with its buffers (not only named_parameters()), or "
+            "recompute the statistics with torch.optim.swa_utils.update_bn")
+    keys = [f"{name}.{leaf}" for name, leaves in missing.items() for leaf in leaves]
+    if len(missing) > 1 and len(missing) == sum(1 for _ in _bn_modules(model)):
+        kept.append(Finding(
+            "untrained-stats", Severity.ERROR, None,
+            format_message(None, f"{len(keys)} BN buffers missing from the checkpoint "
+                           f"({_shown(keys, 3)}): the running statistics of all "
+                           f"{len(missing)} BN layers were not saved, so inference would "
+                           "normalise with the initial values (mean 0, var 1)", hint),
+            {"layers": sorted(layers), "missing": keys}))
+        return kept
+    for name, leaves in missing.items():
+        label = f"{name} ({type(modules[name]).__name__})"
+        kept.append(Finding(
+            "untrained-stats", Severity.ERROR, name,
+            format_message(label, f"{' and '.join(leaves)} missing from the checkpoint: the "
+                           "running statistics were not saved, so inference would normalise "
+                           "with the initial values (mean 0, var 1)", hint),
+            {"missing": [f"{name}.{leaf}" for leaf in leaves]}))
+    return kept
+
+
+def _shown(names: list[str], limit: int) -> str:
+    head = ", ".join(names[:limit])
+    return head + (f", +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def _bn_modules(model: nn.Module) -> list[Any]:
+    from .discovery import iter_bn_modules
+
+    return list(iter_bn_modules(model))
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def _error(message: str) -> None:
+    print(f"bncheck: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+        if getattr(args, "handler", None) is None:
+            _error("missing command: choose one of audit, rules, explain; see `bncheck --help`")
+            return 2
+        return int(args.handler(args))
+    except SystemExit as exc:  # --help and --version
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    except ArgumentError as exc:
+        _error(str(exc))
+        return 2
+    except BNCheckError as exc:
+        if debug:
+            traceback.print_exc()
+        _error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `bncheck rules | head`: stop quietly
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # a bug in bncheck, or something no check above expected
+        if debug:
+            traceback.print_exc()
+        lines = str(exc).strip().splitlines()
+        _error(f"unexpected {type(exc).__name__}: {lines[0] if lines else ''} (rerun with "
+               "--debug for the traceback, and please report it)")
+        return 2
