@@ -1,0 +1,745 @@
+"""``bncheck.Monitor``: BatchNorm diagnostics during a real training loop, at almost no cost.
+
+::
+
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in loader:          # the training loop, unchanged
+            ...
+    print(monitor.report())          # a bncheck.Report over the run
+    monitor.history                  # pandas.DataFrame: one row per step and BN layer
+
+How it stays cheap
+------------------
+BN already computes its batch statistics and folds them into its running buffers, so the
+Monitor never re-reduces activations. At the end of every step it takes one snapshot: a
+``cat`` of the running_mean and running_var of every BN layer (a few thousand floats) and a
+``stack`` of their ``num_batches_tracked``. Each BN's forward hook appends one small tuple
+(layer, mode, grad enabled, input shape). Nothing is converted to Python numbers and no
+per-layer tensor operation runs on the hot path.
+
+Every ``flush_every`` steps (every step in warnings mode, and when a report or the history is
+asked for) the pending snapshots are compared with the ones before them, for all layers and
+steps at once, and the batch statistics are recovered from the momentum update::
+
+    running_new = (1 - f) * running_old + f * batch          (PyTorch's convention)
+    batch_mean  = (running_mean_new - (1 - f) * running_mean_old) / f
+    batch_var   = (running_var_new  - (1 - f) * running_var_old)  / f   # unbiased (n - 1)
+
+with ``f = momentum``, or ``f = 1 / num_batches_tracked`` when ``momentum`` is None (a
+cumulative average), computed in float64. This is exact up to float32 round-off of the
+buffers (amplified by ``1 / f``) when the layer updated exactly once in the step
+(Δnum_batches_tracked == 1); otherwise (accumulation, extra forwards, eval mode, ``f = 0``)
+the batch statistics of that step are NaN and only the number of updates is kept. Per-layer
+summaries come from one ``index_add_``; then one transfer to numpy, and the rule checks run
+vectorised over the block.
+
+What is kept (bounded memory)
+-----------------------------
+- per step and BN layer: the ``STAT_COLUMNS`` and ``COUNT_COLUMNS`` of
+  :mod:`bncheck.checks.training` (16 numbers, about 100 bytes), for the last ``max_history``
+  steps;
+- per channel: running mean/var and the recovered batch mean/var for the last
+  ``channel_history`` steps (:meth:`Monitor.channels`);
+- per (rule, layer): the step where a problem started, how many steps it held, the numbers at
+  its first step. Detection covers every step, also those dropped from the history.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checks.training import (
+    C_EVAL,
+    C_INFER,
+    C_MINBATCH,
+    C_MINSAMPLES,
+    C_NOGRAD,
+    C_TRAIN,
+    COUNT_COLUMNS,
+    STAT_COLUMNS,
+    RunObservations,
+    episode_finding,
+    record_episodes,
+    record_rank_check,
+    run_findings,
+    step_conditions,
+)
+from .context import AuditContext
+from .discovery import BNLayer, unwrap_model
+from .engine import first_line, prepare, run_rules
+from .errors import BNCheckWarning, UsageError
+from .report import Finding, Report
+from .state import preserved
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .distributed import DistInfo
+
+__all__ = ["Monitor"]
+
+_BIG = np.iinfo(np.int64).max
+_OWN_FINDINGS = ("nonfinite-stats", "small-batch", "stat-drift")
+_DISTRIBUTED_RULES = ("rank-divergent-stats", "unsynced-small-batch")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UsageError(f"Monitor({name}=...) must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+Snapshot = tuple[torch.Tensor, torch.Tensor]
+
+
+class _FlatBuffers:
+    """The running buffers of every BN layer that tracks statistics, as one flat vector.
+
+    ``snapshot`` is the only work on the hot path: one ``cat`` of every layer's running_mean
+    and running_var (float32, ``2 * sum(C)`` values) and one ``stack`` of the counters.
+    ``summarize`` turns a block of consecutive snapshots into the per-layer ``STAT_COLUMNS``
+    of each step, with a fixed number of tensor operations for the whole block, whatever the
+    number of layers and steps (one ``index_add_`` does every per-layer reduction).
+    """
+
+    def __init__(self, layers: Sequence[BNLayer]) -> None:
+        self.indices = [i for i, lyr in enumerate(layers)
+                        if lyr.has_running_stats and not lyr.lazy_uninitialized]
+        self.modules = [layers[i].module for i in self.indices]
+        self.has_counter = [layers[i].num_batches_tracked is not None for i in self.indices]
+        if not self.modules:
+            return
+        first = layers[self.indices[0]].running_mean
+        assert first is not None
+        self.device = first.device
+        sizes = [int(layers[i].running_mean.numel()) for i in self.indices]  # type: ignore[union-attr]
+        self.channels = sum(sizes)
+        dev = self.device
+        self.sizes = torch.tensor(sizes, dtype=torch.float64, device=dev)
+        self.segment = torch.repeat_interleave(
+            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+        momenta = [layers[i].momentum for i in self.indices]
+        self.cumulative = torch.tensor([m is None for m in momenta], device=dev)
+        self.momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta],
+                                     dtype=torch.float64, device=dev)
+        eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
+        self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
+        self.counter_mask = torch.tensor(self.has_counter, device=dev)
+        self._zero = torch.zeros((), dtype=torch.long, device=dev)
+        self.nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def snapshot(self) -> Snapshot:
+        """(running_mean then running_var of every layer, counters) as new tensors."""
+        bufs = [m._buffers for m in self.modules]
+        flat = torch.cat([b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
+                         + [b["running_var"] for b in bufs])
+        nbt = torch.stack([b["num_batches_tracked"] if has else self._zero  # type: ignore[misc]
+                           for b, has in zip(bufs, self.has_counter)])
+        return flat, nbt
+
+    @torch.no_grad()
+    def summarize(
+        self, base: Snapshot, snaps: Sequence[Snapshot]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-step statistics of ``snaps`` (each compared with the one before, ``base`` first).
+
+        Returns ``summary [S, T, len(STAT_COLUMNS)]``, then per channel ``[S, C]``:
+        running_mean, running_var, batch mean and unbiased batch variance. The batch
+        statistics are recovered from the update (see the module docstring) and are NaN for
+        a layer that did not update exactly once in that step.
+        """
+        flats = torch.stack([base[0]] + [s[0] for s in snaps]).to(torch.float64)
+        nbts = torch.stack([base[1]] + [s[1] for s in snaps]).to(torch.float64)
+        c = self.channels
+        rm0, rm = flats[:-1, :c], flats[1:, :c]
+        rv0, rv = flats[:-1, c:], flats[1:, c:]
+        nbt0, nbt = nbts[:-1], nbts[1:]
+        seg = self.segment
+        updates = torch.where(self.counter_mask, nbt - nbt0, self.nan)
+        factor = torch.where(self.cumulative, 1.0 / nbt.clamp(min=1.0), self.momentum)
+        exact = (updates == 1) & (factor > 0)
+        f = torch.where(exact, factor, torch.ones_like(factor))[:, seg]
+        keep = 1.0 - f
+        batch_mean = (rm - keep * rm0) / f
+        batch_var = (rv - keep * rv0) / f
+        eps = self.eps
+        drift_z = (batch_mean - rm0).abs() / (batch_var.clamp(min=0.0) + eps).sqrt()
+        ratio = (batch_var.clamp(min=0.0) + eps) / (rv0.clamp(min=0.0) + eps)
+        drift_vr = torch.maximum(ratio, 1.0 / ratio)
+        moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
+        nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
+        cols = torch.stack([moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv,
+                            drift_z, drift_vr], dim=2)
+        sums = torch.zeros(cols.shape[0], len(self.modules), cols.shape[2],
+                           dtype=torch.float64, device=cols.device).index_add_(1, seg, cols)
+        means = sums / self.sizes[None, :, None]
+        exact3 = exact[..., None]
+        summary = torch.cat([
+            updates[..., None], nbt[..., None], sums[..., 0:2],
+            torch.where(exact3, means[..., 2:4], self.nan), means[..., 4:6],
+            torch.where(exact3, means[..., 6:8], self.nan),
+        ], dim=2)
+        exact_ch = exact[:, seg]
+        return (summary, rm, rv, torch.where(exact_ch, batch_mean, self.nan),
+                torch.where(exact_ch, batch_var, self.nan))
+
+
+class Monitor:
+    """Watch the BatchNorm layers of a model during training and report what goes wrong.
+
+    Args:
+        model: the model being trained (DDP/DataParallel wrappers are looked through).
+        optimizer: the optimizer; a step is one ``optimizer.step()`` (through
+            ``register_step_post_hook``). Without it, a step is one top-level forward call in
+            train mode with grad enabled, and the rules that need optimizer steps are weaker
+            (the report says so).
+        warn: emit a :class:`bncheck.BNCheckWarning` as soon as a problem appears (each rule
+            and layer once). Checks then run at every step (one small host transfer a step).
+        sync_every: under ``torch.distributed`` with more than one rank, compare running
+            statistics across ranks every this many steps (an ``all_gather`` of 4 floats per
+            layer at the start of the next train-mode forward, which every rank runs).
+        select, ignore: rule ids for :meth:`report` and the warnings, as in ``bncheck.audit``.
+        channel_history: how many recent steps of per-channel values to keep.
+        max_history: how many recent steps of per-layer summaries ``history`` keeps.
+        flush_every: check pending steps every this many steps (memory vs. host transfers).
+        process_group: the process group to compare ranks over (default: the world).
+        source: a name for the run, shown in the report.
+        **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
+
+    The Monitor never changes the model, its buffers, or any RNG state: a monitored run
+    trains bit for bit like an unmonitored one. Hooks are removed by :meth:`detach` (also on
+    exception when used as a context manager).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        warn: bool = False,
+        sync_every: int = 50,
+        select: str | Iterable[str] | None = None,
+        ignore: str | Iterable[str] | None = None,
+        channel_history: int = 16,
+        max_history: int = 100_000,
+        flush_every: int = 64,
+        process_group: Any = None,
+        source: str | None = None,
+        **tolerances: Any,
+    ) -> None:
+        if optimizer is not None and not (
+            hasattr(optimizer, "param_groups") and hasattr(optimizer, "register_step_post_hook")
+        ):
+            raise UsageError(
+                f"Monitor(optimizer=...) needs a torch.optim.Optimizer (torch >= 2.0), got "
+                f"{type(optimizer).__name__}; pass the optimizer your loop calls .step() on, "
+                "or leave it out to count train-mode forwards as steps"
+            )
+        self.sync_every = _positive_int("sync_every", sync_every)
+        self.channel_history = _positive_int("channel_history", channel_history, 0)
+        self.max_history = _positive_int("max_history", max_history)
+        self.flush_every = _positive_int("flush_every", flush_every)
+        self._select, self._ignore, self._tolerances = select, ignore, dict(tolerances)
+        self._ctx: AuditContext = prepare(model, select=select, ignore=ignore,
+                                          tolerances=tolerances, source=source)
+        self.model = model
+        self.optimizer = optimizer
+        self.warn = bool(warn)
+        self.source = source
+        self.process_group = process_group
+        self._inner = unwrap_model(model)
+        self.layers: list[BNLayer] = self._ctx.layers
+        self._handles: list[Any] = []
+        self._attached = False
+        self._ever_attached = False
+        self._reset()
+
+    # ---- state --------------------------------------------------------------------------
+    def _reset(self) -> None:
+        layers = self.layers
+        n = len(layers)
+        self._flat = _FlatBuffers(layers)
+        self._tracks = np.array([lyr.has_running_stats and lyr.track_running_stats
+                                 and not lyr.lazy_uninitialized for lyr in layers], dtype=bool)
+        self._sync_bn = np.array([lyr.kind == "SyncBatchNorm" for lyr in layers], dtype=bool)
+        warmup = []
+        for lyr in layers:
+            m = lyr.momentum
+            # judge drift once the initial statistics weigh < 5% ((1 - m)^k), at most 30 updates
+            warmup.append(10.0 if m is None or m <= 0
+                          else float(min(math.ceil(3.0 / min(m, 1.0)), 30)))
+        self._drift_warmup = np.array(warmup)
+        self._calls: list[tuple[int, bool, bool, bool, tuple[int, ...] | None]] = []
+        self._step = 0
+        self._base: Snapshot | None = None
+        self._pending: list[tuple[int, Snapshot | None, list[Any], tuple[Any, ...]]] = []
+        self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
+        self._history_steps = 0
+        # (step, per-channel [running_mean, running_var, batch_mean, batch_var] as [4, C])
+        self._channels: deque[tuple[int, torch.Tensor]] = deque(
+            maxlen=self.channel_history or None)
+        self._bn_params = [[p for p in lyr.params] for lyr in layers]
+        self._flag_key: Any = None
+        self._flags: tuple[tuple[bool, ...], tuple[bool, ...], tuple[str, ...]] = ((), (), ())
+        self._warned: set[tuple[str, int]] = set()
+        self._failure: str | None = None
+        self._dist: DistInfo | None = None
+        self._sync_due = True
+        self._run = RunObservations(
+            layer_names=[lyr.name for lyr in layers], layer_kinds=[lyr.kind for lyr in layers],
+            step_kind="optimizer" if self.optimizer is not None else "forward",
+            drift_judged=np.zeros(n, dtype=np.int64),
+        )
+
+    # ---- attach / detach ------------------------------------------------------------------
+    def attach(self) -> Monitor:
+        """Register the hooks. Returns the Monitor, so ``monitor = Monitor(...).attach()``."""
+        if self._attached:
+            raise UsageError("this Monitor is already attached; call detach() first")
+        from .distributed import dist_info
+
+        self._dist = dist_info(self.process_group)
+        self._run.distributed = self._dist is not None
+        if self._dist is not None:
+            self._run.world_size, self._run.rank = self._dist.world_size, self._dist.rank
+        if self._pending:  # left by an exception exit; judged against the old baseline
+            self._flush()
+        try:
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.module.register_forward_hook(
+                    self._make_layer_hook(i)))
+            self._handles.append(self._inner.register_forward_pre_hook(self._model_pre_hook))
+            if self.optimizer is not None:
+                self._handles.append(
+                    self.optimizer.register_step_post_hook(self._optimizer_hook))
+            else:
+                self._handles.append(self._inner.register_forward_hook(self._model_post_hook))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        if self._flat.modules:  # the baseline: what happened while detached is not judged
+            self._base = self._flat.snapshot()
+        self._calls = []
+        self._attached = True
+        self._ever_attached = True
+        return self
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def detach(self) -> None:
+        """Remove every hook and check the pending steps. Safe to call twice."""
+        try:
+            self._remove_hooks()
+        finally:
+            self._attached = False
+            if self._pending:
+                self._flush()
+
+    def __enter__(self) -> Monitor:
+        return self.attach()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.detach()
+            return
+        self._remove_hooks()  # on exception: no checks that could raise over the user's error
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def steps(self) -> int:
+        """Steps observed so far (optimizer steps, or train-mode forwards without optimizer)."""
+        return self._step
+
+    # ---- hooks (the hot path) -------------------------------------------------------------
+    def _make_layer_hook(self, idx: int) -> Any:
+        """A forward hook that only appends one small tuple (no tensor is kept)."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            grad = torch.is_grad_enabled()
+            x = args[0] if args else None
+            self._calls.append((idx, module.training, grad,
+                                not grad and torch.is_inference_mode_enabled(),
+                                x.shape if isinstance(x, torch.Tensor) else None))
+
+        return hook
+
+    def _safely(self, work: Any) -> None:
+        """Run the Monitor's own work in a hook; if it fails, stop watching, not training."""
+        if self._failure is not None:
+            return
+        try:
+            work()
+        except Warning:
+            raise  # a BNCheckWarning turned into an error by the user's warning filters
+        except Exception as exc:
+            self._failure = f"the Monitor stopped watching at step {self._step}: {first_line(exc)}"
+            warnings.warn(BNCheckWarning(self._failure), stacklevel=3)
+
+    def _optimizer_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._safely(self._end_step)
+
+    def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._safely(self._end_step)
+
+    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if (self._dist is not None and self._sync_due and module.training
+                and torch.is_grad_enabled()):
+            self._sync_due = False
+            self._safely(self._compare_ranks)
+
+    def _trainable_flags(self) -> tuple[tuple[bool, ...], tuple[bool, ...], tuple[str, ...]]:
+        opt = self.optimizer
+        rg = tuple(p.requires_grad for ps in self._bn_params for p in ps)
+        groups = tuple(len(g["params"]) for g in opt.param_groups) if opt is not None else ()
+        key = (rg, groups)
+        if key == self._flag_key:
+            return self._flags
+        ids = ({id(p) for g in opt.param_groups for p in g["params"]}
+               if opt is not None else None)
+        trainable, frozen, reason = [], [], []
+        for ps in self._bn_params:
+            grad = any(p.requires_grad for p in ps)
+            optimized = ids is None or any(id(p) in ids for p in ps)
+            ok = bool(ps) and grad and optimized
+            trainable.append(ok)
+            frozen.append(bool(ps) and not ok)
+            reason.append("gamma/beta have requires_grad=False" if not grad
+                          else "gamma/beta are in no optimizer param group")
+        self._flag_key = key
+        self._flags = (tuple(trainable), tuple(frozen), tuple(reason))
+        return self._flags
+
+    def _end_step(self) -> None:
+        self._step += 1
+        snap = self._flat.snapshot() if self._flat.modules else None
+        calls, self._calls = self._calls, []
+        self._pending.append((self._step, snap, calls, self._trainable_flags()))
+        if self._dist is not None and self._step % self.sync_every == 0:
+            self._sync_due = True
+        if self.warn or len(self._pending) >= self.flush_every:
+            self._flush()
+
+    def _count_calls(self, pending: Sequence[tuple[int, Any, list[Any], Any]]) -> np.ndarray:
+        """``[S, L, len(COUNT_COLUMNS)]`` from the calls the BN hooks recorded in each step."""
+        counts = np.zeros((len(pending), len(self.layers), len(COUNT_COLUMNS)), dtype=np.int64)
+        counts[..., C_MINBATCH:C_MINSAMPLES + 1] = _BIG
+        tracks = self._tracks
+        for s, (_, _, calls, _) in enumerate(pending):
+            block = counts[s]
+            for idx, training, grad, inference, shape in calls:
+                row = block[idx]
+                if not training:
+                    row[C_EVAL] += 1
+                    continue
+                row[C_TRAIN] += 1
+                if not grad and tracks[idx]:
+                    row[C_NOGRAD] += 1
+                    if inference:
+                        row[C_INFER] += 1
+                if shape is not None and len(shape) >= 1:
+                    n = int(shape[0])
+                    samples = (math.prod(shape) // int(shape[1])
+                               if len(shape) >= 2 and shape[1] else n)
+                    row[C_MINBATCH] = min(row[C_MINBATCH], n)
+                    row[C_MINSAMPLES] = min(row[C_MINSAMPLES], samples)
+        no_train = counts[..., C_TRAIN] == 0
+        counts[..., C_MINBATCH][no_train] = 0
+        counts[..., C_MINSAMPLES][no_train] = 0
+        return counts
+
+    # ---- checks ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        n_layers = len(self.layers)
+        steps = np.array([p[0] for p in pending], dtype=np.int64)
+        stats = np.full((len(pending), n_layers, len(STAT_COLUMNS)), np.nan)
+        have = [i for i, p in enumerate(pending) if p[1] is not None]
+        if have and self._base is not None:
+            snaps = [pending[i][1] for i in have]
+            summary, rm, rv, bm, bv = self._flat.summarize(self._base, snaps)  # type: ignore[arg-type]
+            self._base = snaps[-1]  # type: ignore[assignment]
+            stats[np.ix_(have, self._flat.indices)] = summary.cpu().numpy()
+            keep = min(self.channel_history, len(have))
+            if keep:
+                per_channel = torch.stack([rm, rv, bm, bv], dim=1)[-keep:]  # [keep, 4, C]
+                for j in range(keep):
+                    step = int(steps[have[len(have) - keep + j]])
+                    self._channels.append((step, per_channel[j]))
+        counts = self._count_calls(pending)
+        trainable = np.array([p[3][0] for p in pending], dtype=bool).reshape(len(pending), -1)
+        frozen = np.array([p[3][1] for p in pending], dtype=bool).reshape(len(pending), -1)
+        reasons = pending[-1][3][2]
+        conditions = step_conditions(
+            stats, counts, trainable, frozen, self._ctx.tolerances,
+            tracks_stats=self._tracks, drift_warmup=self._drift_warmup,
+            distributed=self._dist is not None, sync_bn=self._sync_bn,
+        )
+        assert self._run.drift_judged is not None
+        self._run.drift_judged += conditions["_drift_judged"].sum(axis=0)
+        record_episodes(self._run.episodes, conditions, steps, stats, counts,
+                        reasons or ("",) * n_layers)
+        self._run.steps = self._step
+        self._chunks.append((steps, stats.astype(np.float32), counts, trainable))
+        self._history_steps += len(steps)
+        while self._chunks and self._history_steps - len(self._chunks[0][0]) >= self.max_history:
+            self._history_steps -= len(self._chunks.popleft()[0])
+        if self.warn:
+            self._emit_warnings()
+
+    def _emit_warnings(self) -> None:
+        wanted = set(self._ctx.rule_ids)
+        for key, ep in list(self._run.episodes.items()):
+            if key in self._warned or ep.rule not in wanted:
+                continue
+            finding = episode_finding(self._ctx, self._run, ep)
+            if finding is None:
+                continue
+            self._warned.add(key)
+            warnings.warn(BNCheckWarning(f"[{finding.rule}] {finding.message}"), stacklevel=4)
+
+    def _compare_ranks(self) -> None:
+        from .distributed import gather_checksums, layer_checksums, rank_divergence
+
+        assert self._dist is not None
+        device = self._flat.device if self._flat.modules else torch.device("cpu")
+        if self._dist.backend == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        local = layer_checksums([lyr.module for lyr in self.layers], device)
+        gathered = gather_checksums(local, self._dist).cpu().numpy()
+        rel = rank_divergence(gathered)
+        self._run.rank_checks += 1
+        new = record_rank_check(self._run.episodes, self._step, rel,
+                                float(self._ctx.tol("rank_rtol")), self._dist.world_size)
+        if self.warn and new:
+            self._emit_warnings()
+
+    # ---- results ---------------------------------------------------------------------------
+    def report(self, *, merge: bool = True) -> Report:
+        """A :class:`bncheck.Report` over the run so far.
+
+        The model rules (settings, buffers, optimizer) judge the model as it is now; the
+        training-run rules judge what happened at each step, and each of their findings names
+        the step where the problem started (``details["step"]``). Under ``torch.distributed``
+        with ``merge=True`` this is a collective (call it on every rank): rank 0 gets one
+        report merged over all ranks, the other ranks their own.
+        """
+        self._flush()
+        ctx = prepare(self._inner, select=self._select, ignore=self._ignore,
+                      tolerances=self._tolerances, source=self.source)
+        ctx.optimizer = self.optimizer
+        ctx.run = self._run
+        available = {"model", "buffers", "training run"}
+        if self.optimizer is not None:
+            available.add("optimizer")
+        if self._run.distributed:
+            available.add("distributed")
+        else:
+            for rid in _DISTRIBUTED_RULES:
+                if rid in ctx.rule_ids:
+                    ctx.skipped[rid] = ("needs torch.distributed with more than one rank while "
+                                        "the Monitor was attached")
+        with preserved(ctx.model):
+            findings = run_rules(ctx, available)
+        own: list[Finding] = []
+        for rid in _OWN_FINDINGS:
+            if rid not in ctx.rule_ids:
+                continue
+            ctx.skipped.pop(rid, None)
+            own.extend(run_findings(ctx, rid))
+        # the run's nonfinite finding (with its step) replaces the end-of-run one of the same
+        # layer; the channels the end-of-run check lists are kept in its details
+        run_nonfinite = {f.layer: f for f in own if f.rule == "nonfinite-stats"}
+        kept: list[Finding] = []
+        for f in findings:
+            if f.rule == "nonfinite-stats" and f.layer in run_nonfinite:
+                run_nonfinite[f.layer].details["at_end"] = dict(f.details)
+            else:
+                kept.append(f)
+        findings = kept
+        notes = list(ctx.notes)
+        if self.optimizer is not None:
+            notes.append(f"monitored {self._step} optimizer step(s)")
+        else:
+            notes.append(f"monitored {self._step} step(s); without an optimizer a step is a "
+                         "top-level train-mode forward with grad enabled, so 'stats-not-"
+                         "updating' cannot see training that runs in eval mode")
+        if self._failure is not None:
+            notes.append(self._failure)
+        if not self._ever_attached:
+            notes.append("the Monitor was never attached: use `with Monitor(...)` or attach()")
+        if self._run.distributed:
+            notes.append(f"rank {self._run.rank} of {self._run.world_size}; running statistics "
+                         f"compared across ranks {self._run.rank_checks} time(s)")
+        skipped_lazy = [lyr.name for lyr in self.layers if lyr.lazy_uninitialized]
+        if skipped_lazy:
+            notes.append(f"lazy layers not initialised at attach ({', '.join(skipped_lazy)}) "
+                         "are not watched: run one forward before attaching")
+        rules_run = [r for r in ctx.rule_ids if r not in ctx.skipped]
+        report = Report(
+            findings + own,
+            source=self.source,
+            skipped=ctx.skipped,
+            notes=notes,
+            settings={"select": ctx.rule_ids, "tolerances": ctx.tolerances, "rules": rules_run,
+                      "steps": self._step},
+            layers=[lyr.name for lyr in ctx.layers],
+        )
+        if self._dist is not None and merge:
+            from .distributed import gather_reports
+
+            texts = gather_reports(report.to_json(indent=None), self._dist)
+            if texts is not None:
+                parts = [Report.from_json(t) for t in texts]
+                for part in parts:
+                    part.settings = report.settings
+                merged = Report.merge(parts, source=self.source)
+                merged.layers = report.layers
+                return Report(merged.findings, source=self.source, skipped=report.skipped,
+                              notes=merged.notes, settings=report.settings,
+                              layers=report.layers)
+        return report
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per step and BN layer, built from the compact per-step records.
+
+        Columns: ``step``, ``layer``, ``mode`` ("train", "eval", "train+eval" or "unused"),
+        ``grad_enabled`` (whether the train-mode calls ran with grad; None without any),
+        ``batch_size`` and ``samples_per_channel`` (smallest of the step's train-mode calls),
+        ``updates`` (Δnum_batches_tracked), then the per-layer summaries of
+        :data:`bncheck.checks.training.STAT_COLUMNS` (means over channels).
+        """
+        import pandas as pd
+
+        self._flush()
+        columns = ["step", "layer", "mode", "grad_enabled", "batch_size",
+                   "samples_per_channel", "train_calls", "eval_calls", "updates_without_grad",
+                   *STAT_COLUMNS]
+        if not self._chunks:
+            return pd.DataFrame(columns=columns)
+        steps = np.concatenate([c[0] for c in self._chunks])
+        stats = np.concatenate([c[1] for c in self._chunks])
+        counts = np.concatenate([c[2] for c in self._chunks])
+        n_steps, n_layers = stats.shape[:2]
+        train, evals = counts[..., C_TRAIN], counts[..., C_EVAL]
+        mode = np.where(train > 0, np.where(evals > 0, "train+eval", "train"),
+                        np.where(evals > 0, "eval", "unused"))
+        nograd = counts[..., C_NOGRAD]
+        grad = np.where(train > 0, (nograd < train).astype(object), np.array(None))
+        data: dict[str, Any] = {
+            "step": np.repeat(steps, n_layers),
+            "layer": np.tile(np.array([lyr.name for lyr in self.layers], dtype=object), n_steps),
+            "mode": mode.reshape(-1),
+            "grad_enabled": grad.reshape(-1),
+            "batch_size": counts[..., C_MINBATCH].reshape(-1),
+            "samples_per_channel": counts[..., C_MINSAMPLES].reshape(-1),
+            "train_calls": train.reshape(-1),
+            "eval_calls": evals.reshape(-1),
+            "updates_without_grad": nograd.reshape(-1),
+        }
+        for j, name in enumerate(STAT_COLUMNS):
+            data[name] = stats[..., j].reshape(-1).astype(np.float64)
+        return pd.DataFrame(data, columns=columns)
+
+    def channels(self, layer: str) -> pd.DataFrame:
+        """Per-channel values of one layer for the last ``channel_history`` steps.
+
+        Columns: ``step``, ``channel``, ``running_mean``, ``running_var``, ``batch_mean``,
+        ``batch_var`` (the unbiased batch variance recovered from the update; NaN when the
+        layer did not update exactly once in that step).
+        """
+        import pandas as pd
+
+        self._flush()
+        names = [self.layers[i].name for i in self._flat.indices] if self._flat.modules else []
+        if layer not in names:
+            known = [lyr.name for lyr in self.layers]
+            from .errors import did_you_mean
+
+            raise UsageError(f"no watched BN layer named {layer!r}{did_you_mean(layer, known)}; "
+                             f"watched: {', '.join(names) or 'none'}")
+        t = names.index(layer)
+        seg = self._flat.segment
+        mask = seg == t
+        rows = []
+        for step, values in self._channels:
+            block = values[:, mask].T.cpu().numpy()
+            frame = pd.DataFrame(block, columns=["running_mean", "running_var", "batch_mean",
+                                                 "batch_var"])
+            frame.insert(0, "channel", np.arange(len(block)))
+            frame.insert(0, "step", step)
+            rows.append(frame)
+        if not rows:
+            return pd.DataFrame(columns=["step", "channel", "running_mean", "running_var",
+                                         "batch_mean", "batch_var"])
+        return pd.concat(rows, ignore_index=True)
+
+    def plot(self, path: str | Path, layers: Sequence[str] | None = None) -> Path:
+        """Write a PNG of per-layer statistics over the steps; returns the path.
+
+        Four panels: mean |batch mean|, mean batch variance, mean |running_mean| and mean
+        running_var, one line per layer. Needs matplotlib (``pip install 'bncheck[plot]'``).
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError(
+                "Monitor.plot needs matplotlib, which is not installed; install it with "
+                "pip install 'bncheck[plot]'"
+            ) from None
+        frame = self.history
+        names = list(layers) if layers is not None else [lyr.name for lyr in self.layers]
+        unknown = [n for n in names if n not in {lyr.name for lyr in self.layers}]
+        if unknown:
+            raise UsageError(f"Monitor.plot: no BN layer named {unknown[0]!r}; layers: "
+                             f"{', '.join(lyr.name for lyr in self.layers)}")
+        panels = [("batch_mean_abs", "mean |batch mean|"), ("batch_var", "mean batch var"),
+                  ("running_mean_abs", "mean |running_mean|"), ("running_var",
+                                                                "mean running_var")]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        try:
+            for ax, (col, title) in zip(axes.flat, panels):
+                for name in names:
+                    part = frame[frame["layer"] == name]
+                    ax.plot(part["step"].to_numpy(), part[col].to_numpy(dtype=float),
+                            label=name, linewidth=1)
+                ax.set_title(title)
+                ax.set_xlabel("step")
+            if names and len(names) <= 20:
+                axes.flat[0].legend(fontsize=6, ncol=2)
+            fig.suptitle(f"bncheck Monitor: {len(names)} BN layer(s), {self._step} step(s)")
+            fig.tight_layout()
+            out = Path(path)
+            fig.savefig(out, format="png", dpi=100)
+        finally:
+            plt.close(fig)
+        return out
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return (f"<bncheck.Monitor {state}: {len(self.layers)} BN layers, {self._step} "
+                f"{self._run.step_word}s>")
+

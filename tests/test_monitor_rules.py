@@ -1,0 +1,384 @@
+"""The Monitor's rules: a training-loop mutant for each, and its correct twin.
+
+Every mutant must produce its rule's finding, naming the layer and the step where the problem
+started; every twin must produce none of the training-run findings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from zoo import MLPBN, ConvBNReLU, TwoBlock, image_batch
+
+import bncheck
+from bncheck.checks.registry import resolve_tolerances
+from bncheck.checks.training import (
+    C_EVAL,
+    C_MINBATCH,
+    C_MINSAMPLES,
+    C_NOGRAD,
+    C_TRAIN,
+    COUNT_COLUMNS,
+    S_MOVED,
+    S_UPDATES,
+    STAT_COLUMNS,
+    step_conditions,
+)
+
+RUN_RULES = {"frozen-bn-drift", "stats-not-updating", "stats-updated-without-grad",
+             "multiple-updates-per-step", "nonfinite-stats", "small-batch", "stat-drift"}
+
+
+def batches(n: int, size: int = 8, hw: int = 8, seed: int = 0, classes: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, hw, hw, generator=gen),
+             torch.randint(0, classes, (size,), generator=gen)) for _ in range(n)]
+
+
+def run_findings(report: bncheck.Report) -> list[bncheck.Finding]:
+    return [f for f in report.findings if f.rule in RUN_RULES]
+
+
+def only(report: bncheck.Report, rule: str) -> list[bncheck.Finding]:
+    return [f for f in report.findings if f.rule == rule]
+
+
+# ---- frozen-bn-drift ------------------------------------------------------------------------
+def frozen_backbone_loop(reapply_eval: bool) -> bncheck.Report:
+    torch.manual_seed(0)
+    model = TwoBlock()
+    for p in model.block1.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for epoch in range(2):
+            model.train()
+            if reapply_eval:
+                model.block1.eval()
+            for x, y in batches(3, seed=epoch):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    return monitor.report()
+
+
+def test_frozen_backbone_bn_in_train_mode_drifts():
+    report = frozen_backbone_loop(reapply_eval=False)
+    [finding] = only(report, "frozen-bn-drift")
+    assert finding.layer == "block1.1"
+    assert finding.details["step"] == 1
+    assert finding.details["steps_affected"] == 6
+    assert "requires_grad=False" in finding.message and "step 1" in finding.message
+    assert finding.severity is bncheck.Severity.ERROR
+    assert not report.ok
+
+
+def test_frozen_backbone_with_eval_reapplied_is_clean():
+    report = frozen_backbone_loop(reapply_eval=True)
+    assert run_findings(report) == []
+
+
+def test_bn_params_missing_from_optimizer_count_as_frozen():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(list(model.conv.parameters()) + list(model.fc.parameters()), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    [finding] = only(monitor.report(), "frozen-bn-drift")
+    assert "no optimizer param group" in finding.message
+
+
+# ---- stats-updated-without-grad -------------------------------------------------------------
+def validation_loop(val_mode: str, grad_context=torch.no_grad) -> bncheck.Report:
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train, val = batches(4, seed=1), batches(2, seed=2)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(2):
+            model.train()
+            for x, y in train:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            if val_mode == "eval":
+                model.eval()
+            with grad_context():
+                for x, _ in val:
+                    model(x)
+    return monitor.report()
+
+
+def test_validation_in_train_mode_under_no_grad_is_found():
+    report = validation_loop("train")
+    [finding] = only(report, "stats-updated-without-grad")
+    assert finding.layer == "bn"
+    assert finding.details["step"] == 5  # the validation ran after optimizer step 4
+    assert finding.details["updates_without_grad"] == 2
+    assert "torch.no_grad()" in finding.message
+    # the validation forwards are not counted as extra training updates
+    assert only(report, "multiple-updates-per-step") == []
+
+
+def test_validation_in_train_mode_under_inference_mode_is_found():
+    report = validation_loop("train", torch.inference_mode)
+    [finding] = only(report, "stats-updated-without-grad")
+    assert "inference_mode" in finding.message
+
+
+def test_validation_in_eval_mode_is_clean():
+    report = validation_loop("eval")
+    assert run_findings(report) == []
+
+
+# ---- stats-not-updating ---------------------------------------------------------------------
+def eval_left_on_loop(call_train: bool) -> bncheck.Report:
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for epoch in range(3):
+            if call_train:
+                model.train()
+            for x, y in batches(2, seed=epoch):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                model(image_batch(4))
+    return monitor.report()
+
+
+def test_training_that_never_returns_to_train_mode_is_found():
+    report = eval_left_on_loop(call_train=False)
+    [finding] = only(report, "stats-not-updating")
+    assert finding.layer == "bn"
+    assert finding.details["step"] == 3  # epoch 1's first optimizer step
+    assert finding.details["steps_affected"] == 4
+    assert "eval mode" in finding.message and "step 3" in finding.message
+
+
+def test_training_that_calls_train_after_validation_is_clean():
+    assert run_findings(eval_left_on_loop(call_train=True)) == []
+
+
+# ---- multiple-updates-per-step --------------------------------------------------------------
+def accumulation_loop(micro_batches: int) -> bncheck.Report:
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = batches(3 * micro_batches)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for i, (x, y) in enumerate(data):
+            (F.cross_entropy(model(x), y) / micro_batches).backward()
+            if (i + 1) % micro_batches == 0:
+                opt.step()
+                opt.zero_grad()
+    return monitor.report()
+
+
+def test_gradient_accumulation_of_four_micro_batches_is_found():
+    report = accumulation_loop(4)
+    [finding] = only(report, "multiple-updates-per-step")
+    assert finding.details["updates"] == 4
+    assert finding.details["step"] == 1 and finding.details["steps_affected"] == 3
+    assert "4 running-statistics updates per optimizer step" in finding.message
+
+
+def test_plain_steps_are_clean():
+    assert run_findings(accumulation_loop(1)) == []
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(checkpoint(self.block, x, use_reentrant=False).mean((2, 3)))
+
+
+def test_activation_checkpoint_recomputation_is_found():
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    [finding] = only(monitor.report(), "multiple-updates-per-step")
+    assert finding.layer == "block.1" and finding.details["updates"] == 2
+
+
+# ---- nonfinite-stats ------------------------------------------------------------------------
+def test_nan_in_a_batch_is_reported_at_its_step():
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = batches(5)
+    data[2][0][0, 0, 0, 0] = float("nan")
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    report = monitor.report()
+    found = only(report, "nonfinite-stats")
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert all(f.details["step"] == 3 for f in found)
+    assert "step 3" in found[0].message and "NaN/Inf" in found[0].message
+    assert found[0].details["channels"] >= 1
+    # the end-of-run buffer check is folded in, not reported a second time
+    assert "running_mean" in found[0].details["at_end"]
+
+
+def test_finite_batches_give_no_nonfinite_finding():
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert run_findings(monitor.report()) == []
+
+
+# ---- small-batch ----------------------------------------------------------------------------
+@pytest.mark.parametrize("size, expected", [(2, True), (8, False)])
+def test_small_real_batches(size, expected):
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(3, size=size):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    found = only(monitor.report(), "small-batch")
+    assert bool(found) is expected
+    if expected:
+        assert found[0].details["batch_size"] == 2 and found[0].details["step"] == 1
+        assert "small-batch" not in monitor.report().skipped
+
+
+def test_small_batch_counts_values_per_channel():
+    torch.manual_seed(0)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            opt.zero_grad()
+            x = torch.randn(16, 6, generator=gen)
+            F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=gen)).backward()
+            opt.step()
+    [finding] = only(monitor.report(), "small-batch")
+    assert finding.details["samples_per_channel"] == 16
+
+
+# ---- stat-drift -----------------------------------------------------------------------------
+def drift_loop(momentum: float) -> bncheck.Report:
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(40, size=8):
+            opt.zero_grad()
+            F.cross_entropy(model(x * 3 + 5), y).backward()
+            opt.step()
+    return monitor.report()
+
+
+def test_running_statistics_that_lag_the_batches_drift():
+    [finding] = only(drift_loop(0.001), "stat-drift")
+    assert finding.details["step"] == 31  # judged after the 30-update warm-up
+    assert finding.details["drift_z"] > 0.5
+
+
+def test_converged_running_statistics_do_not_drift():
+    assert only(drift_loop(0.1), "stat-drift") == []
+
+
+# ---- without an optimizer -------------------------------------------------------------------
+def test_without_optimizer_steps_are_train_forwards_with_grad():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    with bncheck.Monitor(model) as monitor:
+        for x, _ in batches(3):
+            model(x).sum().backward()
+            with torch.no_grad():
+                model(x)  # validation in train mode: not a step, but an update without grad
+    assert monitor.steps == 3
+    report = monitor.report()
+    [finding] = only(report, "stats-updated-without-grad")
+    assert finding.details["step"] == 2
+    assert any("without an optimizer a step is" in n for n in report.notes)
+
+
+# ---- the rule conditions as pure functions, against an oracle written here -----------------
+def oracle_multiple_updates(updates, nograd, has_counter, train_calls, tracks):
+    out = np.zeros(updates.shape, dtype=bool)
+    for s in range(updates.shape[0]):
+        for layer in range(updates.shape[1]):
+            if not tracks[layer]:
+                continue
+            total = updates[s, layer] if has_counter[layer] else train_calls[s, layer]
+            out[s, layer] = total - nograd[s, layer] >= 2
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_multiple_updates_condition_matches_oracle(data):
+    n_steps = data.draw(st.integers(1, 6))
+    n_layers = data.draw(st.integers(1, 4))
+    ints = st.integers(0, 5)
+    updates = np.array(data.draw(st.lists(st.lists(ints, min_size=n_layers, max_size=n_layers),
+                                          min_size=n_steps, max_size=n_steps)), dtype=float)
+    nograd = np.array(data.draw(st.lists(st.lists(ints, min_size=n_layers, max_size=n_layers),
+                                         min_size=n_steps, max_size=n_steps)))
+    train_calls = nograd + np.array(data.draw(st.lists(
+        st.lists(ints, min_size=n_layers, max_size=n_layers), min_size=n_steps,
+        max_size=n_steps)))
+    has_counter = np.array(data.draw(st.lists(st.booleans(), min_size=n_layers,
+                                              max_size=n_layers)))
+    tracks = np.array(data.draw(st.lists(st.booleans(), min_size=n_layers, max_size=n_layers)))
+    stats = np.zeros((n_steps, n_layers, len(STAT_COLUMNS)))
+    stats[..., S_UPDATES] = np.where(has_counter[None, :], updates, np.nan)
+    stats[..., S_MOVED] = 1.0
+    counts = np.zeros((n_steps, n_layers, len(COUNT_COLUMNS)), dtype=np.int64)
+    counts[..., C_TRAIN] = train_calls
+    counts[..., C_NOGRAD] = nograd
+    counts[..., C_MINBATCH] = counts[..., C_MINSAMPLES] = 100
+    flags = np.zeros((n_steps, n_layers), dtype=bool)
+    got = step_conditions(stats, counts, flags, flags, resolve_tolerances(),
+                          tracks_stats=tracks, drift_warmup=np.zeros(n_layers))
+    expected = oracle_multiple_updates(updates, nograd, has_counter, train_calls, tracks)
+    np.testing.assert_array_equal(got["multiple-updates-per-step"], expected)
+
+
+def test_stats_not_updating_needs_trainable_eval_only_and_no_update():
+    stats = np.zeros((4, 1, len(STAT_COLUMNS)))
+    counts = np.zeros((4, 1, len(COUNT_COLUMNS)), dtype=np.int64)
+    counts[:, 0, C_EVAL] = 1
+    counts[2, 0, C_TRAIN] = 1          # step 2 ran in train mode: no problem there
+    stats[3, 0, S_UPDATES] = 1         # step 3 updated (e.g. called elsewhere in train mode)
+    trainable = np.array([[True], [False], [True], [True]])
+    got = step_conditions(stats, counts, trainable, ~trainable, resolve_tolerances(),
+                          tracks_stats=np.array([True]), drift_warmup=np.zeros(1))
+    assert got["stats-not-updating"][:, 0].tolist() == [True, False, False, False]
