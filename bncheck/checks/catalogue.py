@@ -109,7 +109,8 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "In train mode the pre-affine output per channel is not zero-mean / unit-variance.",
         (
             _t("normalization_rtol", 1.0,
-               "multiplier on the float round-off bound used as tolerance (raise to loosen)"),
+               "multiplier on the per-channel float round-off bound (u * (1 + log2 n) times "
+               "the input and gamma/beta conditioning, x16) used as tolerance; raise to loosen"),
         ),
     ),
     RuleInfo(
@@ -117,13 +118,18 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "running_mean / running_var / num_batches_tracked did not follow the momentum update.",
         (
             _t("ema_rtol", 1.0,
-               "multiplier on the float round-off bound used as tolerance (raise to loosen)"),
+               "multiplier on the per-channel float round-off bound of the update (u * "
+               "(1 + log2 n) times the sizes of the old value and the batch statistic, x16) "
+               "used as tolerance; raise to loosen"),
         ),
     ),
     RuleInfo(
         "eval-batch-dependence", "error", "forward",
         "In eval mode a sample's output depends on the other samples in its batch.",
-        (_t("eval_rtol", 1e-5, "relative difference ignored as float noise of batched kernels"),),
+        (_t("eval_rtol", 1e-5,
+            "difference between two eval outputs ignored as float noise of batched kernels, "
+            "relative to the largest |value| of that output (also used by "
+            "eval-nondeterminism)"),),
     ),
     RuleInfo("eval-nondeterminism", "error", "forward", "Two identical eval forwards differ."),
     RuleInfo(
@@ -138,24 +144,34 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "small-batch", "warning", "user batch",
         "Batch size or per-channel sample count too small for reliable statistics.",
         (
-            _t("min_batch_size", 8, "smallest batch size that gets no small-batch warning"),
+            _t("min_batch_size", 8,
+               "smallest batch size that gets no small-batch warning (judged on the user's "
+               "batch only)"),
             _t("min_samples_per_channel", 32,
-               "smallest N*spatial sample count per channel that gets no warning"),
+               "smallest per-channel value count N * prod(spatial) a train-mode BN layer "
+               "may see without a warning"),
         ),
     ),
     RuleInfo(
         "input-not-normalized", "warning", "user batch",
         "The network input looks unnormalized (e.g. raw 0-255 pixels).",
-        (_t("input_abs_max", 10.0, "largest mean or std of a normalized input"),),
+        (_t("input_abs_max", 10.0,
+            "largest |mean| or std of a floating-point network input that counts as "
+            "normalized (image-like inputs of 3+ dims holding only integers in [0, max], "
+            "max > 1, are flagged regardless)"),),
     ),
     RuleInfo(
         "stat-drift", "warning", "data",
         "Running statistics far from the statistics of the given data.",
         (
             _t("drift_mean_z", 0.5,
-               "largest |running_mean - data mean| in units of the data std"),
+               "largest |running_mean - data mean| in units of the data std "
+               "(sqrt(data var + eps))"),
             _t("drift_var_ratio", 2.0,
-               "largest running_var / data var (or its inverse)"),
+               "largest (running_var + eps) / (data var + eps), or its inverse"),
+            _t("drift_max_batches", 32,
+               "at most this many batches of data= are run (eval mode) to estimate the "
+               "population statistics"),
         ),
     ),
     # ---- optimizer --------------------------------------------------------------------
@@ -186,11 +202,20 @@ CATALOGUE: tuple[RuleInfo, ...] = (
     RuleInfo(
         "rank-divergent-stats", "warning", "distributed",
         "Running statistics differ across ranks.",
-        (_t("rank_rtol", 1e-4, "relative difference between ranks that counts as divergent"),),
+        (
+            _t("rank_rtol", 1e-4,
+               "relative difference of a layer's running-statistics summary (mean and mean "
+               "square of running_mean and running_var) between ranks that counts as "
+               "divergent"),
+        ),
     ),
     RuleInfo(
         "unsynced-small-batch", "info", "distributed",
         "Small per-rank batches with plain (not Sync) BN under DDP.",
+        (
+            _t("sync_bn_min_batch", 32,
+               "smallest per-rank batch size under DDP with plain BN that gets no info"),
+        ),
     ),
 )
 

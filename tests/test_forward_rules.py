@@ -1,0 +1,410 @@
+"""Every forward rule: a layer or model with exactly that bug is caught, its twin is not."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from bn_mutants import (
+    BatchStatsInEvalBN,
+    BiasedVarBN,
+    EvalUpdatingBN,
+    HandBN,
+    KerasMomentumBN,
+    Net,
+    NoCounterBN,
+    NoisyEvalBN,
+    NoUpdateBN,
+    UnbiasedNormBN,
+    WrongAxesBN,
+)
+from torch import nn
+from zoo import MLPBN, ConvBNReLU, TwoBlock, image_batch, trained
+
+import bncheck
+
+NUMERIC = ["normalization", "ema-update", "eval-batch-dependence", "eval-nondeterminism",
+           "eval-updates-stats"]
+
+
+def _found(report: bncheck.Report, rule: str) -> list[bncheck.Finding]:
+    return [f for f in report.findings if f.rule == rule]
+
+
+def _audit_norm(norm: nn.Module, x: torch.Tensor | None = None, **kw: object) -> bncheck.Report:
+    torch.manual_seed(0)
+    return bncheck.audit(Net(norm), image_batch(8) if x is None else x, select=NUMERIC, **kw)
+
+
+# ---- the correct twins -----------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None, 0.9])
+def test_hand_written_correct_bn_passes(momentum: float | None) -> None:
+    report = _audit_norm(HandBN(8, momentum=momentum))
+    assert report.findings == []
+
+
+def test_hand_written_bn_after_some_training_passes() -> None:
+    model = Net(HandBN(8))
+    trained(model, image_batch(8, seed=3))
+    report = bncheck.audit(model, image_batch(8), select=NUMERIC)
+    assert report.findings == []
+
+
+# ---- normalization ---------------------------------------------------------------------------
+def test_wrong_axes_is_caught_by_normalization() -> None:
+    report = _audit_norm(WrongAxesBN(8))
+    (finding,) = _found(report, "normalization")
+    assert finding.layer == "bn"
+    assert finding.severity == "error"
+    assert finding.message.startswith("bn (WrongAxesBN): ")
+    assert "> tol" in finding.message
+    assert finding.details["max_error"] > finding.details["tolerance"]
+    assert _found(report, "ema-update") == []
+
+
+def test_normalising_with_the_unbiased_variance_is_caught() -> None:
+    report = _audit_norm(UnbiasedNormBN(8), image_batch(2, hw=4))
+    (finding,) = _found(report, "normalization")
+    assert "variance" in finding.details["check"]
+    assert finding.details["expected_var"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_normalization_is_measured_before_an_inplace_relu_overwrites_the_output() -> None:
+    model = TwoBlock()  # BN -> ReLU(inplace=True) in nn.Sequential
+    report = bncheck.audit(model, image_batch(8), select=["normalization"])
+    assert report.findings == []
+    assert "normalization" not in report.skipped
+
+
+class CustomDoubleBN(nn.BatchNorm2d):
+    """Scales the BN output by 2 after normalising: a normalization bug."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * F.batch_norm(x, self.running_mean, self.running_var, None, None,
+                                self.training, 0.1, self.eps) * self.weight.reshape(1, -1, 1, 1)
+
+
+def test_affine_false_and_gamma_zero_channels_are_handled() -> None:
+    x = image_batch(8)
+    report = _audit_norm(nn.BatchNorm2d(8, affine=False), x)
+    assert report.findings == []
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight[:4] = 0.0
+        bn.bias.copy_(torch.linspace(-2, 2, 8))
+    assert _audit_norm(bn, x).findings == []
+
+
+# ---- ema-update ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls, words", [
+    (BiasedVarBN, "biased"),
+    (KerasMomentumBN, "Keras"),
+    (NoUpdateBN, "not updated"),
+])
+def test_wrong_running_update_is_caught(cls: type[HandBN], words: str) -> None:
+    report = _audit_norm(cls(8), image_batch(4, hw=4))
+    (finding,) = _found(report, "ema-update")
+    assert finding.layer == "bn"
+    assert words in finding.message
+    assert _found(report, "normalization") == []
+
+
+def test_missing_counter_increment_is_caught() -> None:
+    report = _audit_norm(NoCounterBN(8))
+    (finding,) = _found(report, "ema-update")
+    assert "num_batches_tracked went to 0, expected 1" in finding.message
+    assert finding.details["num_batches_tracked"] == {"observed": 0, "expected": 1}
+
+
+def test_momentum_changed_after_construction_is_caught() -> None:
+    class Sneaky(HandBN):
+        def factor(self) -> float:
+            return 0.3  # uses 0.3 while the attribute says 0.1
+
+    report = _audit_norm(Sneaky(8))
+    (finding,) = _found(report, "ema-update")
+    assert "momentum 0.3" in finding.message
+
+
+def test_biased_variance_store_with_cumulative_average_is_caught() -> None:
+    bn = BiasedVarBN(8, momentum=None)
+    bn.num_batches_tracked.fill_(3)
+    report = _audit_norm(bn, image_batch(4, hw=4))
+    (finding,) = _found(report, "ema-update")
+    assert "1/4" in finding.message
+
+
+def test_standard_bn_with_tracking_flipped_off_is_not_an_ema_error() -> None:
+    bn = nn.BatchNorm2d(8)
+    bn.track_running_stats = False
+    assert _found(_audit_norm(bn), "ema-update") == []
+
+
+# ---- eval rules ------------------------------------------------------------------------------
+def test_batch_statistics_in_eval_are_caught_at_the_first_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, bias=False), BatchStatsInEvalBN(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    report = bncheck.audit(model, image_batch(8), select=NUMERIC)
+    (finding,) = _found(report, "eval-batch-dependence")
+    assert finding.layer == "4"
+    assert "this layer causes it" in finding.message
+    assert finding.details["cause_upstream"] is False
+
+
+def test_correct_eval_is_batch_independent() -> None:
+    report = _audit_norm(BatchStatsInEvalBN(8).__class__.__mro__[1](8))
+    assert _found(report, "eval-batch-dependence") == []
+
+
+def test_no_running_stats_is_batch_dependent_in_eval() -> None:
+    report = _audit_norm(nn.BatchNorm2d(8, track_running_stats=False))
+    (finding,) = _found(report, "eval-batch-dependence")
+    assert "track_running_stats=True" in finding.message
+
+
+def test_batch_dependence_with_a_batch_of_one_or_two() -> None:
+    for n in (1, 2):
+        x = image_batch(n)
+        assert _found(_audit_norm(BatchStatsInEvalBN(8), x), "eval-batch-dependence")
+        assert _audit_norm(HandBN(8), x).findings == []
+
+
+def test_nondeterministic_eval_is_caught() -> None:
+    report = _audit_norm(NoisyEvalBN(8))
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer == "bn"
+    assert _found(report, "eval-batch-dependence") == []
+
+
+def test_nondeterminism_outside_bn_is_reported_model_wide() -> None:
+    class DropAlways(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvBNReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.net(x), 0.5)  # training=True by default: a bug
+
+    report = bncheck.audit(DropAlways(), image_batch(8), select=NUMERIC)
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer is None
+    assert "training=self.training" in finding.message
+
+
+def test_layer_updating_statistics_in_eval_is_caught() -> None:
+    report = _audit_norm(EvalUpdatingBN(8))
+    (finding,) = _found(report, "eval-updates-stats")
+    assert finding.layer == "bn"
+    assert "running_mean" in finding.details["buffers"]
+
+
+def test_model_needing_its_full_batch_size_in_eval_still_works() -> None:
+    class FixedBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvBNReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).reshape(8, -1)
+
+    assert bncheck.audit(FixedBatch(), image_batch(8), select=NUMERIC).findings == []
+    bad = FixedBatch()
+    bad.net.bn = BatchStatsInEvalBN(8)
+    assert _found(bncheck.audit(bad, image_batch(8), select=NUMERIC), "eval-batch-dependence")
+
+
+# ---- batches and inputs ----------------------------------------------------------------------
+def test_single_value_per_channel_is_reported_without_crashing() -> None:
+    model = MLPBN()
+    report = bncheck.audit(model, torch.randn(1, 6))
+    (finding,) = _found(report, "single-value-per-channel")
+    assert finding.layer == "bn"
+    assert report.forward_error is None
+    assert _found(report, "normalization") == []
+
+
+def test_single_value_without_running_stats_stops_only_the_train_pass() -> None:
+    model = MLPBN(track_running_stats=False)
+    report = bncheck.audit(model, torch.randn(1, 6))
+    assert _found(report, "single-value-per-channel")
+    assert report.forward_error is None
+    assert any("stopped at bn" in note for note in report.notes)
+
+
+def test_single_value_on_a_synthetic_batch_is_not_judged() -> None:
+    report = bncheck.audit(MLPBN(), torch.randn(1, 6), synthetic_input=True)
+    assert _found(report, "single-value-per-channel") == []
+
+
+def test_small_batch_names_batch_size_and_per_layer_sample_counts() -> None:
+    report = bncheck.audit(MLPBN(), torch.randn(4, 6), select=["small-batch"])
+    layers = sorted((f.layer or "", f.details.get("batch_size")) for f in report.findings)
+    assert layers == [("", 4), ("bn", 4)]
+    ok = bncheck.audit(MLPBN(), torch.randn(40, 6), select=["small-batch"])
+    assert ok.findings == []
+
+
+def test_small_batch_thresholds_are_tolerances() -> None:
+    report = bncheck.audit(MLPBN(), torch.randn(4, 6), select=["small-batch"],
+                           min_batch_size=2, min_samples_per_channel=2)
+    assert report.findings == []
+
+
+def test_small_batch_skips_a_synthetic_batch() -> None:
+    report = bncheck.audit(MLPBN(), torch.randn(2, 6), select=["small-batch"],
+                           synthetic_input=True)
+    assert report.findings == []
+    assert "small-batch" in report.skipped
+
+
+@pytest.mark.parametrize("x, bad", [
+    (torch.randint(0, 256, (8, 3, 8, 8)).float(), True),
+    (torch.rand(8, 3, 8, 8) * 255, True),
+    (torch.rand(8, 3, 8, 8), False),
+    (torch.randn(8, 3, 8, 8), False),
+])
+def test_input_not_normalized(x: torch.Tensor, bad: bool) -> None:
+    report = bncheck.audit(ConvBNReLU(), x, select=["input-not-normalized"])
+    assert bool(report.findings) is bad
+
+
+# ---- stat-drift ------------------------------------------------------------------------------
+def test_stat_drift_compares_running_stats_with_the_data() -> None:
+    model = trained(ConvBNReLU(), image_batch(16, seed=5), steps=60)
+    same = [image_batch(8, seed=s) for s in range(4)]
+    shifted = [(3 * x + 2, torch.zeros(8)) for x in same]
+    assert bncheck.audit(model, same[0], data=same, select=["stat-drift"]).findings == []
+    report = bncheck.audit(model, same[0], data=shifted, select=["stat-drift"])
+    (finding,) = report.findings
+    assert finding.layer == "bn"
+    assert finding.details["batches"] == 4
+
+
+def test_stat_drift_accepts_dict_batches_and_bounds_the_batch_count() -> None:
+    model = trained(ConvBNReLU(), image_batch(16, seed=5), steps=60)
+    data = [{"image": image_batch(4, seed=s), "label": torch.zeros(4)} for s in range(10)]
+    report = bncheck.audit(model, data[0]["image"], data=data, select=["stat-drift"],
+                           drift_max_batches=3)
+    assert report.findings == []
+
+
+def test_stat_drift_rejects_bad_batches() -> None:
+    with pytest.raises(bncheck.InputError, match="a batch in data= is a str"):
+        bncheck.audit(ConvBNReLU(), image_batch(4), data=["oops"], select=["stat-drift"])
+    with pytest.raises(bncheck.InputError, match="data= must be an iterable"):
+        bncheck.audit(ConvBNReLU(), image_batch(4), data=3, select=["stat-drift"])
+
+
+# ---- inputs and the model left alone ---------------------------------------------------------
+@pytest.mark.parametrize("x, match", [
+    (torch.full((4, 3, 8, 8), float("nan")), "NaN/Inf"),
+    ("pixels", "is a str"),
+])
+def test_bad_example_input_is_an_input_error(x: object, match: str) -> None:
+    with pytest.raises(bncheck.InputError, match=match):
+        bncheck.audit(ConvBNReLU(), x)
+
+
+class FailsHalfway(nn.Module):
+    """Runs BN layers, then raises in train mode (e.g. needs targets in train mode)."""
+
+    def __init__(self, fail_in: str) -> None:
+        super().__init__()
+        self.fail_in = fail_in
+        self.block = TwoBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block.block1(x)
+        torch.rand(3)  # uses the global RNG
+        if self.fail_in == "both" or (self.fail_in == "train") == self.training:
+            raise RuntimeError("boom\nsecond line")
+        return self.block.head(self.block.block2(y).mean((2, 3)))
+
+
+def _state(model: nn.Module) -> tuple[object, ...]:
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(),
+    )
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    sa, sb = a[0], b[0]
+    assert isinstance(sa, dict) and isinstance(sb, dict)
+    return (all(torch.equal(sa[k], sb[k]) for k in sa) and a[1] == b[1] and a[2] == b[2]
+            and torch.equal(a[3], b[3]) and bool((a[4] == b[4]).all()) and a[5] == b[5])
+
+
+@pytest.mark.parametrize("fail_in", ["train", "eval", "both"])
+def test_model_and_rng_untouched_even_when_the_forward_raises(fail_in: str) -> None:
+    model = trained(FailsHalfway("never"), image_batch(8, seed=2))
+    model.fail_in = fail_in
+    model.block.block2.train()  # a mixed-mode model
+    model.block.block1[0].weight.requires_grad_(False)
+    before = _state(model)
+    report = bncheck.audit(model, image_batch(8))
+    assert _same(before, _state(model))
+    if fail_in == "both":
+        assert report.forward_error == "RuntimeError: boom"
+        assert "normalization" in report.skipped
+    else:
+        assert report.forward_error is None
+        stage = "train-mode" if fail_in == "train" else "eval-mode"
+        failed_rule = "normalization" if fail_in == "train" else "eval-nondeterminism"
+        assert f"the {stage} forward pass failed (RuntimeError: boom)" in \
+            report.skipped[failed_rule]
+
+
+def test_model_untouched_after_a_clean_audit_with_data() -> None:
+    model = trained(TwoBlock(), image_batch(8, seed=2))
+    before = _state(model)
+    bncheck.audit(model, image_batch(8), data=[image_batch(4, seed=9)])
+    assert _same(before, _state(model))
+
+
+def test_dict_and_tuple_inputs() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = ConvBNReLU()
+            self.b = MLPBN()
+
+        def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            return self.a(image)[:, :3] + self.b(features)
+
+    x, f = image_batch(8), torch.randn(8, 6)
+    assert not bncheck.audit(TwoInputs(), (x, f)).failed("error")
+    report = bncheck.audit(TwoInputs(), {"image": x, "features": f})
+    assert report.ok and report.forward_error is None
+
+
+# ---- layouts and dtypes ----------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["channels_last", "bfloat16", "float64"])
+def test_correct_bn_in_other_layouts_and_dtypes_passes(layout: str) -> None:
+    model, x = ConvBNReLU(), image_batch(8)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        dtype = getattr(torch, layout)
+        model, x = model.to(dtype), x.to(dtype)
+    report = bncheck.audit(model, x, select=NUMERIC)
+    assert report.findings == []
+    assert not report.skipped
+
+
+def test_grid_picks_the_same_elements_whatever_the_memory_layout() -> None:
+    from bncheck.probes import grid
+
+    t = torch.randn(9, 5, 7, 6, generator=torch.Generator().manual_seed(4))
+    expected = torch.stack([t[n, :, h, w] for n in (0, 1, 2, 3, 5, 6, 7, 8)
+                            for h in (0, 2, 4, 6) for w in (0, 2, 3, 5)], dim=1).double()
+    for variant in (t, t.contiguous(memory_format=torch.channels_last),
+                    t.transpose(0, 1).contiguous().transpose(0, 1)):
+        assert torch.equal(grid(variant), expected)
