@@ -158,6 +158,14 @@ def test_bn_called_at_several_places_is_reused() -> None:
     assert found[0].severity == "warning"
 
 
+def test_reused_stateless_bn_is_not_flagged() -> None:
+    # affine=False and no running statistics (as in DARTS): nothing is shared between calls.
+    model = Reused(3)
+    model.bn = nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    report = bncheck.audit(model, _x(), select=TRACING)
+    assert _rules(report, "bn-reused") == []
+
+
 def test_bn_called_once_is_not_reused() -> None:
     report = bncheck.audit(Reused(1), _x(), select=TRACING)
     assert _rules(report, "bn-reused") == []

@@ -100,7 +100,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
     ),
     RuleInfo(
         "dead-channels", "info", "buffers",
-        "gamma ~ 0 in a trained layer: those channels carry only beta.",
+        "gamma ~ 0 in a trained layer: those channels output only beta.",
         (_t("dead_gamma_atol", 1e-6, "|gamma| at or below this counts as zero"),),
     ),
     # ---- forward: numerics ------------------------------------------------------------
@@ -186,7 +186,8 @@ CATALOGUE: tuple[RuleInfo, ...] = (
     ),
     RuleInfo(
         "stats-not-updating", "warning", "training run",
-        "Optimizer steps while trainable BN layers are in eval mode.",
+        "BN layers with trainable gamma/beta run in eval mode across optimizer steps: their "
+        "running statistics never update.",
     ),
     RuleInfo(
         "stats-updated-without-grad", "warning", "training run",

@@ -137,6 +137,9 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
     for name, count in obs.call_counts.items():
         if count <= 1:
             continue
+        layer = layers.get(name)
+        if layer is not None and not layer.has_running_stats and not layer.params:
+            continue  # stateless (affine=False, no running stats): nothing is shared
         producers = []
         for call in obs.calls_of(name):
             src = upstream(call.trace.producer) if call.trace else None
@@ -625,7 +628,7 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
             continue
         yield ctx.finding(
             "input-not-normalized", None,
-            f"the network input {s.where} {tuple(s.shape)} looks unnormalized: "
+            f"the network {s.where} {tuple(s.shape)} looks unnormalized: "
             + "; ".join(reasons),
             hint="scale to [0, 1] and standardise per channel (x / 255, then (x - mean) / std) "
                  "as in training; tune with input_abs_max=",

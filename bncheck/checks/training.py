@@ -350,7 +350,8 @@ def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Fin
         rtol = f["rank_rtol"]
         text = (f"running statistics differ across {f['world_size']} ranks {span}: max "
                 f"relative difference {f['rel_diff']:.3g} > rank_rtol {rtol:g}")
-        hint = ("keep DistributedDataParallel(broadcast_buffers=True) or use SyncBatchNorm; "
+        hint = ("keep DDP's buffer sync on (broadcast_buffers=True, or forward_sync_buffers=True "
+                "on newer torch) or use SyncBatchNorm; "
                 "evaluate and save from one rank only after the buffers are synchronised")
         base.pop("rank", None)
     elif rule == "unsynced-small-batch":
