@@ -281,6 +281,7 @@ class Monitor:
         self._drift_warmup = np.array(warmup)
         self._calls: list[tuple[int, bool, bool, bool, tuple[int, ...] | None]] = []
         self._step = 0
+        self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
         self._base: Snapshot | None = None
         self._pending: list[tuple[int, Snapshot | None, list[Any], tuple[Any, ...]]] = []
         self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
@@ -345,8 +346,26 @@ class Monitor:
             self._remove_hooks()
         finally:
             self._attached = False
+            self._safely(self._close_trailing_step)
             if self._pending:
                 self._flush()
+
+    def _close_trailing_step(self) -> None:
+        """Judge the BN calls made after the last step (e.g. a final validation pass).
+
+        They form one last, partial step in which no layer counts as being trained, so a
+        validation pass in eval mode is not mistaken for training in eval mode, while
+        statistics updated without grad or in frozen layers are still caught.
+        """
+        if not self._calls:
+            return
+        trainable, frozen, reason = self._trainable_flags()
+        self._step += 1
+        self._trailing_steps += 1
+        snap = self._flat.snapshot() if self._flat.modules else None
+        calls, self._calls = self._calls, []
+        self._pending.append((self._step, snap, calls,
+                              ((False,) * len(trainable), frozen, reason)))
 
     def __enter__(self) -> Monitor:
         return self.attach()
@@ -365,7 +384,7 @@ class Monitor:
     @property
     def steps(self) -> int:
         """Steps observed so far (optimizer steps, or train-mode forwards without optimizer)."""
-        return self._step
+        return self._step - self._trailing_steps
 
     # ---- hooks (the hot path) -------------------------------------------------------------
     def _make_layer_hook(self, idx: int) -> Any:
@@ -498,7 +517,7 @@ class Monitor:
         self._run.drift_judged += conditions["_drift_judged"].sum(axis=0)
         record_episodes(self._run.episodes, conditions, steps, stats, counts,
                         reasons or ("",) * n_layers)
-        self._run.steps = self._step
+        self._run.steps = self._step - self._trailing_steps
         self._chunks.append((steps, stats.astype(np.float32), counts, trainable))
         self._history_steps += len(steps)
         while self._chunks and self._history_steps - len(self._chunks[0][0]) >= self.max_history:
@@ -577,10 +596,14 @@ class Monitor:
                 kept.append(f)
         findings = kept
         notes = list(ctx.notes)
+        steps = self._step - self._trailing_steps
+        if self._trailing_steps:
+            notes.append("BN calls after the last step were judged as one more, partial step "
+                         f"({steps + 1})")
         if self.optimizer is not None:
-            notes.append(f"monitored {self._step} optimizer step(s)")
+            notes.append(f"monitored {steps} optimizer step(s)")
         else:
-            notes.append(f"monitored {self._step} step(s); without an optimizer a step is a "
+            notes.append(f"monitored {steps} step(s); without an optimizer a step is a "
                          "top-level train-mode forward with grad enabled, so 'stats-not-"
                          "updating' cannot see training that runs in eval mode")
         if self._failure is not None:

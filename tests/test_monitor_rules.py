@@ -382,3 +382,32 @@ def test_stats_not_updating_needs_trainable_eval_only_and_no_update():
     got = step_conditions(stats, counts, trainable, ~trainable, resolve_tolerances(),
                           tracks_stats=np.array([True]), drift_warmup=np.zeros(1))
     assert got["stats-not-updating"][:, 0].tolist() == [True, False, False, False]
+
+
+def test_validation_after_the_last_step_is_judged_at_detach():
+    """A final validation pass in train mode (after the last optimizer step) is still caught,
+    and a correct final validation in eval mode is not mistaken for training in eval mode."""
+
+    def run(buggy: bool) -> bncheck.Report:
+        torch.manual_seed(0)
+        model = TwoBlock()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with bncheck.Monitor(model, optimizer=opt) as monitor:
+            model.train()
+            for _ in range(3):
+                loss = model(torch.randn(8, 3, 6, 6)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if not buggy:
+                model.eval()
+            with torch.no_grad():
+                model(torch.randn(8, 3, 6, 6))
+        assert monitor.steps == 3
+        return monitor.report()
+
+    buggy = run(buggy=True)
+    found = buggy.filter(rules=["stats-updated-without-grad"])
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert "after the last optimizer step (3)" in found[0].message
+    assert run(buggy=False).findings == []

@@ -281,8 +281,13 @@ def record_rank_check(
 # ---- findings -----------------------------------------------------------------------------
 def _span(run: RunObservations, ep: Episode) -> str:
     word = run.step_word
+    if ep.first_step > run.steps:  # only in the calls after the last step (see Monitor)
+        return f"after the last {word} ({run.steps})"
     if ep.steps == 1:
         return f"at {word} {ep.first_step}"
+    if ep.last_step > run.steps:
+        return (f"from {word} {ep.first_step} until after the last {word} ({ep.steps} "
+                f"times in {run.steps} {word}s)")
     return (f"from {word} {ep.first_step} ({ep.steps} of {run.steps} {word}s, last "
             f"{ep.last_step})")
 
