@@ -408,3 +408,12 @@ def test_grid_picks_the_same_elements_whatever_the_memory_layout() -> None:
     for variant in (t, t.contiguous(memory_format=torch.channels_last),
                     t.transpose(0, 1).contiguous().transpose(0, 1)):
         assert torch.equal(grid(variant), expected)
+
+
+def test_nan_running_stats_left_alone_in_eval_are_not_an_eval_update() -> None:
+    """NaN statistics (a poisoned checkpoint) are nonfinite-stats, not eval-updates-stats."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
+    model[1].running_var[1] = float("nan")
+    report = bncheck.audit(model, torch.randn(4, 3, 6, 6))
+    assert "nonfinite-stats" in report.rules_found()
+    assert "eval-updates-stats" not in report.rules_found()
