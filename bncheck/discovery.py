@@ -25,9 +25,11 @@ _WRAPPERS = ("DistributedDataParallel", "DataParallel")
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside DDP/DataParallel wrappers (any depth); else ``model`` itself."""
-    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None),
-                                                            nn.Module):
-        model = model.module
+    while type(model).__name__ in _WRAPPERS:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     return model
 
 

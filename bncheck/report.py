@@ -7,7 +7,7 @@ rendering needs them), so the pytest plugin can handle reports without importing
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -419,7 +419,7 @@ class Report:
 
     def render(self, fmt: str = "table") -> str:
         """Render in one of ``table``, ``json``, ``markdown``, ``sarif``."""
-        renderers = {
+        renderers: dict[str, Callable[[], str]] = {
             "table": self.to_table,
             "json": self.to_json,
             "markdown": self.to_markdown,

@@ -55,7 +55,7 @@ class ModelState:
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
         training = [(m, m.training) for m in model.modules()]
-        buffers = []
+        buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None, int]] = []
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if isinstance(buf, torch.Tensor) and not isinstance(

@@ -69,7 +69,8 @@ def _assert_same(before: dict, after: dict) -> None:
                 assert _same_tensor(torch.as_tensor(value), torch.as_tensor(oa["state"][k][name]))
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(sorted(_FACTORIES)),
     modes=st.lists(st.booleans(), min_size=12, max_size=12),

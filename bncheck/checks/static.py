@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -154,7 +155,7 @@ def _nonfinite(t: torch.Tensor | None) -> torch.Tensor | None:
 def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
     for layer in _usable(ctx.layers):
         parts = []
-        details: dict[str, object] = {}
+        details: dict[str, Any] = {}
         for name in ("running_mean", "running_var", "weight", "bias"):
             bad = _nonfinite(getattr(layer, name))
             if bad is not None:
