@@ -88,3 +88,16 @@ def test_finetune_frozen_backbone_catches_drift_and_passes_the_fix() -> None:
                   "[ok] fixed run: Monitor reports nothing"):
         assert claim in out
     assert "FAILED" not in out
+
+
+def test_model_repo_test_file_passes_under_pytest() -> None:
+    """``examples/test_model_repo.py``, the model repo's test file using the plugin, passes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLES / "test_model_repo.py"), "-q",
+         "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=EXAMPLES.parent,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert "bncheck" in result.stdout  # the plugin's report header / summary section
