@@ -60,6 +60,13 @@ def run_measured(cmd: list[str], folder: Path) -> tuple[int, float, int, str]:
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python {Path(__file__).name} [EXTRA BNCHECK AUDIT FLAGS ...]\n\n"
+              "Writes a full-size VGG16-BN state dict (about 530 MiB) to a temporary folder,\n"
+              "runs `bncheck audit FILE --arch vgg16_bn` on it in a subprocess, then a naive\n"
+              "load + one forward, and prints wall time, peak RSS and peak RSS / file size.\n"
+              "Extra flags are passed on to `bncheck audit`.")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bncheck-bench-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()

@@ -751,8 +751,11 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str, pat
         notes.append(f"checkpoint: {len(keys)} BN buffers missing: {_shown(keys)} - the running "
                      "statistics were not saved; the audited model has the initial values "
                      "(mean 0, var 1)")
-    if counters_missing:
-        notes.append(f"checkpoint: num_batches_tracked missing in {len(counters_missing)} BN "
+    # a counter missing beside missing statistics is part of "not saved"; alone, it usually
+    # means a checkpoint from PyTorch < 0.4, which had no counter
+    counters_only = [k for k in counters_missing if k.rpartition(".")[0] not in stats_missing]
+    if counters_only:
+        notes.append(f"checkpoint: num_batches_tracked missing in {len(counters_only)} BN "
                      "layers (saved by PyTorch < 0.4?); set to 0")
     return stats_missing
 

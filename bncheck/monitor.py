@@ -47,6 +47,8 @@ What is kept (bounded memory)
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -90,6 +92,23 @@ __all__ = ["Monitor"]
 _BIG = np.iinfo(np.int64).max
 _OWN_FINDINGS = ("nonfinite-stats", "small-batch", "stat-drift")
 _DISTRIBUTED_RULES = ("rank-divergent-stats", "unsynced-small-batch")
+
+
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line (the training loop), past
+    bncheck's and torch's own frames (hooks run deep inside ``module.__call__``)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -409,7 +428,7 @@ class Monitor:
             raise  # a BNCheckWarning turned into an error by the user's warning filters
         except Exception as exc:
             self._failure = f"the Monitor stopped watching at step {self._step}: {first_line(exc)}"
-            warnings.warn(BNCheckWarning(self._failure), stacklevel=3)
+            warnings.warn(BNCheckWarning(self._failure), stacklevel=_user_stacklevel())
 
     def _optimizer_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._safely(self._end_step)
@@ -534,7 +553,8 @@ class Monitor:
             if finding is None:
                 continue
             self._warned.add(key)
-            warnings.warn(BNCheckWarning(f"[{finding.rule}] {finding.message}"), stacklevel=4)
+            warnings.warn(BNCheckWarning(f"[{finding.rule}] {finding.message}"),
+                          stacklevel=_user_stacklevel())
 
     def _compare_ranks(self) -> None:
         from .distributed import gather_checksums, layer_checksums, rank_divergence

@@ -358,3 +358,18 @@ def test_reattaching_takes_a_new_baseline():
     assert monitor.steps == 4
     assert monitor.history["updates"].tolist() == [1.0] * 4
     assert monitor.report().filter(rules=["multiple-updates-per-step"]) == []
+
+
+def test_warnings_point_at_the_users_training_loop():
+    """A BNCheckWarning names the line of the user's code that triggered it, not a hook."""
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(bncheck.BNCheckWarning) as caught:
+        with bncheck.Monitor(model, optimizer=opt, warn=True):
+            model.train()
+            with torch.no_grad():
+                model(torch.randn(8, 3, 6, 6))  # validation in train mode
+            loss = model(torch.randn(8, 3, 6, 6)).square().mean()
+            loss.backward()
+            opt.step()
+    assert {w.filename for w in caught} == {__file__}
