@@ -304,6 +304,7 @@ class Report:
                     self._rows(),
                     headers=["severity", "rule", "layer", "message"],
                     tablefmt=tablefmt,
+                    disable_numparse=True,  # layer names like "0.1" are names, not numbers
                     maxcolwidths=[None, None, None, max_width] if max_width else None,
                 )
             )
@@ -334,7 +335,7 @@ class Report:
                 for f in self.findings
             ]
             out.append(tabulate(rows, headers=["severity", "rule", "layer", "message"],
-                                tablefmt="github"))
+                                tablefmt="github", disable_numparse=True))
         else:
             out.append("No findings.")
         if self.notes:
