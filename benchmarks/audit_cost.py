@@ -58,11 +58,13 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     wall_ratios = [a / p for a, p in zip(rows["audit"], rows["plain"])]
     cpu_ratios = [a / p for a, p in zip(rows["audit_cpu"], rows["plain_cpu"])]
-    print(f"{name:<36} forward {med['plain'] * 1e3:7.1f} ms  audit {med['audit'] * 1e3:7.1f} ms"
-          f"  wall ratio {med['audit'] / med['plain']:4.2f}x "
-          f"(rounds {min(wall_ratios):.2f}-{max(wall_ratios):.2f})"
-          f"  CPU ratio {med['audit_cpu'] / med['plain_cpu']:4.2f}x "
-          f"(rounds {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})")
+    print(
+        f"{name:<36} forward {med['plain'] * 1e3:7.1f} ms  audit {med['audit'] * 1e3:7.1f} ms"
+        f"  wall ratio {med['audit'] / med['plain']:4.2f}x "
+        f"(rounds {min(wall_ratios):.2f}-{max(wall_ratios):.2f})"
+        f"  CPU ratio {med['audit_cpu'] / med['plain_cpu']:4.2f}x "
+        f"(rounds {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"
+    )
 
 
 def main() -> None:
@@ -73,8 +75,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} repeats, "
-          "median times; ratio = audit / one plain eval forward (no_grad), same model and batch")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} repeats, "
+        "median times; ratio = audit / one plain eval forward (no_grad), same model and batch"
+    )
     small = vgg16_bn_small()
     for batch in (32, 64):
         x = torch.randn(batch, 3, 32, 32, generator=g)

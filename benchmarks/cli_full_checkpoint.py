@@ -61,34 +61,54 @@ def run_measured(cmd: list[str], folder: Path) -> tuple[int, float, int, str]:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python {Path(__file__).name} [EXTRA BNCHECK AUDIT FLAGS ...]\n\n"
-              "Writes a full-size VGG16-BN state dict (about 530 MiB) to a temporary folder,\n"
-              "runs `bncheck audit FILE --arch vgg16_bn` on it in a subprocess, then a naive\n"
-              "load + one forward, and prints wall time, peak RSS and peak RSS / file size.\n"
-              "Extra flags are passed on to `bncheck audit`.")
+        print(
+            f"usage: python {Path(__file__).name} [EXTRA BNCHECK AUDIT FLAGS ...]\n\n"
+            "Writes a full-size VGG16-BN state dict (about 530 MiB) to a temporary folder,\n"
+            "runs `bncheck audit FILE --arch vgg16_bn` on it in a subprocess, then a naive\n"
+            "load + one forward, and prints wall time, peak RSS and peak RSS / file size.\n"
+            "Extra flags are passed on to `bncheck audit`."
+        )
         return 0
     with tempfile.TemporaryDirectory(prefix="bncheck-bench-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
         path = write_checkpoint(folder)
         size = path.stat().st_size
-        print(f"checkpoint: vgg16_bn state dict, {size / 2**20:.0f} MiB "
-              f"(written in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs")
-        cmd = [sys.executable, "-m", "bncheck", "audit", str(path), "--arch", "vgg16_bn",
-               "--format", "json", "--progress", *argv]
+        print(
+            f"checkpoint: vgg16_bn state dict, {size / 2**20:.0f} MiB "
+            f"(written in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "bncheck",
+            "audit",
+            str(path),
+            "--arch",
+            "vgg16_bn",
+            "--format",
+            "json",
+            "--progress",
+            *argv,
+        ]
         code, wall, _, err = run_measured(cmd, folder)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         print(err.rstrip())
         naive_code, naive_wall, naive_peak, naive_err = run_measured(
-            [sys.executable, "-c", NAIVE, str(path)], folder)
+            [sys.executable, "-c", NAIVE, str(path)], folder
+        )
         if naive_code != 0:
             print(naive_err)
         print()
         print(f"{'':34}{'wall s':>8}{'peak RSS MiB':>14}{'RSS / file':>12}")
-        print(f"{'bncheck audit FILE --arch vgg16_bn':34}{wall:8.1f}{peak / 2**20:14.0f}"
-              f"{peak / size:12.2f}   exit {code}")
-        print(f"{'naive load + 1 forward':34}{naive_wall:8.1f}{naive_peak / 2**20:14.0f}"
-              f"{naive_peak / size:12.2f}")
+        print(
+            f"{'bncheck audit FILE --arch vgg16_bn':34}{wall:8.1f}{peak / 2**20:14.0f}"
+            f"{peak / size:12.2f}   exit {code}"
+        )
+        print(
+            f"{'naive load + 1 forward':34}{naive_wall:8.1f}{naive_peak / 2**20:14.0f}"
+            f"{naive_peak / size:12.2f}"
+        )
         print(f"peak RSS, bncheck / naive: {peak / naive_peak:.2f}")
         return 0 if code in (0, 1) else 1
 

@@ -46,8 +46,9 @@ def naive_hooks(model: nn.Module) -> Callable[[], None]:
         dims = [0] + list(range(2, x.dim()))
         records.append(torch.stack([x.mean(dims), x.var(dims)]))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.BatchNorm2d)]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
 
     def remove() -> None:
         for h in handles:
@@ -63,8 +64,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=4, help="steps per timed block")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--naive", action="store_true",
-                        help="also time forward hooks that re-reduce every BN input")
+    parser.add_argument(
+        "--naive", action="store_true", help="also time forward hooks that re-reduce every BN input"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -97,15 +99,15 @@ def main() -> None:
         else:
             for _ in range(args.block):
                 step()
-        return ((time.perf_counter() - w0) / args.block,
-                (time.process_time() - c0) / args.block)
+        return ((time.perf_counter() - w0) / args.block, (time.process_time() - c0) / args.block)
 
     for _ in range(3):  # warm-up: allocator, kernels
         step()
     # "a/a" is a second unmonitored block: its ratio to "plain" is the noise floor
     kinds = ["plain", "monitor", "a/a"] + (["naive"] if args.naive else [])
     ratios: dict[str, dict[str, list[float]]] = {
-        clock: {k: [] for k in kinds[1:]} for clock in ("wall", "cpu")}
+        clock: {k: [] for k in kinds[1:]} for clock in ("wall", "cpu")
+    }
     base_times: list[float] = []
     for r in range(args.repeats):
         order = kinds + kinds[::-1] if r % 2 == 0 else kinds[::-1] + kinds
@@ -118,22 +120,31 @@ def main() -> None:
                 base_times.append(base)
             for k in kinds[1:]:
                 ratios[clock][k].append(statistics.median(t[c] for t in times[k]) / base)
-    print(f"vgg16_bn_small, batch {args.batch}, 32x32, SGD, CPU, {args.threads} thread(s); "
-          f"{args.repeats} repeats of ABBA blocks of {args.block} steps")
-    print(f"unmonitored step (wall): median {statistics.median(base_times) * 1e3:.1f} ms "
-          f"(min {min(base_times) * 1e3:.1f}, max {max(base_times) * 1e3:.1f})")
+    print(
+        f"vgg16_bn_small, batch {args.batch}, 32x32, SGD, CPU, {args.threads} thread(s); "
+        f"{args.repeats} repeats of ABBA blocks of {args.block} steps"
+    )
+    print(
+        f"unmonitored step (wall): median {statistics.median(base_times) * 1e3:.1f} ms "
+        f"(min {min(base_times) * 1e3:.1f}, max {max(base_times) * 1e3:.1f})"
+    )
     for clock in ("wall", "cpu"):
         for k, values in ratios[clock].items():
             med = statistics.median(values)
-            print(f"{clock:>4} {k:>8} / plain: median {med:.4f} ({(med - 1) * 100:+.2f}%), "
-                  f"spread {min(values):.4f} .. {max(values):.4f}")
+            print(
+                f"{clock:>4} {k:>8} / plain: median {med:.4f} ({(med - 1) * 100:+.2f}%), "
+                f"spread {min(values):.4f} .. {max(values):.4f}"
+            )
     work, step_time = monitor_work_per_step(model, opt, step)
-    print(f"Monitor's own work, timed inside 64 monitored steps (CPU): {work * 1e6:.0f} us per "
-          f"step = {work / step_time * 100:.2f}% of the step (robust to machine noise)")
+    print(
+        f"Monitor's own work, timed inside 64 monitored steps (CPU): {work * 1e6:.0f} us per "
+        f"step = {work / step_time * 100:.2f}% of the step (robust to machine noise)"
+    )
 
 
-def monitor_work_per_step(model: nn.Module, opt: torch.optim.Optimizer,
-                          step: Callable[[], None], steps: int = 64) -> tuple[float, float]:
+def monitor_work_per_step(
+    model: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], None], steps: int = 64
+) -> tuple[float, float]:
     """(Monitor seconds per step, step seconds), CPU time, over ``steps`` real training steps.
 
     The Monitor's work is timed from inside: its end-of-step hook (which runs the periodic

@@ -125,47 +125,86 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    audit.add_argument("path", nargs="?", metavar="PATH",
-                       help="the file to audit; without it, --arch builds a fresh model")
-    audit.add_argument("--arch", metavar="NAME|module:callable",
-                       help="the architecture of a state dict: a built-in name (vgg11_bn, "
-                            "vgg13_bn, vgg16_bn, vgg19_bn, vgg16_bn_small) or "
-                            "pkg.module:callable returning an nn.Module")
-    audit.add_argument("--input-shape", type=parse_shape, metavar="N,C,H,W",
-                       help="shape of the random input batch, batch dimension first "
-                            "(C,H,W when --batch-size is given); default: inferred from the "
-                            "first conv/linear layer, and not judged by the batch-size rules")
-    audit.add_argument("--batch-size", type=_positive_int, metavar="N",
-                       help="batch size of the input (the batch you train with)")
-    audit.add_argument("--format", type=_choice("format", FORMATS), default="table",
-                       metavar="{" + ",".join(FORMATS) + "}",
-                       help="report format (default: table)")
-    audit.add_argument("--output", "-o", metavar="FILE",
-                       help="write the report to FILE (atomically) instead of stdout")
-    audit.add_argument("--fail-on", type=_choice("--fail-on value", FAIL_ON_CHOICES),
-                       default="error", metavar="{" + ",".join(FAIL_ON_CHOICES) + "}",
-                       help="exit 1 when a finding is at or above this severity "
-                            "(default: error)")
-    audit.add_argument("--select", metavar="IDS",
-                       help="comma-separated rule ids to run (default: all)")
+    audit.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="the file to audit; without it, --arch builds a fresh model",
+    )
+    audit.add_argument(
+        "--arch",
+        metavar="NAME|module:callable",
+        help="the architecture of a state dict: a built-in name (vgg11_bn, "
+        "vgg13_bn, vgg16_bn, vgg19_bn, vgg16_bn_small) or "
+        "pkg.module:callable returning an nn.Module",
+    )
+    audit.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        metavar="N,C,H,W",
+        help="shape of the random input batch, batch dimension first "
+        "(C,H,W when --batch-size is given); default: inferred from the "
+        "first conv/linear layer, and not judged by the batch-size rules",
+    )
+    audit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="batch size of the input (the batch you train with)",
+    )
+    audit.add_argument(
+        "--format",
+        type=_choice("format", FORMATS),
+        default="table",
+        metavar="{" + ",".join(FORMATS) + "}",
+        help="report format (default: table)",
+    )
+    audit.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write the report to FILE (atomically) instead of stdout",
+    )
+    audit.add_argument(
+        "--fail-on",
+        type=_choice("--fail-on value", FAIL_ON_CHOICES),
+        default="error",
+        metavar="{" + ",".join(FAIL_ON_CHOICES) + "}",
+        help="exit 1 when a finding is at or above this severity (default: error)",
+    )
+    audit.add_argument(
+        "--select", metavar="IDS", help="comma-separated rule ids to run (default: all)"
+    )
     audit.add_argument("--ignore", metavar="IDS", help="comma-separated rule ids to skip")
-    audit.add_argument("--trust-pickle", action="store_true",
-                       help="allow unpickling a full pickled module: this runs code from the "
-                            "file, so only for files you trust")
-    audit.add_argument("--progress", action="store_true",
-                       help="show progress on stderr (default: only when stderr is a terminal)")
+    audit.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a full pickled module: this runs code from the "
+        "file, so only for files you trust",
+    )
+    audit.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress on stderr (default: only when stderr is a terminal)",
+    )
     audit.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     audit.set_defaults(handler=run_audit)
 
-    rules = commands.add_parser("rules", help="list the rules",
-                                description="List every rule: id, severity, needs, summary.")
-    rules.add_argument("--format", type=_choice("format", ("table", "json", "markdown")),
-                       default="table", metavar="{table,json,markdown}")
+    rules = commands.add_parser(
+        "rules", help="list the rules", description="List every rule: id, severity, needs, summary."
+    )
+    rules.add_argument(
+        "--format",
+        type=_choice("format", ("table", "json", "markdown")),
+        default="table",
+        metavar="{table,json,markdown}",
+    )
     rules.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     rules.set_defaults(handler=run_rules)
 
-    explain = commands.add_parser("explain", help="explain one rule",
-                                  description="Print the long explanation of a rule.")
+    explain = commands.add_parser(
+        "explain", help="explain one rule", description="Print the long explanation of a rule."
+    )
     explain.add_argument("rule", metavar="RULE", help="a rule id, e.g. ema-update")
     explain.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     explain.set_defaults(handler=run_explain)
@@ -201,17 +240,27 @@ def run_rules(args: argparse.Namespace) -> int:
     if args.format == "json":
         import json
 
-        doc = [{"id": info.id, "severity": info.severity, "needs": info.needs,
+        doc = [
+            {
+                "id": info.id,
+                "severity": info.severity,
+                "needs": info.needs,
                 "summary": info.summary,
-                "tolerances": {t.name: t.default for t in info.tolerances}}
-               for info in CATALOGUE]
+                "tolerances": {t.name: t.default for t in info.tolerances},
+            }
+            for info in CATALOGUE
+        ]
         _write_stdout(json.dumps(doc, indent=2) + "\n")
         return 0
     from tabulate import tabulate
 
     tablefmt = "github" if args.format == "markdown" else "simple"
-    text = tabulate(rows, headers=["rule", "severity", "needs", "summary"], tablefmt=tablefmt,
-                    maxcolwidths=[None, None, None, 70])
+    text = tabulate(
+        rows,
+        headers=["rule", "severity", "needs", "summary"],
+        tablefmt=tablefmt,
+        maxcolwidths=[None, None, None, 70],
+    )
     _write_stdout(text + "\n\n`bncheck explain RULE` shows the full explanation of a rule.\n")
     return 0
 
@@ -245,8 +294,10 @@ def write_atomically(path: str, text: str) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}; check "
-                         "that the folder exists and is writable") from exc
+        raise UsageError(
+            f"cannot write the report to {path}: {exc.strerror or exc}; check "
+            "that the folder exists and is writable"
+        ) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -272,8 +323,9 @@ def _first_input_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def infer_input_shape(model: nn.Module, arch_shape: tuple[int, ...] | None,
-                      batch: int | None) -> tuple[tuple[int, ...], str]:
+def infer_input_shape(
+    model: nn.Module, arch_shape: tuple[int, ...] | None, batch: int | None
+) -> tuple[tuple[int, ...], str]:
     """The input shape for a synthetic batch, and a sentence saying where it came from.
 
     The channel count comes from the first conv/linear/BN layer in module order; the spatial
@@ -288,8 +340,9 @@ def infer_input_shape(model: nn.Module, arch_shape: tuple[int, ...] | None,
     found = _first_input_layer(model)
     hint = "pass --input-shape N,C,H,W"
     if found is None:
-        raise UsageError(f"cannot infer the input shape (no conv, linear or BN layer found); "
-                         f"{hint}")
+        raise UsageError(
+            f"cannot infer the input shape (no conv, linear or BN layer found); {hint}"
+        )
     name, layer = found
     kind = type(layer).__name__
     spatial: tuple[int, ...]
@@ -305,8 +358,9 @@ def infer_input_shape(model: nn.Module, arch_shape: tuple[int, ...] | None,
         dims = {"BatchNorm1d": 0, "BatchNorm2d": 2, "BatchNorm3d": 3}.get(kind, 0)
         what = f"{name} ({kind}, num_features={channels})"
     if channels <= 0:
-        raise UsageError(f"cannot infer the input shape: {name} ({kind}) is not initialised "
-                         f"yet; {hint}")
+        raise UsageError(
+            f"cannot infer the input shape: {name} ({kind}) is not initialised yet; {hint}"
+        )
     size_note = ""
     if dims == 0:
         spatial = ()
@@ -316,15 +370,18 @@ def infer_input_shape(model: nn.Module, arch_shape: tuple[int, ...] | None,
             size_note = "; spatial size from the architecture"
         else:
             made_for = "x".join(map(str, arch_shape[1:]))
-            size_note = (f"; spatial size {'x'.join(map(str, spatial))}, not the {made_for} "
-                         "the architecture is made for: it accepts any size from 32, and a "
-                         "small input keeps the audit quick")
+            size_note = (
+                f"; spatial size {'x'.join(map(str, spatial))}, not the {made_for} "
+                "the architecture is made for: it accepts any size from 32, and a "
+                "small input keeps the audit quick"
+            )
     else:
         spatial = (DEFAULT_SPATIAL.get(dims, 16),) * dims
         size_note = f"; spatial size {'x'.join(map(str, spatial))} is a default guess"
     if batch is None:
-        batch = SYNTHETIC_BATCH_LARGE if math.prod(spatial or (1,)) >= _LARGE_INPUT \
-            else SYNTHETIC_BATCH
+        batch = (
+            SYNTHETIC_BATCH_LARGE if math.prod(spatial or (1,)) >= _LARGE_INPUT else SYNTHETIC_BATCH
+        )
     return (batch, channels, *spatial), f"channels from {what}{size_note}"
 
 
@@ -369,11 +426,15 @@ def run_audit(args: argparse.Namespace) -> int:
 
     rule_ids = resolve_rule_ids(args.select, args.ignore)  # fail fast on unknown ids
     if args.path is None and args.arch is None:
-        raise UsageError("give a PATH to audit, or --arch NAME to audit a freshly built "
-                         "architecture (e.g. bncheck audit --arch vgg16_bn_small)")
+        raise UsageError(
+            "give a PATH to audit, or --arch NAME to audit a freshly built "
+            "architecture (e.g. bncheck audit --arch vgg16_bn_small)"
+        )
     if args.input_shape is not None and args.batch_size is None and len(args.input_shape) < 2:
-        raise UsageError(f"--input-shape {','.join(map(str, args.input_shape))} has no batch "
-                         "dimension: give N,C,H,W (or C,H,W with --batch-size N)")
+        raise UsageError(
+            f"--input-shape {','.join(map(str, args.input_shape))} has no batch "
+            "dimension: give N,C,H,W (or C,H,W with --batch-size N)"
+        )
     progress = Progress.for_args(args)
     report = audit_command(args, rule_ids, progress)
     text = report.render(args.format)
@@ -429,19 +490,25 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
             shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
         x = random_batch(model, shape)
         synthetic = False
-        notes.append(f"input: random normal batch of shape {_shape_text(shape)} from "
-                     "--input-shape/--batch-size; the batch-size rules judge it as the batch "
-                     "you train with")
+        notes.append(
+            f"input: random normal batch of shape {_shape_text(shape)} from "
+            "--input-shape/--batch-size; the batch-size rules judge it as the batch "
+            "you train with"
+        )
     elif loaded is not None and loaded.example_input is not None:
         x = loaded.example_input
-        notes.append("input: the sample input saved in the exported program (synthetic, "
-                     "not judged by the batch-size rules)")
+        notes.append(
+            "input: the sample input saved in the exported program (synthetic, "
+            "not judged by the batch-size rules)"
+        )
     else:
         shape, where = infer_input_shape(model, arch_shape, None)
         x = random_batch(model, shape)
-        notes.append(f"input: synthetic random normal batch of shape {_shape_text(shape)}, "
-                     "not judged by the batch-size rules (--input-shape sets the shape); "
-                     f"{where}")
+        notes.append(
+            f"input: synthetic random normal batch of shape {_shape_text(shape)}, "
+            "not judged by the batch-size rules (--input-shape sets the shape); "
+            f"{where}"
+        )
 
     run_ids = rule_ids
     unknown_settings: list[str] = []
@@ -449,8 +516,11 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         unknown_settings = [r for r in rule_ids if info_for(r).needs == "model"]
         run_ids = [r for r in rule_ids if r not in unknown_settings]
 
-    progress("running the audit" + (f" (forward passes on {_shape_text(x.shape)})"
-                                     if hasattr(x, "shape") else "") + "...")
+    progress(
+        "running the audit"
+        + (f" (forward passes on {_shape_text(x.shape)})" if hasattr(x, "shape") else "")
+        + "..."
+    )
     report = audit(model, x, select=run_ids, synthetic_input=synthetic, source=source)
 
     skipped = dict(report.skipped)
@@ -471,8 +541,10 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
 
     if report.forward_error is not None and x is not None:
         own = _own_forward_error(model, x)
-        explained = any(f.severity.value == "error" and info_for(f.rule).needs
-                        in ("model", "buffers") for f in findings)
+        explained = any(
+            f.severity.value == "error" and info_for(f.rule).needs in ("model", "buffers")
+            for f in findings
+        )
         if own is not None and not explained:
             shape_text = _shape_text(x.shape) if hasattr(x, "shape") else "the given input"
             raise InputError(
@@ -484,23 +556,30 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
 
     all_notes = (loaded.notes if loaded is not None else []) + notes + report.notes
     progress("done")
-    return Report(findings, source=source, skipped=skipped, notes=all_notes,
-                  settings=report.settings, layers=report.layers,
-                  forward_error=report.forward_error)
+    return Report(
+        findings,
+        source=source,
+        skipped=skipped,
+        notes=all_notes,
+        settings=report.settings,
+        layers=report.layers,
+        forward_error=report.forward_error,
+    )
 
 
 #: Skip reasons worded for the command line, where no optimizer or data loader can be given.
 _CLI_SKIP_REASONS = {
     "optimizer": "needs the optimizer, which a file does not hold: in Python, "
-                 "bncheck.audit(model, x, optimizer=opt)",
+    "bncheck.audit(model, x, optimizer=opt)",
     "data": "needs batches of real data: in Python, bncheck.audit(model, x, data=loader)",
     "user batch": "judges only the batch you train with: give its shape with --input-shape "
-                  "N,C,H,W (or --batch-size N); a synthetic input is not judged",
+    "N,C,H,W (or --batch-size N); a synthetic input is not judged",
 }
 
 
-def _with_missing_stats(findings: list[Any], missing: dict[str, list[str]],
-                        model: nn.Module) -> list[Any]:
+def _with_missing_stats(
+    findings: list[Any], missing: dict[str, list[str]], model: nn.Module
+) -> list[Any]:
     """Replace ``untrained-stats`` findings on layers whose statistics were not saved.
 
     Those layers hold the initial values only because the checkpoint lacks them, which is
@@ -518,26 +597,46 @@ def _with_missing_stats(findings: list[Any], missing: dict[str, list[str]],
                 continue
         kept.append(f)
     modules = dict(model.named_modules())
-    hint = ("save model.state_dict() with its buffers (not only named_parameters()), or "
-            "recompute the statistics with torch.optim.swa_utils.update_bn")
+    hint = (
+        "save model.state_dict() with its buffers (not only named_parameters()), or "
+        "recompute the statistics with torch.optim.swa_utils.update_bn"
+    )
     keys = [f"{name}.{leaf}" for name, leaves in missing.items() for leaf in leaves]
     if len(missing) > 1 and len(missing) == sum(1 for _ in _bn_modules(model)):
-        kept.append(Finding(
-            "untrained-stats", Severity.ERROR, None,
-            format_message(None, f"{len(keys)} BN buffers missing from the checkpoint "
-                           f"({_shown(keys, 3)}): the running statistics of all "
-                           f"{len(missing)} BN layers were not saved, so inference would "
-                           "normalise with the initial values (mean 0, var 1)", hint),
-            {"layers": sorted(layers), "missing": keys}))
+        kept.append(
+            Finding(
+                "untrained-stats",
+                Severity.ERROR,
+                None,
+                format_message(
+                    None,
+                    f"{len(keys)} BN buffers missing from the checkpoint "
+                    f"({_shown(keys, 3)}): the running statistics of all "
+                    f"{len(missing)} BN layers were not saved, so inference would "
+                    "normalise with the initial values (mean 0, var 1)",
+                    hint,
+                ),
+                {"layers": sorted(layers), "missing": keys},
+            )
+        )
         return kept
     for name, leaves in missing.items():
         label = f"{name} ({type(modules[name]).__name__})"
-        kept.append(Finding(
-            "untrained-stats", Severity.ERROR, name,
-            format_message(label, f"{' and '.join(leaves)} missing from the checkpoint: the "
-                           "running statistics were not saved, so inference would normalise "
-                           "with the initial values (mean 0, var 1)", hint),
-            {"missing": [f"{name}.{leaf}" for leaf in leaves]}))
+        kept.append(
+            Finding(
+                "untrained-stats",
+                Severity.ERROR,
+                name,
+                format_message(
+                    label,
+                    f"{' and '.join(leaves)} missing from the checkpoint: the "
+                    "running statistics were not saved, so inference would normalise "
+                    "with the initial values (mean 0, var 1)",
+                    hint,
+                ),
+                {"missing": [f"{name}.{leaf}" for leaf in leaves]},
+            )
+        )
     return kept
 
 
@@ -591,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         lines = str(exc).strip().splitlines()
-        _error(f"unexpected {type(exc).__name__}: {lines[0] if lines else ''} (rerun with "
-               "--debug for the traceback, and please report it)")
+        _error(
+            f"unexpected {type(exc).__name__}: {lines[0] if lines else ''} (rerun with "
+            "--debug for the traceback, and please report it)"
+        )
         return 2

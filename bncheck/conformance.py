@@ -32,8 +32,15 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-__all__ = ["check_conformance", "ConformanceFailure", "ConformanceCase", "Step",
-           "ReferenceBatchNorm", "conformance_cases", "supported_spatial_ranks"]
+__all__ = [
+    "check_conformance",
+    "ConformanceFailure",
+    "ConformanceCase",
+    "Step",
+    "ReferenceBatchNorm",
+    "conformance_cases",
+    "supported_spatial_ranks",
+]
 
 #: ``factory(num_features, *, eps, momentum, affine, track_running_stats) -> nn.Module``
 Factory = Callable[..., "nn.Module"]
@@ -65,8 +72,9 @@ class ReferenceBatchNorm:
     ``affine``, weight is 1 and bias 0.
     """
 
-    def __init__(self, config: BNConfig, weight: np.ndarray | None = None,
-                 bias: np.ndarray | None = None) -> None:
+    def __init__(
+        self, config: BNConfig, weight: np.ndarray | None = None, bias: np.ndarray | None = None
+    ) -> None:
         c = config.num_features
         self.config = config
         self.weight = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64)
@@ -187,19 +195,22 @@ def _mismatch(observed: np.ndarray, expected: np.ndarray, bound: np.ndarray) -> 
     if not bad.any():
         return None
     worst = int(np.argmax(np.where(bad, np.nan_to_num(error, nan=np.inf), -1.0)))
-    per_channel = bad if bad.ndim == 1 else np.moveaxis(bad, 1, 0).reshape(bad.shape[1], -1).any(
-        axis=1)
+    per_channel = (
+        bad if bad.ndim == 1 else np.moveaxis(bad, 1, 0).reshape(bad.shape[1], -1).any(axis=1)
+    )
     channels = np.nonzero(per_channel)[0].tolist()
-    shown = ", ".join(map(str, channels[:3])) + (f", +{len(channels) - 3}"
-                                                  if len(channels) > 3 else "")
-    return (f"max |obs-exp| = {error.flat[worst]:.3g} > tol {bound.flat[worst]:.3g} "
-            f"(obs {observed.flat[worst]:.6g}, exp {expected.flat[worst]:.6g}; "
-            f"channel{'s' if len(channels) != 1 else ''} {shown})")
+    shown = ", ".join(map(str, channels[:3])) + (
+        f", +{len(channels) - 3}" if len(channels) > 3 else ""
+    )
+    return (
+        f"max |obs-exp| = {error.flat[worst]:.3g} > tol {bound.flat[worst]:.3g} "
+        f"(obs {observed.flat[worst]:.6g}, exp {expected.flat[worst]:.6g}; "
+        f"channel{'s' if len(channels) != 1 else ''} {shown})"
+    )
 
 
 def _close(observed: np.ndarray, candidate: np.ndarray, bound: np.ndarray) -> bool:
-    return observed.shape == candidate.shape and bool(
-        (np.abs(observed - candidate) <= bound).all())
+    return observed.shape == candidate.shape and bool((np.abs(observed - candidate) <= bound).all())
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -232,8 +243,9 @@ class _Update:
 class _Run:
     """Runs one case against one layer; raises ConformanceFailure at the first difference."""
 
-    def __init__(self, factory: Factory, case: ConformanceCase, tol: _Tolerance,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, factory: Factory, case: ConformanceCase, tol: _Tolerance, dtype: torch.dtype
+    ) -> None:
         import torch
 
         self.case = case
@@ -248,8 +260,7 @@ class _Run:
                 for name, center in (("weight", 1.0), ("bias", 0.0)):
                     param = getattr(self.layer, name, None)
                     if isinstance(param, torch.Tensor) and param.shape == (cfg.num_features,):
-                        values = center + 0.5 * torch.randn(cfg.num_features,
-                                                            generator=generator)
+                        values = center + 0.5 * torch.randn(cfg.num_features, generator=generator)
                         param.copy_(values.to(param.dtype))
             w, b = getattr(self.layer, "weight", None), getattr(self.layer, "bias", None)
             weight = _to_numpy(w) if isinstance(w, torch.Tensor) else None
@@ -277,10 +288,15 @@ class _Run:
         rm = getattr(self.layer, "running_mean", None)
         rv = getattr(self.layer, "running_var", None)
         if rm is None or rv is None:
-            self.fail(where, "the layer has no running_mean/running_var buffers with "
-                      "track_running_stats=True", "register them as buffers")
-        for name, obs_t, exp in (("running_mean", rm, ref.running_mean),
-                                 ("running_var", rv, ref.running_var)):
+            self.fail(
+                where,
+                "the layer has no running_mean/running_var buffers with track_running_stats=True",
+                "register them as buffers",
+            )
+        for name, obs_t, exp in (
+            ("running_mean", rm, ref.running_mean),
+            ("running_var", rv, ref.running_var),
+        ):
             observed = _to_numpy(obs_t)
             size = np.abs(exp)
             if update is not None and update.training:
@@ -288,19 +304,22 @@ class _Run:
             bound = self.tol.atol + self.tol.rtol * size
             problem = _mismatch(observed, exp, bound)
             if problem is not None:
-                self.fail(where, f"{name}: {problem}",
-                          self.diagnose_buffer(name, observed, bound, update))
+                self.fail(
+                    where, f"{name}: {problem}", self.diagnose_buffer(name, observed, bound, update)
+                )
         nbt = getattr(self.layer, "num_batches_tracked", None)
         if nbt is not None and ref.num_batches_tracked is not None:
             observed_count = int(nbt.reshape(-1)[0])
             if observed_count != ref.num_batches_tracked:
-                self.fail(where, f"num_batches_tracked = {observed_count}, expected "
-                          f"{ref.num_batches_tracked}",
-                          "it counts train-mode forwards with track_running_stats, whatever "
-                          "the momentum")
+                self.fail(
+                    where,
+                    f"num_batches_tracked = {observed_count}, expected {ref.num_batches_tracked}",
+                    "it counts train-mode forwards with track_running_stats, whatever the momentum",
+                )
 
-    def diagnose_buffer(self, name: str, observed: np.ndarray, bound: np.ndarray,
-                        update: _Update | None) -> str | None:
+    def diagnose_buffer(
+        self, name: str, observed: np.ndarray, bound: np.ndarray, update: _Update | None
+    ) -> str | None:
         """A known mistake the observed value matches, if any."""
         if update is None:
             return "PyTorch starts running statistics at mean 0, variance 1"
@@ -313,16 +332,28 @@ class _Run:
         batch = update.batch(name)
         candidates: list[tuple[np.ndarray, str]] = []
         if name == "running_var":
-            candidates.append(((1 - f) * prev + f * update.var_biased,
-                               f"it matches storing the biased batch variance; PyTorch stores "
-                               f"the unbiased one (times n/(n-1), n = {n})"))
-        candidates.append((f * prev + (1 - f) * batch,
-                           "it matches the Keras convention (momentum weights the old value); "
-                           "PyTorch's momentum weights the new batch"))
+            candidates.append(
+                (
+                    (1 - f) * prev + f * update.var_biased,
+                    f"it matches storing the biased batch variance; PyTorch stores "
+                    f"the unbiased one (times n/(n-1), n = {n})",
+                )
+            )
+        candidates.append(
+            (
+                f * prev + (1 - f) * batch,
+                "it matches the Keras convention (momentum weights the old value); "
+                "PyTorch's momentum weights the new batch",
+            )
+        )
         if self.case.config.momentum is None:
-            candidates.append((0.9 * prev + 0.1 * batch,
-                               "it matches momentum=0.1; with momentum=None PyTorch takes the "
-                               "cumulative average (factor 1/num_batches_tracked)"))
+            candidates.append(
+                (
+                    0.9 * prev + 0.1 * batch,
+                    "it matches momentum=0.1; with momentum=None PyTorch takes the "
+                    "cumulative average (factor 1/num_batches_tracked)",
+                )
+            )
         candidates.append((prev, "it did not change; a train-mode forward must update it"))
         for value, hint in candidates:
             if _close(observed, value, bound):
@@ -338,18 +369,26 @@ class _Run:
         total = len(self.case.steps)
         for index, step in enumerate(self.case.steps, start=1):
             shape = self.case.input_shape(step)
-            x = make_input(shape, step.seed, scale=step.scale, shift=step.shift,
-                           dtype=self.dtype)
+            x = make_input(shape, step.seed, scale=step.scale, shift=step.shift, dtype=self.dtype)
             x64 = _to_numpy(x)
-            where = (f"at step {index} of {total} ({'train' if step.training else 'eval'}, "
-                     f"input {tuple(shape)})")
+            where = (
+                f"at step {index} of {total} ({'train' if step.training else 'eval'}, "
+                f"input {tuple(shape)})"
+            )
             mean, var_b, n = ReferenceBatchNorm.batch_stats(x64)
             update = None
             if ref.running_mean is not None and ref.running_var is not None:
                 count = (ref.num_batches_tracked or 0) + 1
                 m = self.case.config.momentum
-                update = _Update(step.training, 1.0 / count if m is None else m,
-                                 ref.running_mean.copy(), ref.running_var.copy(), mean, var_b, n)
+                update = _Update(
+                    step.training,
+                    1.0 / count if m is None else m,
+                    ref.running_mean.copy(),
+                    ref.running_var.copy(),
+                    mean,
+                    var_b,
+                    n,
+                )
             self.layer.train(step.training)
             with torch.no_grad():
                 out = self.layer(x)
@@ -357,18 +396,25 @@ class _Run:
             observed = _to_numpy(out)
             run_mean = update.prev_mean if update is not None else None
             run_var = update.prev_var if update is not None else None
-            bound = self.output_bound(x64, expected, step.training, mean, var_b, run_mean,
-                                      run_var)
+            bound = self.output_bound(x64, expected, step.training, mean, var_b, run_mean, run_var)
             problem = _mismatch(observed, expected, bound)
             if problem is not None:
-                hint = self.diagnose_output(observed, x64, bound, step.training, mean, var_b, n,
-                                            run_mean, run_var)
+                hint = self.diagnose_output(
+                    observed, x64, bound, step.training, mean, var_b, n, run_mean, run_var
+                )
                 self.fail(where, f"output: {problem}", hint)
             self.check_buffers(where, update)
 
-    def output_bound(self, x: np.ndarray, expected: np.ndarray, training: bool,
-                     mean: np.ndarray, var_b: np.ndarray, run_mean: np.ndarray | None,
-                     run_var: np.ndarray | None) -> np.ndarray:
+    def output_bound(
+        self,
+        x: np.ndarray,
+        expected: np.ndarray,
+        training: bool,
+        mean: np.ndarray,
+        var_b: np.ndarray,
+        run_mean: np.ndarray | None,
+        run_var: np.ndarray | None,
+    ) -> np.ndarray:
         """Round-off bound of a float32 BN output: ``rtol`` times the size of the terms
         (``|x| + |mean|`` scaled by ``|weight| / sqrt(var + eps)``, plus ``|y|``)."""
         use_batch = training or run_mean is None or run_var is None
@@ -381,23 +427,44 @@ class _Run:
         bound: np.ndarray = self.tol.atol + self.tol.rtol * (np.abs(expected) + terms)
         return bound
 
-    def diagnose_output(self, observed: np.ndarray, x: np.ndarray, bound: np.ndarray,
-                        training: bool, mean: np.ndarray, var_b: np.ndarray, n: int,
-                        run_mean: np.ndarray | None, run_var: np.ndarray | None) -> str | None:
+    def diagnose_output(
+        self,
+        observed: np.ndarray,
+        x: np.ndarray,
+        bound: np.ndarray,
+        training: bool,
+        mean: np.ndarray,
+        var_b: np.ndarray,
+        n: int,
+        run_mean: np.ndarray | None,
+        run_var: np.ndarray | None,
+    ) -> str | None:
         ref = self.reference
         candidates: list[tuple[np.ndarray, str]] = []
         if not training and run_mean is not None and run_var is not None:
-            candidates.append((ref.normalize(x, mean, var_b),
-                               "it matches normalising with the batch statistics; in eval mode "
-                               "PyTorch uses running_mean/running_var"))
+            candidates.append(
+                (
+                    ref.normalize(x, mean, var_b),
+                    "it matches normalising with the batch statistics; in eval mode "
+                    "PyTorch uses running_mean/running_var",
+                )
+            )
         if training or run_mean is None:
-            candidates.append((ref.normalize(x, mean, var_b * n / (n - 1)),
-                               f"it matches normalising with the unbiased variance; PyTorch "
-                               f"normalises with the biased one (divide by n = {n})"))
+            candidates.append(
+                (
+                    ref.normalize(x, mean, var_b * n / (n - 1)),
+                    f"it matches normalising with the unbiased variance; PyTorch "
+                    f"normalises with the biased one (divide by n = {n})",
+                )
+            )
         if training and run_mean is not None and run_var is not None:
-            candidates.append((ref.normalize(x, run_mean, run_var),
-                               "it matches normalising with the running statistics; in train "
-                               "mode PyTorch uses the batch statistics"))
+            candidates.append(
+                (
+                    ref.normalize(x, run_mean, run_var),
+                    "it matches normalising with the running statistics; in train "
+                    "mode PyTorch uses the batch statistics",
+                )
+            )
         for value, hint in candidates:
             if _close(observed, value, bound):
                 return hint
@@ -479,12 +546,17 @@ def check_conformance(
         tol = _Tolerance(rtol, atol)
         layer_dtype = dtype or torch.float32
 
-        @settings(max_examples=max_examples, deadline=None, database=None,
-                  derandomize=derandomize, suppress_health_check=list(HealthCheck),
-                  print_blob=False, report_multiple_bugs=False,
-                  phases=(Phase.explicit, Phase.generate, Phase.shrink))
-        @given(case=conformance_cases(spatial_ranks=ranks, configs=configs,
-                                      max_steps=max_steps))
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            derandomize=derandomize,
+            suppress_health_check=list(HealthCheck),
+            print_blob=False,
+            report_multiple_bugs=False,
+            phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        )
+        @given(case=conformance_cases(spatial_ranks=ranks, configs=configs, max_steps=max_steps))
         def conforms(case: ConformanceCase) -> None:
             __tracebackhide__ = True
             _Run(factory, case, tol, layer_dtype).run()

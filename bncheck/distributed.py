@@ -16,8 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DistInfo", "dist_info", "layer_checksums", "gather_checksums", "rank_divergence",
-           "gather_reports", "is_ddp"]
+__all__ = [
+    "DistInfo",
+    "dist_info",
+    "layer_checksums",
+    "gather_checksums",
+    "rank_divergence",
+    "gather_reports",
+    "is_ddp",
+]
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ def layer_checksums(modules: Sequence[nn.Module], device: torch.device) -> torch
             rows.append(torch.zeros(4, dtype=torch.float64, device=device))
             continue
         rm64, rv64 = rm.detach().to(device, torch.float64), rv.detach().to(device, torch.float64)
-        rows.append(torch.stack([rm64.mean(), (rm64 * rm64).mean(), rv64.mean(),
-                                 (rv64 * rv64).mean()]))
+        rows.append(
+            torch.stack([rm64.mean(), (rm64 * rm64).mean(), rv64.mean(), (rv64 * rv64).mean()])
+        )
     return torch.stack(rows)
 
 

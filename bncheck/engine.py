@@ -60,8 +60,9 @@ def prepare(
             "(bncheck looks for nn.BatchNorm1d/2d/3d, SyncBatchNorm, lazy BN and modules with "
             "running_mean/running_var buffers)"
         )
-    return AuditContext(model=inner, layers=layers, tolerances=tols, rule_ids=rule_ids,
-                        source=source)
+    return AuditContext(
+        model=inner, layers=layers, tolerances=tols, rule_ids=rule_ids, source=source
+    )
 
 
 def run_rules(ctx: AuditContext, available: set[str]) -> list[Finding]:
@@ -115,8 +116,12 @@ def audit(
     ctx.optimizer = optimizer
     ctx.data = data
     available = {"model", "buffers"}
-    if any(t.is_meta for layer in ctx.layers for t in (layer.running_mean, layer.weight)
-           if isinstance(t, torch.Tensor)):
+    if any(
+        t.is_meta
+        for layer in ctx.layers
+        for t in (layer.running_mean, layer.weight)
+        if isinstance(t, torch.Tensor)
+    ):
         available.discard("buffers")
         ctx.notes.append("the model is on the meta device (structure only): no values to check")
         example_input = None
@@ -130,11 +135,15 @@ def audit(
         lazy = [layer.name for layer in ctx.layers if layer.lazy_uninitialized]
         reason = None
         if isinstance(ctx.model, torch.jit.ScriptModule):
-            reason = ("TorchScript modules take no forward hooks; audit the eager model "
-                      "(or pass --arch with the state dict) to run the forward checks")
+            reason = (
+                "TorchScript modules take no forward hooks; audit the eager model "
+                "(or pass --arch with the state dict) to run the forward checks"
+            )
         elif lazy:
-            reason = (f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
-                      "run one forward pass before auditing")
+            reason = (
+                f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
+                "run one forward pass before auditing"
+            )
         if reason is not None:
             ctx.notes.append(reason)
             for rid in ctx.rule_ids:

@@ -172,12 +172,18 @@ def resolve_arch(spec: str) -> ArchSpec:
     spec = spec.strip()
     if ":" not in spec:
         factory = get_arch(spec)
-        return ArchSpec(spec, factory, True, INPUT_SHAPES.get(spec),
-                        meta_factory=functools.partial(factory, init_weights=False))
+        return ArchSpec(
+            spec,
+            factory,
+            True,
+            INPUT_SHAPES.get(spec),
+            meta_factory=functools.partial(factory, init_weights=False),
+        )
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise UsageError(f"--arch {spec!r}: expected pkg.module:callable or one of "
-                         f"{', '.join(ARCHS)}")
+        raise UsageError(
+            f"--arch {spec!r}: expected pkg.module:callable or one of {', '.join(ARCHS)}"
+        )
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
@@ -200,8 +206,10 @@ def resolve_arch(spec: str) -> ArchSpec:
             raise UsageError(f"--arch {spec}: {module_name} has no attribute {attr_path!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise UsageError(f"--arch {spec}: {attr_path} is a {type(target).__name__}, not a "
-                         "callable that returns an nn.Module")
+        raise UsageError(
+            f"--arch {spec}: {attr_path} is a {type(target).__name__}, not a "
+            "callable that returns an nn.Module"
+        )
     return ArchSpec(spec, target, False, None)
 
 
@@ -224,11 +232,14 @@ def build_arch(arch: ArchSpec, *, meta: bool = False) -> nn.Module:
     except Exception as exc:
         if meta:
             raise _MetaBuildFailed(exc) from exc
-        raise UsageError(f"--arch {arch.label} raised {type(exc).__name__}: {_first_line(exc)} "
-                         "(run it in Python, or pass --debug, for the traceback)") from exc
+        raise UsageError(
+            f"--arch {arch.label} raised {type(exc).__name__}: {_first_line(exc)} "
+            "(run it in Python, or pass --debug, for the traceback)"
+        ) from exc
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch {arch.label} returned a {type(model).__name__}, not a "
-                         "torch.nn.Module")
+        raise UsageError(
+            f"--arch {arch.label} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -247,8 +258,9 @@ def _check_file(path: Path) -> int:
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise LoadError(f"{path}: cannot be read ({exc.strerror or exc}); check its "
-                        "permissions") from exc
+        raise LoadError(
+            f"{path}: cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from exc
     if size == 0:
         raise LoadError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
     return size
@@ -273,14 +285,20 @@ def _zip_kind(path: Path) -> str:
     inner = [name.split("/", 1)[1] if "/" in name else name for name in names]
     if any(name.startswith("code/") for name in inner):
         return "torchscript"
-    if any(name == "archive_format" or name.endswith("serialized_exported_program.json")
-           or (name.startswith("models/") and name.endswith(".json")) for name in inner):
+    if any(
+        name == "archive_format"
+        or name.endswith("serialized_exported_program.json")
+        or (name.startswith("models/") and name.endswith(".json"))
+        for name in inner
+    ):
         return "exported_program"
     if "data.pkl" in inner:
         return "torch_zip"
-    raise LoadError(f"{path}: a zip archive but not a PyTorch file (no data.pkl, code/ or "
-                    "exported program inside); give a checkpoint saved with torch.save, "
-                    "torch.jit.save, torch.export.save or safetensors")
+    raise LoadError(
+        f"{path}: a zip archive but not a PyTorch file (no data.pkl, code/ or "
+        "exported program inside); give a checkpoint saved with torch.save, "
+        "torch.jit.save, torch.export.save or safetensors"
+    )
 
 
 def sniff_format(path: str | os.PathLike[str]) -> str:
@@ -311,8 +329,15 @@ def pickle_globals(data: bytes, limit: int = 8) -> list[str]:
     strings: list[str] = []
     try:
         for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8",
-                               "SHORT_BINSTRING", "BINSTRING", "STRING"):
+            if opcode.name in (
+                "SHORT_BINUNICODE",
+                "BINUNICODE",
+                "UNICODE",
+                "BINUNICODE8",
+                "SHORT_BINSTRING",
+                "BINSTRING",
+                "STRING",
+            ):
                 strings.append(str(arg))
             elif opcode.name in ("GLOBAL", "INST"):
                 found.append(str(arg).replace(" ", "."))
@@ -322,10 +347,19 @@ def pickle_globals(data: bytes, limit: int = 8) -> list[str]:
                 break
     except Exception:  # a truncated or odd pickle: report what was seen so far
         pass
-    safe_prefixes = ("torch._utils.", "torch.", "collections.OrderedDict", "builtins.",
-                     "__builtin__.", "_codecs.encode")
-    odd = [g for g in dict.fromkeys(found)
-           if not g.startswith(safe_prefixes) or g.startswith("torch.nn.")]
+    safe_prefixes = (
+        "torch._utils.",
+        "torch.",
+        "collections.OrderedDict",
+        "builtins.",
+        "__builtin__.",
+        "_codecs.encode",
+    )
+    odd = [
+        g
+        for g in dict.fromkeys(found)
+        if not g.startswith(safe_prefixes) or g.startswith("torch.nn.")
+    ]
     return odd[:limit]
 
 
@@ -369,8 +403,19 @@ def data_globals() -> list[Any]:
             allowed.append(func)
             allowed.append((func, f"numpy.core.multiarray.{name}"))  # saved by numpy 1.x
     allowed += [np.ndarray, np.dtype]
-    for kind in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16,
-                 np.float32, np.float64, np.complex64, np.complex128):
+    for kind in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.complex64,
+        np.complex128,
+    ):
         allowed.append(type(np.dtype(kind)))
     return allowed
 
@@ -380,7 +425,8 @@ def _safe_globals() -> contextlib.AbstractContextManager[Any]:
         return torch.serialization.safe_globals(data_globals())
     except Exception:  # an older torch without tuple aliases: allow the classes only
         return torch.serialization.safe_globals(
-            [g for g in data_globals() if not isinstance(g, tuple)])
+            [g for g in data_globals() if not isinstance(g, tuple)]
+        )
 
 
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
@@ -397,9 +443,11 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap), mmap
     except Exception as exc:
-        raise LoadError(f"{path}: unpickling with --trust-pickle failed "
-                        f"({type(exc).__name__}: {_first_line(exc)}); the classes it needs "
-                        "must be importable (run from the project directory)") from exc
+        raise LoadError(
+            f"{path}: unpickling with --trust-pickle failed "
+            f"({type(exc).__name__}: {_first_line(exc)}); the classes it needs "
+            "must be importable (run from the project directory)"
+        ) from exc
 
 
 def _is_unpickling_refusal(exc: Exception) -> bool:
@@ -414,23 +462,44 @@ def _is_unpickling_refusal(exc: Exception) -> bool:
 def _load_failure(path: Path, fmt: str, exc: Exception) -> LoadError:
     text = _first_line(exc)
     lowered = text.lower()
-    if fmt == "torch_legacy" and ("magic number" in lowered or "invalid load key" in lowered
-                                  or "unpickling" in lowered or "pickle" in lowered):
-        return LoadError(f"{path}: a pickle but not a PyTorch checkpoint ({text}); give a file "
-                         "saved with torch.save(model.state_dict(), path)")
-    if any(word in lowered for word in ("central directory", "zip", "truncated", "eof",
-                                        "unexpected end", "out of range", "failed reading")):
-        return LoadError(f"{path}: the archive is truncated or corrupt ({text}); save or "
-                         "download it again")
-    return LoadError(f"{path}: cannot load the {FORMATS.get(fmt, fmt)} "
-                     f"({type(exc).__name__}: {text})")
+    if fmt == "torch_legacy" and (
+        "magic number" in lowered
+        or "invalid load key" in lowered
+        or "unpickling" in lowered
+        or "pickle" in lowered
+    ):
+        return LoadError(
+            f"{path}: a pickle but not a PyTorch checkpoint ({text}); give a file "
+            "saved with torch.save(model.state_dict(), path)"
+        )
+    if any(
+        word in lowered
+        for word in (
+            "central directory",
+            "zip",
+            "truncated",
+            "eof",
+            "unexpected end",
+            "out of range",
+            "failed reading",
+        )
+    ):
+        return LoadError(
+            f"{path}: the archive is truncated or corrupt ({text}); save or download it again"
+        )
+    return LoadError(
+        f"{path}: cannot load the {FORMATS.get(fmt, fmt)} ({type(exc).__name__}: {text})"
+    )
 
 
 # ---- state dicts -----------------------------------------------------------------------------
 def _is_tensor_dict(obj: Any) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) for k in obj)
-            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def _describe_obj(obj: Any) -> str:
@@ -451,15 +520,23 @@ def extract_state_dict(
             break
         if not isinstance(current, Mapping):
             break
-        key = next((k for k in _WRAPPER_KEYS if k in current
-                    and (isinstance(current[k], (Mapping, nn.Module)))), None)
+        key = next(
+            (
+                k
+                for k in _WRAPPER_KEYS
+                if k in current and (isinstance(current[k], (Mapping, nn.Module)))
+            ),
+            None,
+        )
         if key is None:
             break
         others = [str(k) for k in current if k != key]
         trail.append(key)
         if others:
-            notes.append(f"checkpoint: used [{key!r}] (the file also holds "
-                         f"{_shown(others, 5)}; those were not audited)")
+            notes.append(
+                f"checkpoint: used [{key!r}] (the file also holds "
+                f"{_shown(others, 5)}; those were not audited)"
+            )
         current = current[key]
     if isinstance(current, nn.Module):
         return current
@@ -468,8 +545,9 @@ def extract_state_dict(
         if tensors and len(tensors) >= len(current) / 2:
             dropped = [k for k in current if k not in tensors]
             if dropped:
-                notes.append(f"checkpoint: ignored {len(dropped)} non-tensor entries "
-                             f"({_shown(dropped)})")
+                notes.append(
+                    f"checkpoint: ignored {len(dropped)} non-tensor entries ({_shown(dropped)})"
+                )
             return tensors
     where = "".join(f"[{k!r}]" for k in trail)
     raise LoadError(
@@ -490,8 +568,9 @@ def _common_prefixes(keys: list[str]) -> list[str]:
     return list(seen)
 
 
-def strip_prefix(sd: dict[str, torch.Tensor], expected: set[str] | None,
-                 notes: list[str]) -> dict[str, torch.Tensor]:
+def strip_prefix(
+    sd: dict[str, torch.Tensor], expected: set[str] | None, notes: list[str]
+) -> dict[str, torch.Tensor]:
     """Remove a wrapper prefix (``module.``, ``model.``...) from the keys, and say so.
 
     With the architecture's keys (``expected``), the prefix whose stripped keys match the most
@@ -502,7 +581,7 @@ def strip_prefix(sd: dict[str, torch.Tensor], expected: set[str] | None,
     if expected is not None:
         best, best_score = "", len(set(keys) & expected)
         for prefix in _common_prefixes(keys):
-            score = len({k[len(prefix):] for k in keys if k.startswith(prefix)} & expected)
+            score = len({k[len(prefix) :] for k in keys if k.startswith(prefix)} & expected)
             if score > best_score:
                 best, best_score = prefix, score
         prefix = best
@@ -517,15 +596,19 @@ def strip_prefix(sd: dict[str, torch.Tensor], expected: set[str] | None,
                     changed = True
     if not prefix:
         return sd
-    inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    inside = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     outside = [k for k in keys if not k.startswith(prefix)]
-    origin = {"module.": " (a DataParallel/DDP checkpoint)",
-              "_orig_mod.": " (a torch.compile checkpoint)"}.get(prefix, "")
-    notes.append(f"checkpoint: keys carry the prefix {prefix!r}{origin}; stripped it from "
-                 f"{len(inside)} keys")
+    origin = {
+        "module.": " (a DataParallel/DDP checkpoint)",
+        "_orig_mod.": " (a torch.compile checkpoint)",
+    }.get(prefix, "")
+    notes.append(
+        f"checkpoint: keys carry the prefix {prefix!r}{origin}; stripped it from {len(inside)} keys"
+    )
     if outside:
-        notes.append(f"checkpoint: left out {len(outside)} keys outside {prefix!r} "
-                     f"({_shown(outside)})")
+        notes.append(
+            f"checkpoint: left out {len(outside)} keys outside {prefix!r} ({_shown(outside)})"
+        )
     return inside
 
 
@@ -537,8 +620,12 @@ def _bn_key_groups(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.
     found = {}
     for prefix, group in groups.items():
         rm, rv = group.get("running_mean"), group.get("running_var")
-        if (isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and rm.dim() == 1
-                and rm.shape == rv.shape):
+        if (
+            isinstance(rm, torch.Tensor)
+            and isinstance(rv, torch.Tensor)
+            and rm.dim() == 1
+            and rm.shape == rv.shape
+        ):
             found[prefix] = group
     return found
 
@@ -553,8 +640,9 @@ class StateDictBatchNorm(nn.Module):
 
     eps: float = 1e-5
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], eps: float = 1e-5,
-                 momentum: float | None = None) -> None:
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], eps: float = 1e-5, momentum: float | None = None
+    ) -> None:
         super().__init__()
         self.eps = eps
         if momentum is not None:
@@ -565,8 +653,11 @@ class StateDictBatchNorm(nn.Module):
         for name in ("weight", "bias"):
             value = tensors.get(name)
             if isinstance(value, torch.Tensor) and value.shape == tensors["running_mean"].shape:
-                param = value if isinstance(value, nn.Parameter) else nn.Parameter(
-                    value, requires_grad=value.is_floating_point())
+                param = (
+                    value
+                    if isinstance(value, nn.Parameter)
+                    else nn.Parameter(value, requires_grad=value.is_floating_point())
+                )
                 self.register_parameter(name, param)
         self.num_features = int(tensors["running_mean"].numel())
 
@@ -610,12 +701,12 @@ def model_from_state_dict(
     settings = settings or {}
     order = {key: i for i, key in enumerate(sd)}
     root = nn.Module()
-    for prefix in sorted(groups, key=lambda p: order[f"{p}.running_mean" if p else
-                                                     "running_mean"]):
+    for prefix in sorted(groups, key=lambda p: order[f"{p}.running_mean" if p else "running_mean"]):
         known = settings.get(prefix, {})
         kind = ExportedBatchNorm if prefix in settings else StateDictBatchNorm
-        layer = kind(groups[prefix], eps=float(known.get("eps", 1e-5)),
-                     momentum=known.get("momentum"))
+        layer = kind(
+            groups[prefix], eps=float(known.get("eps", 1e-5)), momentum=known.get("momentum")
+        )
         root = _place(root, prefix, layer)
     return root.eval()
 
@@ -659,14 +750,18 @@ def _mirror_module(source: nn.Module) -> nn.Module:
         kind = getattr(sub, "original_name", type(sub).__name__)
         standard = _STANDARD_BN.get(kind)
         if standard is not None:
-            num_features = int(getattr(sub, "num_features", 0) or
-                               (rm.numel() if rm is not None else params["weight"].numel()))
+            num_features = int(
+                getattr(sub, "num_features", 0)
+                or (rm.numel() if rm is not None else params["weight"].numel())
+            )
             with torch.device("meta"):
-                bn = standard(num_features, eps=float(sub.eps),
-                              momentum=getattr(sub, "momentum", 0.1),
-                              affine=bool(getattr(sub, "affine", "weight" in params)),
-                              track_running_stats=bool(getattr(sub, "track_running_stats",
-                                                               rm is not None)))
+                bn = standard(
+                    num_features,
+                    eps=float(sub.eps),
+                    momentum=getattr(sub, "momentum", 0.1),
+                    affine=bool(getattr(sub, "affine", "weight" in params)),
+                    track_running_stats=bool(getattr(sub, "track_running_stats", rm is not None)),
+                )
             for key in list(bn._buffers):
                 bn._buffers[key] = buffers.get(key)
             for key in list(bn._parameters):
@@ -675,7 +770,8 @@ def _mirror_module(source: nn.Module) -> nn.Module:
             tensors = {**params, **buffers}
             eps = getattr(sub, "eps", None)
             bn = type(kind, (StateDictBatchNorm,), {})(
-                tensors, eps=float(eps) if isinstance(eps, (int, float)) else 1e-5)
+                tensors, eps=float(eps) if isinstance(eps, (int, float)) else 1e-5
+            )
         else:
             continue
         if name == "":
@@ -691,8 +787,9 @@ def _bn_names(model: nn.Module) -> set[str]:
     return {name for name, _ in iter_bn_modules(model)}
 
 
-def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str, path: Path,
-                   notes: list[str]) -> dict[str, list[str]]:
+def fit_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], arch: str, path: Path, notes: list[str]
+) -> dict[str, list[str]]:
     """Assign ``sd`` to ``model`` (built on meta or CPU) after checking every key and shape.
 
     Raises :class:`LoadError` for keys the architecture lacks, missing parameters or other
@@ -707,8 +804,11 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str, pat
     mismatched = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if mismatched:
         key = mismatched[0]
-        more = f" (and {len(mismatched) - 1} more: {_shown(mismatched[1:], 3)})" \
-            if len(mismatched) > 1 else ""
+        more = (
+            f" (and {len(mismatched) - 1} more: {_shown(mismatched[1:], 3)})"
+            if len(mismatched) > 1
+            else ""
+        )
         raise LoadError(
             f"{path}: does not fit --arch {arch}: {key} has shape "
             f"{tuple(sd[key].shape)} in the checkpoint but {tuple(expected[key].shape)} in the "
@@ -733,8 +833,10 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str, pat
             parts.append(f"{len(fatal)} keys missing from the checkpoint ({_shown(fatal)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({_shown(unexpected)})")
-        raise LoadError(f"{path}: does not fit --arch {arch}: {'; '.join(parts)}; build the "
-                        "architecture the checkpoint was saved from (--arch pkg.module:factory)")
+        raise LoadError(
+            f"{path}: does not fit --arch {arch}: {'; '.join(parts)}; build the "
+            "architecture the checkpoint was saved from (--arch pkg.module:factory)"
+        )
     model.load_state_dict(sd, strict=False, assign=True)
     modules = dict(model.named_modules())
     for prefix, leaves in stats_missing.items():
@@ -748,15 +850,19 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str, pat
         modules[prefix]._buffers[leaf] = torch.zeros((), dtype=torch.long)
     if stats_missing:
         keys = [f"{p}.{leaf}" for p, leaves in stats_missing.items() for leaf in leaves]
-        notes.append(f"checkpoint: {len(keys)} BN buffers missing: {_shown(keys)} - the running "
-                     "statistics were not saved; the audited model has the initial values "
-                     "(mean 0, var 1)")
+        notes.append(
+            f"checkpoint: {len(keys)} BN buffers missing: {_shown(keys)} - the running "
+            "statistics were not saved; the audited model has the initial values "
+            "(mean 0, var 1)"
+        )
     # a counter missing beside missing statistics is part of "not saved"; alone, it usually
     # means a checkpoint from PyTorch < 0.4, which had no counter
     counters_only = [k for k in counters_missing if k.rpartition(".")[0] not in stats_missing]
     if counters_only:
-        notes.append(f"checkpoint: num_batches_tracked missing in {len(counters_only)} BN "
-                     "layers (saved by PyTorch < 0.4?); set to 0")
+        notes.append(
+            f"checkpoint: num_batches_tracked missing in {len(counters_only)} BN "
+            "layers (saved by PyTorch < 0.4?); set to 0"
+        )
     return stats_missing
 
 
@@ -766,8 +872,9 @@ def _leftover_meta(model: nn.Module) -> list[str]:
     return names
 
 
-def _fit_to_arch(arch: ArchSpec, sd: dict[str, torch.Tensor], path: Path,
-                 notes: list[str]) -> tuple[nn.Module, dict[str, list[str]]]:
+def _fit_to_arch(
+    arch: ArchSpec, sd: dict[str, torch.Tensor], path: Path, notes: list[str]
+) -> tuple[nn.Module, dict[str, list[str]]]:
     """Build ``arch`` on meta (CPU if the factory needs real tensors) and assign ``sd``."""
     try:
         model = build_arch(arch, meta=True)
@@ -775,8 +882,10 @@ def _fit_to_arch(arch: ArchSpec, sd: dict[str, torch.Tensor], path: Path,
     except _MetaBuildFailed:
         model = build_arch(arch, meta=False)
         on_meta = False
-        notes.append(f"--arch {arch.label} cannot be built on the meta device; built it on the "
-                     "CPU (the checkpoint's tensors replace its initial ones)")
+        notes.append(
+            f"--arch {arch.label} cannot be built on the meta device; built it on the "
+            "CPU (the checkpoint's tensors replace its initial ones)"
+        )
     expected = set(model.state_dict())
     sd = strip_prefix(sd, expected, notes)
     missing_stats = fit_state_dict(model, sd, arch.label, path, notes)
@@ -807,17 +916,26 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise LoadError(f"{path}: a safetensors file, and reading it needs the safetensors "
-                        "package: pip install safetensors") from None
+        raise LoadError(
+            f"{path}: a safetensors file, and reading it needs the safetensors "
+            "package: pip install safetensors"
+        ) from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise LoadError(f"{path}: the safetensors file is truncated or corrupt "
-                        f"({_first_line(exc)}); save or download it again") from exc
+        raise LoadError(
+            f"{path}: the safetensors file is truncated or corrupt "
+            f"({_first_line(exc)}); save or download it again"
+        ) from exc
 
 
-def _stand_in(sd: dict[str, torch.Tensor], path: Path, fmt: str, notes: list[str],
-              settings: Mapping[str, Mapping[str, float]] | None = None) -> LoadedModel:
+def _stand_in(
+    sd: dict[str, torch.Tensor],
+    path: Path,
+    fmt: str,
+    notes: list[str],
+    settings: Mapping[str, Mapping[str, float]] | None = None,
+) -> LoadedModel:
     from .errors import NoBatchNormError
 
     sd = strip_prefix(sd, None, notes)
@@ -829,23 +947,39 @@ def _stand_in(sd: dict[str, torch.Tensor], path: Path, fmt: str, notes: list[str
     model = model_from_state_dict(sd, settings)
     layers = set(_bn_key_groups(sd))
     if settings and layers <= set(settings):
-        notes.append("rebuilt the BN layers from their saved tensors, with eps and momentum "
-                     "from the exported graph")
-        return LoadedModel(model, str(path), fmt, runnable=False, notes=notes,
-                           not_runnable_reason="pass --arch to run the forward checks")
-    notes.append("a state dict holds no architecture: rebuilt the BN layers from their saved "
-                 "tensors (eps assumed 1e-5); pass --arch to run every check")
-    return LoadedModel(model, str(path), fmt, runnable=False,
-                       not_runnable_reason="the file is a state dict with no architecture: "
-                                           "pass --arch to run the forward checks",
-                       notes=notes,
-                       static_unknown="a state dict does not store the layers' settings "
-                                      "(eps, momentum, track_running_stats, train mode): pass "
-                                      "--arch to check them")
+        notes.append(
+            "rebuilt the BN layers from their saved tensors, with eps and momentum "
+            "from the exported graph"
+        )
+        return LoadedModel(
+            model,
+            str(path),
+            fmt,
+            runnable=False,
+            notes=notes,
+            not_runnable_reason="pass --arch to run the forward checks",
+        )
+    notes.append(
+        "a state dict holds no architecture: rebuilt the BN layers from their saved "
+        "tensors (eps assumed 1e-5); pass --arch to run every check"
+    )
+    return LoadedModel(
+        model,
+        str(path),
+        fmt,
+        runnable=False,
+        not_runnable_reason="the file is a state dict with no architecture: "
+        "pass --arch to run the forward checks",
+        notes=notes,
+        static_unknown="a state dict does not store the layers' settings "
+        "(eps, momentum, track_running_stats, train mode): pass "
+        "--arch to check them",
+    )
 
 
-def load_model(path: str | os.PathLike[str], arch: str | ArchSpec | None = None,
-               trust_pickle: bool = False) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], arch: str | ArchSpec | None = None, trust_pickle: bool = False
+) -> LoadedModel:
     """Load ``path`` safely and return the model to audit with what was found.
 
     Args:
@@ -877,12 +1011,19 @@ def load_model(path: str | os.PathLike[str], arch: str | ArchSpec | None = None,
         if spec is None:
             model = _mirror_module(obj)
             return LoadedModel(
-                model, str(path), fmt, runnable=False,
+                model,
+                str(path),
+                fmt,
+                runnable=False,
                 not_runnable_reason="TorchScript modules cannot be hooked, so the forward "
-                                    "checks cannot run: pass --arch (the archive's weights "
-                                    "are loaded into it) to run them",
-                notes=notes + ["rebuilt the BN layers of the TorchScript archive with their "
-                               "saved settings and tensors"])
+                "checks cannot run: pass --arch (the archive's weights "
+                "are loaded into it) to run them",
+                notes=notes
+                + [
+                    "rebuilt the BN layers of the TorchScript archive with their "
+                    "saved settings and tensors"
+                ],
+            )
         obj = {k: v for k, v in obj.state_dict().items()}
     elif fmt == "exported_program":
         try:
@@ -894,9 +1035,11 @@ def load_model(path: str | os.PathLike[str], arch: str | ArchSpec | None = None,
         example_input = _sample_input(program.example_inputs)
         if spec is None:
             loaded = _stand_in(obj, path, fmt, notes, exported_bn_settings(program))
-            loaded.not_runnable_reason = ("an exported program runs as one graph whose BN "
-                                          "layers cannot be hooked: pass --arch (the archive's "
-                                          "weights are loaded into it) to run the forward checks")
+            loaded.not_runnable_reason = (
+                "an exported program runs as one graph whose BN "
+                "layers cannot be hooked: pass --arch (the archive's "
+                "weights are loaded into it) to run the forward checks"
+            )
             return loaded
     elif fmt == "safetensors":
         obj = _read_safetensors(path)
@@ -907,17 +1050,31 @@ def load_model(path: str | os.PathLike[str], arch: str | ArchSpec | None = None,
         if spec is not None:
             notes.append(f"--arch {spec.label} ignored: the file holds a full model")
         notes.append(f"pickled full module {type(content).__name__} (loaded with --trust-pickle)")
-        return LoadedModel(content.eval(), str(path), fmt, notes=notes,
-                           memory_mapped=mmapped)
+        return LoadedModel(content.eval(), str(path), fmt, notes=notes, memory_mapped=mmapped)
     if spec is None:
         loaded = _stand_in(content, path, fmt, notes)
         loaded.memory_mapped = mmapped
         return loaded
     model, missing_stats = _fit_to_arch(spec, content, path, notes)
-    return LoadedModel(model.eval(), str(path), fmt, arch=spec.label, notes=notes,
-                       missing_bn_stats=missing_stats, example_input=example_input,
-                       memory_mapped=mmapped, input_shape=spec.input_shape)
+    return LoadedModel(
+        model.eval(),
+        str(path),
+        fmt,
+        arch=spec.label,
+        notes=notes,
+        missing_bn_stats=missing_stats,
+        example_input=example_input,
+        memory_mapped=mmapped,
+        input_shape=spec.input_shape,
+    )
 
 
-__all__ += ["extract_state_dict", "strip_prefix", "fit_state_dict", "pickle_globals",
-            "isolated_rng", "exported_bn_settings", "data_globals"]
+__all__ += [
+    "extract_state_dict",
+    "strip_prefix",
+    "fit_state_dict",
+    "pickle_globals",
+    "isolated_rng",
+    "exported_bn_settings",
+    "data_globals",
+]

@@ -131,8 +131,11 @@ class _FlatBuffers:
     """
 
     def __init__(self, layers: Sequence[BNLayer]) -> None:
-        self.indices = [i for i, lyr in enumerate(layers)
-                        if lyr.has_running_stats and not lyr.lazy_uninitialized]
+        self.indices = [
+            i
+            for i, lyr in enumerate(layers)
+            if lyr.has_running_stats and not lyr.lazy_uninitialized
+        ]
         self.modules = [layers[i].module for i in self.indices]
         self.has_counter = [layers[i].num_batches_tracked is not None for i in self.indices]
         if not self.modules:
@@ -145,11 +148,13 @@ class _FlatBuffers:
         dev = self.device
         self.sizes = torch.tensor(sizes, dtype=torch.float64, device=dev)
         self.segment = torch.repeat_interleave(
-            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
+        )
         momenta = [layers[i].momentum for i in self.indices]
         self.cumulative = torch.tensor([m is None for m in momenta], device=dev)
-        self.momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta],
-                                     dtype=torch.float64, device=dev)
+        self.momentum = torch.tensor(
+            [0.0 if m is None else float(m) for m in momenta], dtype=torch.float64, device=dev
+        )
         eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
         self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
         self.counter_mask = torch.tensor(self.has_counter, device=dev)
@@ -160,10 +165,16 @@ class _FlatBuffers:
     def snapshot(self) -> Snapshot:
         """(running_mean then running_var of every layer, counters) as new tensors."""
         bufs = [m._buffers for m in self.modules]
-        flat = torch.cat([b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
-                         + [b["running_var"] for b in bufs])
-        nbt = torch.stack([b["num_batches_tracked"] if has else self._zero  # type: ignore[misc]
-                           for b, has in zip(bufs, self.has_counter)])
+        flat = torch.cat(
+            [b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
+            + [b["running_var"] for b in bufs]
+        )
+        nbt = torch.stack(
+            [
+                b["num_batches_tracked"] if has else self._zero  # type: ignore[misc]
+                for b, has in zip(bufs, self.has_counter)
+            ]
+        )
         return flat, nbt
 
     @torch.no_grad()
@@ -197,20 +208,33 @@ class _FlatBuffers:
         drift_vr = torch.maximum(ratio, 1.0 / ratio)
         moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
         nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
-        cols = torch.stack([moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv,
-                            drift_z, drift_vr], dim=2)
-        sums = torch.zeros(cols.shape[0], len(self.modules), cols.shape[2],
-                           dtype=torch.float64, device=cols.device).index_add_(1, seg, cols)
+        cols = torch.stack(
+            [moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv, drift_z, drift_vr], dim=2
+        )
+        sums = torch.zeros(
+            cols.shape[0], len(self.modules), cols.shape[2], dtype=torch.float64, device=cols.device
+        ).index_add_(1, seg, cols)
         means = sums / self.sizes[None, :, None]
         exact3 = exact[..., None]
-        summary = torch.cat([
-            updates[..., None], nbt[..., None], sums[..., 0:2],
-            torch.where(exact3, means[..., 2:4], self.nan), means[..., 4:6],
-            torch.where(exact3, means[..., 6:8], self.nan),
-        ], dim=2)
+        summary = torch.cat(
+            [
+                updates[..., None],
+                nbt[..., None],
+                sums[..., 0:2],
+                torch.where(exact3, means[..., 2:4], self.nan),
+                means[..., 4:6],
+                torch.where(exact3, means[..., 6:8], self.nan),
+            ],
+            dim=2,
+        )
         exact_ch = exact[:, seg]
-        return (summary, rm, rv, torch.where(exact_ch, batch_mean, self.nan),
-                torch.where(exact_ch, batch_var, self.nan))
+        return (
+            summary,
+            rm,
+            rv,
+            torch.where(exact_ch, batch_mean, self.nan),
+            torch.where(exact_ch, batch_var, self.nan),
+        )
 
 
 class Monitor:
@@ -269,8 +293,9 @@ class Monitor:
         self.max_history = _positive_int("max_history", max_history)
         self.flush_every = _positive_int("flush_every", flush_every)
         self._select, self._ignore, self._tolerances = select, ignore, dict(tolerances)
-        self._ctx: AuditContext = prepare(model, select=select, ignore=ignore,
-                                          tolerances=tolerances, source=source)
+        self._ctx: AuditContext = prepare(
+            model, select=select, ignore=ignore, tolerances=tolerances, source=source
+        )
         self.model = model
         self.optimizer = optimizer
         self.warn = bool(warn)
@@ -288,15 +313,21 @@ class Monitor:
         layers = self.layers
         n = len(layers)
         self._flat = _FlatBuffers(layers)
-        self._tracks = np.array([lyr.has_running_stats and lyr.track_running_stats
-                                 and not lyr.lazy_uninitialized for lyr in layers], dtype=bool)
+        self._tracks = np.array(
+            [
+                lyr.has_running_stats and lyr.track_running_stats and not lyr.lazy_uninitialized
+                for lyr in layers
+            ],
+            dtype=bool,
+        )
         self._sync_bn = np.array([lyr.kind == "SyncBatchNorm" for lyr in layers], dtype=bool)
         warmup = []
         for lyr in layers:
             m = lyr.momentum
             # judge drift once the initial statistics weigh < 5% ((1 - m)^k), at most 30 updates
-            warmup.append(10.0 if m is None or m <= 0
-                          else float(min(math.ceil(3.0 / min(m, 1.0)), 30)))
+            warmup.append(
+                10.0 if m is None or m <= 0 else float(min(math.ceil(3.0 / min(m, 1.0)), 30))
+            )
         self._drift_warmup = np.array(warmup)
         self._calls: list[tuple[int, bool, bool, bool, tuple[int, ...] | None]] = []
         self._step = 0
@@ -306,8 +337,7 @@ class Monitor:
         self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
         self._history_steps = 0
         # (step, per-channel [running_mean, running_var, batch_mean, batch_var] as [4, C])
-        self._channels: deque[tuple[int, torch.Tensor]] = deque(
-            maxlen=self.channel_history or None)
+        self._channels: deque[tuple[int, torch.Tensor]] = deque(maxlen=self.channel_history or None)
         self._bn_params = [[p for p in lyr.params] for lyr in layers]
         self._flag_key: Any = None
         self._flags: tuple[tuple[bool, ...], tuple[bool, ...], tuple[str, ...]] = ((), (), ())
@@ -316,7 +346,8 @@ class Monitor:
         self._dist: DistInfo | None = None
         self._sync_due = True
         self._run = RunObservations(
-            layer_names=[lyr.name for lyr in layers], layer_kinds=[lyr.kind for lyr in layers],
+            layer_names=[lyr.name for lyr in layers],
+            layer_kinds=[lyr.kind for lyr in layers],
             step_kind="optimizer" if self.optimizer is not None else "forward",
             drift_judged=np.zeros(n, dtype=np.int64),
         )
@@ -336,12 +367,10 @@ class Monitor:
             self._flush()
         try:
             for i, layer in enumerate(self.layers):
-                self._handles.append(layer.module.register_forward_hook(
-                    self._make_layer_hook(i)))
+                self._handles.append(layer.module.register_forward_hook(self._make_layer_hook(i)))
             self._handles.append(self._inner.register_forward_pre_hook(self._model_pre_hook))
             if self.optimizer is not None:
-                self._handles.append(
-                    self.optimizer.register_step_post_hook(self._optimizer_hook))
+                self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_hook))
             else:
                 self._handles.append(self._inner.register_forward_hook(self._model_post_hook))
         except BaseException:
@@ -383,8 +412,7 @@ class Monitor:
         self._trailing_steps += 1
         snap = self._flat.snapshot() if self._flat.modules else None
         calls, self._calls = self._calls, []
-        self._pending.append((self._step, snap, calls,
-                              ((False,) * len(trainable), frozen, reason)))
+        self._pending.append((self._step, snap, calls, ((False,) * len(trainable), frozen, reason)))
 
     def __enter__(self) -> Monitor:
         return self.attach()
@@ -412,9 +440,15 @@ class Monitor:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             grad = torch.is_grad_enabled()
             x = args[0] if args else None
-            self._calls.append((idx, module.training, grad,
-                                not grad and torch.is_inference_mode_enabled(),
-                                x.shape if isinstance(x, torch.Tensor) else None))
+            self._calls.append(
+                (
+                    idx,
+                    module.training,
+                    grad,
+                    not grad and torch.is_inference_mode_enabled(),
+                    x.shape if isinstance(x, torch.Tensor) else None,
+                )
+            )
 
         return hook
 
@@ -438,8 +472,12 @@ class Monitor:
             self._safely(self._end_step)
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if (self._dist is not None and self._sync_due and module.training
-                and torch.is_grad_enabled()):
+        if (
+            self._dist is not None
+            and self._sync_due
+            and module.training
+            and torch.is_grad_enabled()
+        ):
             self._sync_due = False
             self._safely(self._compare_ranks)
 
@@ -450,8 +488,7 @@ class Monitor:
         key = (rg, groups)
         if key == self._flag_key:
             return self._flags
-        ids = ({id(p) for g in opt.param_groups for p in g["params"]}
-               if opt is not None else None)
+        ids = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else None
         trainable, frozen, reason = [], [], []
         for ps in self._bn_params:
             grad = any(p.requires_grad for p in ps)
@@ -459,8 +496,11 @@ class Monitor:
             ok = bool(ps) and grad and optimized
             trainable.append(ok)
             frozen.append(bool(ps) and not ok)
-            reason.append("gamma/beta have requires_grad=False" if not grad
-                          else "gamma/beta are in no optimizer param group")
+            reason.append(
+                "gamma/beta have requires_grad=False"
+                if not grad
+                else "gamma/beta are in no optimizer param group"
+            )
         self._flag_key = key
         self._flags = (tuple(trainable), tuple(frozen), tuple(reason))
         return self._flags
@@ -478,7 +518,7 @@ class Monitor:
     def _count_calls(self, pending: Sequence[tuple[int, Any, list[Any], Any]]) -> np.ndarray:
         """``[S, L, len(COUNT_COLUMNS)]`` from the calls the BN hooks recorded in each step."""
         counts = np.zeros((len(pending), len(self.layers), len(COUNT_COLUMNS)), dtype=np.int64)
-        counts[..., C_MINBATCH:C_MINSAMPLES + 1] = _BIG
+        counts[..., C_MINBATCH : C_MINSAMPLES + 1] = _BIG
         tracks = self._tracks
         for s, (_, _, calls, _) in enumerate(pending):
             block = counts[s]
@@ -494,8 +534,9 @@ class Monitor:
                         row[C_INFER] += 1
                 if shape is not None and len(shape) >= 1:
                     n = int(shape[0])
-                    samples = (math.prod(shape) // int(shape[1])
-                               if len(shape) >= 2 and shape[1] else n)
+                    samples = (
+                        math.prod(shape) // int(shape[1]) if len(shape) >= 2 and shape[1] else n
+                    )
                     row[C_MINBATCH] = min(row[C_MINBATCH], n)
                     row[C_MINSAMPLES] = min(row[C_MINSAMPLES], samples)
         no_train = counts[..., C_TRAIN] == 0
@@ -528,14 +569,21 @@ class Monitor:
         frozen = np.array([p[3][1] for p in pending], dtype=bool).reshape(len(pending), -1)
         reasons = pending[-1][3][2]
         conditions = step_conditions(
-            stats, counts, trainable, frozen, self._ctx.tolerances,
-            tracks_stats=self._tracks, drift_warmup=self._drift_warmup,
-            distributed=self._dist is not None, sync_bn=self._sync_bn,
+            stats,
+            counts,
+            trainable,
+            frozen,
+            self._ctx.tolerances,
+            tracks_stats=self._tracks,
+            drift_warmup=self._drift_warmup,
+            distributed=self._dist is not None,
+            sync_bn=self._sync_bn,
         )
         assert self._run.drift_judged is not None
         self._run.drift_judged += conditions["_drift_judged"].sum(axis=0)
-        record_episodes(self._run.episodes, conditions, steps, stats, counts,
-                        reasons or ("",) * n_layers)
+        record_episodes(
+            self._run.episodes, conditions, steps, stats, counts, reasons or ("",) * n_layers
+        )
         self._run.steps = self._step - self._trailing_steps
         self._chunks.append((steps, stats.astype(np.float32), counts, trainable))
         self._history_steps += len(steps)
@@ -553,8 +601,9 @@ class Monitor:
             if finding is None:
                 continue
             self._warned.add(key)
-            warnings.warn(BNCheckWarning(f"[{finding.rule}] {finding.message}"),
-                          stacklevel=_user_stacklevel())
+            warnings.warn(
+                BNCheckWarning(f"[{finding.rule}] {finding.message}"), stacklevel=_user_stacklevel()
+            )
 
     def _compare_ranks(self) -> None:
         from .distributed import gather_checksums, layer_checksums, rank_divergence
@@ -567,8 +616,13 @@ class Monitor:
         gathered = gather_checksums(local, self._dist).cpu().numpy()
         rel = rank_divergence(gathered)
         self._run.rank_checks += 1
-        new = record_rank_check(self._run.episodes, self._step, rel,
-                                float(self._ctx.tol("rank_rtol")), self._dist.world_size)
+        new = record_rank_check(
+            self._run.episodes,
+            self._step,
+            rel,
+            float(self._ctx.tol("rank_rtol")),
+            self._dist.world_size,
+        )
         if self.warn and new:
             self._emit_warnings()
 
@@ -583,8 +637,13 @@ class Monitor:
         report merged over all ranks, the other ranks their own.
         """
         self._flush()
-        ctx = prepare(self._inner, select=self._select, ignore=self._ignore,
-                      tolerances=self._tolerances, source=self.source)
+        ctx = prepare(
+            self._inner,
+            select=self._select,
+            ignore=self._ignore,
+            tolerances=self._tolerances,
+            source=self.source,
+        )
         ctx.optimizer = self.optimizer
         ctx.run = self._run
         available = {"model", "buffers", "training run"}
@@ -595,8 +654,10 @@ class Monitor:
         else:
             for rid in _DISTRIBUTED_RULES:
                 if rid in ctx.rule_ids:
-                    ctx.skipped[rid] = ("needs torch.distributed with more than one rank while "
-                                        "the Monitor was attached")
+                    ctx.skipped[rid] = (
+                        "needs torch.distributed with more than one rank while "
+                        "the Monitor was attached"
+                    )
         with preserved(ctx.model):
             findings = run_rules(ctx, available)
         own: list[Finding] = []
@@ -618,33 +679,44 @@ class Monitor:
         notes = list(ctx.notes)
         steps = self._step - self._trailing_steps
         if self._trailing_steps:
-            notes.append("BN calls after the last step were judged as one more, partial step "
-                         f"({steps + 1})")
+            notes.append(
+                f"BN calls after the last step were judged as one more, partial step ({steps + 1})"
+            )
         if self.optimizer is not None:
             notes.append(f"monitored {steps} optimizer step(s)")
         else:
-            notes.append(f"monitored {steps} step(s); without an optimizer a step is a "
-                         "top-level train-mode forward with grad enabled, so 'stats-not-"
-                         "updating' cannot see training that runs in eval mode")
+            notes.append(
+                f"monitored {steps} step(s); without an optimizer a step is a "
+                "top-level train-mode forward with grad enabled, so 'stats-not-"
+                "updating' cannot see training that runs in eval mode"
+            )
         if self._failure is not None:
             notes.append(self._failure)
         if not self._ever_attached:
             notes.append("the Monitor was never attached: use `with Monitor(...)` or attach()")
         if self._run.distributed:
-            notes.append(f"rank {self._run.rank} of {self._run.world_size}; running statistics "
-                         f"compared across ranks {self._run.rank_checks} time(s)")
+            notes.append(
+                f"rank {self._run.rank} of {self._run.world_size}; running statistics "
+                f"compared across ranks {self._run.rank_checks} time(s)"
+            )
         skipped_lazy = [lyr.name for lyr in self.layers if lyr.lazy_uninitialized]
         if skipped_lazy:
-            notes.append(f"lazy layers not initialised at attach ({', '.join(skipped_lazy)}) "
-                         "are not watched: run one forward before attaching")
+            notes.append(
+                f"lazy layers not initialised at attach ({', '.join(skipped_lazy)}) "
+                "are not watched: run one forward before attaching"
+            )
         rules_run = [r for r in ctx.rule_ids if r not in ctx.skipped]
         report = Report(
             findings + own,
             source=self.source,
             skipped=ctx.skipped,
             notes=notes,
-            settings={"select": ctx.rule_ids, "tolerances": ctx.tolerances, "rules": rules_run,
-                      "steps": self._step},
+            settings={
+                "select": ctx.rule_ids,
+                "tolerances": ctx.tolerances,
+                "rules": rules_run,
+                "steps": self._step,
+            },
             layers=[lyr.name for lyr in ctx.layers],
         )
         if self._dist is not None and merge:
@@ -657,9 +729,14 @@ class Monitor:
                     part.settings = report.settings
                 merged = Report.merge(parts, source=self.source)
                 merged.layers = report.layers
-                return Report(merged.findings, source=self.source, skipped=report.skipped,
-                              notes=merged.notes, settings=report.settings,
-                              layers=report.layers)
+                return Report(
+                    merged.findings,
+                    source=self.source,
+                    skipped=report.skipped,
+                    notes=merged.notes,
+                    settings=report.settings,
+                    layers=report.layers,
+                )
         return report
 
     @property
@@ -675,9 +752,18 @@ class Monitor:
         import pandas as pd
 
         self._flush()
-        columns = ["step", "layer", "mode", "grad_enabled", "batch_size",
-                   "samples_per_channel", "train_calls", "eval_calls", "updates_without_grad",
-                   *STAT_COLUMNS]
+        columns = [
+            "step",
+            "layer",
+            "mode",
+            "grad_enabled",
+            "batch_size",
+            "samples_per_channel",
+            "train_calls",
+            "eval_calls",
+            "updates_without_grad",
+            *STAT_COLUMNS,
+        ]
         if not self._chunks:
             return pd.DataFrame(columns=columns)
         steps = np.concatenate([c[0] for c in self._chunks])
@@ -685,8 +771,11 @@ class Monitor:
         counts = np.concatenate([c[2] for c in self._chunks])
         n_steps, n_layers = stats.shape[:2]
         train, evals = counts[..., C_TRAIN], counts[..., C_EVAL]
-        mode = np.where(train > 0, np.where(evals > 0, "train+eval", "train"),
-                        np.where(evals > 0, "eval", "unused"))
+        mode = np.where(
+            train > 0,
+            np.where(evals > 0, "train+eval", "train"),
+            np.where(evals > 0, "eval", "unused"),
+        )
         nograd = counts[..., C_NOGRAD]
         grad = np.where(train > 0, (nograd < train).astype(object), np.array(None))
         data: dict[str, Any] = {
@@ -719,22 +808,33 @@ class Monitor:
             known = [lyr.name for lyr in self.layers]
             from .errors import did_you_mean
 
-            raise UsageError(f"no watched BN layer named {layer!r}{did_you_mean(layer, known)}; "
-                             f"watched: {', '.join(names) or 'none'}")
+            raise UsageError(
+                f"no watched BN layer named {layer!r}{did_you_mean(layer, known)}; "
+                f"watched: {', '.join(names) or 'none'}"
+            )
         t = names.index(layer)
         seg = self._flat.segment
         mask = seg == t
         rows = []
         for step, values in self._channels:
             block = values[:, mask].T.cpu().numpy()
-            frame = pd.DataFrame(block, columns=["running_mean", "running_var", "batch_mean",
-                                                 "batch_var"])
+            frame = pd.DataFrame(
+                block, columns=["running_mean", "running_var", "batch_mean", "batch_var"]
+            )
             frame.insert(0, "channel", np.arange(len(block)))
             frame.insert(0, "step", step)
             rows.append(frame)
         if not rows:
-            return pd.DataFrame(columns=["step", "channel", "running_mean", "running_var",
-                                         "batch_mean", "batch_var"])
+            return pd.DataFrame(
+                columns=[
+                    "step",
+                    "channel",
+                    "running_mean",
+                    "running_var",
+                    "batch_mean",
+                    "batch_var",
+                ]
+            )
         return pd.concat(rows, ignore_index=True)
 
     def plot(self, path: str | Path, layers: Sequence[str] | None = None) -> Path:
@@ -757,18 +857,27 @@ class Monitor:
         names = list(layers) if layers is not None else [lyr.name for lyr in self.layers]
         unknown = [n for n in names if n not in {lyr.name for lyr in self.layers}]
         if unknown:
-            raise UsageError(f"Monitor.plot: no BN layer named {unknown[0]!r}; layers: "
-                             f"{', '.join(lyr.name for lyr in self.layers)}")
-        panels = [("batch_mean_abs", "mean |batch mean|"), ("batch_var", "mean batch var"),
-                  ("running_mean_abs", "mean |running_mean|"), ("running_var",
-                                                                "mean running_var")]
+            raise UsageError(
+                f"Monitor.plot: no BN layer named {unknown[0]!r}; layers: "
+                f"{', '.join(lyr.name for lyr in self.layers)}"
+            )
+        panels = [
+            ("batch_mean_abs", "mean |batch mean|"),
+            ("batch_var", "mean batch var"),
+            ("running_mean_abs", "mean |running_mean|"),
+            ("running_var", "mean running_var"),
+        ]
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
         try:
             for ax, (col, title) in zip(axes.flat, panels):
                 for name in names:
                     part = frame[frame["layer"] == name]
-                    ax.plot(part["step"].to_numpy(), part[col].to_numpy(dtype=float),
-                            label=name, linewidth=1)
+                    ax.plot(
+                        part["step"].to_numpy(),
+                        part[col].to_numpy(dtype=float),
+                        label=name,
+                        linewidth=1,
+                    )
                 ax.set_title(title)
                 ax.set_xlabel("step")
             if names and len(names) <= 20:
@@ -783,6 +892,7 @@ class Monitor:
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
-        return (f"<bncheck.Monitor {state}: {len(self.layers)} BN layers, {self._step} "
-                f"{self._run.step_word}s>")
-
+        return (
+            f"<bncheck.Monitor {state}: {len(self.layers)} BN layers, {self._step} "
+            f"{self._run.step_word}s>"
+        )

@@ -74,8 +74,11 @@ class BNCheckSettings:
 
     def audit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`bncheck.audit`."""
-        return {"select": list(self.select) if self.select is not None else None,
-                "ignore": list(self.ignore), **self.tolerances}
+        return {
+            "select": list(self.select) if self.select is not None else None,
+            "ignore": list(self.ignore),
+            **self.tolerances,
+        }
 
     def layered(self, overrides: Mapping[str, Any], source: str) -> BNCheckSettings:
         """These settings updated by ``overrides`` (already validated): later layers win;
@@ -104,8 +107,10 @@ class BNCheckSettings:
 def _fail_on(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in FAIL_ON_CHOICES:
-        raise UsageError(f"{value!r} is not one of {', '.join(FAIL_ON_CHOICES)}"
-                         f"{did_you_mean(text, FAIL_ON_CHOICES)}")
+        raise UsageError(
+            f"{value!r} is not one of {', '.join(FAIL_ON_CHOICES)}"
+            f"{did_you_mean(text, FAIL_ON_CHOICES)}"
+        )
     return text
 
 
@@ -123,8 +128,10 @@ def _tolerance_pair(text: str) -> tuple[str, float | int]:
     name, sep, raw = str(text).partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not name:
-        raise UsageError(f"{text!r} is not NAME=VALUE (e.g. ema_rtol=2); known tolerances: "
-                         f"{', '.join(sorted(TOLERANCES))}")
+        raise UsageError(
+            f"{text!r} is not NAME=VALUE (e.g. ema_rtol=2); known tolerances: "
+            f"{', '.join(sorted(TOLERANCES))}"
+        )
     value = resolve_tolerances({name: raw.strip()})[name]
     return name, value
 
@@ -136,16 +143,20 @@ def _input_shape(value: Any) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UsageError(f"{value!r} is not an input shape; give positive integers N,C[,...] "
-                         "separated by commas, e.g. 8,3,32,32")
+        raise UsageError(
+            f"{value!r} is not an input shape; give positive integers N,C[,...] "
+            "separated by commas, e.g. 8,3,32,32"
+        )
     return shape
 
 
 def _model_spec(value: Any) -> str:
     text = str(value).strip()
     if not _SPEC.match(text):
-        raise UsageError(f"{value!r} is not a factory spec; give module:callable, e.g. "
-                         "mypkg.models:build_model or bncheck.models:vgg16_bn_small")
+        raise UsageError(
+            f"{value!r} is not a factory spec; give module:callable, e.g. "
+            "mypkg.models:build_model or bncheck.models:vgg16_bn_small"
+        )
     return text
 
 
@@ -166,53 +177,91 @@ def _argparse_type(validate: Any) -> Any:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("bncheck", "bncheck: Batch Normalization checks")
     group.addoption(
-        "--bncheck-fail-on", dest="bncheck_fail_on", metavar="SEVERITY", default=None,
+        "--bncheck-fail-on",
+        dest="bncheck_fail_on",
+        metavar="SEVERITY",
+        default=None,
         type=_argparse_type(_fail_on),
         help="fail a bncheck audit on findings at or above this severity: "
-             "error (default), warning, info or never. ini: bncheck_fail_on",
+        "error (default), warning, info or never. ini: bncheck_fail_on",
     )
     group.addoption(
-        "--bncheck-select", dest="bncheck_select", metavar="IDS", action="append", default=None,
+        "--bncheck-select",
+        dest="bncheck_select",
+        metavar="IDS",
+        action="append",
+        default=None,
         type=_argparse_type(_rule_ids),
         help="run only these rules (comma-separated ids, repeatable; 'all' for every rule). "
-             "ini: bncheck_select",
+        "ini: bncheck_select",
     )
     group.addoption(
-        "--bncheck-ignore", dest="bncheck_ignore", metavar="IDS", action="append", default=None,
+        "--bncheck-ignore",
+        dest="bncheck_ignore",
+        metavar="IDS",
+        action="append",
+        default=None,
         type=_argparse_type(_rule_ids),
         help="do not run these rules (comma-separated ids, repeatable). ini: bncheck_ignore",
     )
     group.addoption(
-        "--bncheck-tolerance", dest="bncheck_tolerance", metavar="NAME=VALUE", action="append",
-        default=None, type=_argparse_type(_tolerance_pair),
+        "--bncheck-tolerance",
+        dest="bncheck_tolerance",
+        metavar="NAME=VALUE",
+        action="append",
+        default=None,
+        type=_argparse_type(_tolerance_pair),
         help="override a rule tolerance, e.g. ema_rtol=2 (repeatable; `bncheck rules` lists "
-             "them). ini: bncheck_tolerance, one NAME=VALUE per line",
+        "them). ini: bncheck_tolerance, one NAME=VALUE per line",
     )
     group.addoption(
-        "--bncheck-model", dest="bncheck_model", metavar="MODULE:CALLABLE", action="append",
-        default=None, type=_argparse_type(_model_spec),
+        "--bncheck-model",
+        dest="bncheck_model",
+        metavar="MODULE:CALLABLE",
+        action="append",
+        default=None,
+        type=_argparse_type(_model_spec),
         help="zero-code mode: collect one audit test for the model this factory returns "
-             "(repeatable). ini: bncheck_model",
+        "(repeatable). ini: bncheck_model",
     )
     group.addoption(
-        "--bncheck-input-shape", dest="bncheck_input_shape", metavar="N,C,...", default=None,
+        "--bncheck-input-shape",
+        dest="bncheck_input_shape",
+        metavar="N,C,...",
+        default=None,
         type=_argparse_type(_input_shape),
         help="zero-code mode: shape of the seeded random batch the models are audited with "
-             "(without it, only the rules that need no forward pass run). "
-             "ini: bncheck_input_shape",
+        "(without it, only the rules that need no forward pass run). "
+        "ini: bncheck_input_shape",
     )
-    parser.addini("bncheck_fail_on", "bncheck: severity that fails an audit (default error)",
-                  type="string", default="")
-    parser.addini("bncheck_select", "bncheck: rule ids to run (default all)", type="linelist",
-                  default=[])
-    parser.addini("bncheck_ignore", "bncheck: rule ids not to run", type="linelist",
-                  default=[])
-    parser.addini("bncheck_tolerance", "bncheck: NAME=VALUE tolerance overrides, one per line",
-                  type="linelist", default=[])
-    parser.addini("bncheck_model", "bncheck: module:callable factories to audit (zero-code)",
-                  type="linelist", default=[])
-    parser.addini("bncheck_input_shape", "bncheck: input shape for zero-code audits",
-                  type="string", default="")
+    parser.addini(
+        "bncheck_fail_on",
+        "bncheck: severity that fails an audit (default error)",
+        type="string",
+        default="",
+    )
+    parser.addini(
+        "bncheck_select", "bncheck: rule ids to run (default all)", type="linelist", default=[]
+    )
+    parser.addini("bncheck_ignore", "bncheck: rule ids not to run", type="linelist", default=[])
+    parser.addini(
+        "bncheck_tolerance",
+        "bncheck: NAME=VALUE tolerance overrides, one per line",
+        type="linelist",
+        default=[],
+    )
+    parser.addini(
+        "bncheck_model",
+        "bncheck: module:callable factories to audit (zero-code)",
+        type="linelist",
+        default=[],
+    )
+    parser.addini(
+        "bncheck_input_shape",
+        "bncheck: input shape for zero-code audits",
+        type="string",
+        default="",
+    )
 
 
 @dataclass
@@ -281,8 +330,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     models = list(config.option.bncheck_model or ())
     if not models:
-        models = [_ini(config, "bncheck_model", _model_spec, line)
-                  for line in config.getini("bncheck_model")]
+        models = [
+            _ini(config, "bncheck_model", _model_spec, line)
+            for line in config.getini("bncheck_model")
+        ]
     shape = config.option.bncheck_input_shape
     if shape is None:
         shape = _ini(config, "bncheck_input_shape", _input_shape)
@@ -319,9 +370,11 @@ def _marker_overrides(item: pytest.Item) -> dict[str, Any]:
     try:
         for key, value in merged.items():
             if key not in known:
-                raise UsageError(f"unknown argument {key!r}{did_you_mean(key, known)}; "
-                                 "it takes select, ignore, fail_on and tolerance names "
-                                 f"({', '.join(sorted(TOLERANCES))})")
+                raise UsageError(
+                    f"unknown argument {key!r}{did_you_mean(key, known)}; "
+                    "it takes select, ignore, fail_on and tolerance names "
+                    f"({', '.join(sorted(TOLERANCES))})"
+                )
             if key == "fail_on":
                 checked[key] = _fail_on(value.value if isinstance(value, Severity) else value)
             elif key in ("select", "ignore"):
@@ -369,13 +422,22 @@ class BNCheckFixture:
             recorder(report)
         return report
 
-    def assert_ok(self, model: nn.Module, example_input: Any = None, *,
-                  fail_on: str | Severity | None = None, **kwargs: Any) -> Report:
+    def assert_ok(
+        self,
+        model: nn.Module,
+        example_input: Any = None,
+        *,
+        fail_on: str | Severity | None = None,
+        **kwargs: Any,
+    ) -> Report:
         """Audit and raise :class:`bncheck.testing.BNCheckFailure` (an ``AssertionError``)
         with the findings table when a finding is at or above ``fail_on``."""
         __tracebackhide__ = True
-        threshold = self.settings.fail_on if fail_on is None else _fail_on(
-            fail_on.value if isinstance(fail_on, Severity) else fail_on)
+        threshold = (
+            self.settings.fail_on
+            if fail_on is None
+            else _fail_on(fail_on.value if isinstance(fail_on, Severity) else fail_on)
+        )
         report = self.audit(model, example_input, **kwargs)
         if report.failed(threshold):
             raise BNCheckFailure(failure_text(report, threshold, title="bncheck"), report)
@@ -431,8 +493,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     audits = item.stash.get(_ITEM_REPORTS, None)
     if report.when == "call" and audits:
@@ -480,16 +543,19 @@ def _resolve_factory(spec: str, config: pytest.Config) -> Any:
             )
         target = getattr(target, part)
     if not callable(target):
-        raise pytest.UsageError(f"--bncheck-model {spec}: {attr_path!r} is not callable; give "
-                                "a function or class that returns an nn.Module")
+        raise pytest.UsageError(
+            f"--bncheck-model {spec}: {attr_path!r} is not callable; give "
+            "a function or class that returns an nn.Module"
+        )
     return target
 
 
 class BNCheckModelItem(pytest.Item):
     """Zero-code mode: one audit of the model a factory returns."""
 
-    def __init__(self, *, spec: str, factory: Any, input_shape: tuple[int, ...] | None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: str, factory: Any, input_shape: tuple[int, ...] | None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.add_marker("bncheck")  # `pytest -m bncheck` runs only the audits
         self.spec = spec
@@ -512,20 +578,24 @@ class BNCheckModelItem(pytest.Item):
         if self.input_shape is not None:
             generator = torch.Generator().manual_seed(SEED)
             example = torch.randn(self.input_shape, generator=generator)
-        report = audit(model, example, synthetic_input=True, source=self.spec,
-                       **settings.audit_kwargs())
+        report = audit(
+            model, example, synthetic_input=True, source=self.spec, **settings.audit_kwargs()
+        )
         recorder = report_recorder.get()
         if recorder is not None:
             recorder(report)
         if report.failed(settings.fail_on):
             raise BNCheckFailure(failure_text(report, settings.fail_on, title="bncheck"), report)
         if report.forward_error is not None:
-            raise BNCheckFailure(f"bncheck: the forward pass of {self.spec} failed "
-                                 f"({report.forward_error}); check --bncheck-input-shape",
-                                 report)
+            raise BNCheckFailure(
+                f"bncheck: the forward pass of {self.spec} failed "
+                f"({report.forward_error}); check --bncheck-input-shape",
+                report,
+            )
 
-    def repr_failure(self, excinfo: ExceptionInfo[BaseException],
-                     style: Any = None) -> str | TerminalRepr:
+    def repr_failure(
+        self, excinfo: ExceptionInfo[BaseException], style: Any = None
+    ) -> str | TerminalRepr:
         if isinstance(excinfo.value, (BNCheckFailure, BNCheckError)):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
@@ -535,8 +605,9 @@ class BNCheckModelItem(pytest.Item):
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
-                                  items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return
@@ -546,19 +617,28 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     audits: list[pytest.Item] = []
     for spec in state.models:
         factory = _resolve_factory(spec, config)
-        audits.append(BNCheckModelItem.from_parent(
-            session, name=f"bncheck[{spec}]", nodeid=f"bncheck[{spec}]", spec=spec,
-            factory=factory, input_shape=state.input_shape))
+        audits.append(
+            BNCheckModelItem.from_parent(
+                session,
+                name=f"bncheck[{spec}]",
+                nodeid=f"bncheck[{spec}]",
+                spec=spec,
+                factory=factory,
+                input_shape=state.input_shape,
+            )
+        )
     if audits:
         items.extend(audits)
         # announce them like collected items, so "collected N items" counts them
-        config.hook.pytest_collectreport(report=pytest.CollectReport(
-            "bncheck", "passed", None, list[pytest.Item | pytest.Collector](audits)))
+        config.hook.pytest_collectreport(
+            report=pytest.CollectReport(
+                "bncheck", "passed", None, list[pytest.Item | pytest.Collector](audits)
+            )
+        )
 
 
 # ---- the terminal summary ---------------------------------------------------------------------
-def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bool
-                   ) -> list[str]:
+def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bool) -> list[str]:
     """The summary: one count line, then per test its findings, one line per rule (the first
     10 rules unless -v)."""
     audits = 0
@@ -572,9 +652,11 @@ def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bo
                 findings.append(finding)
     everything = [f for fs in by_test.values() for f in fs]
     counts = {s.value: sum(f.severity is s for f in everything) for s in Severity}
-    lines = [f"{audits} audit{'s' if audits != 1 else ''} in {len(by_test)} "
-             f"test{'s' if len(by_test) != 1 else ''}: {counts['error']} error(s), "
-             f"{counts['warning']} warning(s), {counts['info']} info"]
+    lines = [
+        f"{audits} audit{'s' if audits != 1 else ''} in {len(by_test)} "
+        f"test{'s' if len(by_test) != 1 else ''}: {counts['error']} error(s), "
+        f"{counts['warning']} warning(s), {counts['info']} info"
+    ]
     for nodeid, findings in by_test.items():
         if not findings:
             continue
@@ -596,8 +678,9 @@ def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bo
     return lines
 
 
-def pytest_terminal_summary(terminalreporter: TerminalReporter, exitstatus: int,
-                            config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller prints the summary
         return
     state = config.stash.get(_STATE, None)

@@ -62,13 +62,20 @@ __all__ = [
 ]
 
 #: Rules read from the train-mode pass.
-TRAIN_RULES = frozenset({
-    "bn-after-activation", "bias-before-bn", "dropout-before-bn", "bn-reused", "normalization",
-    "ema-update", "single-value-per-channel", "small-batch",
-})
+TRAIN_RULES = frozenset(
+    {
+        "bn-after-activation",
+        "bias-before-bn",
+        "dropout-before-bn",
+        "bn-reused",
+        "normalization",
+        "ema-update",
+        "single-value-per-channel",
+        "small-batch",
+    }
+)
 #: Rules read from the eval-mode passes.
 EVAL_RULES = frozenset({"eval-batch-dependence", "eval-nondeterminism", "eval-updates-stats"})
-
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -101,18 +108,21 @@ class BufferState:
             return t.detach().clone() if isinstance(t, torch.Tensor) else None
 
         nbt = module._buffers.get("num_batches_tracked")
-        return cls(copy("running_mean"), copy("running_var"),
-                   int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel()
-                   else None)
+        return cls(
+            copy("running_mean"),
+            copy("running_var"),
+            int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel() else None,
+        )
 
     def restore(self, module: nn.Module) -> None:
         """Write these values back into the module's buffers, in place."""
         with torch.no_grad():
-            for name, value in (("running_mean", self.running_mean),
-                                ("running_var", self.running_var)):
+            for name, value in (
+                ("running_mean", self.running_mean),
+                ("running_var", self.running_var),
+            ):
                 buf = module._buffers.get(name)
-                if isinstance(buf, torch.Tensor) and value is not None \
-                        and buf.shape == value.shape:
+                if isinstance(buf, torch.Tensor) and value is not None and buf.shape == value.shape:
                     buf.copy_(value)
             nbt = module._buffers.get("num_batches_tracked")
             if isinstance(nbt, torch.Tensor) and self.num_batches_tracked is not None:
@@ -126,8 +136,7 @@ class BufferState:
             if a is None or b is None:
                 continue
             # NaN == NaN here: a NaN buffer an eval pass left alone has not changed
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=0.0, atol=0.0,
-                                                        equal_nan=True):
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True):
                 names.append(name)
         if self.num_batches_tracked != other.num_batches_tracked:
             names.append("num_batches_tracked")
@@ -350,8 +359,9 @@ def _changed_sample(t: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _rows(t: torch.Tensor, picks: list[int | tuple[int, int]]) -> torch.Tensor:
     """Stack rows of ``t``: an int picks that row, ``(i, seed)`` a changed copy of row i."""
-    return torch.stack([t[p] if isinstance(p, int) else _changed_sample(t[p[0]], p[1])
-                        for p in picks])
+    return torch.stack(
+        [t[p] if isinstance(p, int) else _changed_sample(t[p[0]], p[1]) for p in picks]
+    )
 
 
 def summarize_inputs(x: Any) -> list[InputSummary]:
@@ -363,10 +373,17 @@ def summarize_inputs(x: Any) -> list[InputSummary]:
             d = _float(t.detach())
             std, mean = torch.std_mean(d, correction=0)
             low, high = torch.aminmax(d)
-            out.append(InputSummary(
-                where, tuple(t.shape), float(mean), float(std), float(low), float(high),
-                torch.equal(d, d.round()),
-            ))
+            out.append(
+                InputSummary(
+                    where,
+                    tuple(t.shape),
+                    float(mean),
+                    float(std),
+                    float(low),
+                    float(high),
+                    torch.equal(d, d.round()),
+                )
+            )
     return out
 
 
@@ -479,8 +496,9 @@ def _output_tensors(value: Any) -> list[torch.Tensor]:
 
 
 @contextmanager
-def _hooks(layers: Iterable[BNLayer], pre: Callable[[BNLayer], Any],
-           post: Callable[[BNLayer], Any]) -> Iterator[None]:
+def _hooks(
+    layers: Iterable[BNLayer], pre: Callable[[BNLayer], Any], post: Callable[[BNLayer], Any]
+) -> Iterator[None]:
     with ExitStack() as stack:
         seen: set[int] = set()
         for layer in layers:
@@ -536,21 +554,31 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                 trace = tracer.bn_enter(layer.name, module, x_in)
                 shape = tuple(x_in.shape) if isinstance(x_in, torch.Tensor) else ()
                 n = shape[0] if shape else 0
-                count = x_in.numel() // shape[1] \
-                    if isinstance(x_in, torch.Tensor) and len(shape) >= 2 and shape[1] else n
+                count = (
+                    x_in.numel() // shape[1]
+                    if isinstance(x_in, torch.Tensor) and len(shape) >= 2 and shape[1]
+                    else n
+                )
                 momentum = getattr(module, "momentum", None)
                 eps = getattr(module, "eps", None)
                 rec = TrainCall(
-                    layer=layer.name, index=trace.index, occurrence=trace.occurrence,
-                    training=bool(module.training), standard=layer.standard, shape=shape,
-                    batch_size=n, samples_per_channel=count,
+                    layer=layer.name,
+                    index=trace.index,
+                    occurrence=trace.occurrence,
+                    training=bool(module.training),
+                    standard=layer.standard,
+                    shape=shape,
+                    batch_size=n,
+                    samples_per_channel=count,
                     eps=float(eps) if isinstance(eps, (int, float)) else None,
                     momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
                     has_momentum=hasattr(module, "momentum"),
-                    track_running_stats=bool(getattr(module, "track_running_stats",
-                                                     layer.has_running_stats)),
+                    track_running_stats=bool(
+                        getattr(module, "track_running_stats", layer.has_running_stats)
+                    ),
                     dtype=x_in.dtype if isinstance(x_in, torch.Tensor) else torch.float32,
-                    trace=trace, stock=type(module).forward in _STOCK_FORWARDS,
+                    trace=trace,
+                    stock=type(module).forward in _STOCK_FORWARDS,
                 )
                 obs.calls.append(rec)
                 if rec.training and count == 1 and _computes_batch_stats(layer, module):
@@ -582,8 +610,12 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                 if not rec.training:
                     return
                 out = _first_tensor(output)
-                if rec.norm_source is None and isinstance(x_in, torch.Tensor) \
-                        and isinstance(out, torch.Tensor) and out.shape == x_in.shape:
+                if (
+                    rec.norm_source is None
+                    and isinstance(x_in, torch.Tensor)
+                    and isinstance(out, torch.Tensor)
+                    and out.shape == x_in.shape
+                ):
                     _measure(rec, x_in, out)
                     rec.norm_source = "module"
                 if rec.before is not None:
@@ -620,8 +652,9 @@ def _measure(rec: TrainCall, inp: torch.Tensor, out: torch.Tensor) -> None:
 
 
 # ---- comparing eval passes -------------------------------------------------------------------
-def tensor_difference(a: torch.Tensor | None, b: torch.Tensor | None,
-                      rows: slice = slice(None)) -> tuple[float, float] | None:
+def tensor_difference(
+    a: torch.Tensor | None, b: torch.Tensor | None, rows: slice = slice(None)
+) -> tuple[float, float] | None:
     """(max |a - b|, max |a|) over ``rows``; ``None`` when not comparable. NaN/Inf in the
     same places count as equal; elsewhere they make the difference infinite."""
     if a is None or b is None or a.shape != b.shape or not a.is_floating_point():
@@ -642,8 +675,9 @@ def differs(d: tuple[float, float] | None, rtol: float) -> bool:
     return d is not None and d[0] > 0 and d[0] > rtol * d[1]
 
 
-def first_difference(p: EvalPass, q: EvalPass, rows: slice, rtol: float
-                     ) -> tuple[str | None, int, bool, tuple[float, float]] | None:
+def first_difference(
+    p: EvalPass, q: EvalPass, rows: slice, rtol: float
+) -> tuple[str | None, int, bool, tuple[float, float]] | None:
     """The first BN call (in ``p``'s call order) whose output differs between two passes:
     ``(layer, occurrence, input_differs_too, (max diff, scale))``; layer ``None`` when only
     the model outputs differ; ``None`` when nothing differs."""
@@ -678,9 +712,12 @@ def _eval_pass(ctx: AuditContext, x: Any, keep: int) -> EvalPass:
             counts[layer.name] = occ + 1
             # a view is enough for the input (nothing writes a BN input in place after BN;
             # the output is cloned: an in-place activation may follow)
-            call = EvalCall(layer.name, occ,
-                            t[:keep].detach() if isinstance(t, torch.Tensor)
-                            and t.dim() >= 1 else None, None)
+            call = EvalCall(
+                layer.name,
+                occ,
+                t[:keep].detach() if isinstance(t, torch.Tensor) and t.dim() >= 1 else None,
+                None,
+            )
             calls.append(call)
             pending.append(call)
 
@@ -701,30 +738,35 @@ def _eval_pass(ctx: AuditContext, x: Any, keep: int) -> EvalPass:
         result = _call(ctx.model, x)
     batch = _batch_size(x)
     # only outputs with one row per sample can be compared sample by sample
-    outputs = [t[:keep].detach().clone() for t in _output_tensors(result)
-               if t.dim() >= 1 and t.shape[0] == batch]
+    outputs = [
+        t[:keep].detach().clone()
+        for t in _output_tensors(result)
+        if t.dim() >= 1 and t.shape[0] == batch
+    ]
     return EvalPass(calls, outputs)
 
 
-def _eval_passes(ctx: AuditContext, x: Any, n: int, after_pass: Callable[[], None],
-                 mates: int = 2) -> EvalObservations:
+def _eval_passes(
+    ctx: AuditContext, x: Any, n: int, after_pass: Callable[[], None], mates: int = 2
+) -> EvalObservations:
     """Run the eval passes; ``mates`` batch-mates keep sample 0 company (2, or 1 when every
     BN layer sees more than one value per sample and channel)."""
     model = ctx.model
     model.eval()
     size = mates + 1
-    picks_a: list[int | tuple[int, int]] = [
-        i if i < n else (i % n, 10 + i) for i in range(size)]
+    picks_a: list[int | tuple[int, int]] = [i if i < n else (i % n, 10 + i) for i in range(size)]
     picks_b: list[int | tuple[int, int]] = [0]
     for i in range(1, size):
         later = size + i - 1
         picks_b.append(later if later < n else ((i % n) if n > 1 else 0, 20 + i))
     a_in = _map_batched(x, n, lambda t: _rows(t, picks_a))
     b_in = _map_batched(x, n, lambda t: _rows(t, picks_b))
-    companion = (f"sample{'s' if mates > 1 else ''} {', '.join(str(p) for p in picks_b[1:])} "
-                 f"instead of {', '.join(str(p) for p in picks_a[1:])}"
-                 if all(isinstance(p, int) for p in picks_a + picks_b)
-                 else "perturbed copies of its batch-mates")
+    companion = (
+        f"sample{'s' if mates > 1 else ''} {', '.join(str(p) for p in picks_b[1:])} "
+        f"instead of {', '.join(str(p) for p in picks_a[1:])}"
+        if all(isinstance(p, int) for p in picks_a + picks_b)
+        else "perturbed copies of its batch-mates"
+    )
 
     def run(inp: Any) -> EvalPass:
         try:
@@ -852,8 +894,11 @@ def collect(ctx: AuditContext) -> ForwardObservations:
     obs = ForwardObservations(batch_size=_batch_size(x))
     if "input-not-normalized" in wanted and ctx.user_batch:
         obs.inputs = summarize_inputs(x)
-    snapshot = {id(layer.module): (layer.module, BufferState.capture(layer.module))
-                for layer in ctx.layers if layer.has_running_stats}
+    snapshot = {
+        id(layer.module): (layer.module, BufferState.capture(layer.module))
+        for layer in ctx.layers
+        if layer.has_running_stats
+    }
 
     def restore() -> None:
         for module, state in snapshot.values():
@@ -889,10 +934,10 @@ def collect(ctx: AuditContext) -> ForwardObservations:
             try:
                 # with one value per sample and channel (BN on (N, C)), batch statistics of
                 # two samples are about +-1 whatever the samples are: use two batch-mates
-                flat = not obs.calls or any(c.samples_per_channel <= c.batch_size
-                                            for c in obs.calls)
-                obs.eval = _eval_passes(ctx, x, obs.batch_size, after_pass,
-                                        mates=2 if flat else 1)
+                flat = not obs.calls or any(
+                    c.samples_per_channel <= c.batch_size for c in obs.calls
+                )
+                obs.eval = _eval_passes(ctx, x, obs.batch_size, after_pass, mates=2 if flat else 1)
             except BNCheckError:
                 raise
             except Exception as exc:
@@ -904,8 +949,10 @@ def collect(ctx: AuditContext) -> ForwardObservations:
         ran = obs.train_ran or obs.eval is not None
         if failures and not ran:
             raise failures[0]
-        for stage, error, rules in (("train-mode", obs.train_error, TRAIN_RULES),
-                                    ("eval-mode", obs.eval_error, EVAL_RULES)):
+        for stage, error, rules in (
+            ("train-mode", obs.train_error, TRAIN_RULES),
+            ("eval-mode", obs.eval_error, EVAL_RULES),
+        ):
             if error is not None:
                 reason = f"the {stage} forward pass failed ({error})"
                 ctx.notes.append(f"{reason}; its rules were skipped")
@@ -917,8 +964,7 @@ def collect(ctx: AuditContext) -> ForwardObservations:
             except BNCheckError:
                 raise
             except Exception as exc:
-                _skip(ctx, ["stat-drift"], f"the forward pass on data= failed "
-                                           f"({_one_line(exc)})")
+                _skip(ctx, ["stat-drift"], f"the forward pass on data= failed ({_one_line(exc)})")
             restore()
     if obs.stopped_at is not None:
         ctx.notes.append(

@@ -330,12 +330,22 @@ class Report:
         out = [f"## {self.headline()}", ""]
         if self.findings:
             rows = [
-                [f.severity.value, f"`{f.rule}`", f"`{f.layer}`" if f.layer else "(model)",
-                 f.message.replace("|", "\\|")]
+                [
+                    f.severity.value,
+                    f"`{f.rule}`",
+                    f"`{f.layer}`" if f.layer else "(model)",
+                    f.message.replace("|", "\\|"),
+                ]
                 for f in self.findings
             ]
-            out.append(tabulate(rows, headers=["severity", "rule", "layer", "message"],
-                                tablefmt="github", disable_numparse=True))
+            out.append(
+                tabulate(
+                    rows,
+                    headers=["severity", "rule", "layer", "message"],
+                    tablefmt="github",
+                    disable_numparse=True,
+                )
+            )
         else:
             out.append("No findings.")
         if self.notes:

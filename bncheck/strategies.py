@@ -61,8 +61,12 @@ class BNConfig:
     @property
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments after ``num_features``."""
-        return {"eps": self.eps, "momentum": self.momentum, "affine": self.affine,
-                "track_running_stats": self.track_running_stats}
+        return {
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+        }
 
 
 def _strategy(value: Any, default: SearchStrategy[Any]) -> SearchStrategy[Any]:
@@ -86,7 +90,8 @@ def bn_configs(
     1-6 channels, eps in [1e-6, 0.5], momentum in [0, 1] or None (cumulative average), both
     affine settings, both track_running_stats settings."""
     momenta: SearchStrategy[float | None] = st.one_of(
-        st.sampled_from([0.1, 0.01, 0.5, 1.0, 0.0]), st.floats(0.0, 1.0))
+        st.sampled_from([0.1, 0.01, 0.5, 1.0, 0.0]), st.floats(0.0, 1.0)
+    )
     if allow_momentum_none:
         momenta = st.one_of(st.none(), momenta)
     return st.builds(
@@ -131,8 +136,15 @@ def bn_input_shapes(
     return shapes()
 
 
-def make_input(shape: Sequence[int], seed: int, *, scale: float = 1.0, shift: float = 0.0,
-               dtype: torch.dtype | None = None, device: Any = None) -> torch.Tensor:
+def make_input(
+    shape: Sequence[int],
+    seed: int,
+    *,
+    scale: float = 1.0,
+    shift: float = 0.0,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+) -> torch.Tensor:
     """``randn(shape) * scale + shift * randn(C)`` (one offset per channel, dim 1) from a local
     generator seeded with ``seed``: the same arguments always give the same tensor."""
     import torch
@@ -163,11 +175,19 @@ def bn_inputs(
 ) -> SearchStrategy[torch.Tensor]:
     """Input tensors for a BN layer with ``num_features`` channels (see :func:`make_input`)."""
     return st.builds(
-        lambda shape, seed, scale, shift: make_input(shape, seed, scale=scale, shift=shift,
-                                                     dtype=dtype),
-        bn_input_shapes(num_features, dims=dims, max_batch=max_batch, max_side=max_side,
-                        min_values_per_channel=min_values_per_channel),
-        _SEEDS, _SCALES, _SHIFTS,
+        lambda shape, seed, scale, shift: make_input(
+            shape, seed, scale=scale, shift=shift, dtype=dtype
+        ),
+        bn_input_shapes(
+            num_features,
+            dims=dims,
+            max_batch=max_batch,
+            max_side=max_side,
+            min_values_per_channel=min_values_per_channel,
+        ),
+        _SEEDS,
+        _SCALES,
+        _SHIFTS,
     )
 
 
@@ -225,8 +245,9 @@ def batches_for(
                 dtype, device = param.dtype, param.device
                 break
     return st.builds(
-        lambda n, seed, scale, shift: make_input((n, *shape), seed, scale=scale, shift=shift,
-                                                 dtype=dtype, device=device),
+        lambda n, seed, scale, shift: make_input(
+            (n, *shape), seed, scale=scale, shift=shift, dtype=dtype, device=device
+        ),
         batch_sizes if batch_sizes is not None else st.integers(2, 8),
         _SEEDS,
         scales if scales is not None else _SCALES,

@@ -98,15 +98,20 @@ def _table(findings: Sequence[Finding]) -> str:
     from tabulate import tabulate
 
     rows = [[f.severity.value, f.rule, f.layer or "(model)", f.message] for f in findings]
-    return str(tabulate(rows, headers=["severity", "rule", "layer", "message"],
-                        tablefmt="simple", disable_numparse=True,
-                        maxcolwidths=[None, None, None, _TABLE_WIDTH]))
+    return str(
+        tabulate(
+            rows,
+            headers=["severity", "rule", "layer", "message"],
+            tablefmt="simple",
+            disable_numparse=True,
+            maxcolwidths=[None, None, None, _TABLE_WIDTH],
+        )
+    )
 
 
 def failure_text(report: Report, fail_on: str = "error", *, title: str = "bncheck") -> str:
     """The text of a failed check: what failed, the findings table, how to silence a rule."""
-    failing = [f for f in report.findings
-               if fail_on != "never" and f.severity >= Severity(fail_on)]
+    failing = [f for f in report.findings if fail_on != "never" and f.severity >= Severity(fail_on)]
     others = len(report.findings) - len(failing)
     where = f" in {report.source}" if report.source else ""
     count = f"{len(failing)} finding{'s' if len(failing) != 1 else ''}"
@@ -144,8 +149,15 @@ def assert_bn_ok(
     from .engine import audit
 
     threshold = _validate_fail_on(fail_on)
-    report = audit(model, example_input, optimizer=optimizer, data=data, select=select,
-                   ignore=ignore, **tolerances)
+    report = audit(
+        model,
+        example_input,
+        optimizer=optimizer,
+        data=data,
+        select=select,
+        ignore=ignore,
+        **tolerances,
+    )
     _record(report)
     if report.failed(threshold):
         raise BNCheckFailure(failure_text(report, threshold, title="assert_bn_ok"), report)
@@ -177,8 +189,9 @@ def assert_rules_ok(
     from .engine import audit
 
     rule_ids = resolve_rule_ids(select=rules)
-    report = audit(model, example_input, optimizer=optimizer, data=data, select=rule_ids,
-                   **tolerances)
+    report = audit(
+        model, example_input, optimizer=optimizer, data=data, select=rule_ids, **tolerances
+    )
     _record(report)
     if report.findings:
         raise BNCheckFailure(failure_text(report, "info", title=title), report)
@@ -193,8 +206,9 @@ def assert_normalizes(model: nn.Module, example_input: Any, **tolerances: Any) -
     """In train mode every BN layer's pre-affine output is zero-mean / unit-variance per channel
     (rule ``normalization``; the biased batch variance is the one PyTorch normalises with)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("normalization",),
-                           title="assert_normalizes", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("normalization",), title="assert_normalizes", **tolerances
+    )
 
 
 def assert_ema_updates(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
@@ -202,61 +216,84 @@ def assert_ema_updates(model: nn.Module, example_input: Any, **tolerances: Any) 
     PyTorch's momentum update does (rule ``ema-update``: ``new = (1 - m) * old + m * batch``
     with the unbiased batch variance, ``m = 1 / num_batches_tracked`` when momentum is None)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("ema-update",),
-                           title="assert_ema_updates", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("ema-update",), title="assert_ema_updates", **tolerances
+    )
 
 
 def assert_eval_deterministic(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """Two identical eval-mode forwards give identical outputs (rule ``eval-nondeterminism``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("eval-nondeterminism",),
-                           title="assert_eval_deterministic", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("eval-nondeterminism",),
+        title="assert_eval_deterministic",
+        **tolerances,
+    )
 
 
-def assert_eval_batch_independent(model: nn.Module, example_input: Any,
-                                  **tolerances: Any) -> Report:
+def assert_eval_batch_independent(
+    model: nn.Module, example_input: Any, **tolerances: Any
+) -> Report:
     """In eval mode a sample's output does not depend on the rest of its batch
     (rule ``eval-batch-dependence``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("eval-batch-dependence",),
-                           title="assert_eval_batch_independent", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("eval-batch-dependence",),
+        title="assert_eval_batch_independent",
+        **tolerances,
+    )
 
 
 def assert_eval_keeps_stats(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """An eval-mode forward leaves the running statistics alone (rule ``eval-updates-stats``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("eval-updates-stats",),
-                           title="assert_eval_keeps_stats", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("eval-updates-stats",), title="assert_eval_keeps_stats", **tolerances
+    )
 
 
-def assert_bn_before_activation(model: nn.Module, example_input: Any,
-                                **tolerances: Any) -> Report:
+def assert_bn_before_activation(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """No BN layer takes its input straight from an activation (rule ``bn-after-activation``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("bn-after-activation",),
-                           title="assert_bn_before_activation", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("bn-after-activation",),
+        title="assert_bn_before_activation",
+        **tolerances,
+    )
 
 
 def assert_no_bias_before_bn(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """No conv/linear bias feeds a BN layer directly (rule ``bias-before-bn``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("bias-before-bn",),
-                           title="assert_no_bias_before_bn", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("bias-before-bn",), title="assert_no_bias_before_bn", **tolerances
+    )
 
 
-def assert_no_dropout_before_bn(model: nn.Module, example_input: Any,
-                                **tolerances: Any) -> Report:
+def assert_no_dropout_before_bn(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """No dropout feeds a BN layer (rule ``dropout-before-bn``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("dropout-before-bn",),
-                           title="assert_no_dropout_before_bn", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("dropout-before-bn",),
+        title="assert_no_dropout_before_bn",
+        **tolerances,
+    )
 
 
 def assert_no_reused_bn(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """Each BN module is called at one place per forward (rule ``bn-reused``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("bn-reused",),
-                           title="assert_no_reused_bn", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("bn-reused",), title="assert_no_reused_bn", **tolerances
+    )
 
 
 def assert_no_small_batch(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
@@ -264,62 +301,88 @@ def assert_no_small_batch(model: nn.Module, example_input: Any, **tolerances: An
     channel (rules ``small-batch`` and ``single-value-per-channel``; tolerances
     ``min_batch_size``, ``min_samples_per_channel``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("small-batch", "single-value-per-channel"),
-                           title="assert_no_small_batch", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("small-batch", "single-value-per-channel"),
+        title="assert_no_small_batch",
+        **tolerances,
+    )
 
 
 def assert_input_normalized(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """The batch you train with looks normalised (rule ``input-not-normalized``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("input-not-normalized",),
-                           title="assert_input_normalized", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("input-not-normalized",),
+        title="assert_input_normalized",
+        **tolerances,
+    )
 
 
-def assert_pytorch_momentum(model: nn.Module, example_input: Any = None,
-                            **tolerances: Any) -> Report:
+def assert_pytorch_momentum(
+    model: nn.Module, example_input: Any = None, **tolerances: Any
+) -> Report:
     """No BN momentum looks like a Keras/TF value (rule ``keras-momentum``). Needs no input."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("keras-momentum",),
-                           title="assert_pytorch_momentum", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("keras-momentum",), title="assert_pytorch_momentum", **tolerances
+    )
 
 
 def assert_valid_eps(model: nn.Module, example_input: Any = None, **tolerances: Any) -> Report:
     """Every BN eps is finite and > 0 (rule ``invalid-eps``). Needs no input."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("invalid-eps",),
-                           title="assert_valid_eps", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("invalid-eps",), title="assert_valid_eps", **tolerances
+    )
 
 
 def assert_finite_stats(model: nn.Module, example_input: Any = None, **tolerances: Any) -> Report:
     """Running statistics and gamma/beta are finite and running_var >= 0 (rules
     ``nonfinite-stats``, ``negative-running-var``). Needs no input."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("nonfinite-stats", "negative-running-var"),
-                           title="assert_finite_stats", **tolerances)
+    return assert_rules_ok(
+        model,
+        example_input,
+        ("nonfinite-stats", "negative-running-var"),
+        title="assert_finite_stats",
+        **tolerances,
+    )
 
 
-def assert_trained_stats(model: nn.Module, example_input: Any = None,
-                         **tolerances: Any) -> Report:
+def assert_trained_stats(model: nn.Module, example_input: Any = None, **tolerances: Any) -> Report:
     """A model in eval mode does not carry initial running statistics (rule
     ``untrained-stats``). Needs no input."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("untrained-stats",),
-                           title="assert_trained_stats", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("untrained-stats",), title="assert_trained_stats", **tolerances
+    )
 
 
 def assert_no_weight_decay_on_bn(model: nn.Module, optimizer: Any, **tolerances: Any) -> Report:
     """No BN gamma/beta sits in a param group with weight decay (rule ``weight-decay-on-bn``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, None, ("weight-decay-on-bn",), optimizer=optimizer,
-                           title="assert_no_weight_decay_on_bn", **tolerances)
+    return assert_rules_ok(
+        model,
+        None,
+        ("weight-decay-on-bn",),
+        optimizer=optimizer,
+        title="assert_no_weight_decay_on_bn",
+        **tolerances,
+    )
 
 
-def assert_no_stat_drift(model: nn.Module, example_input: Any, data: Iterable[Any],
-                         **tolerances: Any) -> Report:
+def assert_no_stat_drift(
+    model: nn.Module, example_input: Any, data: Iterable[Any], **tolerances: Any
+) -> Report:
     """Running statistics match the statistics of ``data`` (rule ``stat-drift``)."""
     __tracebackhide__ = True
-    return assert_rules_ok(model, example_input, ("stat-drift",), data=data,
-                           title="assert_no_stat_drift", **tolerances)
+    return assert_rules_ok(
+        model, example_input, ("stat-drift",), data=data, title="assert_no_stat_drift", **tolerances
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -36,23 +36,85 @@ __all__ = ["OpRecord", "BNCall", "Tracer", "op_name", "upstream", "ACTIVATIONS"]
 
 #: Activation names (functions lower-cased without a trailing ``_``, module classes
 #: lower-cased). The ReLU family, smooth ReLUs, gates and squashing functions.
-ACTIVATIONS = frozenset({
-    "relu", "relu6", "leaky_relu", "leakyrelu", "rrelu", "elu", "selu", "celu", "prelu",
-    "gelu", "silu", "swish", "hardswish", "hard_swish", "hardsigmoid", "hard_sigmoid", "mish",
-    "softplus", "sigmoid", "tanh", "hardtanh", "glu", "logsigmoid", "softsign", "tanhshrink",
-    "threshold", "quickgelu", "gelutanh", "star_relu", "starrelu",
-})
+ACTIVATIONS = frozenset(
+    {
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "leakyrelu",
+        "rrelu",
+        "elu",
+        "selu",
+        "celu",
+        "prelu",
+        "gelu",
+        "silu",
+        "swish",
+        "hardswish",
+        "hard_swish",
+        "hardsigmoid",
+        "hard_sigmoid",
+        "mish",
+        "softplus",
+        "sigmoid",
+        "tanh",
+        "hardtanh",
+        "glu",
+        "logsigmoid",
+        "softsign",
+        "tanhshrink",
+        "threshold",
+        "quickgelu",
+        "gelutanh",
+        "star_relu",
+        "starrelu",
+    }
+)
 
 #: Ops that only change shape or layout; producers are looked up through them.
-TRANSPARENT = frozenset({
-    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "identity",
-    "view_as", "reshape_as", "clone", "detach", "to", "float", "type_as",
-})
+TRANSPARENT = frozenset(
+    {
+        "view",
+        "reshape",
+        "flatten",
+        "unflatten",
+        "squeeze",
+        "unsqueeze",
+        "contiguous",
+        "identity",
+        "view_as",
+        "reshape_as",
+        "clone",
+        "detach",
+        "to",
+        "float",
+        "type_as",
+    }
+)
 
-_DROPOUT_FUNCS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-                            "feature_alpha_dropout", "feature_dropout"})
-_LINEAR_FUNCS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                           "conv_transpose3d", "linear", "convolution"})
+_DROPOUT_FUNCS = frozenset(
+    {
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "feature_dropout",
+    }
+)
+_LINEAR_FUNCS = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "linear",
+        "convolution",
+    }
+)
 
 
 @dataclass(eq=False)
@@ -135,15 +197,15 @@ def _iter_tensors(value: Any) -> Iterator[torch.Tensor]:
                 yield v
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int, name: str,
-         default: Any) -> Any:
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int, name: str, default: Any) -> Any:
     if name in kwargs:
         return kwargs[name]
     return args[pos] if len(args) > pos else default
 
 
-def _function_record(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     source: OpRecord | None) -> OpRecord:
+def _function_record(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], source: OpRecord | None
+) -> OpRecord:
     if name in TRANSPARENT:
         return OpRecord(name, "transparent", source=source)
     if name in ACTIVATIONS:
@@ -153,8 +215,7 @@ def _function_record(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
         return OpRecord(name, "linear", has_bias=isinstance(bias, torch.Tensor), source=source)
     if name in _DROPOUT_FUNCS:
         p = _arg(args, kwargs, 1, "p", 0.5)
-        training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2
-                                                     else True))
+        training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
         try:
             p = float(p)
         except (TypeError, ValueError):
@@ -170,16 +231,39 @@ def _module_record(qualname: str, module: nn.Module, source: OpRecord | None) ->
     if isinstance(module, (nn.Identity, nn.Flatten, nn.Unflatten)):
         return OpRecord(kind, "transparent", module=qualname, source=source)
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)):
-        return OpRecord(kind, "linear", module=qualname,
-                        has_bias=getattr(module, "bias", None) is not None, source=source)
+        return OpRecord(
+            kind,
+            "linear",
+            module=qualname,
+            has_bias=getattr(module, "bias", None) is not None,
+            source=source,
+        )
     if isinstance(module, nn.modules.dropout._DropoutNd):
         category = "dropout" if module.p > 0 and module.training else "other"
         return OpRecord(kind, category, module=qualname, p=float(module.p), source=source)
-    if lowered in ACTIVATIONS or isinstance(module, (
-        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.PReLU, nn.GELU, nn.SiLU,
-        nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh,
-        nn.RReLU, nn.GLU,
-    )):
+    if lowered in ACTIVATIONS or isinstance(
+        module,
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.PReLU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Mish,
+            nn.Softplus,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Hardtanh,
+            nn.RReLU,
+            nn.GLU,
+        ),
+    ):
         return OpRecord(kind, "activation", module=qualname, source=source)
     return OpRecord(kind, "other", module=qualname, source=source)
 
@@ -194,8 +278,13 @@ class _RecordingMode(TorchFunctionMode):
         super().__init__()
         self.tracer = tracer
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         tracer = self.tracer
@@ -288,8 +377,9 @@ class Tracer:
                 return call
         return None
 
-    def observe_op(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   out: Any) -> None:
+    def observe_op(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
         first = _first_tensor(args)
         source = self.producer(first) if first is not None else None
         if self._leaf_depth == 0:
@@ -305,8 +395,7 @@ class Tracer:
         """Whether a leaf module (or a BN layer) is running now."""
         return self._leaf_depth > 0
 
-    def notify(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-               out: Any) -> None:
+    def notify(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Call the listeners on one op, with recording paused."""
         self.paused_depth += 1
         try:
@@ -324,8 +413,7 @@ class Tracer:
             first = _first_tensor(args)
             self._leaf_sources.append(self.producer(first) if first is not None else None)
             if self._leaf_depth == 0:
-                self._note_consumers(args, {}, f"{qualname or '(model)'} "
-                                               f"({type(module).__name__})")
+                self._note_consumers(args, {}, f"{qualname or '(model)'} ({type(module).__name__})")
             self._leaf_depth += 1
             # the module's own record replaces what its ops produce: let them bypass the
             # recording mode (undone in the post hook, or in __exit__ if the module raises)
@@ -364,8 +452,7 @@ class Tracer:
     def bn_exit(self, call: BNCall, module: nn.Module, output: Any) -> None:
         """A BN layer returns: its output tensors are now produced by this call."""
         self._leaf_depth = max(0, self._leaf_depth - 1)
-        record = OpRecord(type(module).__name__, "bn", module=call.layer,
-                          source=call.producer)
+        record = OpRecord(type(module).__name__, "bn", module=call.layer, source=call.producer)
         call.record = record
         for t in _iter_tensors(output):
             self.set_producer(t, record)
@@ -377,10 +464,12 @@ class Tracer:
             for qualname, module in self.model.named_modules():
                 if module in self.bn_modules or any(True for _ in module.children()):
                     continue
-                stack.enter_context(_removing(module.register_forward_pre_hook(
-                    self._leaf_pre(qualname))))
-                stack.enter_context(_removing(module.register_forward_hook(
-                    self._leaf_post(qualname))))
+                stack.enter_context(
+                    _removing(module.register_forward_pre_hook(self._leaf_pre(qualname)))
+                )
+                stack.enter_context(
+                    _removing(module.register_forward_hook(self._leaf_post(qualname)))
+                )
             stack.enter_context(_RecordingMode(self))
         except BaseException:
             stack.close()

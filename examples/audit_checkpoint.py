@@ -101,18 +101,24 @@ def audit_from_python(path: Path) -> bncheck.Report:
     if example is None and loaded.runnable:
         shape = loaded.input_shape or INPUT_SHAPES[ARCH]
         example = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-    return bncheck.audit(loaded.model, example, synthetic_input=True, source=str(path),
-                         ignore=QUIET[1])
+    return bncheck.audit(
+        loaded.model, example, synthetic_input=True, source=str(path), ignore=QUIET[1]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer training steps (the script is small either way)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: small models gain little from "
-                             "more, a busy machine loses a lot, and one thread makes the "
-                             "numbers repeat exactly; 0 keeps torch's default)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer training steps (the script is small either way)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: small models gain little from "
+        "more, a busy machine loses a lot, and one thread makes the "
+        "numbers repeat exactly; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
@@ -125,19 +131,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"saved {', '.join(p.name for p in paths.values())} in {folder}")
 
         print("\n== 1. From the command line ==")
-        codes = {name: run_cli(["audit", str(path), "--arch", ARCH, *QUIET])
-                 for name, path in paths.items()}
+        codes = {
+            name: run_cli(["audit", str(path), "--arch", ARCH, *QUIET])
+            for name, path in paths.items()
+        }
         # A CI job that must also fail on warnings:
         codes["untrained --fail-on warning"] = run_cli(
-            ["audit", str(paths["untrained"]), "--arch", ARCH, "--fail-on", "warning", *QUIET])
+            ["audit", str(paths["untrained"]), "--arch", ARCH, "--fail-on", "warning", *QUIET]
+        )
         # Machine-readable output for CI, written to a file:
         json_path = folder / "nan_stats.json"
-        run_cli(["audit", str(paths["nan_stats"]), "--arch", ARCH, *QUIET, "--format", "json",
-                 "--output", str(json_path)])
+        run_cli(
+            [
+                "audit",
+                str(paths["nan_stats"]),
+                "--arch",
+                ARCH,
+                *QUIET,
+                "--format",
+                "json",
+                "--output",
+                str(json_path),
+            ]
+        )
         if json_path.exists():
             saved = json.loads(json_path.read_text(encoding="utf-8"))
-            print(f"{json_path.name}: summary {saved['summary']}, rules "
-                  f"{sorted({f['rule'] for f in saved['findings']})}")
+            print(
+                f"{json_path.name}: summary {saved['summary']}, rules "
+                f"{sorted({f['rule'] for f in saved['findings']})}"
+            )
         # A file that is not a checkpoint: a one-line error and exit code 2, no traceback.
         junk = folder / "notes.txt"
         junk.write_text("not a checkpoint\n", encoding="utf-8")
@@ -155,14 +177,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n== Exit codes ==")
     for name, code in codes.items():
         print(f"{name:>28}: {code}")
-    expected = {"healthy": 0, "nan_stats": 1, "untrained": 0,
-                "untrained --fail-on warning": 1, "not a checkpoint": 2}
+    expected = {
+        "healthy": 0,
+        "nan_stats": 1,
+        "untrained": 0,
+        "untrained --fail-on warning": 1,
+        "not a checkpoint": 2,
+    }
     wrong = {name: code for name, code in codes.items() if code != expected[name]}
     if wrong or not reports["healthy"].ok or reports["nan_stats"].ok:
         print(f"unexpected results: {wrong or 'Python reports'}")
         return 1
-    print("all as expected: the healthy checkpoint passes, the NaN one fails, the untrained "
-          "one warns")
+    print(
+        "all as expected: the healthy checkpoint passes, the NaN one fails, the untrained one warns"
+    )
     return 0
 
 

@@ -63,15 +63,21 @@ def frozen_bn_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, generator: torch.Generator, max_steps: int | None,
-                batch_size: int = 32) -> float:
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    max_steps: int | None,
+    batch_size: int = 32,
+) -> float:
     """One epoch of shuffled mini-batches (last partial batch dropped); the mean loss."""
     order = torch.randperm(len(y), generator=generator)
     steps = len(y) // batch_size if max_steps is None else min(len(y) // batch_size, max_steps)
     total = 0.0
     for step in range(steps):
-        index = order[step * batch_size: (step + 1) * batch_size]
+        index = order[step * batch_size : (step + 1) * batch_size]
         loss = F.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad()
         loss.backward()
@@ -130,9 +136,17 @@ class FinetuneResult:
     old_accuracy: float  # old task (digits 0-4) through the fine-tuned backbone
 
 
-def finetune(pretrained: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
-             y_test: torch.Tensor, old_test: tuple[torch.Tensor, torch.Tensor],
-             settings: Settings, *, fixed: bool) -> FinetuneResult:
+def finetune(
+    pretrained: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    old_test: tuple[torch.Tensor, torch.Tensor],
+    settings: Settings,
+    *,
+    fixed: bool,
+) -> FinetuneResult:
     """Fine-tune a copy of ``pretrained`` on new classes with the backbone frozen.
 
     ``fixed=False`` is the common loop: freeze once, then ``model.train()`` every epoch.
@@ -152,8 +166,9 @@ def finetune(pretrained: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: to
     if not isinstance(head, nn.Linear):
         raise TypeError(f"expected the VGG classifier to end in nn.Linear, got {head!r}")
     model.classifier[-1] = nn.Linear(head.in_features, 5)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02,
-                                momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9
+    )
     probe = x_test[:64]
     before = backbone_output(model, probe)
     generator = torch.Generator().manual_seed(SEED)
@@ -183,27 +198,39 @@ def finetune(pretrained: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: to
 
 def describe(name: str, result: FinetuneResult) -> None:
     print(f"\n== {name} ==")
-    print(f"backbone eval outputs identical before/after fine-tuning: {result.identical} "
-          f"(max |change| = {result.max_change:.3g})")
-    print(f"test accuracy on the new task (digits 5-9): {100 * result.accuracy:.1f}%; "
-          f"on the old task (0-4) through the fine-tuned backbone: "
-          f"{100 * result.old_accuracy:.1f}%")
-    for label, report in (("Monitor (training run)", result.monitor),
-                          ("bncheck.audit(model)", result.static)):
+    print(
+        f"backbone eval outputs identical before/after fine-tuning: {result.identical} "
+        f"(max |change| = {result.max_change:.3g})"
+    )
+    print(
+        f"test accuracy on the new task (digits 5-9): {100 * result.accuracy:.1f}%; "
+        f"on the old task (0-4) through the fine-tuned backbone: "
+        f"{100 * result.old_accuracy:.1f}%"
+    )
+    for label, report in (
+        ("Monitor (training run)", result.monitor),
+        ("bncheck.audit(model)", result.static),
+    ):
         print(f"{label}: {report.headline()}")
         for rule in sorted(report.rules_found()):
             found = [f for f in report.findings if f.rule == rule]
-            print(f"  {found[0].severity.value} {rule} in {len(found)} layer(s), first: "
-                  f"{found[0].message}")
+            print(
+                f"  {found[0].severity.value} {rule} in {len(found)} layer(s), first: "
+                f"{found[0].message}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: small models gain little from "
-                             "more, a busy machine loses a lot, and one thread makes the "
-                             "numbers repeat exactly; 0 keeps torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: small models gain little from "
+        "more, a busy machine loses a lot, and one thread makes the "
+        "numbers repeat exactly; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
@@ -220,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_test = (x_old[split_old:], y_old[split_old:])
     pretrained = pretrain(x_old[:split_old], y_old[:split_old], settings)
     pretrained_accuracy = accuracy(pretrained, *old_test)
-    print(f"pretrained on digits 0-4 ({split_old} images): test accuracy "
-          f"{100 * pretrained_accuracy:.1f}%")
+    print(
+        f"pretrained on digits 0-4 ({split_old} images): test accuracy "
+        f"{100 * pretrained_accuracy:.1f}%"
+    )
     data = (x_new[:split_new], y_new[:split_new], x_new[split_new:], y_new[split_new:])
     buggy = finetune(pretrained, *data, old_test, settings, fixed=False)
     fixed = finetune(pretrained, *data, old_test, settings, fixed=True)
@@ -236,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(the fixed loop: exactly unchanged). Re-estimating BN statistics on new data can "
         f"help or hurt (adapting them on purpose is a known technique, AdaBN); the bug is that "
         f"it happens silently to a backbone meant to stay as pretrained, so it no longer "
-        f"computes what was pretrained (outputs moved by up to {buggy.max_change:.3g}).")
+        f"computes what was pretrained (outputs moved by up to {buggy.max_change:.3g})."
+    )
 
     checks = {
         "buggy run: backbone outputs changed": not buggy.identical,

@@ -81,8 +81,15 @@ class Settings:
 
     @classmethod
     def quick_run(cls) -> Settings:
-        return cls(epochs=1, train_size=256, test_size=128, width=0.125,
-                   max_steps_per_epoch=12, recalibration_steps=12, quick=True)
+        return cls(
+            epochs=1,
+            train_size=256,
+            test_size=128,
+            width=0.125,
+            max_steps_per_epoch=12,
+            recalibration_steps=12,
+            quick=True,
+        )
 
 
 @dataclass
@@ -114,12 +121,17 @@ def load_digits_32(settings: Settings) -> Digits:
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))
     train = order[: settings.train_size]
-    test = order[settings.train_size: settings.train_size + settings.test_size]
+    test = order[settings.train_size : settings.train_size + settings.test_size]
     return Digits(images[train], labels[train], images[test], labels[test])
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
-            max_steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    max_steps: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled mini-batches; the last partial batch is dropped (``drop_last=True``), so no
     batch is smaller than ``batch_size`` (a batch of 1 is what BN cannot train on)."""
     order = torch.randperm(len(y), generator=generator)
@@ -127,7 +139,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
     if max_steps is not None:
         steps = min(steps, max_steps)
     for step in range(steps):
-        index = order[step * batch_size: (step + 1) * batch_size]
+        index = order[step * batch_size : (step + 1) * batch_size]
         yield x[index], y[index]
 
 
@@ -167,8 +179,13 @@ def reset_classifier(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-             bn_batch_stats: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    bn_batch_stats: bool = False,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on (x, y).
 
     With ``bn_batch_stats=False`` the model is in ``eval()`` mode: BN uses its running
@@ -186,16 +203,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         net.eval()
     losses, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        logits = net(x[start: start + batch_size])
-        target = y[start: start + batch_size]
+        logits = net(x[start : start + batch_size])
+        target = y[start : start + batch_size]
         losses += F.cross_entropy(logits, target, reduction="sum").item()
         correct += int((logits.argmax(1) == target).sum())
     return losses / len(y), correct / len(y)
 
 
-def train(name: str, data: Digits, settings: Settings, *, batch_size: int = 64,
-          scaled: bool = True, batch_norm: bool = True, bn_position: str = "before",
-          lr: float | None = None) -> Run:
+def train(
+    name: str,
+    data: Digits,
+    settings: Settings,
+    *,
+    batch_size: int = 64,
+    scaled: bool = True,
+    batch_norm: bool = True,
+    bn_position: str = "before",
+    lr: float | None = None,
+) -> Run:
     """Train a fresh, seeded ``vgg16_bn_small`` with SGD, watched by ``bncheck.Monitor``.
 
     The learning rate is ``lr`` (default ``settings.lr``) times ``batch_size / 64`` (the linear
@@ -204,11 +229,17 @@ def train(name: str, data: Digits, settings: Settings, *, batch_size: int = 64,
     that follow them) settle.
     """
     torch.manual_seed(SEED)
-    model = vgg16_bn_small(num_classes=10, in_channels=1, width=settings.width,
-                           batch_norm=batch_norm, bn_position=bn_position)  # type: ignore[arg-type]
+    model = vgg16_bn_small(
+        num_classes=10,
+        in_channels=1,
+        width=settings.width,
+        batch_norm=batch_norm,
+        bn_position=bn_position,
+    )  # type: ignore[arg-type]
     reset_classifier(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=(lr or settings.lr) * batch_size / 64,
-                                momentum=0.9)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=(lr or settings.lr) * batch_size / 64, momentum=0.9
+    )
     steps_per_epoch = len(data.y_train) // batch_size
     if settings.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
@@ -224,8 +255,9 @@ def train(name: str, data: Digits, settings: Settings, *, batch_size: int = 64,
     def one_epoch() -> float:
         model.train()
         total, count = 0.0, 0
-        for xb, yb in batches(x_train, data.y_train, batch_size, shuffle,
-                              settings.max_steps_per_epoch):
+        for xb, yb in batches(
+            x_train, data.y_train, batch_size, shuffle, settings.max_steps_per_epoch
+        ):
             loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad()
             loss.backward()
@@ -345,7 +377,7 @@ def population_mean(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray
     try:
         model.eval()
         for start in range(0, len(x), 256):
-            model(x[start: start + 256])
+            model(x[start : start + 256])
     finally:
         handle.remove()
     return (torch.stack(sums).sum(0) / sum(counts)).numpy()
@@ -359,8 +391,9 @@ class Recalibration:
     report: bncheck.Report
 
 
-def recalibrate(model: nn.Module, x: torch.Tensor, steps: int,
-                batch_size: int = 64) -> Recalibration:
+def recalibrate(
+    model: nn.Module, x: torch.Tensor, steps: int, batch_size: int = 64
+) -> Recalibration:
     """Re-estimate the BN running statistics of a copy of ``model`` with its weights fixed.
 
     The statistics are reset (mean 0, var 1, counter 0) and updated by ``steps`` train-mode
@@ -382,8 +415,9 @@ def recalibrate(model: nn.Module, x: torch.Tensor, steps: int,
     frame = monitor.channels(WATCHED_LAYER)
     means = frame.pivot(index="step", columns="channel", values="running_mean").sort_index()
     variances = frame.pivot(index="step", columns="channel", values="running_var").sort_index()
-    return Recalibration(copy_.eval(), means.to_numpy(dtype=float),
-                         variances.to_numpy(dtype=float), monitor.report())
+    return Recalibration(
+        copy_.eval(), means.to_numpy(dtype=float), variances.to_numpy(dtype=float), monitor.report()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,15 +439,25 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny run (a few seconds) for smoke tests; numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "_out",
-                        help="folder for walkthrough.md and walkthrough.png "
-                             "(default: examples/_out)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: small models gain little from "
-                             "more, a busy machine loses a lot, and one thread makes the "
-                             "numbers repeat exactly; 0 keeps torch's default)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run (a few seconds) for smoke tests; numbers mean nothing",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "_out",
+        help="folder for walkthrough.md and walkthrough.png (default: examples/_out)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: small models gain little from "
+        "more, a busy machine loses a lot, and one thread makes the "
+        "numbers repeat exactly; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
@@ -430,8 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(data.y_test)} test images, {settings.epochs} epochs of SGD (momentum 0.9, lr "
         f"{settings.lr} x batch size / 64, cosine-annealed to 0), seed {SEED}, "
         f"torch {torch.__version__}, bncheck {bncheck.__version__}"
-        + (". **Quick mode: the numbers below are a smoke test and show nothing.**"
-           if settings.quick else ".")
+        + (
+            ". **Quick mode: the numbers below are a smoke test and show nothing.**"
+            if settings.quick
+            else "."
+        )
     )
     md.append("")
 
@@ -439,13 +486,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = train("BN before ReLU, scaled 0-1, batch 64", data, settings)
     raw = train("BN, raw 0-255 pixels, batch 64", data, settings, scaled=False)
     no_bn = train("no BN, scaled 0-1, batch 64", data, settings, batch_norm=False)
-    no_bn_raw = train("no BN, raw 0-255 pixels, batch 64", data, settings, scaled=False,
-                      batch_norm=False)
-    no_bn_slow = train(f"no BN, scaled 0-1, batch 64, lr {settings.lr / 4:g}", data, settings,
-                       batch_norm=False, lr=settings.lr / 4)
+    no_bn_raw = train(
+        "no BN, raw 0-255 pixels, batch 64", data, settings, scaled=False, batch_norm=False
+    )
+    no_bn_slow = train(
+        f"no BN, scaled 0-1, batch 64, lr {settings.lr / 4:g}",
+        data,
+        settings,
+        batch_norm=False,
+        lr=settings.lr / 4,
+    )
     after = train("BN after ReLU, scaled 0-1, batch 64", data, settings, bn_position="after")
-    small = {bs: train(f"BN before ReLU, scaled 0-1, batch {bs}", data, settings,
-                       batch_size=bs) for bs in (2, 8)}
+    small = {
+        bs: train(f"BN before ReLU, scaled 0-1, batch {bs}", data, settings, batch_size=bs)
+        for bs in (2, 8)
+    }
     small[64] = base
     x_test = Digits.scale(data.x_test_raw)
 
@@ -454,43 +509,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_raw = audit_training_batch(raw, data)
     md += ["## 1. Scaled (0-1) vs raw 0-255 inputs", ""]
     rows = []
-    for run, report in ((base, audit_base), (raw, audit_raw), (no_bn, None),
-                        (no_bn_raw, None)):
-        rows.append([run.name, num(run.train_loss[-1]), num(run.test_loss[-1]),
-                     pct(run.test_acc[-1]), rule_status(report, "input-not-normalized")])
-    md.append(table(["run", "final train loss", "test loss", "test accuracy",
-                     "`input-not-normalized` (audit of a training batch)"], rows))
+    for run, report in ((base, audit_base), (raw, audit_raw), (no_bn, None), (no_bn_raw, None)):
+        rows.append(
+            [
+                run.name,
+                num(run.train_loss[-1]),
+                num(run.test_loss[-1]),
+                pct(run.test_acc[-1]),
+                rule_status(report, "input-not-normalized"),
+            ]
+        )
+    md.append(
+        table(
+            [
+                "run",
+                "final train loss",
+                "test loss",
+                "test accuracy",
+                "`input-not-normalized` (audit of a training batch)",
+            ],
+            rows,
+        )
+    )
     md.append("")
     gap_bn = raw.test_acc[-1] - base.test_acc[-1]
     gap_plain = no_bn_raw.test_acc[-1] - no_bn.test_acc[-1]
     chance = 0.2  # 10 classes: below 20% a run has not learned anything worth comparing
-    text = (f"With BN, raw pixels instead of 0-1 inputs changed the final test accuracy by "
-            f"{100 * gap_bn:+.1f} points ({pct(base.test_acc[-1])} scaled, "
-            f"{pct(raw.test_acc[-1])} raw). ")
+    text = (
+        f"With BN, raw pixels instead of 0-1 inputs changed the final test accuracy by "
+        f"{100 * gap_bn:+.1f} points ({pct(base.test_acc[-1])} scaled, "
+        f"{pct(raw.test_acc[-1])} raw). "
+    )
     if abs(gap_bn) < 0.03:
-        text += ("BN right after the first convolution cancels a constant input scale (the "
-                 "conv output is divided by its own batch std), so this network barely cares. ")
+        text += (
+            "BN right after the first convolution cancels a constant input scale (the "
+            "conv output is divided by its own batch std), so this network barely cares. "
+        )
     elif gap_bn < 0:
-        text += ("The raw scale still costs accuracy with BN: BN cancels the scale in the "
-                 "forward pass, but the first layer's gradients shrink with it, so its "
-                 "effective learning rate differs. ")
+        text += (
+            "The raw scale still costs accuracy with BN: BN cancels the scale in the "
+            "forward pass, but the first layer's gradients shrink with it, so its "
+            "effective learning rate differs. "
+        )
     else:
         text += "Here the raw input did better; at this scale that is within run-to-run noise. "
     if max(no_bn.test_acc[-1], no_bn_raw.test_acc[-1]) < chance:
-        text += ("Without BN the network did not learn at all at this learning rate, scaled or "
-                 "not (see section 2), so the comparison without BN says nothing here. ")
+        text += (
+            "Without BN the network did not learn at all at this learning rate, scaled or "
+            "not (see section 2), so the comparison without BN says nothing here. "
+        )
     else:
-        text += (f"Without BN the input scale changes everything: {pct(no_bn.test_acc[-1])} "
-                 f"scaled vs {pct(no_bn_raw.test_acc[-1])} raw ({100 * gap_plain:+.1f} "
-                 f"points). Without normalisation every activation's scale follows the "
-                 f"input's, so whether the signal survives 13 layers at a given learning rate "
-                 f"depends on it"
-                 + (" (here the larger raw scale happened to be the one that trained: not an "
-                    "argument for raw pixels, but for the fragility BN removes). "
-                    if gap_plain > 0 else ". "))
-    text += ("bncheck flags the raw input either way (it judges the batch, not the model): "
-             "a model without BN in front, or a pretrained model that expects 0-1 or "
-             "standardised input, does care.")
+        text += (
+            f"Without BN the input scale changes everything: {pct(no_bn.test_acc[-1])} "
+            f"scaled vs {pct(no_bn_raw.test_acc[-1])} raw ({100 * gap_plain:+.1f} "
+            f"points). Without normalisation every activation's scale follows the "
+            f"input's, so whether the signal survives 13 layers at a given learning rate "
+            f"depends on it"
+            + (
+                " (here the larger raw scale happened to be the one that trained: not an "
+                "argument for raw pixels, but for the fragility BN removes). "
+                if gap_plain > 0
+                else ". "
+            )
+        )
+    text += (
+        "bncheck flags the raw input either way (it judges the batch, not the model): "
+        "a model without BN in front, or a pretrained model that expects 0-1 or "
+        "standardised input, does care."
+    )
     md.append(text)
     message = first_message(audit_raw, "input-not-normalized")
     if message:
@@ -501,30 +587,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += ["## 2. With vs without BN: convergence", ""]
     curves = (base, no_bn, no_bn_slow)
     header = ["epoch"] + [f"{r.name}: train loss / test acc" for r in curves]
-    rows = [[str(e + 1)] + [f"{num(r.train_loss[e])} / {pct(r.test_acc[e])}" for r in curves]
-            for e in range(len(base.train_loss))]
+    rows = [
+        [str(e + 1)] + [f"{num(r.train_loss[e])} / {pct(r.test_acc[e])}" for r in curves]
+        for e in range(len(base.train_loss))
+    ]
     md.append(table(header, rows))
     md.append("")
-    first_good = {r.name: next((e + 1 for e, a in enumerate(r.test_acc) if a >= 0.9), None)
-                  for r in curves}
+    first_good = {
+        r.name: next((e + 1 for e, a in enumerate(r.test_acc) if a >= 0.9), None) for r in curves
+    }
     best_plain = max(max(no_bn.test_acc), max(no_bn_slow.test_acc))
     md.append(
         f"Epochs to reach 90% test accuracy: with BN {first_good[base.name] or 'not reached'}; "
         f"without BN {first_good[no_bn.name] or 'not reached'} at the same learning rate and "
         f"{first_good[no_bn_slow.name] or 'not reached'} at a quarter of it (same seed, "
         f"same initialisation: torchvision's Kaiming init for the convolutions). "
-        + (f"Without BN the best test accuracy in {len(base.test_acc)} epochs was "
-           f"{pct(best_plain)} (chance is 10%): the signal has to pass 13 unnormalised "
-           f"conv layers, and plain SGD does not get this 16-layer network off the ground in "
-           f"this budget, while with BN it trains in a few epochs. (The original VGG authors "
-           f"trained their deepest nets by initialising them from shallower ones; BN made "
-           f"that unnecessary.)"
-           if best_plain < 0.5 else
-           "Both train; compare the first epochs for the difference in speed.")
-        + (f" The raw-pixel run without BN in section 1 did train ({pct(no_bn_raw.test_acc[-1])}"
-           f"): without BN, whether this network trains at all depends on the input scale and "
-           f"the learning rate; with BN it trained at every setting tried here."
-           if no_bn_raw.test_acc[-1] >= 0.5 and best_plain < 0.5 else "")
+        + (
+            f"Without BN the best test accuracy in {len(base.test_acc)} epochs was "
+            f"{pct(best_plain)} (chance is 10%): the signal has to pass 13 unnormalised "
+            f"conv layers, and plain SGD does not get this 16-layer network off the ground in "
+            f"this budget, while with BN it trains in a few epochs. (The original VGG authors "
+            f"trained their deepest nets by initialising them from shallower ones; BN made "
+            f"that unnecessary.)"
+            if best_plain < 0.5
+            else "Both train; compare the first epochs for the difference in speed."
+        )
+        + (
+            f" The raw-pixel run without BN in section 1 did train ({pct(no_bn_raw.test_acc[-1])}"
+            f"): without BN, whether this network trains at all depends on the input scale and "
+            f"the learning rate; with BN it trained at every setting tried here."
+            if no_bn_raw.test_acc[-1] >= 0.5 and best_plain < 0.5
+            else ""
+        )
     )
     md.append("")
 
@@ -536,84 +630,126 @@ def main(argv: Sequence[str] | None = None) -> int:
     for bs, run in small.items():
         noise[bs] = batch_mean_noise(run)
         _, eval_acc = evaluate(run.model, x_test, data.y_test)
-        batch_loss, batch_acc = evaluate(run.model, x_test, data.y_test, batch_size=bs,
-                                         bn_batch_stats=True)
+        batch_loss, batch_acc = evaluate(
+            run.model, x_test, data.y_test, batch_size=bs, bn_batch_stats=True
+        )
         eval_loss, _ = evaluate(run.model, x_test, data.y_test)
         report = audit_training_batch(run, data)
         watched = run.history[run.history["layer"] == WATCHED_LAYER]
         drift[bs] = float(np.nanmedian(watched["drift_z"].to_numpy(dtype=float)))
-        rows.append([str(bs), str(len(watched)),
-                     str(int(watched["samples_per_channel"].min())),
-                     num(noise[bs]), num(drift[bs]), pct(eval_acc), pct(batch_acc),
-                     num(batch_loss - eval_loss), rule_status(report, "small-batch")])
-    md.append(table(
-        ["batch size", "optimizer steps", f"values per channel in `{WATCHED_LAYER}`",
-         "step-to-step jump of batch mean (x channel std)",
-         "median `drift_z` (Monitor history)",
-         "test acc, eval mode (running stats)",
-         "test acc, BN on batch stats at this batch size",
-         "test loss gap (batch stats - running stats)", "`small-batch`"], rows))
+        rows.append(
+            [
+                str(bs),
+                str(len(watched)),
+                str(int(watched["samples_per_channel"].min())),
+                num(noise[bs]),
+                num(drift[bs]),
+                pct(eval_acc),
+                pct(batch_acc),
+                num(batch_loss - eval_loss),
+                rule_status(report, "small-batch"),
+            ]
+        )
+    md.append(
+        table(
+            [
+                "batch size",
+                "optimizer steps",
+                f"values per channel in `{WATCHED_LAYER}`",
+                "step-to-step jump of batch mean (x channel std)",
+                "median `drift_z` (Monitor history)",
+                "test acc, eval mode (running stats)",
+                "test acc, BN on batch stats at this batch size",
+                "test loss gap (batch stats - running stats)",
+                "`small-batch`",
+            ],
+            rows,
+        )
+    )
     md.append("")
-    md.append(f"All three train {settings.epochs} epochs with the learning rate scaled to the "
-              "batch size, so the smaller batches take more, smaller, noisier steps.")
+    md.append(
+        f"All three train {settings.epochs} epochs with the learning rate scaled to the "
+        "batch size, so the smaller batches take more, smaller, noisier steps."
+    )
     md.append("")
     ratio = noise[2] / noise[64] if noise[64] > 0 else float("nan")
     drift_ratio = drift[2] / drift[64] if drift[64] > 0 else float("nan")
-    text = (f"The batch mean of `{WATCHED_LAYER}` jumps {num(ratio, 1)}x more from step to "
-            f"step at batch 2 than at batch 64 (independent images alone would predict "
-            f"sqrt(64/2) = 5.7x). The Monitor's `drift_z` (per step, the mean over channels of "
-            f"abs(batch mean - running_mean) / batch std) is {num(drift[2])} at batch 2, "
-            f"{num(drift[8])} at batch 8 and {num(drift[64])} at batch 64 "
-            f"({num(drift_ratio, 1)}x between 2 and 64)")
+    text = (
+        f"The batch mean of `{WATCHED_LAYER}` jumps {num(ratio, 1)}x more from step to "
+        f"step at batch 2 than at batch 64 (independent images alone would predict "
+        f"sqrt(64/2) = 5.7x). The Monitor's `drift_z` (per step, the mean over channels of "
+        f"abs(batch mean - running_mean) / batch std) is {num(drift[2])} at batch 2, "
+        f"{num(drift[8])} at batch 8 and {num(drift[64])} at batch 64 "
+        f"({num(drift_ratio, 1)}x between 2 and 64)"
+    )
     if drift_ratio > 1.5:
         text += ": the same story from the Monitor's own numbers. "
     else:
-        text += (": not the same story, because `drift_z` also measures how far the running "
-                 "mean lags behind weights that change every step, and with the learning rate "
-                 "scaled to the batch size a batch-64 step moves the weights 32x as far as a "
-                 "batch-2 step; the step-to-step jump of the batch mean separates the two. ")
-    gap2 = small[2].test_acc[-1] - evaluate(small[2].model, x_test, data.y_test,
-                                            batch_size=2, bn_batch_stats=True)[1]
-    text += (f"Using a 2-image batch's statistics at test time costs {100 * gap2:.1f} accuracy "
-             f"points against the running statistics of the same model: each batch of 2 is "
-             f"normalised by its own noisy mean and variance. ")
+        text += (
+            ": not the same story, because `drift_z` also measures how far the running "
+            "mean lags behind weights that change every step, and with the learning rate "
+            "scaled to the batch size a batch-64 step moves the weights 32x as far as a "
+            "batch-2 step; the step-to-step jump of the batch mean separates the two. "
+        )
+    gap2 = (
+        small[2].test_acc[-1]
+        - evaluate(small[2].model, x_test, data.y_test, batch_size=2, bn_batch_stats=True)[1]
+    )
+    text += (
+        f"Using a 2-image batch's statistics at test time costs {100 * gap2:.1f} accuracy "
+        f"points against the running statistics of the same model: each batch of 2 is "
+        f"normalised by its own noisy mean and variance. "
+    )
     finals = {bs: small[bs].test_acc[-1] for bs in small}
     spread = max(finals.values()) - min(finals.values())
     listed = ", ".join(f"batch {bs} {pct(acc)}" for bs, acc in sorted(finals.items()))
     if spread < 0.02:
-        text += (f"In eval mode the three models end within {100 * spread:.1f} points of each "
-                 f"other ({listed}): on digits, with the learning rate scaled, the noisier "
-                 f"statistics of small batches cost little final accuracy; the documented "
-                 f"damage (detection and segmentation models with 1-4 images per GPU) needs "
-                 f"harder tasks than this one. ")
+        text += (
+            f"In eval mode the three models end within {100 * spread:.1f} points of each "
+            f"other ({listed}): on digits, with the learning rate scaled, the noisier "
+            f"statistics of small batches cost little final accuracy; the documented "
+            f"damage (detection and segmentation models with 1-4 images per GPU) needs "
+            f"harder tasks than this one. "
+        )
     else:
-        text += (f"In eval mode: {listed}; batch 2 ends "
-                 f"{100 * (max(finals.values()) - finals[2]):.1f} points below the best. ")
-    text += ("bncheck's `small-batch` rule judges the batch you train with: below 8 samples, "
-             "or fewer than 32 values per channel in a layer (here the 2x2 layers at the end, "
-             "2 x 4 = 8 values).")
+        text += (
+            f"In eval mode: {listed}; batch 2 ends "
+            f"{100 * (max(finals.values()) - finals[2]):.1f} points below the best. "
+        )
+    text += (
+        "bncheck's `small-batch` rule judges the batch you train with: below 8 samples, "
+        "or fewer than 32 values per channel in a layer (here the 2x2 layers at the end, "
+        "2 x 4 = 8 values)."
+    )
     md.append(text)
     md.append("")
 
     # -- (4) BN before vs after ReLU -----------------------------------------------------
     audit_after = audit_training_batch(after, data)
     md += ["## 4. BN before vs after the ReLU", ""]
-    rows = [[run.name, num(run.train_loss[-1]), pct(run.test_acc[-1]),
-             rule_status(report, "bn-after-activation")]
-            for run, report in ((base, audit_base), (after, audit_after))]
-    md.append(table(["run", "final train loss", "test accuracy", "`bn-after-activation`"],
-                    rows))
+    rows = [
+        [
+            run.name,
+            num(run.train_loss[-1]),
+            pct(run.test_acc[-1]),
+            rule_status(report, "bn-after-activation"),
+        ]
+        for run, report in ((base, audit_base), (after, audit_after))
+    ]
+    md.append(table(["run", "final train loss", "test accuracy", "`bn-after-activation`"], rows))
     md.append("")
     diff = after.test_acc[-1] - base.test_acc[-1]
     md.append(
         f"Test accuracy: BN before the ReLU {pct(base.test_acc[-1])}, after "
         f"{pct(after.test_acc[-1])} (after - before = {100 * diff:+.1f} points). "
-        + ("At this scale both orders train about equally well, which is why bncheck reports "
-           "the order as info, not as an error: the original paper puts BN between the linear "
-           "op and the nonlinearity, but the order is debated."
-           if abs(diff) < 0.03 else
-           "The order made a difference here; bncheck still reports it only as info, because "
-           "the order is debated and depends on the architecture.")
+        + (
+            "At this scale both orders train about equally well, which is why bncheck reports "
+            "the order as info, not as an error: the original paper puts BN between the linear "
+            "op and the nonlinearity, but the order is debated."
+            if abs(diff) < 0.03
+            else "The order made a difference here; bncheck still reports it only as info, because "
+            "the order is debated and depends on the architecture."
+        )
     )
     message = first_message(audit_after, "bn-after-activation")
     if message:
@@ -627,14 +763,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     inference: dict[int, float] = {}
     for bs in (1, 256):
         try:
-            _, acc = evaluate(base.model, x_test, data.y_test, batch_size=bs,
-                              bn_batch_stats=True)
+            _, acc = evaluate(base.model, x_test, data.y_test, batch_size=bs, bn_batch_stats=True)
             inference[bs] = acc
             rows.append(["BN in train mode (batch statistics)", str(bs), pct(acc)])
         except ValueError as exc:  # one value per channel: PyTorch refuses to train on it
             inference[bs] = float("nan")
-            rows.append(["BN in train mode (batch statistics)", str(bs),
-                         f"fails: {str(exc).splitlines()[0]}"])
+            rows.append(
+                [
+                    "BN in train mode (batch statistics)",
+                    str(bs),
+                    f"fails: {str(exc).splitlines()[0]}",
+                ]
+            )
     md.append(table(["inference", "test batch size", "test accuracy"], rows))
     md.append("")
     md.append(
@@ -659,8 +799,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_error = np.abs(population) / scale  # running_mean starts at 0
     steps = len(error)
     marks = sorted({1, 2, 5, 10, 20, 30, 50, steps} & set(range(1, steps + 1)))
-    rows = [[str(t), num(float(np.median(error[t - 1]))),
-             num(float(np.median(0.9 ** t * start_error)))] for t in marks]
+    rows = [
+        [str(t), num(float(np.median(error[t - 1]))), num(float(np.median(0.9**t * start_error)))]
+        for t in marks
+    ]
     md.append(
         f"How the EMA converges: the trained model's BN statistics reset (mean 0, var 1) and "
         f"re-estimated with the weights fixed, {steps} train-mode forward passes of 64 "
@@ -671,18 +813,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"noise is all that is left."
     )
     md.append("")
-    md.append(table(["forward passes t",
-                     "median over channels of abs(running_mean - population mean) / std",
-                     "0.9^t x the same at t = 0"], rows))
+    md.append(
+        table(
+            [
+                "forward passes t",
+                "median over channels of abs(running_mean - population mean) / std",
+                "0.9^t x the same at t = 0",
+            ],
+            rows,
+        )
+    )
     md.append("")
     md.append(
         f"Measured: {num(float(np.median(error[min(9, steps - 1)])))} after 10 passes against "
-        f"{num(float(np.median(0.9 ** 10 * start_error)))} predicted, and "
+        f"{num(float(np.median(0.9**10 * start_error)))} predicted, and "
         f"{num(float(np.median(error[-1])))} after {steps}, the noise floor of a running "
         f"average of 64-image batch means. Test accuracy in eval mode with the re-estimated "
         f"statistics: {pct(acc_recal)} (with the statistics from training: {pct(acc_eval)}"
-        + ("; the cosine schedule let the weights settle at the end, so the EMA from training "
-           "had caught up). " if abs(acc_recal - acc_eval) < 0.005 else "). ")
+        + (
+            "; the cosine schedule let the weights settle at the end, so the EMA from training "
+            "had caught up). "
+            if abs(acc_recal - acc_eval) < 0.005
+            else "). "
+        )
         + "During training the EMA trails a moving target instead (the weights change every "
         "step); the plot shows `running_mean` following the noisy batch means of channel 0."
     )
@@ -707,12 +860,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if quoted:
         md.append("")
     if "tiny-running-var" in quoted:
-        md.append("With BN after the ReLU, a channel whose ReLU output is zero for every "
-                  "image has zero batch variance, so its running_var decays towards 0, "
-                  "below eps: `tiny-running-var` points at exactly that."
-                  + (" The `stat-drift` in the same layer most likely comes from the same "
-                     "near-constant channels: the ratio of two variances near eps swings "
-                     "wildly." if "stat-drift" in quoted else ""))
+        md.append(
+            "With BN after the ReLU, a channel whose ReLU output is zero for every "
+            "image has zero batch variance, so its running_var decays towards 0, "
+            "below eps: `tiny-running-var` points at exactly that."
+            + (
+                " The `stat-drift` in the same layer most likely comes from the same "
+                "near-constant channels: the ratio of two variances near eps swings "
+                "wildly."
+                if "stat-drift" in quoted
+                else ""
+            )
+        )
         md.append("")
     total = time.perf_counter() - started
     md.append(f"Run time: {total:.0f} s on {torch.get_num_threads()} torch thread(s).")
@@ -723,14 +882,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = np.arange(1, len(base.test_acc) + 1)
     for run in (base, raw, no_bn, no_bn_raw, no_bn_slow, after):
         axes[0, 0].plot(epochs, run.test_acc, marker="o", label=run.name)
-    axes[0, 0].set(title="1, 2, 4: test accuracy per epoch", xlabel="epoch",
-                   ylabel="test accuracy", ylim=(0, 1))
+    axes[0, 0].set(
+        title="1, 2, 4: test accuracy per epoch",
+        xlabel="epoch",
+        ylabel="test accuracy",
+        ylim=(0, 1),
+    )
     axes[0, 0].legend(fontsize=7)
     for bs, run in small.items():
         series = layer_series(run, "batch_mean")[:, 0]
         axes[0, 1].plot(np.linspace(0, 1, len(series)), series, lw=0.7, label=f"batch {bs}")
-    axes[0, 1].set(title=f"3: batch mean of channel 0 of {WATCHED_LAYER}",
-                   xlabel="fraction of training", ylabel="batch mean")
+    axes[0, 1].set(
+        title=f"3: batch mean of channel 0 of {WATCHED_LAYER}",
+        xlabel="fraction of training",
+        ylabel="batch mean",
+    )
     axes[0, 1].legend(fontsize=7)
     axes[1, 0].plot(batch_means[:, 0], lw=0.6, color="0.6", label="batch mean")
     axes[1, 0].plot(running[:, 0], lw=1.5, label="running_mean (EMA)")
@@ -743,10 +909,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     axes[1, 1].set(title="5: test accuracy at inference", ylim=(0, 1))
     t = np.arange(1, len(error) + 1)
     axes[1, 2].semilogy(t, np.median(error, axis=1), marker=".", label="measured")
-    axes[1, 2].semilogy(t, np.median(0.9 ** t[:, None] * start_error[None, :], axis=1), ls="--",
-                        label="0.9^t x start")
-    axes[1, 2].set(title=f"5: EMA re-estimation, {WATCHED_LAYER}", xlabel="forward passes",
-                   ylabel="median |running_mean - pop. mean| / std")
+    axes[1, 2].semilogy(
+        t,
+        np.median(0.9 ** t[:, None] * start_error[None, :], axis=1),
+        ls="--",
+        label="0.9^t x start",
+    )
+    axes[1, 2].set(
+        title=f"5: EMA re-estimation, {WATCHED_LAYER}",
+        xlabel="forward passes",
+        ylabel="median |running_mean - pop. mean| / std",
+    )
     axes[1, 2].legend(fontsize=7)
     losses = [base, raw, after, small[8], small[2]]
     for run in losses:
@@ -765,8 +938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(md)
     (args.out / "walkthrough.md").write_text(text, encoding="utf-8")
     print(text)
-    print(f"wrote walkthrough.md, walkthrough.png, monitor_batch64.png and monitor_batch2.png "
-          f"in {args.out}")
+    print(
+        f"wrote walkthrough.md, walkthrough.png, monitor_batch64.png and monitor_batch2.png "
+        f"in {args.out}"
+    )
     return 0
 
 

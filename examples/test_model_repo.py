@@ -32,8 +32,14 @@ class MyBatchNorm2d(nn.Module):
     """A hand-written BatchNorm2d (say, for a custom kernel): biased variance to normalise,
     unbiased variance into running_var, cumulative average when momentum is None."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__()
         self.eps, self.momentum = eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
@@ -52,8 +58,11 @@ class MyBatchNorm2d(nn.Module):
             if self.training and self.running_mean is not None:
                 with torch.no_grad():
                     self.num_batches_tracked += 1
-                    f = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                         else self.momentum)
+                    f = (
+                        1.0 / float(self.num_batches_tracked)
+                        if self.momentum is None
+                        else self.momentum
+                    )
                     n = x.numel() // x.shape[1]
                     self.running_mean.lerp_(mean, f)
                     self.running_var.lerp_(var * n / (n - 1), f)
@@ -71,8 +80,12 @@ class Net(nn.Module):
     def __init__(self, bn: type[nn.Module] = nn.BatchNorm2d, c: int = 8) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1, bias=False), bn(c), nn.ReLU(),
-            nn.Conv2d(c, c, 3, padding=1, bias=False), bn(c), nn.ReLU(),
+            nn.Conv2d(3, c, 3, padding=1, bias=False),
+            bn(c),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            bn(c),
+            nn.ReLU(),
         )
         self.head = nn.Linear(c, 4)
 
@@ -84,8 +97,9 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only: BN gamma/beta and biases get none."""
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=0.1)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=0.1
+    )
 
 
 # ---- the repository's tests -------------------------------------------------------------------
@@ -110,15 +124,21 @@ def test_training_setup_is_bn_clean(bncheck, batch: torch.Tensor) -> None:  # no
 
 
 @pytest.mark.bncheck(fail_on="warning")
-def test_inference_model_has_no_warnings(bncheck, trained_net: Net,  # noqa: ANN001
-                                         batch: torch.Tensor) -> None:
+def test_inference_model_has_no_warnings(
+    bncheck,
+    trained_net: Net,  # noqa: ANN001
+    batch: torch.Tensor,
+) -> None:
     """Stricter for the exported model: warnings fail too."""
     report = bncheck.assert_ok(trained_net, batch)
     assert report.layers == ["features.1", "features.4"]
 
 
-def test_reference_vgg_is_bn_clean(bncheck, bncheck_reference_model,  # noqa: ANN001
-                                   bncheck_example_batch) -> None:  # noqa: ANN001
+def test_reference_vgg_is_bn_clean(
+    bncheck,
+    bncheck_reference_model,  # noqa: ANN001
+    bncheck_example_batch,
+) -> None:  # noqa: ANN001
     bncheck.assert_ok(bncheck_reference_model, bncheck_example_batch)
 
 

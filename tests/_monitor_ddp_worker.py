@@ -49,8 +49,13 @@ def train(rank: int, scenario: str) -> bncheck.Report:
 
 
 def main() -> None:
-    rank, world, port, scenarios, out = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
-                                         sys.argv[4].split(","), sys.argv[5])
+    rank, world, port, scenarios, out = (
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        sys.argv[3],
+        sys.argv[4].split(","),
+        sys.argv[5],
+    )
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = port
     torch.set_num_threads(1)

@@ -15,8 +15,13 @@ from torch import nn
 class HandBN(nn.Module):
     """A correct hand-written BatchNorm (any of (N, C), (N, C, L), (N, C, H, W), ...)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps

@@ -81,8 +81,19 @@ def test_explain_prints_the_rule_page(capsys):
 def test_help_and_version_return_zero(capsys):
     code, out, _ = run(capsys, "audit", "--help")
     assert code == 0
-    for flag in ("--arch", "--input-shape", "--batch-size", "--format", "--output", "--fail-on",
-                 "--select", "--ignore", "--trust-pickle", "--progress", "--debug"):
+    for flag in (
+        "--arch",
+        "--input-shape",
+        "--batch-size",
+        "--format",
+        "--output",
+        "--fail-on",
+        "--select",
+        "--ignore",
+        "--trust-pickle",
+        "--progress",
+        "--debug",
+    ):
         assert flag in out
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("bncheck ")
@@ -137,8 +148,9 @@ def test_other_formats(capsys, untrained_sd, fmt):
 
 
 # ---- exit codes ------------------------------------------------------------------------------
-@pytest.mark.parametrize("fail_on, expected", [("error", 0), ("warning", 1), ("info", 1),
-                                               ("never", 0)])
+@pytest.mark.parametrize(
+    "fail_on, expected", [("error", 0), ("warning", 1), ("info", 1), ("never", 0)]
+)
 def test_fail_on_decides_the_exit_code_for_a_warning(capsys, untrained_sd, fail_on, expected):
     code, doc, _ = audit_json(capsys, str(untrained_sd), "--arch", ARCH, "--fail-on", fail_on)
     assert doc["summary"]["warning"] >= 1 and doc["summary"]["error"] == 0
@@ -158,14 +170,21 @@ def test_missing_running_stats_are_an_error_finding(capsys, no_stats_sd):
 
 
 def test_missing_stats_in_every_layer_is_one_model_wide_error(capsys, tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
-                                torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4))
-    torch.save({k: v for k, v in model.state_dict().items() if "running" not in k},
-               tmp_path / "sd.pt")
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.BatchNorm2d(4),
+    )
+    torch.save(
+        {k: v for k, v in model.state_dict().items() if "running" not in k}, tmp_path / "sd.pt"
+    )
     factory = tmp_path / "seq_factory.py"
-    factory.write_text("import torch\n\ndef make():\n    return torch.nn.Sequential("
-                       "torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), "
-                       "torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4))\n")
+    factory.write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential("
+        "torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), "
+        "torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4))\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         code, doc, _ = audit_json(capsys, str(tmp_path / "sd.pt"), "--arch", "seq_factory:make")
@@ -179,11 +198,13 @@ def test_missing_stats_in_every_layer_is_one_model_wide_error(capsys, tmp_path):
 
 
 def test_ignore_and_select(capsys, no_stats_sd):
-    code, doc, _ = audit_json(capsys, str(no_stats_sd), "--arch", ARCH,
-                              "--ignore", "untrained-stats")
+    code, doc, _ = audit_json(
+        capsys, str(no_stats_sd), "--arch", ARCH, "--ignore", "untrained-stats"
+    )
     assert code == 0 and not any(f["rule"] == "untrained-stats" for f in doc["findings"])
-    code, doc, _ = audit_json(capsys, str(no_stats_sd), "--arch", ARCH,
-                              "--select", "untrained-stats,invalid-eps")
+    code, doc, _ = audit_json(
+        capsys, str(no_stats_sd), "--arch", ARCH, "--select", "untrained-stats,invalid-eps"
+    )
     assert code == 1
     assert {f["rule"] for f in doc["findings"]} == {"untrained-stats"}
     assert "ema-update" not in doc["skipped"]
@@ -191,8 +212,7 @@ def test_ignore_and_select(capsys, no_stats_sd):
 
 # ---- inputs ----------------------------------------------------------------------------------
 def test_given_input_shape_is_judged_as_the_users_batch(capsys, trained_sd):
-    code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH, "--input-shape",
-                              "2,3,16,16")
+    code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH, "--input-shape", "2,3,16,16")
     assert any("(2, 3, 16, 16) from --input-shape" in n for n in doc["notes"])
     assert "small-batch" not in doc["skipped"]
     (finding,) = [f for f in doc["findings"] if f["rule"] == "small-batch"]
@@ -200,8 +220,9 @@ def test_given_input_shape_is_judged_as_the_users_batch(capsys, trained_sd):
 
 
 def test_shape_without_batch_plus_batch_size(capsys, trained_sd):
-    code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH, "--input-shape",
-                              "3,8,8", "--batch-size", "6")
+    code, doc, _ = audit_json(
+        capsys, str(trained_sd), "--arch", ARCH, "--input-shape", "3,8,8", "--batch-size", "6"
+    )
     assert any("(6, 3, 8, 8)" in n for n in doc["notes"])
 
 
@@ -245,8 +266,9 @@ def test_forward_failure_explained_by_an_error_finding_is_reported(capsys, tmp_p
 
     torch.save(cli_factories.refuses_bad_eps().state_dict(), tmp_path / "sd.pt")
     # eps is not in a state dict: the factory sets it, the forward refuses it.
-    code, doc, _ = audit_json(capsys, str(tmp_path / "sd.pt"), "--arch",
-                              "cli_factories:refuses_bad_eps")
+    code, doc, _ = audit_json(
+        capsys, str(tmp_path / "sd.pt"), "--arch", "cli_factories:refuses_bad_eps"
+    )
     assert code == 1
     assert any(f["rule"] == "invalid-eps" for f in doc["findings"])
     assert any("eps must be positive" in n for n in doc["notes"])
@@ -267,22 +289,45 @@ def test_output_file_is_written_atomically(capsys, tmp_path, untrained_sd):
     target = tmp_path / "out" / "report.json"
     target.parent.mkdir()
     target.write_text("old")
-    code, out, err = run(capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json",
-                         "--output", str(target))
+    code, out, err = run(
+        capsys,
+        "audit",
+        str(untrained_sd),
+        "--arch",
+        ARCH,
+        "--format",
+        "json",
+        "--output",
+        str(target),
+    )
     assert code == 0 and out == "" and err == ""
     assert json.loads(target.read_text())["source"] == str(untrained_sd)
     assert os.listdir(target.parent) == ["report.json"]
     fresh = tmp_path / "out" / "fresh.md"
-    assert main(["audit", str(untrained_sd), "--arch", ARCH, "--format", "markdown",
-                 "--output", str(fresh)]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(untrained_sd),
+                "--arch",
+                ARCH,
+                "--format",
+                "markdown",
+                "--output",
+                str(fresh),
+            ]
+        )
+        == 0
+    )
     umask = os.umask(0)
     os.umask(umask)
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_progress_goes_to_stderr_and_never_into_json(capsys, untrained_sd):
-    code, out, err = run(capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json",
-                         "--progress")
+    code, out, err = run(
+        capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json", "--progress"
+    )
     json.loads(out)
     assert "loading" in err and "running the audit" in err
     assert all(line.startswith("bncheck: [") for line in err.splitlines())
@@ -312,12 +357,19 @@ def test_the_checkpoint_file_is_never_written(capsys, trained_sd):
 # ---- console scripts -------------------------------------------------------------------------
 def test_console_script_and_python_m(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    script = subprocess.run(["bncheck", "rules"], capture_output=True, text=True, env=env,
-                            timeout=120, cwd=tmp_path)
+    script = subprocess.run(
+        ["bncheck", "rules"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
     assert script.returncode == 0, script.stderr
     assert "ema-update" in script.stdout
-    module = subprocess.run([sys.executable, "-m", "bncheck", "explain", "ema-udpate"],
-                            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    module = subprocess.run(
+        [sys.executable, "-m", "bncheck", "explain", "ema-udpate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert module.returncode == 2
     assert module.stderr.startswith("bncheck: error: unknown rule id 'ema-udpate'")
     assert "did you mean 'ema-update'" in module.stderr and "Traceback" not in module.stderr

@@ -56,18 +56,30 @@ def test_empty_file(capsys, tmp_path):
 
 
 def test_random_bytes(capsys, tmp_path):
-    data = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
-                               dtype=torch.uint8).tolist())
+    data = bytes(
+        torch.randint(
+            0, 256, (4096,), generator=torch.Generator().manual_seed(3), dtype=torch.uint8
+        ).tolist()
+    )
     data = b"\x13" + data[1:]  # not a pickle marker, not a zip, not a safetensors header
     (tmp_path / "noise.bin").write_bytes(data)
-    fails(capsys, "audit", str(tmp_path / "noise.bin"),
-          match=r"noise\.bin: not a recognised checkpoint format")
+    fails(
+        capsys,
+        "audit",
+        str(tmp_path / "noise.bin"),
+        match=r"noise\.bin: not a recognised checkpoint format",
+    )
 
 
 def test_text_file(capsys, tmp_path):
     (tmp_path / "notes.pt").write_text("epoch 3: loss 0.21\n" * 20)
-    fails(capsys, "audit", str(tmp_path / "notes.pt"), match=r"notes\.pt: a text file, not a "
-                                                             r"model or checkpoint")
+    fails(
+        capsys,
+        "audit",
+        str(tmp_path / "notes.pt"),
+        match=r"notes\.pt: a text file, not a "
+        r"model or checkpoint",
+    )
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9])
@@ -90,20 +102,29 @@ def test_truncated_safetensors(capsys, tmp_path, sd_file):
 
 def test_pickled_list(capsys, tmp_path):
     (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
-    fails(capsys, "audit", str(tmp_path / "list.pkl"),
-          match=r"list\.pkl: a pickle but not a PyTorch checkpoint")
+    fails(
+        capsys,
+        "audit",
+        str(tmp_path / "list.pkl"),
+        match=r"list\.pkl: a pickle but not a PyTorch checkpoint",
+    )
 
 
 def test_torch_saved_list(capsys, tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    fails(capsys, "audit", str(tmp_path / "list.pt"),
-          match=r"holds a list, not a state dict or model")
+    fails(
+        capsys, "audit", str(tmp_path / "list.pt"), match=r"holds a list, not a state dict or model"
+    )
 
 
 def test_checkpoint_dict_without_a_state_dict(capsys, tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "meta.pt")
-    fails(capsys, "audit", str(tmp_path / "meta.pt"),
-          match=r"holds a dict with keys epoch, optimizer, not a state dict")
+    fails(
+        capsys,
+        "audit",
+        str(tmp_path / "meta.pt"),
+        match=r"holds a dict with keys epoch, optimizer, not a state dict",
+    )
 
 
 class _Touch:
@@ -122,8 +143,9 @@ def test_hostile_pickle_does_not_run_without_trust(capsys, tmp_path, container):
         path.write_bytes(pickle.dumps({"state_dict": _Touch(marker)}, protocol=2))
     else:
         torch.save({"state_dict": _Touch(marker)}, path)
-    fails(capsys, "audit", str(path), "--arch", ARCH,
-          match=r"needs code to load.*pass --trust-pickle")
+    fails(
+        capsys, "audit", str(path), "--arch", ARCH, match=r"needs code to load.*pass --trust-pickle"
+    )
     assert not marker.exists()
 
 
@@ -139,33 +161,69 @@ def test_full_module_without_trust_then_with(capsys, tmp_path):
 
 # ---- architectures ---------------------------------------------------------------------------
 def test_unknown_builtin_arch(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "vgg16bn",
-          match=r"unknown architecture 'vgg16bn' \(did you mean 'vgg16_bn'\?\)")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "vgg16bn",
+        match=r"unknown architecture 'vgg16bn' \(did you mean 'vgg16_bn'\?\)",
+    )
 
 
 def test_factory_that_raises(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "cli_factories:broken",
-          match=r"--arch cli_factories:broken raised ValueError: boom")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "cli_factories:broken",
+        match=r"--arch cli_factories:broken raised ValueError: boom",
+    )
 
 
 def test_factory_that_returns_no_module(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "cli_factories:not_a_module",
-          match=r"returned a int, not a torch\.nn\.Module")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "cli_factories:not_a_module",
+        match=r"returned a int, not a torch\.nn\.Module",
+    )
 
 
 def test_factory_module_that_cannot_be_imported(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "no_such_pkg.nets:build",
-          match=r"cannot import 'no_such_pkg\.nets' \(ModuleNotFoundError")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "no_such_pkg.nets:build",
+        match=r"cannot import 'no_such_pkg\.nets' \(ModuleNotFoundError",
+    )
 
 
 def test_factory_attribute_that_does_not_exist(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "cli_factories:nothing",
-          match=r"cli_factories has no attribute 'nothing'")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "cli_factories:nothing",
+        match=r"cli_factories has no attribute 'nothing'",
+    )
 
 
 def test_checkpoint_of_another_architecture(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", "vgg16_bn_small",
-          match=r"does not fit --arch vgg16_bn_small: .*keys missing")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        "vgg16_bn_small",
+        match=r"does not fit --arch vgg16_bn_small: .*keys missing",
+    )
 
 
 def test_model_without_bn(capsys, tmp_path):
@@ -179,48 +237,95 @@ def test_input_shape_that_does_not_fit_the_model(capsys, tmp_path):
     import cli_factories
 
     torch.save(cli_factories.fixed_64().state_dict(), tmp_path / "fixed.pt")
-    err = fails(capsys, "audit", str(tmp_path / "fixed.pt"), "--arch", "cli_factories:fixed_64",
-                match=r"the model's forward failed on an input of shape \(4, 3, 32, 32\): "
-                      r"RuntimeError: .*pass --input-shape")
+    err = fails(
+        capsys,
+        "audit",
+        str(tmp_path / "fixed.pt"),
+        "--arch",
+        "cli_factories:fixed_64",
+        match=r"the model's forward failed on an input of shape \(4, 3, 32, 32\): "
+        r"RuntimeError: .*pass --input-shape",
+    )
     assert "mat1 and mat2" in err
-    assert main(["audit", str(tmp_path / "fixed.pt"), "--arch", "cli_factories:fixed_64",
-                 "--input-shape", "2,3,64,64", "--fail-on", "never"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(tmp_path / "fixed.pt"),
+                "--arch",
+                "cli_factories:fixed_64",
+                "--input-shape",
+                "2,3,64,64",
+                "--fail-on",
+                "never",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
 
 def test_input_shape_with_the_wrong_channel_count(capsys, sd_file):
-    fails(capsys, "audit", str(sd_file), "--arch", ARCH, "--input-shape", "2,5,8,8",
-          match=r"shape \(2, 5, 8, 8\).*pass --input-shape")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        ARCH,
+        "--input-shape",
+        "2,5,8,8",
+        match=r"shape \(2, 5, 8, 8\).*pass --input-shape",
+    )
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["audit", "--arch", "vgg16_bn_small", "--input-shape", "a,b"], r"bad shape 'a,b'"),
-    (["audit", "--arch", "vgg16_bn_small", "--input-shape", "2,0,8"], r"every size must be >= 1"),
-    (["audit", "--arch", "vgg16_bn_small", "--input-shape", "8"], r"has no batch dimension"),
-    (["audit", "--arch", "vgg16_bn_small", "--batch-size", "0"], r"expected a positive integer"),
-    (["audit", "--arch", "vgg16_bn_small", "--format", "jsn"],
-     r"unknown format 'jsn' \(did you mean 'json'\?\)"),
-    (["audit", "--arch", "vgg16_bn_small", "--fail-on", "errors"],
-     r"did you mean 'error'"),
-    (["audit", "--arch", "vgg16_bn_small", "--select", "ema-updat"],
-     r"unknown rule id 'ema-updat' \(did you mean 'ema-update'\?\)"),
-    (["audit", "--arch", "vgg16_bn_small", "--ignore", "nope"], r"unknown rule id 'nope'"),
-    (["audit", "--arch", "vgg16_bn_small", "--bogus"], r"unrecognized arguments: --bogus"),
-    (["audit"], r"give a PATH to audit, or --arch NAME"),
-    (["audti"], r"invalid choice: 'audti'"),
-    ([], r"missing command"),
-    (["explain"], r"the following arguments are required: RULE"),
-    (["explain", "no-such-rule"], r"unknown rule id 'no-such-rule'"),
-    (["rules", "--format", "sarif"], r"unknown format 'sarif'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["audit", "--arch", "vgg16_bn_small", "--input-shape", "a,b"], r"bad shape 'a,b'"),
+        (
+            ["audit", "--arch", "vgg16_bn_small", "--input-shape", "2,0,8"],
+            r"every size must be >= 1",
+        ),
+        (["audit", "--arch", "vgg16_bn_small", "--input-shape", "8"], r"has no batch dimension"),
+        (
+            ["audit", "--arch", "vgg16_bn_small", "--batch-size", "0"],
+            r"expected a positive integer",
+        ),
+        (
+            ["audit", "--arch", "vgg16_bn_small", "--format", "jsn"],
+            r"unknown format 'jsn' \(did you mean 'json'\?\)",
+        ),
+        (["audit", "--arch", "vgg16_bn_small", "--fail-on", "errors"], r"did you mean 'error'"),
+        (
+            ["audit", "--arch", "vgg16_bn_small", "--select", "ema-updat"],
+            r"unknown rule id 'ema-updat' \(did you mean 'ema-update'\?\)",
+        ),
+        (["audit", "--arch", "vgg16_bn_small", "--ignore", "nope"], r"unknown rule id 'nope'"),
+        (["audit", "--arch", "vgg16_bn_small", "--bogus"], r"unrecognized arguments: --bogus"),
+        (["audit"], r"give a PATH to audit, or --arch NAME"),
+        (["audti"], r"invalid choice: 'audti'"),
+        ([], r"missing command"),
+        (["explain"], r"the following arguments are required: RULE"),
+        (["explain", "no-such-rule"], r"unknown rule id 'no-such-rule'"),
+        (["rules", "--format", "sarif"], r"unknown format 'sarif'"),
+    ],
+)
 def test_malformed_command_lines(capsys, argv, match):
     fails(capsys, *argv, match=match)
 
 
 def test_output_that_cannot_be_written(capsys, sd_file, tmp_path):
     target = tmp_path / "no" / "such" / "dir" / "report.json"
-    fails(capsys, "audit", str(sd_file), "--arch", ARCH, "--output", str(target),
-          match=r"cannot write the report to .*report\.json")
+    fails(
+        capsys,
+        "audit",
+        str(sd_file),
+        "--arch",
+        ARCH,
+        "--output",
+        str(target),
+        match=r"cannot write the report to .*report\.json",
+    )
     assert not target.parent.exists()
 
 
@@ -268,8 +373,9 @@ def test_errors_raised_by_the_engine_exit_2(capsys, monkeypatch):
     from bncheck.errors import InputError
 
     def refuse(*args, **kwargs):
-        raise InputError("the example input has NaN/Inf values (input, shape (4, 3)); pass a "
-                         "finite batch")
+        raise InputError(
+            "the example input has NaN/Inf values (input, shape (4, 3)); pass a finite batch"
+        )
 
     monkeypatch.setattr(bncheck.engine, "audit", refuse)
     fails(capsys, "audit", "--arch", "vgg16_bn_small", match=r"NaN/Inf values")
@@ -282,5 +388,10 @@ def test_an_unexpected_exception_is_one_line_too(capsys, monkeypatch):
         raise RuntimeError("something inside bncheck broke\nsecond line")
 
     monkeypatch.setattr(bncheck.engine, "audit", crash)
-    fails(capsys, "audit", "--arch", "vgg16_bn_small",
-          match=r"unexpected RuntimeError: something inside bncheck broke \(rerun with --debug")
+    fails(
+        capsys,
+        "audit",
+        "--arch",
+        "vgg16_bn_small",
+        match=r"unexpected RuntimeError: something inside bncheck broke \(rerun with --debug",
+    )

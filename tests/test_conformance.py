@@ -25,8 +25,15 @@ from bncheck.testing import BNCheckFailure, check_conformance
 class HandBN(nn.Module):
     """BatchNorm for any layout, written out by hand; ``bug`` switches one known mistake on."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, bug: str = "") -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        bug: str = "",
+    ) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.track_running_stats, self.bug = track_running_stats, bug
@@ -102,8 +109,11 @@ def test_a_correct_hand_written_bn_conforms_in_every_layout() -> None:
         ("no-counter", r"num_batches_tracked = 0, expected 1"),
         ("none-as-0.1", r"momentum=None.*it matches momentum=0.1"),
         ("eval-update", r"\(eval, .* an eval-mode forward changed it"),
-        ("zero-init-var", r"after construction: running_var: .* PyTorch starts running "
-                          r"statistics at mean 0, variance 1"),
+        (
+            "zero-init-var",
+            r"after construction: running_var: .* PyTorch starts running "
+            r"statistics at mean 0, variance 1",
+        ),
     ],
 )
 def test_a_known_bug_fails_with_its_diagnosis(bug: str, diagnosis: str) -> None:
@@ -127,8 +137,12 @@ def test_caller_rng_and_threads_are_left_alone_even_on_failure() -> None:
     torch.manual_seed(3)
     np.random.seed(3)
     random.seed(3)
-    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(),
-              torch.get_num_threads())
+    before = (
+        torch.get_rng_state(),
+        np.random.get_state()[1].copy(),
+        random.getstate(),
+        torch.get_num_threads(),
+    )
     check_conformance(nn.BatchNorm2d, max_examples=10)
     with pytest.raises(ConformanceFailure, match="Keras convention"):
         check_conformance(hand_bn("keras"), dims=1, max_examples=20)
@@ -142,8 +156,9 @@ def test_caller_rng_and_threads_are_left_alone_even_on_failure() -> None:
     ("layer", "ranks"),
     [(nn.BatchNorm1d, (0, 1)), (nn.BatchNorm2d, (2,)), (nn.BatchNorm3d, (3,))],
 )
-def test_layouts_are_inferred_from_the_layer(layer: type[nn.Module],
-                                             ranks: tuple[int, ...]) -> None:
+def test_layouts_are_inferred_from_the_layer(
+    layer: type[nn.Module], ranks: tuple[int, ...]
+) -> None:
     assert supported_spatial_ranks(layer, None) == ranks
 
 
@@ -186,8 +201,11 @@ class TrackedOnlyBN(HandBN):
 def test_configs_restrict_what_is_drawn() -> None:
     with pytest.raises(TypeError, match="unsupported configuration"):
         check_conformance(TrackedOnlyBN, max_examples=30)
-    check_conformance(TrackedOnlyBN, max_examples=30,
-                      configs=bn_configs(track_running_stats=True, allow_momentum_none=False))
+    check_conformance(
+        TrackedOnlyBN,
+        max_examples=30,
+        configs=bn_configs(track_running_stats=True, allow_momentum_none=False),
+    )
 
 
 # ---- the oracle -------------------------------------------------------------------------------
@@ -226,22 +244,26 @@ def test_oracle_matches_torch_batchnorm_in_float64(case) -> None:  # type: ignor
         weight, bias = layer.weight.detach().numpy(), layer.bias.detach().numpy()
     ref = ReferenceBatchNorm(cfg, weight, bias)
     for step in case.steps:
-        x = make_input(case.input_shape(step), step.seed, scale=step.scale, shift=step.shift,
-                       dtype=torch.float64)
+        x = make_input(
+            case.input_shape(step),
+            step.seed,
+            scale=step.scale,
+            shift=step.shift,
+            dtype=torch.float64,
+        )
         layer.train(step.training)
         with torch.no_grad():
             out = layer(x).numpy()
         assert np.allclose(ref.forward(x.numpy(), step.training), out, rtol=1e-9, atol=1e-9)
         if cfg.track_running_stats:
-            assert np.allclose(ref.running_mean, layer.running_mean.numpy(), rtol=1e-9,
-                               atol=1e-12)
-            assert np.allclose(ref.running_var, layer.running_var.numpy(), rtol=1e-9,
-                               atol=1e-12)
+            assert np.allclose(ref.running_mean, layer.running_mean.numpy(), rtol=1e-9, atol=1e-12)
+            assert np.allclose(ref.running_var, layer.running_var.numpy(), rtol=1e-9, atol=1e-12)
             assert ref.num_batches_tracked == int(layer.num_batches_tracked)
 
 
 def test_failure_text_has_the_falsifying_example_and_no_harness_frames(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makepyfile("""
         from torch import nn
         from bncheck.testing import check_conformance
@@ -256,10 +278,12 @@ def test_failure_text_has_the_falsifying_example_and_no_harness_frames(
     """)
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "E       bncheck.conformance.ConformanceFailure: check_conformance: NoEvalBN(1, *",
-        "E       Falsifying example: conforms(",
-        "test_failure_text_has_the_falsifying_example_and_no_harness_frames.py:*: "
-        "ConformanceFailure",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "E       bncheck.conformance.ConformanceFailure: check_conformance: NoEvalBN(1, *",
+            "E       Falsifying example: conforms(",
+            "test_failure_text_has_the_falsifying_example_and_no_harness_frames.py:*: "
+            "ConformanceFailure",
+        ]
+    )
     result.stdout.no_fnmatch_line("*bncheck/conformance.py*")

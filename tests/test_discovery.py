@@ -51,8 +51,14 @@ class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2))
-        self.body = nn.ModuleDict({"a": nn.BatchNorm2d(4), "frozen": FrozenBN2d(4),
-                                   "act": BNAct2d(4), "custom": CustomBN(4)})
+        self.body = nn.ModuleDict(
+            {
+                "a": nn.BatchNorm2d(4),
+                "frozen": FrozenBN2d(4),
+                "act": BNAct2d(4),
+                "custom": CustomBN(4),
+            }
+        )
         self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.SyncBatchNorm(4))
         self.lazy = nn.LazyBatchNorm2d()
         self.not_bn = nn.LayerNorm(4)

@@ -25,15 +25,22 @@ pytestmark = pytest.mark.slow
 
 def run_example(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run ``examples/<name> --quick ARGS`` on one thread; fail with its output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg",
-               PYTHONHASHSEED="0")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONHASHSEED="0"
+    )
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--quick", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=EXAMPLES.parent,
     )
     if result.returncode != 0:
-        pytest.fail(f"{name} exited {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}"
-                    f"\n--- stderr ---\n{result.stderr[-4000:]}")
+        pytest.fail(
+            f"{name} exited {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}"
+            f"\n--- stderr ---\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -43,21 +50,28 @@ def test_seed_walkthrough_writes_markdown_and_plot(tmp_path: Path) -> None:
     result = run_example("seed_walkthrough.py", "--out", str(tmp_path))
     markdown = (tmp_path / "walkthrough.md").read_text(encoding="utf-8")
     assert result.stdout.startswith(markdown.splitlines()[0])  # the table is printed too
-    for section in ("## 1. Scaled (0-1) vs raw 0-255 inputs",
-                    "## 2. With vs without BN: convergence",
-                    "## 3. Batch size: noisy statistics",
-                    "## 4. BN before vs after the ReLU",
-                    "## 5. Running (EMA) statistics vs batch statistics at inference"):
+    for section in (
+        "## 1. Scaled (0-1) vs raw 0-255 inputs",
+        "## 2. With vs without BN: convergence",
+        "## 3. Batch size: noisy statistics",
+        "## 4. BN before vs after the ReLU",
+        "## 5. Running (EMA) statistics vs batch statistics at inference",
+    ):
         assert section in markdown
     lines = markdown.splitlines()
     raw_row = next(line for line in lines if line.startswith("| BN, raw 0-255 pixels"))
     assert "**warning**" in raw_row  # input-not-normalized found on the raw-pixel batch
-    scaled_row = next(line for line in lines  # section 1's table has five columns
-                      if line.startswith("| BN before ReLU, scaled 0-1, batch 64 | ")
-                      and line.count("|") == 6)
+    scaled_row = next(
+        line
+        for line in lines  # section 1's table has five columns
+        if line.startswith("| BN before ReLU, scaled 0-1, batch 64 | ") and line.count("|") == 6
+    )
     assert "not found" in scaled_row  # ... and not on the 0-1 batch
-    after_row = next(line for line in lines  # section 4's table has four columns
-                     if line.startswith("| BN after ReLU") and line.count("|") == 5)
+    after_row = next(
+        line
+        for line in lines  # section 4's table has four columns
+        if line.startswith("| BN after ReLU") and line.count("|") == 5
+    )
     assert "**info**" in after_row  # bn-after-activation
     batch2_row = next(line for line in lines if line.startswith("| 2 | "))
     assert "**warning**" in batch2_row  # small-batch at batch size 2
@@ -72,8 +86,12 @@ def test_audit_checkpoint_shows_exit_codes() -> None:
     assert "nonfinite-stats" in out  # the NaN checkpoint is caught ...
     assert "untrained-stats" in out  # ... and so is the untrained one
     assert '"findings"' in out  # the JSON report from Python
-    for name, code in (("healthy", 0), ("nan_stats", 1), ("untrained --fail-on warning", 1),
-                       ("not a checkpoint", 2)):
+    for name, code in (
+        ("healthy", 0),
+        ("nan_stats", 1),
+        ("untrained --fail-on warning", 1),
+        ("not a checkpoint", 2),
+    ):
         assert f"{name}: {code}" in out
     assert "Traceback" not in out + result.stderr  # bad files get one line, not a traceback
 
@@ -81,11 +99,13 @@ def test_audit_checkpoint_shows_exit_codes() -> None:
 def test_finetune_frozen_backbone_catches_drift_and_passes_the_fix() -> None:
     pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
     out = run_example("finetune_frozen_backbone.py").stdout
-    for claim in ("[ok] buggy run: backbone outputs changed",
-                  "[ok] buggy run: Monitor reports frozen-bn-drift",
-                  "[ok] buggy run: audit reports frozen-bn-in-train-mode",
-                  "[ok] fixed run: backbone outputs identical",
-                  "[ok] fixed run: Monitor reports nothing"):
+    for claim in (
+        "[ok] buggy run: backbone outputs changed",
+        "[ok] buggy run: Monitor reports frozen-bn-drift",
+        "[ok] buggy run: audit reports frozen-bn-in-train-mode",
+        "[ok] fixed run: backbone outputs identical",
+        "[ok] fixed run: Monitor reports nothing",
+    ):
         assert claim in out
     assert "FAILED" not in out
 
@@ -94,9 +114,20 @@ def test_model_repo_test_file_passes_under_pytest() -> None:
     """``examples/test_model_repo.py``, the model repo's test file using the plugin, passes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(EXAMPLES / "test_model_repo.py"), "-q",
-         "-p", "no:cacheprovider"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=EXAMPLES.parent,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(EXAMPLES / "test_model_repo.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=EXAMPLES.parent,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

@@ -18,8 +18,13 @@ from torch import nn
 
 import bncheck
 
-NUMERIC = ["normalization", "ema-update", "eval-batch-dependence", "eval-nondeterminism",
-           "eval-updates-stats"]
+NUMERIC = [
+    "normalization",
+    "ema-update",
+    "eval-batch-dependence",
+    "eval-nondeterminism",
+    "eval-updates-stats",
+]
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=None)
 
 
@@ -28,8 +33,12 @@ def configs(draw: st.DrawFn) -> dict[str, object]:
     dims = draw(st.sampled_from(["1d", "1d-seq", "2d", "3d"]))
     n = draw(st.integers(2, 6))
     c = draw(st.integers(1, 5))
-    spatial = {"1d": (), "1d-seq": (draw(st.integers(1, 5)),),
-               "2d": (draw(st.integers(1, 4)),) * 2, "3d": (draw(st.integers(1, 3)),) * 3}[dims]
+    spatial = {
+        "1d": (),
+        "1d-seq": (draw(st.integers(1, 5)),),
+        "2d": (draw(st.integers(1, 4)),) * 2,
+        "3d": (draw(st.integers(1, 3)),) * 3,
+    }[dims]
     return {
         "shape": (n, c, *spatial),
         "momentum": draw(st.sampled_from([0.1, 0.01, 0.5, 1.0, None])),
@@ -55,8 +64,13 @@ def _bn(cfg: dict[str, object]) -> nn.Module:
     shape = cfg["shape"]
     assert isinstance(shape, tuple)
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    bn = cls(shape[1], eps=cfg["eps"], momentum=cfg["momentum"], affine=cfg["affine"],
-             track_running_stats=cfg["track"])
+    bn = cls(
+        shape[1],
+        eps=cfg["eps"],
+        momentum=cfg["momentum"],
+        affine=cfg["affine"],
+        track_running_stats=cfg["track"],
+    )
     g = torch.Generator().manual_seed(int(cfg["seed"]) + 1)  # type: ignore[arg-type]
     with torch.no_grad():
         if bn.affine:
@@ -73,8 +87,13 @@ def _samples(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def oracle_update(x: torch.Tensor, old_mean: torch.Tensor, old_var: torch.Tensor,
-                  momentum: float | None, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def oracle_update(
+    x: torch.Tensor,
+    old_mean: torch.Tensor,
+    old_var: torch.Tensor,
+    momentum: float | None,
+    counter: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's running-statistics update, in float64 from the definitions."""
     xd = x.double().transpose(0, 1).reshape(x.shape[1], -1)
     n = xd.shape[1]
@@ -112,15 +131,20 @@ def test_pytorch_batchnorm_matches_the_oracle_and_gets_no_numeric_error(cfg) -> 
     assert torch.allclose(y.double(), z, rtol=1e-4, atol=1e-4 * float(cfg["scale"]) + 1e-4)
     if probe.track_running_stats:
         ref = _bn(cfg)
-        exp_mean, exp_var = oracle_update(x, ref.running_mean, ref.running_var,
-                                          cfg["momentum"], int(cfg["counter"]))
+        exp_mean, exp_var = oracle_update(
+            x, ref.running_mean, ref.running_var, cfg["momentum"], int(cfg["counter"])
+        )
         assert torch.allclose(probe.running_mean.double(), exp_mean, rtol=1e-4, atol=1e-4)
         assert torch.allclose(probe.running_var.double(), exp_var, rtol=1e-4, atol=1e-4)
 
     report = bncheck.audit(model, x, select=NUMERIC)
     rules = {f.rule for f in report.findings}
-    assert not rules & {"normalization", "ema-update", "eval-nondeterminism",
-                        "eval-updates-stats"}, report.findings
+    assert not rules & {
+        "normalization",
+        "ema-update",
+        "eval-nondeterminism",
+        "eval-updates-stats",
+    }, report.findings
     # without running statistics eval normalises with batch statistics: batch-dependent
     # unless every sample's channel values are the same (n == 1 position and one other sample)
     assert ("eval-batch-dependence" in rules) == (not cfg["track"]), report.findings
@@ -139,28 +163,35 @@ class PerturbedBN(HandBN):
 
 
 @SETTINGS
-@given(configs(), st.sampled_from([1.0, 1.0, 0.5, 1.02, 3.0]),
-       st.sampled_from([0.0, 0.0, 0.05, -1.0]))
+@given(
+    configs(), st.sampled_from([1.0, 1.0, 0.5, 1.02, 3.0]), st.sampled_from([0.0, 0.0, 0.05, -1.0])
+)
 def test_ema_update_is_flagged_exactly_when_the_oracle_disagrees(cfg, var_scale, mean_shift):
     x = _input(cfg)
     if _samples(x) < 2:
         return
     c = x.shape[1]
     momentum = cfg["momentum"]
-    layer = PerturbedBN(c, var_scale, mean_shift * float(cfg["scale"]), eps=cfg["eps"],
-                        momentum=momentum)
+    layer = PerturbedBN(
+        c, var_scale, mean_shift * float(cfg["scale"]), eps=cfg["eps"], momentum=momentum
+    )
     layer.num_batches_tracked.fill_(int(cfg["counter"]))
     with torch.no_grad():
         layer.running_var.fill_(0.5)
     old_mean, old_var = layer.running_mean.clone(), layer.running_var.clone()
     exp_mean, exp_var = oracle_update(x, old_mean, old_var, momentum, int(cfg["counter"]))
-    probe = PerturbedBN(c, var_scale, mean_shift * float(cfg["scale"]), eps=cfg["eps"],
-                        momentum=momentum)
+    probe = PerturbedBN(
+        c, var_scale, mean_shift * float(cfg["scale"]), eps=cfg["eps"], momentum=momentum
+    )
     probe.load_state_dict(layer.state_dict())
     with torch.no_grad():
         probe.train()(x)
-    dev_mean = float(((probe.running_mean.double() - exp_mean).abs()
-                      / (exp_mean.abs() + float(cfg["scale"]) + abs(float(cfg["offset"])))).max())
+    dev_mean = float(
+        (
+            (probe.running_mean.double() - exp_mean).abs()
+            / (exp_mean.abs() + float(cfg["scale"]) + abs(float(cfg["offset"])))
+        ).max()
+    )
     dev_var = float(((probe.running_var.double() - exp_var).abs() / exp_var.abs()).max())
     wrong = max(dev_mean, dev_var) > 1e-3
     if not wrong and max(dev_mean, dev_var) > 1e-6:
@@ -180,8 +211,7 @@ class OffNormBN(HandBN):
 
     def normalize(self, x, mean, var):
         shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (x - mean.reshape(shape) - self.offset) / torch.sqrt(var.reshape(shape)
-                                                                 + self.eps_used)
+        y = (x - mean.reshape(shape) - self.offset) / torch.sqrt(var.reshape(shape) + self.eps_used)
         return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 

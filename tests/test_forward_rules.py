@@ -26,8 +26,13 @@ from zoo import MLPBN, ConvBNReLU, TwoBlock, image_batch, trained
 
 import bncheck
 
-NUMERIC = ["normalization", "ema-update", "eval-batch-dependence", "eval-nondeterminism",
-           "eval-updates-stats"]
+NUMERIC = [
+    "normalization",
+    "ema-update",
+    "eval-batch-dependence",
+    "eval-nondeterminism",
+    "eval-updates-stats",
+]
 
 
 def _found(report: bncheck.Report, rule: str) -> list[bncheck.Finding]:
@@ -83,8 +88,13 @@ class CustomDoubleBN(nn.BatchNorm2d):
     """Scales the BN output by 2 after normalising: a normalization bug."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * F.batch_norm(x, self.running_mean, self.running_var, None, None,
-                                self.training, 0.1, self.eps) * self.weight.reshape(1, -1, 1, 1)
+        return (
+            2
+            * F.batch_norm(
+                x, self.running_mean, self.running_var, None, None, self.training, 0.1, self.eps
+            )
+            * self.weight.reshape(1, -1, 1, 1)
+        )
 
 
 def test_affine_false_and_gamma_zero_channels_are_handled() -> None:
@@ -99,11 +109,14 @@ def test_affine_false_and_gamma_zero_channels_are_handled() -> None:
 
 
 # ---- ema-update ------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls, words", [
-    (BiasedVarBN, "biased"),
-    (KerasMomentumBN, "Keras"),
-    (NoUpdateBN, "not updated"),
-])
+@pytest.mark.parametrize(
+    "cls, words",
+    [
+        (BiasedVarBN, "biased"),
+        (KerasMomentumBN, "Keras"),
+        (NoUpdateBN, "not updated"),
+    ],
+)
 def test_wrong_running_update_is_caught(cls: type[HandBN], words: str) -> None:
     report = _audit_norm(cls(8), image_batch(4, hw=4))
     (finding,) = _found(report, "ema-update")
@@ -145,9 +158,16 @@ def test_standard_bn_with_tracking_flipped_off_is_not_an_ema_error() -> None:
 
 # ---- eval rules ------------------------------------------------------------------------------
 def test_batch_statistics_in_eval_are_caught_at_the_first_layer() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3, bias=False), BatchStatsInEvalBN(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False),
+        BatchStatsInEvalBN(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+    )
     report = bncheck.audit(model, image_batch(8), select=NUMERIC)
     (finding,) = _found(report, "eval-batch-dependence")
     assert finding.layer == "4"
@@ -249,24 +269,31 @@ def test_small_batch_names_batch_size_and_per_layer_sample_counts() -> None:
 
 
 def test_small_batch_thresholds_are_tolerances() -> None:
-    report = bncheck.audit(MLPBN(), torch.randn(4, 6), select=["small-batch"],
-                           min_batch_size=2, min_samples_per_channel=2)
+    report = bncheck.audit(
+        MLPBN(),
+        torch.randn(4, 6),
+        select=["small-batch"],
+        min_batch_size=2,
+        min_samples_per_channel=2,
+    )
     assert report.findings == []
 
 
 def test_small_batch_skips_a_synthetic_batch() -> None:
-    report = bncheck.audit(MLPBN(), torch.randn(2, 6), select=["small-batch"],
-                           synthetic_input=True)
+    report = bncheck.audit(MLPBN(), torch.randn(2, 6), select=["small-batch"], synthetic_input=True)
     assert report.findings == []
     assert "small-batch" in report.skipped
 
 
-@pytest.mark.parametrize("x, bad", [
-    (torch.randint(0, 256, (8, 3, 8, 8)).float(), True),
-    (torch.rand(8, 3, 8, 8) * 255, True),
-    (torch.rand(8, 3, 8, 8), False),
-    (torch.randn(8, 3, 8, 8), False),
-])
+@pytest.mark.parametrize(
+    "x, bad",
+    [
+        (torch.randint(0, 256, (8, 3, 8, 8)).float(), True),
+        (torch.rand(8, 3, 8, 8) * 255, True),
+        (torch.rand(8, 3, 8, 8), False),
+        (torch.randn(8, 3, 8, 8), False),
+    ],
+)
 def test_input_not_normalized(x: torch.Tensor, bad: bool) -> None:
     report = bncheck.audit(ConvBNReLU(), x, select=["input-not-normalized"])
     assert bool(report.findings) is bad
@@ -287,8 +314,9 @@ def test_stat_drift_compares_running_stats_with_the_data() -> None:
 def test_stat_drift_accepts_dict_batches_and_bounds_the_batch_count() -> None:
     model = trained(ConvBNReLU(), image_batch(16, seed=5), steps=60)
     data = [{"image": image_batch(4, seed=s), "label": torch.zeros(4)} for s in range(10)]
-    report = bncheck.audit(model, data[0]["image"], data=data, select=["stat-drift"],
-                           drift_max_batches=3)
+    report = bncheck.audit(
+        model, data[0]["image"], data=data, select=["stat-drift"], drift_max_batches=3
+    )
     assert report.findings == []
 
 
@@ -300,10 +328,13 @@ def test_stat_drift_rejects_bad_batches() -> None:
 
 
 # ---- inputs and the model left alone ---------------------------------------------------------
-@pytest.mark.parametrize("x, match", [
-    (torch.full((4, 3, 8, 8), float("nan")), "NaN/Inf"),
-    ("pixels", "is a str"),
-])
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.full((4, 3, 8, 8), float("nan")), "NaN/Inf"),
+        ("pixels", "is a str"),
+    ],
+)
 def test_bad_example_input_is_an_input_error(x: object, match: str) -> None:
     with pytest.raises(bncheck.InputError, match=match):
         bncheck.audit(ConvBNReLU(), x)
@@ -330,15 +361,23 @@ def _state(model: nn.Module) -> tuple[object, ...]:
         {k: v.clone() for k, v in model.state_dict().items()},
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
-        torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(),
+        torch.get_rng_state(),
+        np.random.get_state()[1].copy(),
+        random.getstate(),
     )
 
 
 def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     sa, sb = a[0], b[0]
     assert isinstance(sa, dict) and isinstance(sb, dict)
-    return (all(torch.equal(sa[k], sb[k]) for k in sa) and a[1] == b[1] and a[2] == b[2]
-            and torch.equal(a[3], b[3]) and bool((a[4] == b[4]).all()) and a[5] == b[5])
+    return (
+        all(torch.equal(sa[k], sb[k]) for k in sa)
+        and a[1] == b[1]
+        and a[2] == b[2]
+        and torch.equal(a[3], b[3])
+        and bool((a[4] == b[4]).all())
+        and a[5] == b[5]
+    )
 
 
 @pytest.mark.parametrize("fail_in", ["train", "eval", "both"])
@@ -357,8 +396,9 @@ def test_model_and_rng_untouched_even_when_the_forward_raises(fail_in: str) -> N
         assert report.forward_error is None
         stage = "train-mode" if fail_in == "train" else "eval-mode"
         failed_rule = "normalization" if fail_in == "train" else "eval-nondeterminism"
-        assert f"the {stage} forward pass failed (RuntimeError: boom)" in \
-            report.skipped[failed_rule]
+        assert (
+            f"the {stage} forward pass failed (RuntimeError: boom)" in report.skipped[failed_rule]
+        )
 
 
 def test_model_untouched_after_a_clean_audit_with_data() -> None:
@@ -403,10 +443,20 @@ def test_grid_picks_the_same_elements_whatever_the_memory_layout() -> None:
     from bncheck.probes import grid
 
     t = torch.randn(9, 5, 7, 6, generator=torch.Generator().manual_seed(4))
-    expected = torch.stack([t[n, :, h, w] for n in (0, 1, 2, 3, 5, 6, 7, 8)
-                            for h in (0, 2, 4, 6) for w in (0, 2, 3, 5)], dim=1).double()
-    for variant in (t, t.contiguous(memory_format=torch.channels_last),
-                    t.transpose(0, 1).contiguous().transpose(0, 1)):
+    expected = torch.stack(
+        [
+            t[n, :, h, w]
+            for n in (0, 1, 2, 3, 5, 6, 7, 8)
+            for h in (0, 2, 4, 6)
+            for w in (0, 2, 3, 5)
+        ],
+        dim=1,
+    ).double()
+    for variant in (
+        t,
+        t.contiguous(memory_format=torch.channels_last),
+        t.transpose(0, 1).contiguous().transpose(0, 1),
+    ):
         assert torch.equal(grid(variant), expected)
 
 

@@ -77,7 +77,11 @@ def test_exported_program_is_recognised_and_loaded_with_its_sample_input(tmp_pat
     assert bare.static_unknown is None  # eps and momentum come from the graph
     (layer,) = find_bn_layers(bare.model)
     assert (layer.name, layer.kind, layer.eps, layer.momentum) == (
-        "bn", "ExportedBatchNorm", 1e-3, 0.25)
+        "bn",
+        "ExportedBatchNorm",
+        1e-3,
+        0.25,
+    )
     assert torch.equal(layer.running_var, block.bn.running_var)
     with_arch = load_model(path, arch="cli_factories:make")
     assert with_arch.runnable
@@ -127,8 +131,9 @@ def test_loading_does_not_touch_the_global_rng(tmp_path, block):
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict"])
 def test_wrapped_state_dicts_are_unwrapped_and_noted(tmp_path, block, wrapper):
-    path = save({wrapper: block.state_dict(), "epoch": 7, "optimizer": {"lr": 0.1}},
-                tmp_path / "ckpt.pt")
+    path = save(
+        {wrapper: block.state_dict(), "epoch": 7, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt"
+    )
     loaded = load_model(path, arch="cli_factories:make")
     same_tensors(loaded.model, block.state_dict())
     note = next(n for n in loaded.notes if "used [" in n)
@@ -159,8 +164,10 @@ def test_missing_bn_running_stats_are_filled_with_init_values_and_reported(tmp_p
     assert torch.equal(loaded.model.bn.running_mean, torch.zeros(8))
     assert torch.equal(loaded.model.bn.running_var, torch.ones(8))
     assert torch.equal(loaded.model.bn.weight, block.bn.weight)
-    assert any("2 BN buffers missing: bn.running_mean, bn.running_var" in n
-               and "not saved" in n for n in loaded.notes)
+    assert any(
+        "2 BN buffers missing: bn.running_mean, bn.running_var" in n and "not saved" in n
+        for n in loaded.notes
+    )
 
 
 def test_missing_num_batches_tracked_alone_is_version_skew(tmp_path, block):
@@ -174,8 +181,11 @@ def test_missing_num_batches_tracked_alone_is_version_skew(tmp_path, block):
 
 def test_a_missing_weight_is_a_load_error(tmp_path, block):
     sd = {k: v for k, v in block.state_dict().items() if k != "conv.weight"}
-    with pytest.raises(LoadError, match=r"does not fit --arch cli_factories:make: 1 keys "
-                                        r"missing from the checkpoint \(conv\.weight\)"):
+    with pytest.raises(
+        LoadError,
+        match=r"does not fit --arch cli_factories:make: 1 keys "
+        r"missing from the checkpoint \(conv\.weight\)",
+    ):
         load_model(save(sd, tmp_path / "sd.pt"), arch="cli_factories:make")
 
 
@@ -188,15 +198,19 @@ def test_unexpected_keys_are_a_load_error(tmp_path, block):
 
 def test_a_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     sd = ConvBNReLU(c=16).state_dict()
-    with pytest.raises(LoadError, match=r"conv\.weight has shape \(16, 3, 3, 3\) in the "
-                                        r"checkpoint but \(8, 3, 3, 3\) in the architecture"):
+    with pytest.raises(
+        LoadError,
+        match=r"conv\.weight has shape \(16, 3, 3, 3\) in the "
+        r"checkpoint but \(8, 3, 3, 3\) in the architecture",
+    ):
         load_model(save(sd, tmp_path / "sd.pt"), arch="cli_factories:make")
 
 
 def test_factory_that_needs_real_tensors_is_built_on_cpu(tmp_path):
     source = cli_factories.needs_real()
-    loaded = load_model(save(source.state_dict(), tmp_path / "sd.pt"),
-                        arch="cli_factories:needs_real")
+    loaded = load_model(
+        save(source.state_dict(), tmp_path / "sd.pt"), arch="cli_factories:needs_real"
+    )
     same_tensors(loaded.model, source.state_dict())
     assert loaded.model.scale == 1.0
     assert any("cannot be built on the meta device" in n for n in loaded.notes)
@@ -204,8 +218,9 @@ def test_factory_that_needs_real_tensors_is_built_on_cpu(tmp_path):
 
 def test_non_persistent_buffers_are_real_after_loading(tmp_path):
     source = cli_factories.with_non_persistent()
-    loaded = load_model(save(source.state_dict(), tmp_path / "sd.pt"),
-                        arch="cli_factories:with_non_persistent")
+    loaded = load_model(
+        save(source.state_dict(), tmp_path / "sd.pt"), arch="cli_factories:with_non_persistent"
+    )
     assert not loaded.model.offset.is_meta
     assert torch.equal(loaded.model.offset, torch.full((1,), 0.5))
     same_tensors(loaded.model, source.state_dict())
@@ -222,8 +237,11 @@ def test_builtin_arch_loads_a_reference_checkpoint(tmp_path):
 
 def test_unknown_arch_suggests_a_close_name(tmp_path, block):
     path = save(block.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(UsageError, match=r"unknown architecture 'vgg16bn'.*did you mean "
-                                         r"'vgg16_bn'"):
+    with pytest.raises(
+        UsageError,
+        match=r"unknown architecture 'vgg16bn'.*did you mean "
+        r"'vgg16_bn'",
+    ):
         load_model(path, arch="vgg16bn")
 
 
@@ -327,8 +345,11 @@ def test_hostile_pickle_never_runs(tmp_path, container):
         path.write_bytes(pickle.dumps(payload, protocol=2))
     else:
         torch.save(payload, path)
-    with pytest.raises(LoadError, match=r"needs code to load \(it imports pathlib\.[^)]*\)"
-                                        r".*--trust-pickle"):
+    with pytest.raises(
+        LoadError,
+        match=r"needs code to load \(it imports pathlib\.[^)]*\)"
+        r".*--trust-pickle",
+    ):
         load_model(path)
     assert not marker.exists()
 
@@ -355,8 +376,12 @@ def test_hyperparameters_and_numpy_metrics_beside_the_weights_need_no_trust(tmp_
 
     import numpy as np
 
-    ckpt = {"state_dict": block.state_dict(), "args": argparse.Namespace(lr=0.1, arch="x"),
-            "best_acc": np.float64(0.93), "history": np.arange(3)}
+    ckpt = {
+        "state_dict": block.state_dict(),
+        "args": argparse.Namespace(lr=0.1, arch="x"),
+        "best_acc": np.float64(0.93),
+        "history": np.arange(3),
+    }
     loaded = load_model(save(ckpt, tmp_path / "ckpt.pt"), arch="cli_factories:make")
     same_tensors(loaded.model, block.state_dict())
     assert any("args, best_acc, history" in n for n in loaded.notes)
@@ -375,8 +400,10 @@ class FrozenBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[
-            None, :, None, None]
+        return (
+            x * scale[None, :, None, None]
+            + (self.bias - self.running_mean * scale)[None, :, None, None]
+        )
 
 
 def test_torchscript_custom_bn_like_layers_are_found(tmp_path):
@@ -392,13 +419,17 @@ def test_torchscript_custom_bn_like_layers_are_found(tmp_path):
 
 
 keys_strategy = st.lists(
-    st.from_regex(r"[a-z]{1,4}(\.[a-z0-9]{1,3}){0,2}\.(weight|bias|running_mean)",
-                  fullmatch=True),
-    min_size=1, max_size=8, unique=True)
+    st.from_regex(r"[a-z]{1,4}(\.[a-z0-9]{1,3}){0,2}\.(weight|bias|running_mean)", fullmatch=True),
+    min_size=1,
+    max_size=8,
+    unique=True,
+)
 
 
-@given(keys=keys_strategy,
-       wrappers=st.lists(st.sampled_from(["module.", "model.", "_orig_mod."]), max_size=3))
+@given(
+    keys=keys_strategy,
+    wrappers=st.lists(st.sampled_from(["module.", "model.", "_orig_mod."]), max_size=3),
+)
 @settings(max_examples=60, deadline=None)
 def test_strip_prefix_without_arch_removes_exactly_the_wrapper_prefixes(keys, wrappers):
     from bncheck.loading import strip_prefix
@@ -410,7 +441,7 @@ def test_strip_prefix_without_arch_removes_exactly_the_wrapper_prefixes(keys, wr
     while True:
         for known in ("module.", "model.", "_orig_mod."):
             if all(k.startswith(known) for k in expected_keys):
-                expected_keys = [k[len(known):] for k in expected_keys]
+                expected_keys = [k[len(known) :] for k in expected_keys]
                 break
         else:
             break

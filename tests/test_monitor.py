@@ -21,8 +21,13 @@ from bncheck.checks.training import COUNT_COLUMNS, STAT_COLUMNS
 
 def batches(n: int, size: int = 8, hw: int = 8, seed: int = 0, classes: int = 2):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, hw, hw, generator=gen),
-             torch.randint(0, classes, (size,), generator=gen)) for _ in range(n)]
+    return [
+        (
+            torch.randn(size, 3, hw, hw, generator=gen),
+            torch.randint(0, classes, (size,), generator=gen),
+        )
+        for _ in range(n)
+    ]
 
 
 def train(model, opt, data):
@@ -46,8 +51,10 @@ def test_report_covers_static_rules_and_the_run():
     report = monitor.report()
     assert isinstance(report, bncheck.Report)
     # a static (optimizer) rule runs in the Monitor's report too
-    assert {f.layer for f in report.filter(rules=["weight-decay-on-bn"])} == {"block1.1",
-                                                                                "block2.1"}
+    assert {f.layer for f in report.filter(rules=["weight-decay-on-bn"])} == {
+        "block1.1",
+        "block2.1",
+    }
     assert report.settings["steps"] == 3
     assert "frozen-bn-drift" in report.settings["rules"]
     assert "rank-divergent-stats" in report.skipped
@@ -149,8 +156,9 @@ def test_history_has_a_row_per_step_and_layer():
 def test_history_is_bounded_by_max_history():
     model = ConvBNReLU()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with bncheck.Monitor(model, optimizer=opt, flush_every=2, max_history=4,
-                         channel_history=3) as monitor:
+    with bncheck.Monitor(
+        model, optimizer=opt, flush_every=2, max_history=4, channel_history=3
+    ) as monitor:
         train(model, opt, batches(10))
     frame = monitor.history
     assert 4 <= frame["step"].nunique() <= 5 and frame["step"].max() == 10
@@ -216,10 +224,12 @@ def test_no_warnings_without_warn_mode():
 class DropoutNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
-                                      nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3))
-        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=None),
-                                  nn.Dropout(0.5), nn.Linear(8, 2))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3)
+        )
+        self.head = nn.Sequential(
+            nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=None), nn.Dropout(0.5), nn.Linear(8, 2)
+        )
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
@@ -248,8 +258,9 @@ def train_run(monitored: bool, seed: int, steps: int, size: int, warn: bool):
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**16), steps=st.integers(1, 4), size=st.integers(2, 6),
-       warn=st.booleans())
+@given(
+    seed=st.integers(0, 2**16), steps=st.integers(1, 4), size=st.integers(2, 6), warn=st.booleans()
+)
 def test_monitored_training_is_bit_for_bit_unmonitored_training(seed, steps, size, warn):
     plain, rng_plain, np_plain, py_plain = train_run(False, seed, steps, size, warn)
     watched, rng_watched, np_watched, py_watched = train_run(True, seed, steps, size, warn)
@@ -264,8 +275,13 @@ def test_monitored_training_is_bit_for_bit_unmonitored_training(seed, steps, siz
 
 # ---- recovered batch statistics against an oracle -------------------------------------------
 @settings(max_examples=25, deadline=None)
-@given(momentum=st.one_of(st.none(), st.floats(0.05, 1.0)), n=st.integers(2, 6),
-       hw=st.integers(1, 4), seed=st.integers(0, 1000), steps=st.integers(1, 3))
+@given(
+    momentum=st.one_of(st.none(), st.floats(0.05, 1.0)),
+    n=st.integers(2, 6),
+    hw=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+    steps=st.integers(1, 3),
+)
 def test_recovered_batch_statistics_match_the_batch(momentum, n, hw, seed, steps):
     gen = torch.Generator().manual_seed(seed)
     bn = nn.BatchNorm2d(5, momentum=momentum)
@@ -364,12 +380,14 @@ def test_warnings_point_at_the_users_training_loop():
     """A BNCheckWarning names the line of the user's code that triggered it, not a hook."""
     model = TwoBlock()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.warns(bncheck.BNCheckWarning) as caught:
-        with bncheck.Monitor(model, optimizer=opt, warn=True):
-            model.train()
-            with torch.no_grad():
-                model(torch.randn(8, 3, 6, 6))  # validation in train mode
-            loss = model(torch.randn(8, 3, 6, 6)).square().mean()
-            loss.backward()
-            opt.step()
+    with (
+        pytest.warns(bncheck.BNCheckWarning) as caught,
+        bncheck.Monitor(model, optimizer=opt, warn=True),
+    ):
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(8, 3, 6, 6))  # validation in train mode
+        loss = model(torch.randn(8, 3, 6, 6)).square().mean()
+        loss.backward()
+        opt.step()
     assert {w.filename for w in caught} == {__file__}

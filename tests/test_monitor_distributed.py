@@ -24,8 +24,10 @@ from bncheck.distributed import rank_divergence
 WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
 TIMEOUT = 150
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 def free_port() -> int:
@@ -39,9 +41,13 @@ def run_ranks(scenarios: str, tmp_path: Path) -> tuple[list[int], list[str], Pat
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", port, scenarios,
-                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                         text=True)
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", port, scenarios, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
         for rank in range(2)
     ]
     codes, logs = [], []
@@ -64,8 +70,10 @@ def two_rank_reports(tmp_path_factory) -> dict[str, bncheck.Report]:
     tmp = tmp_path_factory.mktemp("ddp")
     codes, logs, out = run_ranks("divergent,synced", tmp)
     assert codes == [0, 0], logs
-    return {name: bncheck.Report.from_json(Path(f"{out}.{name}.json").read_text())
-            for name in ("divergent", "synced")}
+    return {
+        name: bncheck.Report.from_json(Path(f"{out}.{name}.json").read_text())
+        for name in ("divergent", "synced")
+    }
 
 
 def test_broadcast_buffers_false_with_per_rank_data_diverges(two_rank_reports):
@@ -95,7 +103,7 @@ def test_rank_divergence_against_a_direct_computation():
     rng = np.random.default_rng(0)
     gathered = rng.normal(size=(3, 4, 4))
     gathered[:, 1] = gathered[0, 1]  # layer 1 identical on every rank
-    gathered[2, 3, 0] = np.nan       # layer 3 poisoned on one rank
+    gathered[2, 3, 0] = np.nan  # layer 3 poisoned on one rank
     got = rank_divergence(gathered)
     for layer in (0, 2):
         vals = gathered[:, layer, :]

@@ -31,14 +31,26 @@ from bncheck.checks.training import (
     step_conditions,
 )
 
-RUN_RULES = {"frozen-bn-drift", "stats-not-updating", "stats-updated-without-grad",
-             "multiple-updates-per-step", "nonfinite-stats", "small-batch", "stat-drift"}
+RUN_RULES = {
+    "frozen-bn-drift",
+    "stats-not-updating",
+    "stats-updated-without-grad",
+    "multiple-updates-per-step",
+    "nonfinite-stats",
+    "small-batch",
+    "stat-drift",
+}
 
 
 def batches(n: int, size: int = 8, hw: int = 8, seed: int = 0, classes: int = 2):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, hw, hw, generator=gen),
-             torch.randint(0, classes, (size,), generator=gen)) for _ in range(n)]
+    return [
+        (
+            torch.randn(size, 3, hw, hw, generator=gen),
+            torch.randint(0, classes, (size,), generator=gen),
+        )
+        for _ in range(n)
+    ]
 
 
 def run_findings(report: bncheck.Report) -> list[bncheck.Finding]:
@@ -203,8 +215,9 @@ def test_plain_steps_are_clean():
 class Checkpointed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x):
@@ -348,15 +361,35 @@ def test_multiple_updates_condition_matches_oracle(data):
     n_steps = data.draw(st.integers(1, 6))
     n_layers = data.draw(st.integers(1, 4))
     ints = st.integers(0, 5)
-    updates = np.array(data.draw(st.lists(st.lists(ints, min_size=n_layers, max_size=n_layers),
-                                          min_size=n_steps, max_size=n_steps)), dtype=float)
-    nograd = np.array(data.draw(st.lists(st.lists(ints, min_size=n_layers, max_size=n_layers),
-                                         min_size=n_steps, max_size=n_steps)))
-    train_calls = nograd + np.array(data.draw(st.lists(
-        st.lists(ints, min_size=n_layers, max_size=n_layers), min_size=n_steps,
-        max_size=n_steps)))
-    has_counter = np.array(data.draw(st.lists(st.booleans(), min_size=n_layers,
-                                              max_size=n_layers)))
+    updates = np.array(
+        data.draw(
+            st.lists(
+                st.lists(ints, min_size=n_layers, max_size=n_layers),
+                min_size=n_steps,
+                max_size=n_steps,
+            )
+        ),
+        dtype=float,
+    )
+    nograd = np.array(
+        data.draw(
+            st.lists(
+                st.lists(ints, min_size=n_layers, max_size=n_layers),
+                min_size=n_steps,
+                max_size=n_steps,
+            )
+        )
+    )
+    train_calls = nograd + np.array(
+        data.draw(
+            st.lists(
+                st.lists(ints, min_size=n_layers, max_size=n_layers),
+                min_size=n_steps,
+                max_size=n_steps,
+            )
+        )
+    )
+    has_counter = np.array(data.draw(st.lists(st.booleans(), min_size=n_layers, max_size=n_layers)))
     tracks = np.array(data.draw(st.lists(st.booleans(), min_size=n_layers, max_size=n_layers)))
     stats = np.zeros((n_steps, n_layers, len(STAT_COLUMNS)))
     stats[..., S_UPDATES] = np.where(has_counter[None, :], updates, np.nan)
@@ -366,8 +399,15 @@ def test_multiple_updates_condition_matches_oracle(data):
     counts[..., C_NOGRAD] = nograd
     counts[..., C_MINBATCH] = counts[..., C_MINSAMPLES] = 100
     flags = np.zeros((n_steps, n_layers), dtype=bool)
-    got = step_conditions(stats, counts, flags, flags, resolve_tolerances(),
-                          tracks_stats=tracks, drift_warmup=np.zeros(n_layers))
+    got = step_conditions(
+        stats,
+        counts,
+        flags,
+        flags,
+        resolve_tolerances(),
+        tracks_stats=tracks,
+        drift_warmup=np.zeros(n_layers),
+    )
     expected = oracle_multiple_updates(updates, nograd, has_counter, train_calls, tracks)
     np.testing.assert_array_equal(got["multiple-updates-per-step"], expected)
 
@@ -376,11 +416,18 @@ def test_stats_not_updating_needs_trainable_eval_only_and_no_update():
     stats = np.zeros((4, 1, len(STAT_COLUMNS)))
     counts = np.zeros((4, 1, len(COUNT_COLUMNS)), dtype=np.int64)
     counts[:, 0, C_EVAL] = 1
-    counts[2, 0, C_TRAIN] = 1          # step 2 ran in train mode: no problem there
-    stats[3, 0, S_UPDATES] = 1         # step 3 updated (e.g. called elsewhere in train mode)
+    counts[2, 0, C_TRAIN] = 1  # step 2 ran in train mode: no problem there
+    stats[3, 0, S_UPDATES] = 1  # step 3 updated (e.g. called elsewhere in train mode)
     trainable = np.array([[True], [False], [True], [True]])
-    got = step_conditions(stats, counts, trainable, ~trainable, resolve_tolerances(),
-                          tracks_stats=np.array([True]), drift_warmup=np.zeros(1))
+    got = step_conditions(
+        stats,
+        counts,
+        trainable,
+        ~trainable,
+        resolve_tolerances(),
+        tracks_stats=np.array([True]),
+        drift_warmup=np.zeros(1),
+    )
     assert got["stats-not-updating"][:, 0].tolist() == [True, False, False, False]
 
 

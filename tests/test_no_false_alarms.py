@@ -12,9 +12,19 @@ from zoo_families import FAMILIES, batch, build, train_steps
 
 import bncheck
 
-QUIET = {"bn-after-activation", "bias-before-bn", "dropout-before-bn", "bn-reused",
-         "normalization", "ema-update", "eval-batch-dependence", "eval-nondeterminism",
-         "eval-updates-stats", "single-value-per-channel", "input-not-normalized"}
+QUIET = {
+    "bn-after-activation",
+    "bias-before-bn",
+    "dropout-before-bn",
+    "bn-reused",
+    "normalization",
+    "ema-update",
+    "eval-batch-dependence",
+    "eval-nondeterminism",
+    "eval-updates-stats",
+    "single-value-per-channel",
+    "input-not-normalized",
+}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -37,8 +47,7 @@ def test_correct_family_has_no_error(family: str, trained: bool, mode: str) -> N
 
 def test_frozen_bn_family_is_really_frozen_and_not_judged_as_training() -> None:
     model = build("frozen_bn_resnet")
-    report = bncheck.audit(model, batch("frozen_bn_resnet"), select=["normalization",
-                                                                     "ema-update"])
+    report = bncheck.audit(model, batch("frozen_bn_resnet"), select=["normalization", "ema-update"])
     assert report.findings == []
 
 
@@ -54,5 +63,4 @@ def test_bn_act_layers_are_checked_on_their_batch_norm_output() -> None:
     ctx.user_batch = True
     with preserved(model):
         obs = collect(ctx)
-    assert {c.layer: c.norm_source for c in obs.calls} == {"bn1": "batch_norm",
-                                                           "bn2": "batch_norm"}
+    assert {c.layer: c.norm_source for c in obs.calls} == {"bn1": "batch_norm", "bn2": "batch_norm"}

@@ -26,8 +26,12 @@ _FACTORIES = {
     "mlp": (lambda: MLPBN(), (6,)),
     "two": (lambda: TwoBlock(), (3, 5, 5)),
     "vgg": (lambda: vgg16_bn_small(width=0.0625), (3, 32, 32)),
-    "dropout": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.BatchNorm1d(8),
-                                      nn.ReLU(inplace=True)), (6,)),
+    "dropout": (
+        lambda: nn.Sequential(
+            nn.Linear(6, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.ReLU(inplace=True)
+        ),
+        (6,),
+    ),
 }
 
 
@@ -45,9 +49,18 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict:
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and bool(
-        torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                              and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and bool(
+            torch.equal(a, b)
+            or (
+                a.is_floating_point()
+                and torch.equal(a.isnan(), b.isnan())
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
+            )
+        )
+    )
 
 
 def _assert_same(before: dict, after: dict) -> None:
@@ -69,8 +82,9 @@ def _assert_same(before: dict, after: dict) -> None:
                 assert _same_tensor(torch.as_tensor(value), torch.as_tensor(oa["state"][k][name]))
 
 
-@settings(max_examples=25, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     kind=st.sampled_from(sorted(_FACTORIES)),
     modes=st.lists(st.booleans(), min_size=12, max_size=12),
@@ -81,8 +95,9 @@ def _assert_same(before: dict, after: dict) -> None:
     nan_stats=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_audit_changes_nothing(kind, modes, frozen, batch, input_case, with_optimizer,
-                               nan_stats, seed):
+def test_audit_changes_nothing(
+    kind, modes, frozen, batch, input_case, with_optimizer, nan_stats, seed
+):
     torch.manual_seed(seed)
     factory, shape = _FACTORIES[kind]
     model = factory()
@@ -94,13 +109,15 @@ def test_audit_changes_nothing(kind, modes, frozen, batch, input_case, with_opti
     for param, flag in zip(model.parameters(), frozen):
         param.requires_grad_(flag)
     if nan_stats:
-        next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             ).running_mean[0] = float("nan")
+        next(
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ).running_mean[0] = float("nan")
     opt = None
     if with_optimizer:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(trainable or [next(model.parameters())], lr=0.1, momentum=0.9,
-                              weight_decay=1e-4)
+        opt = torch.optim.SGD(
+            trainable or [next(model.parameters())], lr=0.1, momentum=0.9, weight_decay=1e-4
+        )
         if trainable:  # one step, so the optimizer has momentum buffers to keep
             sum(p.float().sum() for p in trainable).backward()
             opt.step()

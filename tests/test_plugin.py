@@ -42,11 +42,14 @@ def models(pytester: pytest.Pytester) -> pytest.Pytester:
 
 
 def test_importing_the_plugin_does_not_import_torch() -> None:
-    code = ("import sys, bncheck.plugin, bncheck.testing; "
-            "heavy = [m for m in ('torch', 'numpy', 'pandas', 'hypothesis') if m in sys.modules]; "
-            "print(heavy); sys.exit(1 if heavy else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys, bncheck.plugin, bncheck.testing; "
+        "heavy = [m for m in ('torch', 'numpy', 'pandas', 'hypothesis') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -57,13 +60,15 @@ def test_registered_as_pytest11_entry_point_named_bncheck() -> None:
 
 def test_help_lists_the_option_group(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
-    result.stdout.fnmatch_lines([
-        "*bncheck: Batch Normalization checks*",
-        "*--bncheck-fail-on=SEVERITY*",
-        "*--bncheck-tolerance=NAME=VALUE*",
-        "*--bncheck-model=MODULE:CALLABLE*",
-        "*bncheck_fail_on*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*bncheck: Batch Normalization checks*",
+            "*--bncheck-fail-on=SEVERITY*",
+            "*--bncheck-tolerance=NAME=VALUE*",
+            "*--bncheck-model=MODULE:CALLABLE*",
+            "*bncheck_fail_on*",
+        ]
+    )
 
 
 def test_p_no_bncheck_disables_the_plugin(models: pytest.Pytester) -> None:
@@ -92,8 +97,7 @@ def test_fixture_passes_a_good_model_and_returns_the_report(models: pytest.Pytes
     models.runpytest().assert_outcomes(passed=2)
 
 
-def test_failure_shows_the_findings_table_without_bncheck_frames(
-        models: pytest.Pytester) -> None:
+def test_failure_shows_the_findings_table_without_bncheck_frames(models: pytest.Pytester) -> None:
     models.makepyfile("""
         import zoo_models
 
@@ -102,12 +106,14 @@ def test_failure_shows_the_findings_table_without_bncheck_frames(
     """)
     result = models.runpytest()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*BNCheckFailure: bncheck: 1 finding at or above fail_on='error'*",
-        "*severity*rule*layer*message*",
-        "*error*invalid-eps*1*1 (BatchNorm2d): eps = 0*expected a finite value > 0*",
-        "*ignore=[[]'invalid-eps'[]]*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*BNCheckFailure: bncheck: 1 finding at or above fail_on='error'*",
+            "*severity*rule*layer*message*",
+            "*error*invalid-eps*1*1 (BatchNorm2d): eps = 0*expected a finite value > 0*",
+            "*ignore=[[]'invalid-eps'[]]*",
+        ]
+    )
     # __tracebackhide__: the traceback ends in the user's test, not in bncheck's code
     result.stdout.no_fnmatch_line("*def assert_ok*")
     result.stdout.no_fnmatch_line("*bncheck/plugin.py*")
@@ -162,16 +168,19 @@ def test_closest_marker_wins_over_module_marker(models: pytest.Pytester) -> None
     ("marker", "message"),
     [
         ('fail_onn="warning"', "*unknown argument 'fail_onn' (did you mean 'fail_on'?)*"),
-        ('ignore="keras-momentun"', "*unknown rule id 'keras-momentun' "
-                                    "(did you mean 'keras-momentum'?)*"),
-        ('ema_rtl=2', "*unknown argument 'ema_rtl' (did you mean 'ema_rtol'?)*"),
+        (
+            'ignore="keras-momentun"',
+            "*unknown rule id 'keras-momentun' (did you mean 'keras-momentum'?)*",
+        ),
+        ("ema_rtl=2", "*unknown argument 'ema_rtl' (did you mean 'ema_rtol'?)*"),
         ('fail_on="warn"', "*'warn' is not one of error, warning, info, never*"),
-        ('ema_rtol=-1', "*tolerance 'ema_rtol' must be a number >= 0*"),
+        ("ema_rtol=-1", "*tolerance 'ema_rtol' must be a number >= 0*"),
         ('"warning"', "*keyword arguments only*"),
     ],
 )
 def test_bad_marker_is_a_usage_error_naming_the_test(
-        pytester: pytest.Pytester, marker: str, message: str) -> None:
+    pytester: pytest.Pytester, marker: str, message: str
+) -> None:
     pytester.makepyfile(f"""
         import pytest
 
@@ -181,10 +190,14 @@ def test_bad_marker_is_a_usage_error_naming_the_test(
     """)
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([
-        "*test_bad_marker_is_a_usage_error_naming_the_test.py::test_marked: "
-        "@pytest.mark.bncheck: *" if "keyword" not in message else "*test_marked*",
-    ])
+    result.stderr.fnmatch_lines(
+        [
+            "*test_bad_marker_is_a_usage_error_naming_the_test.py::test_marked: "
+            "@pytest.mark.bncheck: *"
+            if "keyword" not in message
+            else "*test_marked*",
+        ]
+    )
     result.stderr.fnmatch_lines([message])
 
 
@@ -207,34 +220,48 @@ def test_options_fail_on_ignore_select_and_tolerance(models: pytest.Pytester) ->
             bncheck.assert_ok(zoo_models.keras())
     """)
     models.runpytest("--bncheck-fail-on=warning").assert_outcomes(failed=1)
-    models.runpytest("--bncheck-fail-on=warning",
-                     "--bncheck-ignore=keras-momentum").assert_outcomes(passed=1)
-    models.runpytest("--bncheck-fail-on=warning", "--bncheck-select=invalid-eps",
-                     "--bncheck-select=nonfinite-stats").assert_outcomes(passed=1)
-    models.runpytest("--bncheck-fail-on=warning",
-                     "--bncheck-tolerance", "momentum_max=0.95").assert_outcomes(passed=1)
+    models.runpytest(
+        "--bncheck-fail-on=warning", "--bncheck-ignore=keras-momentum"
+    ).assert_outcomes(passed=1)
+    models.runpytest(
+        "--bncheck-fail-on=warning",
+        "--bncheck-select=invalid-eps",
+        "--bncheck-select=nonfinite-stats",
+    ).assert_outcomes(passed=1)
+    models.runpytest(
+        "--bncheck-fail-on=warning", "--bncheck-tolerance", "momentum_max=0.95"
+    ).assert_outcomes(passed=1)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--bncheck-fail-on=erorr"],
-         "*argument --bncheck-fail-on: 'erorr' is not one of error, warning, info, never "
-         "(did you mean 'error'?)*"),
-        (["--bncheck-select=ema-updat"],
-         "*argument --bncheck-select: unknown rule id 'ema-updat' (did you mean 'ema-update'?)*"),
-        (["--bncheck-ignore=invalid_eps"],
-         "*unknown rule id 'invalid_eps' (did you mean 'invalid-eps'?)*"),
-        (["--bncheck-tolerance=ema_rtl=2"],
-         "*unknown tolerance 'ema_rtl' (did you mean 'ema_rtol'?)*"),
+        (
+            ["--bncheck-fail-on=erorr"],
+            "*argument --bncheck-fail-on: 'erorr' is not one of error, warning, info, never "
+            "(did you mean 'error'?)*",
+        ),
+        (
+            ["--bncheck-select=ema-updat"],
+            "*argument --bncheck-select: unknown rule id 'ema-updat' (did you mean 'ema-update'?)*",
+        ),
+        (
+            ["--bncheck-ignore=invalid_eps"],
+            "*unknown rule id 'invalid_eps' (did you mean 'invalid-eps'?)*",
+        ),
+        (
+            ["--bncheck-tolerance=ema_rtl=2"],
+            "*unknown tolerance 'ema_rtl' (did you mean 'ema_rtol'?)*",
+        ),
         (["--bncheck-tolerance=ema_rtol"], "*'ema_rtol' is not NAME=VALUE*"),
         (["--bncheck-tolerance=ema_rtol=lots"], "*tolerance 'ema_rtol' must be a number*"),
         (["--bncheck-input-shape=8,3,big"], "*'8,3,big' is not an input shape*"),
         (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a factory spec; give module:callable*"),
     ],
 )
-def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str],
-                                            message: str) -> None:
+def test_bad_option_values_are_usage_errors(
+    pytester: pytest.Pytester, args: list[str], message: str
+) -> None:
     result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
@@ -248,7 +275,8 @@ def test_ini_keys_and_precedence(models: pytest.Pytester) -> None:
             momentum_max = 0.6
             eval_rtol=1e-3
     """)
-    models.makepyfile(test_settings="""
+    models.makepyfile(
+        test_settings="""
         import pytest
         import zoo_models
 
@@ -266,12 +294,17 @@ def test_ini_keys_and_precedence(models: pytest.Pytester) -> None:
             assert bncheck.settings.sources["eval_rtol"] == "ini"
             assert bncheck.settings.sources["momentum_max"] == "command line"
             assert bncheck.settings.sources["fail_on"] == "command line"
-    """)
+    """
+    )
     # ini alone: fail_on=warning fails the keras model
     result = models.runpytest("test_settings.py::test_keras")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["bncheck *: fail_on=warning, select=all, ignore=none, "
-                                 "tolerances=eval_rtol=0.001,momentum_max=0.6"])
+    result.stdout.fnmatch_lines(
+        [
+            "bncheck *: fail_on=warning, select=all, ignore=none, "
+            "tolerances=eval_rtol=0.001,momentum_max=0.6"
+        ]
+    )
     # the command line beats ini; the marker beats the command line
     result = models.runpytest("--bncheck-fail-on=error", "--bncheck-tolerance=momentum_max=0.95")
     result.assert_outcomes(passed=2, failed=1)
@@ -285,30 +318,46 @@ def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     """)
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*ini option bncheck_select: unknown rule id 'keras-momentun' "
-                                 "(did you mean 'keras-momentum'?)*"])
+    result.stderr.fnmatch_lines(
+        [
+            "*ini option bncheck_select: unknown rule id 'keras-momentun' "
+            "(did you mean 'keras-momentum'?)*"
+        ]
+    )
 
 
 def test_report_header_shows_the_effective_settings(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing():\n    pass\n")
-    result = pytester.runpytest("--bncheck-fail-on=warning", "--bncheck-ignore=dead-channels",
-                                "--bncheck-tolerance=ema_rtol=2")
-    result.stdout.fnmatch_lines(["bncheck *: fail_on=warning, select=all, "
-                                 "ignore=dead-channels, tolerances=ema_rtol=2"])
+    result = pytester.runpytest(
+        "--bncheck-fail-on=warning",
+        "--bncheck-ignore=dead-channels",
+        "--bncheck-tolerance=ema_rtol=2",
+    )
+    result.stdout.fnmatch_lines(
+        ["bncheck *: fail_on=warning, select=all, ignore=dead-channels, tolerances=ema_rtol=2"]
+    )
 
 
 def test_zero_code_mode_collects_one_audit_per_factory(models: pytest.Pytester) -> None:
-    result = models.runpytest("-v", "--bncheck-model", "zoo_models:good",
-                              "--bncheck-model", "zoo_models:zero_eps",
-                              "--bncheck-input-shape", "4,3,8,8")
+    result = models.runpytest(
+        "-v",
+        "--bncheck-model",
+        "zoo_models:good",
+        "--bncheck-model",
+        "zoo_models:zero_eps",
+        "--bncheck-input-shape",
+        "4,3,8,8",
+    )
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines([
-        "bncheck models: zoo_models:good zoo_models:zero_eps (input shape 4,3,8,8)",
-        "bncheck[[]zoo_models:good[]] PASSED*",
-        "bncheck[[]zoo_models:zero_eps[]] FAILED*",
-        "*bncheck: 1 finding at or above fail_on='error' in zoo_models:zero_eps*",
-        "*error*invalid-eps*eps = 0*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "bncheck models: zoo_models:good zoo_models:zero_eps (input shape 4,3,8,8)",
+            "bncheck[[]zoo_models:good[]] PASSED*",
+            "bncheck[[]zoo_models:zero_eps[]] FAILED*",
+            "*bncheck: 1 finding at or above fail_on='error' in zoo_models:zero_eps*",
+            "*error*invalid-eps*eps = 0*",
+        ]
+    )
     # the failure shows the findings, not a Python traceback
     result.stdout.no_fnmatch_line("*def runtest*")
 
@@ -325,24 +374,29 @@ def test_zero_code_mode_obeys_options_ini_and_k(models: pytest.Pytester) -> None
     result.assert_outcomes(passed=1, deselected=2)
     result.stdout.fnmatch_lines(["collected 3 items / 2 deselected / 1 selected"])
     models.runpytest("-k", "keras", "--bncheck-fail-on=warning").assert_outcomes(
-        failed=1, deselected=2)
+        failed=1, deselected=2
+    )
     # zero-code items carry the bncheck marker: -m bncheck runs only the audits
     models.runpytest("-m", "bncheck", "--bncheck-ignore=invalid-eps").assert_outcomes(
-        passed=2, deselected=1)
+        passed=2, deselected=1
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("zoo_models:goood", "*--bncheck-model zoo_models:goood: 'zoo_models' has no attribute "
-                             "'goood' (did you mean 'good'?)*"),
-        ("no_such_module:f", "*--bncheck-model no_such_module:f: cannot import "
-                             "'no_such_module'*"),
+        (
+            "zoo_models:goood",
+            "*--bncheck-model zoo_models:goood: 'zoo_models' has no attribute "
+            "'goood' (did you mean 'good'?)*",
+        ),
+        ("no_such_module:f", "*--bncheck-model no_such_module:f: cannot import 'no_such_module'*"),
         ("zoo_models:not_callable", "*'not_callable' is not callable*"),
     ],
 )
-def test_zero_code_bad_factory_is_a_usage_error(models: pytest.Pytester, spec: str,
-                                                message: str) -> None:
+def test_zero_code_bad_factory_is_a_usage_error(
+    models: pytest.Pytester, spec: str, message: str
+) -> None:
     result = models.runpytest("--bncheck-model", spec)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
@@ -361,12 +415,14 @@ def test_summary_lists_findings_of_the_run(models: pytest.Pytester) -> None:
     """)
     result = models.runpytest()
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines([
-        "*= bncheck =*",
-        "2 audits in 2 tests: 0 error(s), 1 warning(s), 0 info",
-        "test_summary_lists_findings_of_the_run.py::test_fixture",
-        "  warning keras-momentum * momentum = 0.9 > 0.5*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*= bncheck =*",
+            "2 audits in 2 tests: 0 error(s), 1 warning(s), 0 info",
+            "test_summary_lists_findings_of_the_run.py::test_fixture",
+            "  warning keras-momentum * momentum = 0.9 > 0.5*",
+        ]
+    )
 
 
 def test_audits_travel_on_the_test_report_for_xdist(models: pytest.Pytester) -> None:
@@ -394,21 +450,24 @@ def test_no_summary_when_no_audit_ran(pytester: pytest.Pytester) -> None:
 
 
 def _audited(*rules: str) -> dict[str, object]:
-    report = Report([Finding(r, Severity.WARNING, "bn", f"bn (BatchNorm2d): {r} here")
-                     for r in rules])
+    report = Report(
+        [Finding(r, Severity.WARNING, "bn", f"bn (BatchNorm2d): {r} here") for r in rules]
+    )
     return {"audits": 1, "findings": [f.to_dict() for f in report.findings]}
 
 
 def test_summary_is_skipped_on_xdist_workers() -> None:
     written: list[str] = []
-    reporter = SimpleNamespace(write_sep=lambda sep, title: written.append(title),
-                               write_line=written.append)
+    reporter = SimpleNamespace(
+        write_sep=lambda sep, title: written.append(title), write_line=written.append
+    )
     from bncheck.plugin import _STATE, BNCheckSettings, _PluginState
 
     stash = pytest.Stash()
     stash[_STATE] = _PluginState(BNCheckSettings(), [], None, [("t::a", _audited("x"))])
-    worker = SimpleNamespace(workerinput={"workerid": "gw0"}, stash=stash,
-                             option=SimpleNamespace(verbose=0))
+    worker = SimpleNamespace(
+        workerinput={"workerid": "gw0"}, stash=stash, option=SimpleNamespace(verbose=0)
+    )
     pytest_terminal_summary(reporter, 0, worker)  # type: ignore[arg-type]
     assert written == []
     controller = SimpleNamespace(stash=stash, option=SimpleNamespace(verbose=0))
@@ -426,13 +485,17 @@ def test_summary_caps_findings_per_test_unless_verbose() -> None:
 
 
 def test_summary_groups_findings_of_one_rule() -> None:
-    report = Report([Finding("bias-before-bn", Severity.INFO, f"f.{i}", f"f.{i} (BN): bias")
-                     for i in range(5)])
+    report = Report(
+        [Finding("bias-before-bn", Severity.INFO, f"f.{i}", f"f.{i} (BN): bias") for i in range(5)]
+    )
     audited = {"audits": 1, "findings": [f.to_dict() for f in report.findings]}
     lines = _summary_lines([("t::x", audited)], verbose=False)
-    assert lines == ["1 audit in 1 test: 0 error(s), 0 warning(s), 5 info", "t::x",
-                     "  info    bias-before-bn             5 findings (f.0, f.1, f.2, +2); "
-                     "first: f.0 (BN): bias"]
+    assert lines == [
+        "1 audit in 1 test: 0 error(s), 0 warning(s), 5 info",
+        "t::x",
+        "  info    bias-before-bn             5 findings (f.0, f.1, f.2, +2); "
+        "first: f.0 (BN): bias",
+    ]
 
 
 def test_reference_model_and_example_batch_fixtures(pytester: pytest.Pytester) -> None:

@@ -65,8 +65,7 @@ def test_tolerances_belong_to_their_rule_and_have_docs():
 
 def test_select_all_and_ignore():
     assert resolve_rule_ids() == list(CONTRACT)
-    assert resolve_rule_ids(["all"], ["invalid-eps"]) == [r for r in CONTRACT
-                                                          if r != "invalid-eps"]
+    assert resolve_rule_ids(["all"], ["invalid-eps"]) == [r for r in CONTRACT if r != "invalid-eps"]
     assert resolve_rule_ids("ema-update,invalid-eps") == ["invalid-eps", "ema-update"]
 
 
@@ -80,9 +79,10 @@ def test_import_bncheck_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, bncheck, bncheck.checks.registry; "
-            "bncheck.checks.registry.resolve_rule_ids('ema-update'); "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, bncheck, bncheck.checks.registry; "
+        "bncheck.checks.registry.resolve_rule_ids('ema-update'); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

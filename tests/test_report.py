@@ -13,8 +13,13 @@ from bncheck.checks.catalogue import CATALOGUE
 def _findings() -> list[Finding]:
     return [
         Finding("bias-before-bn", "info", "features.1", "features.1 (BatchNorm2d): bias"),
-        Finding("ema-update", Severity.ERROR, "features.4", "features.4 (BatchNorm2d): ema",
-                {"max_error": 4.1e-3, "channels": (3, 17)}),
+        Finding(
+            "ema-update",
+            Severity.ERROR,
+            "features.4",
+            "features.4 (BatchNorm2d): ema",
+            {"max_error": 4.1e-3, "channels": (3, 17)},
+        ),
         Finding("keras-momentum", "warning", "features.1", "features.1 (BatchNorm2d): m | x"),
         Finding("ema-update", "error", "features.1", "features.1 (BatchNorm2d): ema"),
     ]
@@ -61,8 +66,13 @@ def test_json_has_the_contract_shape_and_round_trips():
 def test_json_turns_nonfinite_and_tensor_details_into_plain_values():
     import torch
 
-    f = Finding("nonfinite-stats", "error", "bn", "m",
-                {"value": float("nan"), "t": torch.tensor([1, 2]), "s": torch.tensor(0.5)})
+    f = Finding(
+        "nonfinite-stats",
+        "error",
+        "bn",
+        "m",
+        {"value": float("nan"), "t": torch.tensor([1, 2]), "s": torch.tensor(0.5)},
+    )
     doc = json.loads(Report([f]).to_json())
     assert doc["findings"][0]["details"] == {"value": "nan", "t": [1, 2], "s": 0.5}
 
@@ -75,8 +85,15 @@ def test_markdown_escapes_pipes_and_lists_skipped_rules():
 
 
 def test_table_shows_headline_rows_notes_and_skips():
-    text = str(Report(_findings(), source="m.pt", notes=["input: synthetic"],
-                      skipped={"stat-drift": "needs data"}, layers=["features.1"]))
+    text = str(
+        Report(
+            _findings(),
+            source="m.pt",
+            notes=["input: synthetic"],
+            skipped={"stat-drift": "needs data"},
+            layers=["features.1"],
+        )
+    )
     assert text.splitlines()[0] == "bncheck: 2 errors, 1 warning, 1 info in m.pt (1 BN layers)"
     assert "ema-update" in text and "note: input: synthetic" in text
     assert "stat-drift: needs data" in text

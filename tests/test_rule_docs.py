@@ -73,8 +73,9 @@ def fenced_blocks(section: str) -> list[tuple[str, str]]:
 
 
 def example_code(text: str) -> str:
-    blocks = [code for lang, code in fenced_blocks(sections(text).get("Example", ""))
-              if lang == "python"]
+    blocks = [
+        code for lang, code in fenced_blocks(sections(text).get("Example", "")) if lang == "python"
+    ]
     if not blocks:
         pytest.fail("the '## Example' section has no ```python block")
     return blocks[0]
@@ -84,7 +85,7 @@ def example_output(text: str) -> str:
     """The first ``text`` block after the example code: the finding the page shows."""
     blocks = fenced_blocks(sections(text).get("Example", ""))
     langs = [lang for lang, _ in blocks]
-    if "python" not in langs or "text" not in langs[langs.index("python"):]:
+    if "python" not in langs or "text" not in langs[langs.index("python") :]:
         pytest.fail("the '## Example' section has no ```text block after the example code")
     start = langs.index("python")
     return next(code for lang, code in blocks[start:] if lang == "text")
@@ -246,8 +247,10 @@ def test_example_produces_a_finding_of_its_rule(rule_id: str) -> None:
     report, printed = _run_in_process(rule_id, example_code(read_page(rule_id)))
     assert isinstance(report, bncheck.Report), "the example must end with `report = ...`"
     found = report.filter(rules=[rule_id])
-    assert found, (f"the example of {rule_id} found no {rule_id} finding; it found "
-                   f"{sorted(report.rules_found())}, skipped {report.skipped.get(rule_id)!r}")
+    assert found, (
+        f"the example of {rule_id} found no {rule_id} finding; it found "
+        f"{sorted(report.rules_found())}, skipped {report.skipped.get(rule_id)!r}"
+    )
     assert all(f.severity.value == info_for(rule_id).severity for f in found)
     assert rule_id in printed, "the example prints its report"
     if rule_id in MESSAGES_PENDING:
@@ -272,9 +275,7 @@ def test_pending_messages_are_only_for_rules_without_a_check() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule_id", DISTRIBUTED)
-def test_distributed_example_produces_a_finding_of_its_rule(
-    rule_id: str, tmp_path: Path
-) -> None:
+def test_distributed_example_produces_a_finding_of_its_rule(rule_id: str, tmp_path: Path) -> None:
     import torch.distributed as dist
 
     reason = _not_ready(rule_id)
@@ -285,8 +286,14 @@ def test_distributed_example_produces_a_finding_of_its_rule(
     script = tmp_path / "example.py"
     script.write_text(example_code(read_page(rule_id)), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     messages = table_messages(done.stdout, rule_id)
     assert messages, f"no {rule_id} row in the printed report:\n{done.stdout[-3000:]}"
@@ -308,7 +315,7 @@ def table_messages(table: str, rule_id: str) -> list[str]:
     message_col = starts[3]
     out: list[str] = []
     current: list[str] | None = None
-    for line in lines[header[0] + 1:]:
+    for line in lines[header[0] + 1 :]:
         if not line.strip():
             break
         cells = line[:message_col].split()
@@ -330,8 +337,10 @@ _INDEX_ROW = re.compile(
 
 
 def test_rule_index_lists_every_rule_as_the_catalogue_does() -> None:
-    rows = [_INDEX_ROW.match(line) for line in
-            (RULES_DIR / "README.md").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        _INDEX_ROW.match(line)
+        for line in (RULES_DIR / "README.md").read_text(encoding="utf-8").splitlines()
+    ]
     table = {m.group(1): m for m in rows if m}
     assert list(table) == RULE_IDS, "the index lists the rules in catalogue order, once each"
     for rule_id, m in table.items():

@@ -177,19 +177,23 @@ def test_weight_decay_on_bn_params_is_flagged():
 
 def test_bn_params_in_a_no_decay_group_are_not_flagged():
     model = TwoBlock()
-    bn_params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d)
-                 for p in m.parameters()]
+    bn_params = [
+        p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
+    ]
     ids = {id(p) for p in bn_params}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": rest, "weight_decay": 0.05},
-                             {"params": bn_params, "weight_decay": 0.0}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": rest, "weight_decay": 0.05}, {"params": bn_params, "weight_decay": 0.0}],
+        lr=1e-3,
+    )
     assert found(model, "weight-decay-on-bn", optimizer=opt) == []
 
 
 def test_optimizer_rules_are_skipped_without_an_optimizer():
     report = bncheck.audit(TwoBlock(), select=["weight-decay-on-bn"])
     assert report.skipped == {
-        "weight-decay-on-bn": "needs an optimizer (audit(..., optimizer=opt))"}
+        "weight-decay-on-bn": "needs an optimizer (audit(..., optimizer=opt))"
+    }
 
 
 # ---- selection and tolerances ---------------------------------------------------------

@@ -43,18 +43,30 @@ def test_bn_configs_cover_momentum_none_and_both_flags() -> None:
 
 
 @FAST
-@given(config=bn_configs(num_features=3, eps=1e-3, allow_momentum_none=False,
-                         affine=st.just(True), track_running_stats=False))
+@given(
+    config=bn_configs(
+        num_features=3,
+        eps=1e-3,
+        allow_momentum_none=False,
+        affine=st.just(True),
+        track_running_stats=False,
+    )
+)
 def test_bn_configs_fixed_values_and_strategies(config: BNConfig) -> None:
     assert (config.num_features, config.eps, config.affine) == (3, 1e-3, True)
     assert config.momentum is not None and not config.track_running_stats
 
 
 @FAST
-@given(data=st.data(), dims=st.sampled_from([1, 2, 3, (1, 3)]), c=st.integers(1, 4),
-       min_values=st.integers(1, 9))
-def test_bn_input_shapes_respect_layout_and_value_count(data: st.DataObject, dims: object,
-                                                        c: int, min_values: int) -> None:
+@given(
+    data=st.data(),
+    dims=st.sampled_from([1, 2, 3, (1, 3)]),
+    c=st.integers(1, 4),
+    min_values=st.integers(1, 9),
+)
+def test_bn_input_shapes_respect_layout_and_value_count(
+    data: st.DataObject, dims: object, c: int, min_values: int
+) -> None:
     shape = data.draw(bn_input_shapes(c, dims=dims, min_values_per_channel=min_values))
     allowed = {1: {2, 3}, 2: {4}, 3: {5}}
     ranks = set().union(*(allowed[d] for d in (dims if isinstance(dims, tuple) else (dims,))))
@@ -117,8 +129,7 @@ def test_batches_for_follows_an_example(x: torch.Tensor) -> None:
 
 
 def test_batches_for_takes_the_first_conv_linear_or_bn_layer() -> None:
-    assert find(batches_for(nn.Sequential(nn.Flatten(), NoBN())), lambda x: True).shape[1:] \
-        == (4,)
+    assert find(batches_for(nn.Sequential(nn.Flatten(), NoBN())), lambda x: True).shape[1:] == (4,)
 
 
 def test_batches_for_needs_something_to_go_on() -> None:

@@ -24,13 +24,13 @@ from bncheck.testing import BNCheckFailure, assert_bn_ok
 
 def needs_rules(*rule_ids: str) -> pytest.MarkDecorator:
     missing = [r for r in rule_ids if get_rule(r).check is None]
-    return pytest.mark.skipif(bool(missing),
-                              reason=f"rules not implemented yet: {', '.join(missing)}")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"rules not implemented yet: {', '.join(missing)}"
+    )
 
 
 def conv_bn(**bn_kwargs: object) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, **bn_kwargs),
-                         nn.ReLU())
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, **bn_kwargs), nn.ReLU())
 
 
 # ---- assert_bn_ok -----------------------------------------------------------------------------
@@ -99,8 +99,11 @@ def test_assert_bn_ok_leaves_model_and_rng_alone() -> None:
 # ---- per-invariant assertions: static rules ---------------------------------------------------
 def test_assert_pytorch_momentum() -> None:
     testing.assert_pytorch_momentum(conv_bn(momentum=0.1))
-    with pytest.raises(BNCheckFailure, match=r"(?s)assert_pytorch_momentum: 1 finding.*"
-                                             r"keras-momentum"):
+    with pytest.raises(
+        BNCheckFailure,
+        match=r"(?s)assert_pytorch_momentum: 1 finding.*"
+        r"keras-momentum",
+    ):
         testing.assert_pytorch_momentum(conv_bn(momentum=0.99))
 
 
@@ -131,8 +134,10 @@ def test_assert_no_weight_decay_on_bn() -> None:
     model = ConvBNReLU()
     bn_params = list(model.bn.parameters())
     others = [p for n, p in model.named_parameters() if not n.startswith("bn.")]
-    good = torch.optim.SGD([{"params": others, "weight_decay": 1e-4},
-                            {"params": bn_params, "weight_decay": 0.0}], lr=0.1)
+    good = torch.optim.SGD(
+        [{"params": others, "weight_decay": 1e-4}, {"params": bn_params, "weight_decay": 0.0}],
+        lr=0.1,
+    )
     testing.assert_no_weight_decay_on_bn(model, good)
     bad = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
     with pytest.raises(BNCheckFailure, match="weight-decay-on-bn"):
@@ -143,27 +148,39 @@ def test_assert_no_weight_decay_on_bn() -> None:
 def test_a_skipped_rule_fails_with_the_reason_instead_of_passing() -> None:
     with torch.device("meta"):
         model = conv_bn()
-    with pytest.raises(BNCheckFailure, match=r"assert_trained_stats could not check "
-                                             r"'untrained-stats': needs the model's parameters"):
+    with pytest.raises(
+        BNCheckFailure,
+        match=r"assert_trained_stats could not check "
+        r"'untrained-stats': needs the model's parameters",
+    ):
         testing.assert_trained_stats(model)
 
 
 def test_forward_invariant_without_input_fails_with_the_reason() -> None:
-    with pytest.raises(BNCheckFailure, match=r"assert_normalizes could not check "
-                                             r"'normalization': needs an example input"):
+    with pytest.raises(
+        BNCheckFailure,
+        match=r"assert_normalizes could not check "
+        r"'normalization': needs an example input",
+    ):
         testing.assert_normalizes(conv_bn(), None)
 
 
 def test_forward_invariant_on_uninitialised_lazy_layers_fails_with_the_reason() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.LazyBatchNorm2d())
-    with pytest.raises(BNCheckFailure, match=r"assert_ema_updates could not check "
-                                             r"'ema-update': the model has uninitialised lazy"):
+    with pytest.raises(
+        BNCheckFailure,
+        match=r"assert_ema_updates could not check "
+        r"'ema-update': the model has uninitialised lazy",
+    ):
         testing.assert_ema_updates(model, image_batch())
 
 
 def test_small_batch_reports_every_skipped_rule() -> None:
-    with pytest.raises(BNCheckFailure, match=r"'single-value-per-channel': needs an example "
-                                             r"input.*; 'small-batch': needs a batch the user"):
+    with pytest.raises(
+        BNCheckFailure,
+        match=r"'single-value-per-channel': needs an example "
+        r"input.*; 'small-batch': needs a batch the user",
+    ):
         testing.assert_no_small_batch(conv_bn(), None)
 
 
@@ -236,8 +253,7 @@ def test_assert_ema_updates() -> None:
 def test_assert_eval_batch_independent() -> None:
     testing.assert_eval_batch_independent(GOOD, image_batch(16))
     with pytest.raises(BNCheckFailure, match="eval-batch-dependence"):
-        testing.assert_eval_batch_independent(with_bn(EvalBatchStatsBN(8)).eval(),
-                                              image_batch(16))
+        testing.assert_eval_batch_independent(with_bn(EvalBatchStatsBN(8)).eval(), image_batch(16))
 
 
 @needs_rules("eval-updates-stats")
@@ -261,8 +277,7 @@ class NoisyEval(nn.Module):
 def test_assert_eval_deterministic() -> None:
     testing.assert_eval_deterministic(GOOD, image_batch(16))
     with pytest.raises(BNCheckFailure, match="eval-nondeterminism"):
-        testing.assert_eval_deterministic(trained(NoisyEval(), image_batch(16)),
-                                          image_batch(16))
+        testing.assert_eval_deterministic(trained(NoisyEval(), image_batch(16)), image_batch(16))
 
 
 @needs_rules("bn-after-activation")

@@ -29,10 +29,18 @@ class ActThenBN(nn.Module):
         super().__init__()
         self.how = how
         self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.act = {"module_relu": nn.ReLU(), "module_inplace": nn.ReLU(inplace=True),
-                    "relu6": nn.ReLU6(), "leaky": nn.LeakyReLU(0.1), "elu": nn.ELU(),
-                    "prelu": nn.PReLU(), "gelu": nn.GELU(), "silu": nn.SiLU(),
-                    "hardswish": nn.Hardswish(), "mish": nn.Mish()}.get(how, nn.Identity())
+        self.act = {
+            "module_relu": nn.ReLU(),
+            "module_inplace": nn.ReLU(inplace=True),
+            "relu6": nn.ReLU6(),
+            "leaky": nn.LeakyReLU(0.1),
+            "elu": nn.ELU(),
+            "prelu": nn.PReLU(),
+            "gelu": nn.GELU(),
+            "silu": nn.SiLU(),
+            "hardswish": nn.Hardswish(),
+            "mish": nn.Mish(),
+        }.get(how, nn.Identity())
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,11 +62,27 @@ class ActThenBN(nn.Module):
         return self.bn(x)
 
 
-@pytest.mark.parametrize("how", [
-    "F.relu", "F.relu_inplace", "torch.relu", "method", "method_inplace", "F.gelu",
-    "module_relu", "module_inplace", "relu6", "leaky", "elu", "prelu", "gelu", "silu",
-    "hardswish", "mish",
-])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "F.relu",
+        "F.relu_inplace",
+        "torch.relu",
+        "method",
+        "method_inplace",
+        "F.gelu",
+        "module_relu",
+        "module_inplace",
+        "relu6",
+        "leaky",
+        "elu",
+        "prelu",
+        "gelu",
+        "silu",
+        "hardswish",
+        "mish",
+    ],
+)
 def test_activation_before_bn_is_found_however_it_is_applied(how: str) -> None:
     report = bncheck.audit(ActThenBN(how), _x(), select=TRACING)
     found = _rules(report, "bn-after-activation")
@@ -201,13 +225,13 @@ def test_model_with_data_dependent_control_flow_is_traced() -> None:
 
 
 def test_tracer_records_producers_and_consumers_with_inplace_relu() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4),
-                          nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)
+    )
     bn = model[1]
     with torch.no_grad(), Tracer(model, {bn: "1"}) as tracer:
         calls = []
-        pre = bn.register_forward_pre_hook(
-            lambda m, a: calls.append(tracer.bn_enter("1", m, a[0])))
+        pre = bn.register_forward_pre_hook(lambda m, a: calls.append(tracer.bn_enter("1", m, a[0])))
         post = bn.register_forward_hook(lambda m, a, o: tracer.bn_exit(calls[-1], m, o))
         x = _x()
         tracer.mark_inputs(x)
@@ -243,9 +267,16 @@ def test_upstream_walks_through_shape_ops_only() -> None:
     assert upstream(relu) is relu
 
 
-@pytest.mark.parametrize("func, expected", [
-    (torch.relu, "relu"), (F.relu, "relu"), (torch.Tensor.relu_, "relu"),
-    (torch.Tensor.__add__, "add"), (torch.Tensor.__iadd__, "add"), (F.hardswish, "hardswish"),
-])
+@pytest.mark.parametrize(
+    "func, expected",
+    [
+        (torch.relu, "relu"),
+        (F.relu, "relu"),
+        (torch.Tensor.relu_, "relu"),
+        (torch.Tensor.__add__, "add"),
+        (torch.Tensor.__iadd__, "add"),
+        (F.hardswish, "hardswish"),
+    ],
+)
 def test_op_name(func: object, expected: str) -> None:
     assert op_name(func) == expected

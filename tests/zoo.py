@@ -46,10 +46,12 @@ class TwoBlock(nn.Module):
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()
-        self.block1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False),
-                                    nn.BatchNorm2d(c), nn.ReLU(inplace=True))
-        self.block2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
-                                    nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.block1 = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
         self.head = nn.Linear(c, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c)
         self.downsample = None
         if stride != 1 or c_in != c:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False),
-                                            nn.BatchNorm2d(c))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -45,8 +46,9 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(c, c * 2, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c * 2)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(nn.Conv2d(c_in, c * 2, 1, stride, bias=False),
-                                        nn.BatchNorm2d(c * 2))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(c_in, c * 2, 1, stride, bias=False), nn.BatchNorm2d(c * 2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -56,8 +58,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: str = "basic", zero_init_residual: bool = False,
-                 norm: type[nn.Module] = nn.BatchNorm2d) -> None:
+    def __init__(
+        self,
+        block: str = "basic",
+        zero_init_residual: bool = False,
+        norm: type[nn.Module] = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
@@ -138,8 +144,12 @@ class DenseNet(nn.Module):
         self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.norm0 = nn.BatchNorm2d(8)
         self.layers = nn.ModuleList([DenseLayer(8), DenseLayer(12), DenseLayer(16)])
-        self.transition = nn.Sequential(nn.BatchNorm2d(20), nn.ReLU(inplace=True),
-                                        nn.Conv2d(20, 10, 1, bias=False), nn.AvgPool2d(2))
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(20),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(20, 10, 1, bias=False),
+            nn.AvgPool2d(2),
+        )
         self.norm5 = nn.BatchNorm2d(10)
         self.fc = nn.Linear(10, 5)
 
@@ -153,8 +163,14 @@ class DenseNet(nn.Module):
 
 
 # ---- MobileNetV3 / EfficientNet (eps 1e-3, momentum 0.01, Hardswish / SiLU, SE) ----------------
-def conv_bn_act(c_in: int, c: int, k: int = 3, stride: int = 1, groups: int = 1,
-                act: type[nn.Module] | None = nn.Hardswish) -> nn.Sequential:
+def conv_bn_act(
+    c_in: int,
+    c: int,
+    k: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: type[nn.Module] | None = nn.Hardswish,
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(c, eps=1e-3, momentum=0.01),
@@ -194,10 +210,12 @@ class InvertedResidual(nn.Module):
 class MobileNetLike(nn.Module):
     def __init__(self, act: type[nn.Module] = nn.Hardswish) -> None:
         super().__init__()
-        self.features = nn.Sequential(conv_bn_act(3, 8, 3, 2, act=act),
-                                      InvertedResidual(8, 2, act), InvertedResidual(8, 2, act))
-        self.classifier = nn.Sequential(nn.Linear(8, 16), act(), nn.Dropout(0.2),
-                                        nn.Linear(16, 5))
+        self.features = nn.Sequential(
+            conv_bn_act(3, 8, 3, 2, act=act),
+            InvertedResidual(8, 2, act),
+            InvertedResidual(8, 2, act),
+        )
+        self.classifier = nn.Sequential(nn.Linear(8, 16), act(), nn.Dropout(0.2), nn.Linear(16, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).mean((2, 3)))
@@ -219,8 +237,9 @@ class InceptionLike(nn.Module):
         super().__init__()
         self.stem = BasicConv2d(3, 8, kernel_size=3, padding=1)
         self.b1 = BasicConv2d(8, 4, kernel_size=1)
-        self.b3 = nn.Sequential(BasicConv2d(8, 4, kernel_size=1),
-                                BasicConv2d(4, 4, kernel_size=3, padding=1))
+        self.b3 = nn.Sequential(
+            BasicConv2d(8, 4, kernel_size=1), BasicConv2d(4, 4, kernel_size=3, padding=1)
+        )
         self.pool_proj = BasicConv2d(8, 4, kernel_size=1)
         self.fc = nn.Linear(12, 5)
 
@@ -283,7 +302,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
             x,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, bn_training, factor, self.eps,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
         )
         return self.act(self.drop(x))
 

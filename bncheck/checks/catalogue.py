@@ -55,167 +55,253 @@ def _t(name: str, default: float | int, doc: str) -> Tolerance:
 CATALOGUE: tuple[RuleInfo, ...] = (
     # ---- forward: tracing -------------------------------------------------------------
     RuleInfo(
-        "bn-after-activation", "info", "forward",
+        "bn-after-activation",
+        "info",
+        "forward",
         "BN input comes straight from an activation (the original paper puts BN between the "
         "linear op and the nonlinearity).",
     ),
     RuleInfo(
-        "bias-before-bn", "info", "forward",
+        "bias-before-bn",
+        "info",
+        "forward",
         "A conv/linear bias feeds BN directly; BN's mean subtraction cancels it.",
     ),
     RuleInfo(
-        "dropout-before-bn", "info", "forward",
+        "dropout-before-bn",
+        "info",
+        "forward",
         "Dropout feeds BN: the variance BN sees differs between train and eval.",
     ),
     RuleInfo(
-        "bn-reused", "warning", "forward",
+        "bn-reused",
+        "warning",
+        "forward",
         "One BN module is called at more than one place per forward; its statistics mix them.",
     ),
     # ---- model ------------------------------------------------------------------------
     RuleInfo(
-        "keras-momentum", "warning", "model",
+        "keras-momentum",
+        "warning",
+        "model",
         "Momentum > 0.5: a Keras-convention value; PyTorch's momentum weights the new batch.",
         (_t("momentum_max", 0.5, "largest momentum accepted as PyTorch-convention"),),
     ),
     RuleInfo("invalid-eps", "error", "model", "eps <= 0 or not finite."),
     RuleInfo(
-        "no-running-stats", "warning", "model",
+        "no-running-stats",
+        "warning",
+        "model",
         "track_running_stats=False (or no running buffers): eval uses batch statistics.",
     ),
     RuleInfo(
-        "frozen-bn-in-train-mode", "warning", "model",
+        "frozen-bn-in-train-mode",
+        "warning",
+        "model",
         "Affine parameters frozen but the layer is in train mode: its statistics still move.",
     ),
     # ---- buffers ----------------------------------------------------------------------
     RuleInfo(
-        "nonfinite-stats", "error", "buffers",
+        "nonfinite-stats",
+        "error",
+        "buffers",
         "NaN/Inf in running_mean, running_var, weight or bias.",
     ),
     RuleInfo("negative-running-var", "error", "buffers", "running_var < 0 in some channels."),
     RuleInfo("tiny-running-var", "warning", "buffers", "running_var <= eps in some channels."),
     RuleInfo(
-        "untrained-stats", "warning", "buffers",
-        "Running statistics still at their initial values (0 and 1) in a model used for "
-        "inference.",
+        "untrained-stats",
+        "warning",
+        "buffers",
+        "Running statistics still at their initial values (0 and 1) in a model used for inference.",
     ),
     RuleInfo(
-        "dead-channels", "info", "buffers",
+        "dead-channels",
+        "info",
+        "buffers",
         "gamma ~ 0 in a trained layer: those channels output only beta.",
         (_t("dead_gamma_atol", 1e-6, "|gamma| at or below this counts as zero"),),
     ),
     # ---- forward: numerics ------------------------------------------------------------
     RuleInfo(
-        "normalization", "error", "forward",
+        "normalization",
+        "error",
+        "forward",
         "In train mode the pre-affine output per channel is not zero-mean / unit-variance.",
         (
-            _t("normalization_rtol", 1.0,
-               "multiplier on the per-channel float round-off bound (u * (1 + log2 n) times "
-               "the input and gamma/beta conditioning, x16) used as tolerance; raise to loosen"),
+            _t(
+                "normalization_rtol",
+                1.0,
+                "multiplier on the per-channel float round-off bound (u * (1 + log2 n) times "
+                "the input and gamma/beta conditioning, x16) used as tolerance; raise to loosen",
+            ),
         ),
     ),
     RuleInfo(
-        "ema-update", "error", "forward",
+        "ema-update",
+        "error",
+        "forward",
         "running_mean / running_var / num_batches_tracked did not follow the momentum update.",
         (
-            _t("ema_rtol", 1.0,
-               "multiplier on the per-channel float round-off bound of the update (u * "
-               "(1 + log2 n) times the sizes of the old value and the batch statistic, x16) "
-               "used as tolerance; raise to loosen"),
+            _t(
+                "ema_rtol",
+                1.0,
+                "multiplier on the per-channel float round-off bound of the update (u * "
+                "(1 + log2 n) times the sizes of the old value and the batch statistic, x16) "
+                "used as tolerance; raise to loosen",
+            ),
         ),
     ),
     RuleInfo(
-        "eval-batch-dependence", "error", "forward",
+        "eval-batch-dependence",
+        "error",
+        "forward",
         "In eval mode a sample's output depends on the other samples in its batch.",
-        (_t("eval_rtol", 1e-5,
-            "difference between two eval outputs ignored as float noise of batched kernels, "
-            "relative to the largest |value| of that output (also used by "
-            "eval-nondeterminism)"),),
+        (
+            _t(
+                "eval_rtol",
+                1e-5,
+                "difference between two eval outputs ignored as float noise of batched kernels, "
+                "relative to the largest |value| of that output (also used by "
+                "eval-nondeterminism)",
+            ),
+        ),
     ),
     RuleInfo("eval-nondeterminism", "error", "forward", "Two identical eval forwards differ."),
     RuleInfo(
-        "eval-updates-stats", "error", "forward",
+        "eval-updates-stats",
+        "error",
+        "forward",
         "An eval-mode forward changed running statistics.",
     ),
     RuleInfo(
-        "single-value-per-channel", "error", "forward",
+        "single-value-per-channel",
+        "error",
+        "forward",
         "A BN layer in train mode sees one value per channel (batch statistics undefined).",
     ),
     RuleInfo(
-        "small-batch", "warning", "user batch",
+        "small-batch",
+        "warning",
+        "user batch",
         "Batch size or per-channel sample count too small for reliable statistics.",
         (
-            _t("min_batch_size", 8,
-               "smallest batch size that gets no small-batch warning (judged on the user's "
-               "batch only)"),
-            _t("min_samples_per_channel", 32,
-               "smallest per-channel value count N * prod(spatial) a train-mode BN layer "
-               "may see without a warning"),
+            _t(
+                "min_batch_size",
+                8,
+                "smallest batch size that gets no small-batch warning (judged on the user's "
+                "batch only)",
+            ),
+            _t(
+                "min_samples_per_channel",
+                32,
+                "smallest per-channel value count N * prod(spatial) a train-mode BN layer "
+                "may see without a warning",
+            ),
         ),
     ),
     RuleInfo(
-        "input-not-normalized", "warning", "user batch",
+        "input-not-normalized",
+        "warning",
+        "user batch",
         "The network input looks unnormalized (e.g. raw 0-255 pixels).",
-        (_t("input_abs_max", 10.0,
-            "largest |mean| or std of a floating-point network input that counts as "
-            "normalized (image-like inputs of 3+ dims holding only integers in [0, max], "
-            "max > 1, are flagged regardless)"),),
+        (
+            _t(
+                "input_abs_max",
+                10.0,
+                "largest |mean| or std of a floating-point network input that counts as "
+                "normalized (image-like inputs of 3+ dims holding only integers in [0, max], "
+                "max > 1, are flagged regardless)",
+            ),
+        ),
     ),
     RuleInfo(
-        "stat-drift", "warning", "data",
+        "stat-drift",
+        "warning",
+        "data",
         "Running statistics far from the statistics of the given data.",
         (
-            _t("drift_mean_z", 0.5,
-               "largest |running_mean - data mean| in units of the data std "
-               "(sqrt(data var + eps))"),
-            _t("drift_var_ratio", 2.0,
-               "largest (running_var + eps) / (data var + eps), or its inverse"),
-            _t("drift_max_batches", 32,
-               "at most this many batches of data= are run (eval mode) to estimate the "
-               "population statistics"),
+            _t(
+                "drift_mean_z",
+                0.5,
+                "largest |running_mean - data mean| in units of the data std "
+                "(sqrt(data var + eps))",
+            ),
+            _t(
+                "drift_var_ratio",
+                2.0,
+                "largest (running_var + eps) / (data var + eps), or its inverse",
+            ),
+            _t(
+                "drift_max_batches",
+                32,
+                "at most this many batches of data= are run (eval mode) to estimate the "
+                "population statistics",
+            ),
         ),
     ),
     # ---- optimizer --------------------------------------------------------------------
     RuleInfo(
-        "weight-decay-on-bn", "warning", "optimizer",
+        "weight-decay-on-bn",
+        "warning",
+        "optimizer",
         "BN gamma/beta are in a param group with weight decay.",
     ),
     # ---- training run (Monitor) -------------------------------------------------------
     RuleInfo(
-        "frozen-bn-drift", "error", "training run",
+        "frozen-bn-drift",
+        "error",
+        "training run",
         "Statistics of a BN whose parameters are frozen changed during training.",
     ),
     RuleInfo(
-        "stats-not-updating", "warning", "training run",
+        "stats-not-updating",
+        "warning",
+        "training run",
         "BN layers with trainable gamma/beta run in eval mode across optimizer steps: their "
         "running statistics never update.",
     ),
     RuleInfo(
-        "stats-updated-without-grad", "warning", "training run",
+        "stats-updated-without-grad",
+        "warning",
+        "training run",
         "Running statistics updated under no_grad / inference_mode (e.g. validation in train "
         "mode).",
     ),
     RuleInfo(
-        "multiple-updates-per-step", "warning", "training run",
+        "multiple-updates-per-step",
+        "warning",
+        "training run",
         "Statistics updated more than once per optimizer step (accumulation, recomputation, "
         "extra forwards).",
     ),
     # ---- distributed (Monitor under torch.distributed) --------------------------------
     RuleInfo(
-        "rank-divergent-stats", "warning", "distributed",
+        "rank-divergent-stats",
+        "warning",
+        "distributed",
         "Running statistics differ across ranks.",
         (
-            _t("rank_rtol", 1e-4,
-               "relative difference of a layer's running-statistics summary (mean and mean "
-               "square of running_mean and running_var) between ranks that counts as "
-               "divergent"),
+            _t(
+                "rank_rtol",
+                1e-4,
+                "relative difference of a layer's running-statistics summary (mean and mean "
+                "square of running_mean and running_var) between ranks that counts as "
+                "divergent",
+            ),
         ),
     ),
     RuleInfo(
-        "unsynced-small-batch", "info", "distributed",
+        "unsynced-small-batch",
+        "info",
+        "distributed",
         "Small per-rank batches with plain (not Sync) BN under DDP.",
         (
-            _t("sync_bn_min_batch", 32,
-               "smallest per-rank batch size under DDP with plain BN that gets no info"),
+            _t(
+                "sync_bn_min_batch",
+                32,
+                "smallest per-rank batch size under DDP with plain BN that gets no info",
+            ),
         ),
     ),
 )

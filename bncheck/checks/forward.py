@@ -63,8 +63,12 @@ def _indices(mask: torch.Tensor, limit: int = 32) -> list[int]:
 def _frozen_layer(call: TrainCall, layer: BNLayer | None) -> bool:
     if not call.training:
         return True
-    return layer is not None and not layer.standard and not layer.params \
+    return (
+        layer is not None
+        and not layer.standard
+        and not layer.params
         and layer.num_batches_tracked is None
+    )
 
 
 @check("bn-after-activation")
@@ -78,11 +82,12 @@ def bn_after_activation(ctx: AuditContext) -> Iterator[Finding]:
         if src is None or src.category != "activation":
             continue
         yield ctx.finding(
-            "bn-after-activation", layers.get(call.layer, call.layer),
+            "bn-after-activation",
+            layers.get(call.layer, call.layer),
             f"its input comes straight from an activation ({src.label}); the original paper "
             "puts BN between the linear op and the nonlinearity",
             hint="fine if intended (the order is debated); when porting weights, match the "
-                 "source architecture's order; silence with ignore=['bn-after-activation']",
+            "source architecture's order; silence with ignore=['bn-after-activation']",
             producer=src.label,
         )
 
@@ -101,7 +106,8 @@ def bias_before_bn(ctx: AuditContext) -> Iterator[Finding]:
         if _frozen_layer(call, layer):
             continue  # a frozen BN does not cancel the bias: it may be the only shift
         yield ctx.finding(
-            "bias-before-bn", layer or call.layer,
+            "bias-before-bn",
+            layer or call.layer,
             f"its input comes from {src.label} with a bias; the batch-mean subtraction cancels "
             "that bias, so it only costs parameters (beta already provides the shift)",
             hint="construct that layer with bias=False",
@@ -120,11 +126,13 @@ def dropout_before_bn(ctx: AuditContext) -> Iterator[Finding]:
         if src is None or src.category != "dropout":
             continue
         yield ctx.finding(
-            "dropout-before-bn", layers.get(call.layer, call.layer),
+            "dropout-before-bn",
+            layers.get(call.layer, call.layer),
             f"its input comes from dropout ({src.label}, p={src.p:g}); the variance BN sees "
             "in training differs from eval, so running_var does not match eval inputs",
             hint="put dropout after BN (e.g. before the next linear layer)",
-            producer=src.label, p=src.p,
+            producer=src.label,
+            p=src.p,
         )
 
 
@@ -146,20 +154,26 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
             if src is not None and src.label not in producers:
                 producers.append(src.label)
         yield ctx.finding(
-            "bn-reused", layers.get(name, name),
+            "bn-reused",
+            layers.get(name, name),
             f"called {count} times in one forward; its running statistics blend "
             f"{count} different activation distributions and eval uses the blend for all",
             hint="give each call site its own BN module (sharing gamma/beta is possible with "
-                 "separate running statistics)",
-            calls=count, inputs_from=producers,
+            "separate running statistics)",
+            calls=count,
+            inputs_from=producers,
         )
 
 
 # ---- normalization ---------------------------------------------------------------------------
 def _behaves_frozen(call: TrainCall) -> bool:
     """A custom layer that normalises with its running statistics even in train mode."""
-    if call.standard or call.before is None or call.input_stats is None \
-            or call.output_stats is None:
+    if (
+        call.standard
+        or call.before is None
+        or call.input_stats is None
+        or call.output_stats is None
+    ):
         return False
     if call.after is not None and call.before.changed(call.after):
         return False
@@ -170,9 +184,12 @@ def _behaves_frozen(call: TrainCall) -> bool:
     gamma, beta = _affine(call)
     denom = (rv.double().cpu() + eps).clamp_min(1e-30)
     exp_mean = gamma * (call.input_stats.mean - rm.double().cpu()) / denom.sqrt() + beta
-    exp_var = gamma ** 2 * call.input_stats.var / denom
-    scale_m = gamma.abs() * (call.input_stats.var.sqrt() + call.input_stats.mean.abs()) \
-        / denom.sqrt() + beta.abs() + 1e-12
+    exp_var = gamma**2 * call.input_stats.var / denom
+    scale_m = (
+        gamma.abs() * (call.input_stats.var.sqrt() + call.input_stats.mean.abs()) / denom.sqrt()
+        + beta.abs()
+        + 1e-12
+    )
     ok_mean = ((call.output_stats.mean - exp_mean).abs() <= 1e-3 * scale_m).all()
     ok_var = ((call.output_stats.var - exp_var).abs() <= 1e-3 * (exp_var + 1e-12)).all()
     return bool(ok_mean) and bool(ok_var)
@@ -181,10 +198,16 @@ def _behaves_frozen(call: TrainCall) -> bool:
 def _affine(call: TrainCall) -> tuple[torch.Tensor, torch.Tensor]:
     assert call.input_stats is not None
     c = call.input_stats.mean.numel()
-    gamma = call.gamma if call.gamma is not None and call.gamma.numel() == c \
+    gamma = (
+        call.gamma
+        if call.gamma is not None and call.gamma.numel() == c
         else torch.ones(c, dtype=torch.float64)
-    beta = call.beta if call.beta is not None and call.beta.numel() == c \
+    )
+    beta = (
+        call.beta
+        if call.beta is not None and call.beta.numel() == c
         else torch.zeros(c, dtype=torch.float64)
+    )
     return gamma, beta
 
 
@@ -217,7 +240,7 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     mean_in = st_in.mean.numpy()
     var = np.maximum(st_in.var.numpy(), 0.0)
     r = var / (var + eps)
-    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2 ** -23
+    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
     g = 1 + math.log2(max(2, st_in.count))
     k = NORM_SAFETY * rtol * u * g
     a = (np.abs(mean_in) + np.sqrt(var)) / np.sqrt(var + eps)
@@ -227,21 +250,33 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     z_var: np.ndarray | None = None
     if st_out is not None:
         z_mean = (st_out.mean.numpy() - beta) / g_safe
-        z_var = st_out.var.numpy() / g_safe ** 2
+        z_var = st_out.var.numpy() / g_safe**2
         parts.append(("per-channel mean of the pre-affine output", np.abs(z_mean), k * (a + b)))
-        parts.append(("per-channel variance of the pre-affine output", np.abs(z_var - r),
-                      k * ((a + b) * (r + np.sqrt(r)) + k * (a + b) ** 2)))
-    if call.grid_in is not None and call.grid_out is not None \
-            and call.grid_in.shape == call.grid_out.shape \
-            and call.grid_in.shape[0] == gamma.size:
+        parts.append(
+            (
+                "per-channel variance of the pre-affine output",
+                np.abs(z_var - r),
+                k * ((a + b) * (r + np.sqrt(r)) + k * (a + b) ** 2),
+            )
+        )
+    if (
+        call.grid_in is not None
+        and call.grid_out is not None
+        and call.grid_in.shape == call.grid_out.shape
+        and call.grid_in.shape[0] == gamma.size
+    ):
         z_exp = (call.grid_in.numpy() - mean_in[:, None]) / np.sqrt(var + eps)[:, None]
         z_obs = (call.grid_out.numpy() - beta[:, None]) / g_safe[:, None]
         tol_el = k * (a[:, None] * (1 + np.abs(z_exp)) + b[:, None] + np.abs(z_exp))
         err_el = np.abs(z_obs - z_exp)
         worst_el = np.argmax(err_el / tol_el, axis=1)[:, None]
-        parts.append(("output elements vs (x - mean) / sqrt(var + eps)",
-                      np.take_along_axis(err_el, worst_el, 1)[:, 0],
-                      np.take_along_axis(tol_el, worst_el, 1)[:, 0]))
+        parts.append(
+            (
+                "output elements vs (x - mean) / sqrt(var + eps)",
+                np.take_along_axis(err_el, worst_el, 1)[:, 0],
+                np.take_along_axis(tol_el, worst_el, 1)[:, 0],
+            )
+        )
         if z_mean is None:  # grid-only check: show the grid's own moments
             z_mean, z_var = z_obs.mean(1), z_obs.var(1)
     for what, err, tol in parts:
@@ -249,8 +284,11 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
         if bad.any():
             worst = int(np.argmax(np.where(bad, err / tol, 0.0)))
             return {
-                "what": what, "bad": torch.from_numpy(bad), "max_error": float(err[worst]),
-                "tolerance": float(tol[worst]), "channel": worst,
+                "what": what,
+                "bad": torch.from_numpy(bad),
+                "max_error": float(err[worst]),
+                "tolerance": float(tol[worst]),
+                "channel": worst,
                 "observed_mean": float(z_mean[worst]) if z_mean is not None else math.nan,
                 "observed_var": float(z_var[worst]) if z_var is not None else math.nan,
                 "expected_var": float(r[worst]),
@@ -277,19 +315,27 @@ def normalization(ctx: AuditContext) -> Iterator[Finding]:
         reported.add(call.layer)
         bad = err["bad"]
         assert isinstance(bad, torch.Tensor)
-        hint = ("check the axes it reduces over (per channel = every dim but 1) and that it "
-                "divides by sqrt(biased var + eps)")
+        hint = (
+            "check the axes it reduces over (per channel = every dim but 1) and that it "
+            "divides by sqrt(biased var + eps)"
+        )
         yield ctx.finding(
-            "normalization", layers.get(call.layer, call.layer),
+            "normalization",
+            layers.get(call.layer, call.layer),
             f"train-mode output is not batch-normalised: {err['what']} is off; "
             f"max |obs-exp| = {err['max_error']:.2g} > tol {err['tolerance']:.2g} "
             f"({channel_list(bad)}; channel {err['channel']}: mean {err['observed_mean']:.3g} "
             f"vs 0, var {err['observed_var']:.4g} vs {err['expected_var']:.4g})",
             hint=hint,
-            check=err["what"], max_error=err["max_error"], tolerance=err["tolerance"],
-            channels=_indices(bad), observed_mean=err["observed_mean"],
-            observed_var=err["observed_var"], expected_var=err["expected_var"],
-            call=call.occurrence, source=call.norm_source,
+            check=err["what"],
+            max_error=err["max_error"],
+            tolerance=err["tolerance"],
+            channels=_indices(bad),
+            observed_mean=err["observed_mean"],
+            observed_var=err["observed_var"],
+            expected_var=err["expected_var"],
+            call=call.occurrence,
+            source=call.norm_source,
         )
 
 
@@ -309,14 +355,19 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     before, after = call.before, call.after
     if st is None or before is None or after is None or st.count < 2:
         return None
-    if before.running_mean is None or before.running_var is None \
-            or after.running_mean is None or after.running_var is None:
+    if (
+        before.running_mean is None
+        or before.running_var is None
+        or after.running_mean is None
+        or after.running_var is None
+    ):
         return None
     if before.running_mean.shape != st.mean.shape:
         return None
     n = st.count
-    nbt_expected = before.num_batches_tracked + 1 if before.num_batches_tracked is not None \
-        else None
+    nbt_expected = (
+        before.num_batches_tracked + 1 if before.num_batches_tracked is not None else None
+    )
     if call.has_momentum and call.momentum is not None:
         m: float | None = call.momentum
         how = f"momentum={call.momentum:g}"
@@ -334,7 +385,7 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     mu, biased = st.mean.numpy(), st.var.numpy()
     v_unb = biased * n / (n - 1)
     sd = np.sqrt(np.maximum(biased, 0.0))
-    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2 ** -23
+    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
     k = EMA_SAFETY * rtol * u * (1 + math.log2(n))
     if m is None:  # infer the momentum from the mean update
         delta = mu - old_m
@@ -346,7 +397,7 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     tol_m = k * ((1 - m) * np.abs(old_m) + m * (np.abs(mu) + sd)) + 1e-30
     spread = np.minimum(np.abs(mu) / np.maximum(sd, 1e-30), 1e6)
     tol_v = k * ((1 - m) * np.abs(old_v) + m * v_unb * (1 + spread)) + 1e-30
-    tol_v = np.minimum(tol_v, k * ((1 - m) * np.abs(old_v) + m * (v_unb + mu ** 2)) + 1e-30)
+    tol_v = np.minimum(tol_v, k * ((1 - m) * np.abs(old_v) + m * (v_unb + mu**2)) + 1e-30)
     exp_m = (1 - m) * old_m + m * mu
     exp_v = (1 - m) * old_v + m * v_unb
     problems: list[dict[str, Any]] = []
@@ -359,13 +410,22 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
         if not bad.any():
             continue
         worst = int(np.argmax(np.where(bad, err / tol_t, 0.0)))
-        problems.append({"buffer": name, "bad": torch.from_numpy(bad),
-                         "max_error": float(err[worst]), "tolerance": float(tol_t[worst]),
-                         "channel": worst,
-                         "why": _diagnose(name, obs_t, old_t, batch, m, tol_t, biased, n)})
+        problems.append(
+            {
+                "buffer": name,
+                "bad": torch.from_numpy(bad),
+                "max_error": float(err[worst]),
+                "tolerance": float(tol_t[worst]),
+                "channel": worst,
+                "why": _diagnose(name, obs_t, old_t, batch, m, tol_t, biased, n),
+            }
+        )
     nbt_problem = None
-    if nbt_expected is not None and after.num_batches_tracked is not None \
-            and after.num_batches_tracked != nbt_expected:
+    if (
+        nbt_expected is not None
+        and after.num_batches_tracked is not None
+        and after.num_batches_tracked != nbt_expected
+    ):
         nbt_problem = (after.num_batches_tracked, nbt_expected)
     if not problems and nbt_problem is None:
         return None
@@ -376,16 +436,28 @@ def _close(obs: np.ndarray, exp: np.ndarray, tol: np.ndarray) -> bool:
     return bool((np.abs(obs - exp) <= tol).all())
 
 
-def _diagnose(name: str, new: np.ndarray, old: np.ndarray, batch: np.ndarray, m: float,
-              tol: np.ndarray, biased_var: np.ndarray, n: int) -> str:
+def _diagnose(
+    name: str,
+    new: np.ndarray,
+    old: np.ndarray,
+    batch: np.ndarray,
+    m: float,
+    tol: np.ndarray,
+    biased_var: np.ndarray,
+    n: int,
+) -> str:
     if _close(new, old, tol):
         return "it was not updated (unchanged)"
     if 0 < m < 1 and _close(new, m * old + (1 - m) * batch, tol):
-        return (f"it moved as the Keras convention does (new = {m:g} * old + {1 - m:g} * batch); "
-                f"PyTorch's momentum weights the batch")
+        return (
+            f"it moved as the Keras convention does (new = {m:g} * old + {1 - m:g} * batch); "
+            f"PyTorch's momentum weights the batch"
+        )
     if name == "running_var" and _close(new, (1 - m) * old + m * biased_var, tol):
-        return (f"the biased batch variance was stored; PyTorch stores the unbiased one "
-                f"(times n/(n-1) = {n}/{n - 1})")
+        return (
+            f"the biased batch variance was stored; PyTorch stores the unbiased one "
+            f"(times n/(n-1) = {n}/{n - 1})"
+        )
     delta = batch - old
     ok = np.abs(delta) > 1e-6 * (np.abs(old) + np.abs(batch) + 1e-12)
     if ok.any():
@@ -409,8 +481,12 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
         if not call.track_running_stats or _behaves_frozen(call):
             continue
         layer = layers.get(call.layer)
-        if layer is not None and not layer.standard and not layer.params \
-                and layer.num_batches_tracked is None:
+        if (
+            layer is not None
+            and not layer.standard
+            and not layer.params
+            and layer.num_batches_tracked is None
+        ):
             continue  # FrozenBatchNorm-style: no update by design
         result = ema_errors(call, rtol)
         if result is None:
@@ -420,8 +496,11 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
         assert isinstance(problems, list)
         nbt = result["nbt"]
         texts = []
-        details: dict[str, Any] = {"momentum": result["momentum"],
-                                      "update": result["how"], "call": call.occurrence}
+        details: dict[str, Any] = {
+            "momentum": result["momentum"],
+            "update": result["how"],
+            "call": call.occurrence,
+        }
         whys = list(dict.fromkeys(str(p["why"]) for p in problems))
         for why in whys:
             group = [p for p in problems if p["why"] == why]
@@ -437,16 +516,23 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
         for p in problems:
             bad = p["bad"]
             assert isinstance(bad, torch.Tensor)
-            details[str(p["buffer"])] = {"max_error": p["max_error"],
-                                         "tolerance": p["tolerance"],
-                                         "channels": _indices(bad), "diagnosis": p["why"]}
+            details[str(p["buffer"])] = {
+                "max_error": p["max_error"],
+                "tolerance": p["tolerance"],
+                "channels": _indices(bad),
+                "diagnosis": p["why"],
+            }
         if nbt is not None:
-            texts.append(f"num_batches_tracked went to {nbt[0]}, expected {nbt[1]} "
-                         "(it counts every train-mode forward)")
+            texts.append(
+                f"num_batches_tracked went to {nbt[0]}, expected {nbt[1]} "
+                "(it counts every train-mode forward)"
+            )
             details["num_batches_tracked"] = {"observed": nbt[0], "expected": nbt[1]}
         if problems and all("not updated" in str(p["why"]) for p in problems):
-            hint = ("a train-mode forward must update the running statistics; check the layer's "
-                    "training branch (or momentum=0)")
+            hint = (
+                "a train-mode forward must update the running statistics; check the layer's "
+                "training branch (or momentum=0)"
+            )
         elif any("Keras" in str(p["why"]) for p in problems):
             hint = "use momentum = 1 - keras_momentum and PyTorch's update rule"
         elif any("biased" in str(p["why"]) for p in problems):
@@ -455,14 +541,16 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
             hint = "increment num_batches_tracked on every train-mode forward"
         else:
             hint = "was momentum changed after construction, or the update rule rewritten?"
-        yield ctx.finding("ema-update", layer or call.layer, "; ".join(texts), hint=hint,
-                          **details)
+        yield ctx.finding("ema-update", layer or call.layer, "; ".join(texts), hint=hint, **details)
 
 
 # ---- eval rules ------------------------------------------------------------------------------
 def _where(input_differs: bool) -> str:
-    return ("its input already differs (the cause is upstream of it)" if input_differs
-            else "its input is the same, so this layer causes it")
+    return (
+        "its input already differs (the cause is upstream of it)"
+        if input_differs
+        else "its input is the same, so this layer causes it"
+    )
 
 
 @check("eval-nondeterminism")
@@ -479,17 +567,30 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
     layer, occurrence, upstream_too, (diff, scale) = first
     where = _where(upstream_too)
     if layer is None:
-        text = (f"two identical eval forwards give different model outputs (max |diff| = "
-                f"{diff:.2g} > tol {rtol * scale:.2g}); no BN layer output differs, so the "
-                "randomness is after the last BN or outside BN layers")
-        hint = ("look for F.dropout(...) without training=self.training, or random ops "
-                "that ignore eval mode")
+        text = (
+            f"two identical eval forwards give different model outputs (max |diff| = "
+            f"{diff:.2g} > tol {rtol * scale:.2g}); no BN layer output differs, so the "
+            "randomness is after the last BN or outside BN layers"
+        )
+        hint = (
+            "look for F.dropout(...) without training=self.training, or random ops "
+            "that ignore eval mode"
+        )
     else:
-        text = (f"two identical eval forwards differ here first: max |diff| = {diff:.2g} > tol "
-                f"{rtol * scale:.2g}; {where}")
+        text = (
+            f"two identical eval forwards differ here first: max |diff| = {diff:.2g} > tol "
+            f"{rtol * scale:.2g}; {where}"
+        )
         hint = "eval mode must be deterministic: random ops must check self.training"
-    yield ctx.finding("eval-nondeterminism", ctx.layer(layer) if layer else None, text,
-                      hint=hint, max_diff=diff, tolerance=rtol * scale, call=occurrence)
+    yield ctx.finding(
+        "eval-nondeterminism",
+        ctx.layer(layer) if layer else None,
+        text,
+        hint=hint,
+        max_diff=diff,
+        tolerance=rtol * scale,
+        call=occurrence,
+    )
 
 
 @check("eval-batch-dependence")
@@ -501,8 +602,10 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
     if obs.eval.a_again is None:
         return  # sample 0 came out the same with both sets of batch-mates
     if first_difference(obs.eval.a, obs.eval.a_again, slice(None), rtol) is not None:
-        ctx.notes.append("eval-batch-dependence was not judged: eval forwards are "
-                         "nondeterministic (see eval-nondeterminism)")
+        ctx.notes.append(
+            "eval-batch-dependence was not judged: eval forwards are "
+            "nondeterministic (see eval-nondeterminism)"
+        )
         return
     first = first_difference(obs.eval.a, obs.eval.b, slice(0, 1), rtol)
     if first is None:
@@ -511,24 +614,45 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
     where = _where(upstream_too)
     companion = obs.eval.companion
     if layer is None:
-        text = (f"in eval mode, sample 0's model output changes when its batch-mates change "
-                f"({companion}): max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; no BN "
-                "output differs, so a non-BN op after the last BN mixes samples")
+        text = (
+            f"in eval mode, sample 0's model output changes when its batch-mates change "
+            f"({companion}): max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; no BN "
+            "output differs, so a non-BN op after the last BN mixes samples"
+        )
         hint = "look for reductions over the batch dimension (dim 0) outside self.training"
-        yield ctx.finding("eval-batch-dependence", None, text, hint=hint, max_diff=diff,
-                          tolerance=rtol * scale, companion=companion)
+        yield ctx.finding(
+            "eval-batch-dependence",
+            None,
+            text,
+            hint=hint,
+            max_diff=diff,
+            tolerance=rtol * scale,
+            companion=companion,
+        )
         return
     bn = ctx.layer(layer)
-    text = (f"in eval mode, sample 0's output changes when its batch-mates change ({companion}) "
-            f"- first at this layer: max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; {where}")
+    text = (
+        f"in eval mode, sample 0's output changes when its batch-mates change ({companion}) "
+        f"- first at this layer: max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; {where}"
+    )
     if not bn.has_running_stats or not bn.track_running_stats:
-        hint = ("it has no running statistics, so eval normalises with batch statistics; use "
-                "track_running_stats=True")
+        hint = (
+            "it has no running statistics, so eval normalises with batch statistics; use "
+            "track_running_stats=True"
+        )
     else:
         hint = "eval mode must normalise with running_mean/running_var, not batch statistics"
-    yield ctx.finding("eval-batch-dependence", bn, text, hint=hint, max_diff=diff,
-                      tolerance=rtol * scale, companion=companion, call=occurrence,
-                      cause_upstream=upstream_too)
+    yield ctx.finding(
+        "eval-batch-dependence",
+        bn,
+        text,
+        hint=hint,
+        max_diff=diff,
+        tolerance=rtol * scale,
+        companion=companion,
+        call=occurrence,
+        cause_upstream=upstream_too,
+    )
 
 
 @check("eval-updates-stats")
@@ -538,7 +662,8 @@ def eval_updates_stats(ctx: AuditContext) -> Iterator[Finding]:
         return
     for name, buffers in obs.eval.buffer_changes.items():
         yield ctx.finding(
-            "eval-updates-stats", ctx.layer(name),
+            "eval-updates-stats",
+            ctx.layer(name),
             f"an eval-mode forward changed {' and '.join(buffers)}; eval must leave the running "
             "statistics alone",
             hint="update the buffers only when self.training is True",
@@ -559,17 +684,21 @@ def single_value_per_channel(ctx: AuditContext) -> Iterator[Finding]:
             continue
         seen.add(call.layer)
         if not ctx.user_batch:
-            ctx.notes.append(f"{call.layer} sees one value per channel with the synthetic "
-                             f"input {call.shape}; not judged (use a real batch size)")
+            ctx.notes.append(
+                f"{call.layer} sees one value per channel with the synthetic "
+                f"input {call.shape}; not judged (use a real batch size)"
+            )
             continue
         yield ctx.finding(
-            "single-value-per-channel", layers.get(call.layer, call.layer),
+            "single-value-per-channel",
+            layers.get(call.layer, call.layer),
             f"in train mode it sees 1 value per channel (input shape {tuple(call.shape)}, "
             "N * spatial = 1): batch statistics are undefined and nn.BatchNorm raises "
             "'Expected more than 1 value per channel when training'",
             hint="use batches of more than one sample (DataLoader(drop_last=True) avoids a "
-                 "last batch of 1), or keep this layer in eval mode",
-            shape=list(call.shape), samples_per_channel=call.samples_per_channel,
+            "last batch of 1), or keep this layer in eval mode",
+            shape=list(call.shape),
+            samples_per_channel=call.samples_per_channel,
         )
 
 
@@ -581,32 +710,38 @@ def small_batch(ctx: AuditContext) -> Iterator[Finding]:
     min_batch = ctx.tol("min_batch_size")
     min_samples = ctx.tol("min_samples_per_channel")
     layers = _layers(ctx)
-    training = [c for c in _first_per_layer(obs.calls)
-                if c.training and not c.single_value
-                and not _frozen_layer(c, layers.get(c.layer))]
+    training = [
+        c
+        for c in _first_per_layer(obs.calls)
+        if c.training and not c.single_value and not _frozen_layer(c, layers.get(c.layer))
+    ]
     if not training:
         return
     n = obs.batch_size
     if n is not None and n < min_batch:
         yield ctx.finding(
-            "small-batch", None,
+            "small-batch",
+            None,
             f"batch size {n} < {min_batch:g}: the batch statistics every BN layer normalises "
             "with are noisy, and running statistics follow that noise",
             hint="use a larger batch, SyncBatchNorm across devices, GroupNorm, or frozen BN; "
-                 "tune with min_batch_size=",
-            batch_size=n, min_batch_size=min_batch,
+            "tune with min_batch_size=",
+            batch_size=n,
+            min_batch_size=min_batch,
         )
     for call in training:
         if call.samples_per_channel >= min_samples:
             continue
         yield ctx.finding(
-            "small-batch", layers.get(call.layer, call.layer),
+            "small-batch",
+            layers.get(call.layer, call.layer),
             f"{call.samples_per_channel} values per channel (N * spatial, input shape "
             f"{tuple(call.shape)}) < {min_samples:g}: its batch mean and variance are "
             "estimated from very few values",
             hint="use a larger batch or keep this layer frozen (eval); tune with "
-                 "min_samples_per_channel=",
-            samples_per_channel=call.samples_per_channel, batch_size=call.batch_size,
+            "min_samples_per_channel=",
+            samples_per_channel=call.samples_per_channel,
+            batch_size=call.batch_size,
             min_samples_per_channel=min_samples,
         )
 
@@ -620,20 +755,26 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
     for s in obs.inputs:
         reasons = []
         if abs(s.mean) > limit or s.std > limit:
-            reasons.append(f"mean {s.mean:.3g}, std {s.std:.3g} (normalized: |mean|, std <= "
-                           f"{limit:g})")
+            reasons.append(
+                f"mean {s.mean:.3g}, std {s.std:.3g} (normalized: |mean|, std <= {limit:g})"
+            )
         if s.integer_valued and s.max > 1 and s.min >= 0 and len(s.shape) >= 3:
             reasons.append(f"integer values in [{s.min:g}, {s.max:g}] (raw pixel counts?)")
         if not reasons:
             continue
         yield ctx.finding(
-            "input-not-normalized", None,
-            f"the network {s.where} {tuple(s.shape)} looks unnormalized: "
-            + "; ".join(reasons),
+            "input-not-normalized",
+            None,
+            f"the network {s.where} {tuple(s.shape)} looks unnormalized: " + "; ".join(reasons),
             hint="scale to [0, 1] and standardise per channel (x / 255, then (x - mean) / std) "
-                 "as in training; tune with input_abs_max=",
-            where=s.where, mean=s.mean, std=s.std, min=s.min, max=s.max,
-            integer_valued=s.integer_valued, limit=limit,
+            "as in training; tune with input_abs_max=",
+            where=s.where,
+            mean=s.mean,
+            std=s.std,
+            min=s.min,
+            max=s.max,
+            integer_valued=s.integer_valued,
+            limit=limit,
         )
 
 
@@ -663,20 +804,27 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
             continue
         parts = []
         if bool(bad_mean.any()):
-            parts.append(f"|running_mean - data mean| up to {float(z.max()):.3g} data std "
-                         f"> {z_max:g}")
+            parts.append(
+                f"|running_mean - data mean| up to {float(z.max()):.3g} data std > {z_max:g}"
+            )
         if bool(bad_var.any()):
             worst = float(torch.where(bad_var, log_ratio, torch.zeros_like(log_ratio)).max())
-            parts.append(f"running_var / data var off by up to x{math.exp(worst):.3g} "
-                         f"> x{ratio_max:g}")
+            parts.append(
+                f"running_var / data var off by up to x{math.exp(worst):.3g} > x{ratio_max:g}"
+            )
         yield ctx.finding(
-            "stat-drift", layer,
+            "stat-drift",
+            layer,
             f"running statistics are far from the statistics of the given data "
             f"({stats.batches} batches, {stats.count} values per channel): "
-            + "; ".join(parts) + f" ({channel_list(bad)} of {bad.numel()})",
+            + "; ".join(parts)
+            + f" ({channel_list(bad)} of {bad.numel()})",
             hint="recompute the statistics on representative data "
-                 "(torch.optim.swa_utils.update_bn) or check the input preprocessing",
-            max_mean_z=float(z.max()), max_var_ratio=float(ratio.max()),
-            min_var_ratio=float(ratio.min()), channels=_indices(bad),
-            fraction=float(bad.double().mean()), batches=stats.batches,
+            "(torch.optim.swa_utils.update_bn) or check the input preprocessing",
+            max_mean_z=float(z.max()),
+            max_var_ratio=float(ratio.max()),
+            min_var_ratio=float(ratio.min()),
+            channels=_indices(bad),
+            fraction=float(bad.double().mean()),
+            batches=stats.batches,
         )

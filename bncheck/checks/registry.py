@@ -29,8 +29,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..context import AuditContext
     from ..report import Finding
 
-__all__ = ["Rule", "check", "rules", "get_rule", "resolve_rule_ids", "resolve_tolerances",
-           "explanation", "load_checks"]
+__all__ = [
+    "Rule",
+    "check",
+    "rules",
+    "get_rule",
+    "resolve_rule_ids",
+    "resolve_tolerances",
+    "explanation",
+    "load_checks",
+]
 
 CheckFn = Callable[["AuditContext"], Iterable["Finding"]]
 
@@ -79,8 +87,14 @@ def load_checks() -> None:
 
 
 def _rule(info: RuleInfo) -> Rule:
-    return Rule(info.id, Severity(info.severity), info.needs, info.summary, info.tolerances,
-                _CHECKS.get(info.id))
+    return Rule(
+        info.id,
+        Severity(info.severity),
+        info.needs,
+        info.summary,
+        info.tolerances,
+        _CHECKS.get(info.id),
+    )
 
 
 def rules() -> list[Rule]:

@@ -70,11 +70,14 @@ def keras_momentum(ctx: AuditContext) -> Iterator[Finding]:
         if m is None or not layer.has_running_stats or m <= limit:
             continue
         yield ctx.finding(
-            "keras-momentum", layer,
+            "keras-momentum",
+            layer,
             f"momentum = {m:g} > {limit:g}: each update keeps only {1 - m:.0%} of the running "
             f"statistics (PyTorch: new = (1 - momentum) * old + momentum * batch)",
             hint=f"if this is a Keras/TF value, use momentum={1 - m:.3g} (= 1 - {m:g})",
-            momentum=m, limit=limit, suggested=1 - m,
+            momentum=m,
+            limit=limit,
+            suggested=1 - m,
         )
 
 
@@ -85,7 +88,8 @@ def invalid_eps(ctx: AuditContext) -> Iterator[Finding]:
         if eps is None or (math.isfinite(eps) and eps > 0):
             continue
         yield ctx.finding(
-            "invalid-eps", layer,
+            "invalid-eps",
+            layer,
             f"eps = {eps!r}, expected a finite value > 0 (it keeps 1/sqrt(var + eps) finite)",
             hint="use eps=1e-5 (PyTorch's default) or 1e-3 (Keras/TF's)",
             eps=eps,
@@ -100,17 +104,24 @@ def no_running_stats(ctx: AuditContext) -> Iterator[Finding]:
         if layer.has_running_stats and layer.track_running_stats:
             continue
         if layer.has_running_stats:
-            text = ("track_running_stats was set to False after construction: train mode uses "
-                    "batch statistics without updating the buffers, eval mode uses the stale "
-                    "buffers")
+            text = (
+                "track_running_stats was set to False after construction: train mode uses "
+                "batch statistics without updating the buffers, eval mode uses the stale "
+                "buffers"
+            )
             hint = "construct the layer with the setting you want instead of flipping it"
         else:
-            text = ("track_running_stats=False: there are no running statistics, so eval mode "
-                    "normalises with the statistics of each eval batch")
-            hint = ("use track_running_stats=True unless batch statistics at inference are "
-                    "intended; silence with ignore=['no-running-stats']")
-        yield ctx.finding("no-running-stats", layer, text, hint=hint,
-                          has_buffers=layer.has_running_stats)
+            text = (
+                "track_running_stats=False: there are no running statistics, so eval mode "
+                "normalises with the statistics of each eval batch"
+            )
+            hint = (
+                "use track_running_stats=True unless batch statistics at inference are "
+                "intended; silence with ignore=['no-running-stats']"
+            )
+        yield ctx.finding(
+            "no-running-stats", layer, text, hint=hint, has_buffers=layer.has_running_stats
+        )
 
 
 def _in_optimizer(ctx: AuditContext, layer: BNLayer) -> bool | None:
@@ -131,15 +142,20 @@ def frozen_bn_in_train_mode(ctx: AuditContext) -> Iterator[Finding]:
         optimized = _in_optimizer(ctx, layer)
         if not frozen and optimized is not False:
             continue
-        why = ("gamma/beta have requires_grad=False" if frozen
-               else "gamma/beta are in no optimizer param group")
+        why = (
+            "gamma/beta have requires_grad=False"
+            if frozen
+            else "gamma/beta are in no optimizer param group"
+        )
         yield ctx.finding(
-            "frozen-bn-in-train-mode", layer,
+            "frozen-bn-in-train-mode",
+            layer,
             f"{why} but the layer is in train mode, so every forward still rewrites "
             "running_mean/running_var",
             hint="call .eval() on frozen BN layers after every model.train(), or use a "
-                 "FrozenBatchNorm layer",
-            requires_grad=not frozen, in_optimizer=optimized,
+            "FrozenBatchNorm layer",
+            requires_grad=not frozen,
+            in_optimizer=optimized,
         )
 
 
@@ -163,10 +179,11 @@ def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
                 details[name] = _indices(bad)
         if parts:
             yield ctx.finding(
-                "nonfinite-stats", layer,
+                "nonfinite-stats",
+                layer,
                 f"NaN/Inf in {'; '.join(parts)}; every output of those channels is NaN",
                 hint="look for fp16 overflow or a skipped AMP step before the last update; "
-                     "recompute the statistics (torch.optim.swa_utils.update_bn) or reload them",
+                "recompute the statistics (torch.optim.swa_utils.update_bn) or reload them",
                 **details,
             )
 
@@ -181,11 +198,13 @@ def negative_running_var(ctx: AuditContext) -> Iterator[Finding]:
             neg = rv.detach() < 0
         if bool(neg.any()):
             yield ctx.finding(
-                "negative-running-var", layer,
+                "negative-running-var",
+                layer,
                 f"running_var < 0 in {channel_list(neg)} (min {float(rv.min()):.3g}); a "
                 "variance cannot be negative, and sqrt(var + eps) is NaN there",
                 hint="the buffer was corrupted or written by hand; recompute the statistics",
-                channels=_indices(neg), min=float(rv.min()),
+                channels=_indices(neg),
+                min=float(rv.min()),
             )
 
 
@@ -199,12 +218,15 @@ def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
             tiny = (rv.detach() >= 0) & (rv.detach() <= layer.eps)
         if bool(tiny.any()):
             yield ctx.finding(
-                "tiny-running-var", layer,
+                "tiny-running-var",
+                layer,
                 f"running_var <= eps = {layer.eps:g} in {channel_list(tiny)} of "
                 f"{rv.numel()}: eval divides by about sqrt(eps) there, amplifying noise",
                 hint="those channels' inputs were (nearly) constant in training; check for dead "
-                     "units upstream or recompute statistics on real data",
-                channels=_indices(tiny), count=int(tiny.sum()), eps=layer.eps,
+                "units upstream or recompute statistics on real data",
+                channels=_indices(tiny),
+                count=int(tiny.sum()),
+                eps=layer.eps,
             )
 
 
@@ -220,26 +242,34 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
             hits.append((layer, in_eval, trained_affine))
     if not hits:
         return
-    hint = ("train (or calibrate) in train mode before saving, load the statistics with "
-            "strict=True, or recompute them with torch.optim.swa_utils.update_bn")
-    usable = [layer for layer in ctx.layers if layer.has_running_stats
-              and not layer.lazy_uninitialized]
+    hint = (
+        "train (or calibrate) in train mode before saving, load the statistics with "
+        "strict=True, or recompute them with torch.optim.swa_utils.update_bn"
+    )
+    usable = [
+        layer for layer in ctx.layers if layer.has_running_stats and not layer.lazy_uninitialized
+    ]
     if len(hits) > 1 and len(hits) == len(usable):
         yield ctx.finding(
-            "untrained-stats", None,
+            "untrained-stats",
+            None,
             f"all {len(hits)} BN layers still have their initial running statistics "
             "(mean 0, var 1, num_batches_tracked 0) in a model "
             + ("in eval mode" if all(h[1] for h in hits) else "with trained gamma/beta"),
-            hint=hint, layers=[h[0].name for h in hits],
+            hint=hint,
+            layers=[h[0].name for h in hits],
         )
         return
     for layer, in_eval, trained_affine in hits:
         why = "with trained gamma/beta" if trained_affine else "in eval mode"
         yield ctx.finding(
-            "untrained-stats", layer,
+            "untrained-stats",
+            layer,
             f"running statistics are still the initial values (mean 0, var 1) {why}; "
             "inference normalises with statistics no data produced",
-            hint=hint, eval_mode=in_eval, trained_affine=trained_affine,
+            hint=hint,
+            eval_mode=in_eval,
+            trained_affine=trained_affine,
         )
 
 
@@ -255,12 +285,15 @@ def dead_channels(ctx: AuditContext) -> Iterator[Finding]:
         if not bool(dead.any()) or bool(dead.all()) and stats_at_init(layer):
             continue
         yield ctx.finding(
-            "dead-channels", layer,
+            "dead-channels",
+            layer,
             f"|gamma| <= {atol:g} in {channel_list(dead)} of {w.numel()} "
             f"({float(dead.float().mean()):.0%}): those channels output only beta",
             hint="if pruned on purpose, remove the channels (fold beta into the next layer); "
-                 "else check weight decay and learning rate",
-            channels=_indices(dead), count=int(dead.sum()), atol=atol,
+            "else check weight decay and learning rate",
+            channels=_indices(dead),
+            count=int(dead.sum()),
+            atol=atol,
         )
 
 
@@ -276,18 +309,25 @@ def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
             for p in group["params"]:
                 where.setdefault(id(p), (gi, wd))
     for layer in _usable(ctx.layers):
-        decayed = [(name, where[id(p)]) for name, p in layer.module._parameters.items()
-                   if p is not None and id(p) in where]
+        decayed = [
+            (name, where[id(p)])
+            for name, p in layer.module._parameters.items()
+            if p is not None and id(p) in where
+        ]
         if not decayed:
             continue
-        names = " and ".join("gamma" if n == "weight" else "beta" if n == "bias" else n
-                             for n, _ in decayed)
+        names = " and ".join(
+            "gamma" if n == "weight" else "beta" if n == "bias" else n for n, _ in decayed
+        )
         gi, wd = decayed[0][1]
         yield ctx.finding(
-            "weight-decay-on-bn", layer,
+            "weight-decay-on-bn",
+            layer,
             f"{names} {'are' if len(decayed) > 1 else 'is'} in param group {gi} with "
             f"weight_decay={wd:g}; decay pulls gamma toward 0 without regularising "
             "(BN output is scale-invariant)",
             hint="put BN (and bias) parameters in a param group with weight_decay=0",
-            group=gi, weight_decay=wd, params=[n for n, _ in decayed],
+            group=gi,
+            weight_decay=wd,
+            params=[n for n, _ in decayed],
         )

@@ -173,8 +173,9 @@ def step_conditions(
     out: dict[str, np.ndarray] = {}
     out["frozen-bn-drift"] = frozen & tracks & moved
     no_update = np.where(has_counter, np.nan_to_num(updates) == 0, ~moved)
-    out["stats-not-updating"] = trainable & tracks & (eval_calls > 0) & (train_calls == 0) & \
-        no_update
+    out["stats-not-updating"] = (
+        trainable & tracks & (eval_calls > 0) & (train_calls == 0) & no_update
+    )
     out["stats-updated-without-grad"] = tracks & (nograd > 0)
     grad_updates = np.where(has_counter, np.nan_to_num(updates) - nograd, train_calls - nograd)
     out["multiple-updates-per-step"] = tracks & (grad_updates > 1)
@@ -196,14 +197,18 @@ def step_conditions(
     out["_drift_judged"] = judged
     if distributed:
         plain = ~sync_bn if sync_bn is not None else np.ones(updates.shape[1], dtype=bool)
-        out["unsynced-small-batch"] = (train_calls > 0) & tracks & plain[None, :] & (
-            min_batch < float(tolerances["sync_bn_min_batch"])
+        out["unsynced-small-batch"] = (
+            (train_calls > 0)
+            & tracks
+            & plain[None, :]
+            & (min_batch < float(tolerances["sync_bn_min_batch"]))
         )
     return out
 
 
-def _first_numbers(rule: str, stats: np.ndarray, counts: np.ndarray, frozen_reason: str,
-                   i: int, layer: int) -> dict[str, Any]:
+def _first_numbers(
+    rule: str, stats: np.ndarray, counts: np.ndarray, frozen_reason: str, i: int, layer: int
+) -> dict[str, Any]:
     s, c = stats[i, layer], counts[i, layer]
 
     def num(x: float) -> float | None:
@@ -214,8 +219,7 @@ def _first_numbers(rule: str, stats: np.ndarray, counts: np.ndarray, frozen_reas
     if rule == "stats-not-updating":
         return {"updates": num(s[S_UPDATES]), "eval_calls": int(c[C_EVAL])}
     if rule == "stats-updated-without-grad":
-        return {"updates_without_grad": int(c[C_NOGRAD]),
-                "inference_mode": int(c[C_INFER])}
+        return {"updates_without_grad": int(c[C_NOGRAD]), "inference_mode": int(c[C_INFER])}
     if rule == "multiple-updates-per-step":
         ups = s[S_UPDATES]
         grad_ups = (ups if not math.isnan(ups) else c[C_TRAIN]) - c[C_NOGRAD]
@@ -286,86 +290,122 @@ def _span(run: RunObservations, ep: Episode) -> str:
     if ep.steps == 1:
         return f"at {word} {ep.first_step}"
     if ep.last_step > run.steps:
-        return (f"from {word} {ep.first_step} until after the last {word} ({ep.steps} "
-                f"times in {run.steps} {word}s)")
-    return (f"from {word} {ep.first_step} ({ep.steps} of {run.steps} {word}s, last "
-            f"{ep.last_step})")
+        return (
+            f"from {word} {ep.first_step} until after the last {word} ({ep.steps} "
+            f"times in {run.steps} {word}s)"
+        )
+    return f"from {word} {ep.first_step} ({ep.steps} of {run.steps} {word}s, last {ep.last_step})"
 
 
 def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Finding | None:
     """The finding of one episode, in the one message format (``None``: not reportable)."""
     name = run.layer_names[ep.layer]
     f = ep.first
-    base: dict[str, Any] = {"step": ep.first_step, "last_step": ep.last_step,
-                            "steps_affected": ep.steps, "steps_observed": run.steps}
+    base: dict[str, Any] = {
+        "step": ep.first_step,
+        "last_step": ep.last_step,
+        "steps_affected": ep.steps,
+        "steps_observed": run.steps,
+    }
     if run.distributed:
         base["rank"] = run.rank
     span = _span(run, ep)
     rule = ep.rule
     if rule == "frozen-bn-drift":
-        text = (f"{f['reason']} but its running statistics changed {span} "
-                f"(sum |delta| = {f['moved']:.3g}, expected 0)")
-        hint = ("re-apply .eval() to frozen BN layers after every model.train() (or use a "
-                "FrozenBatchNorm layer)")
+        text = (
+            f"{f['reason']} but its running statistics changed {span} "
+            f"(sum |delta| = {f['moved']:.3g}, expected 0)"
+        )
+        hint = (
+            "re-apply .eval() to frozen BN layers after every model.train() (or use a "
+            "FrozenBatchNorm layer)"
+        )
     elif rule == "stats-not-updating":
-        text = (f"gamma/beta are being optimized but the layer ran only in eval mode {span}: "
-                "num_batches_tracked did not change (delta 0, expected 1 per step)")
+        text = (
+            f"gamma/beta are being optimized but the layer ran only in eval mode {span}: "
+            "num_batches_tracked did not change (delta 0, expected 1 per step)"
+        )
         hint = "call model.train() after validation (model.eval()) and before training resumes"
     elif rule == "stats-updated-without-grad":
         how = "torch.inference_mode()" if f["inference_mode"] else "torch.no_grad()"
-        text = (f"running statistics updated by {f['updates_without_grad']} train-mode "
-                f"forward(s) under {how} {span} (expected 0: forwards without grad are "
-                "usually validation)")
-        hint = ("call model.eval() before validation and model.train() after; if this is "
-                "deliberate recalibration, ignore 'stats-updated-without-grad'")
+        text = (
+            f"running statistics updated by {f['updates_without_grad']} train-mode "
+            f"forward(s) under {how} {span} (expected 0: forwards without grad are "
+            "usually validation)"
+        )
+        hint = (
+            "call model.eval() before validation and model.train() after; if this is "
+            "deliberate recalibration, ignore 'stats-updated-without-grad'"
+        )
     elif rule == "multiple-updates-per-step":
-        text = (f"{f['updates']} running-statistics updates per {run.step_word} {span} "
-                "(expected 1)")
-        hint = ("gradient accumulation feeds BN micro-batches; activation checkpointing and "
-                "extra train-mode forwards update twice; for checkpointing divide momentum by "
-                "the recompute count, else ignore 'multiple-updates-per-step' if intended")
+        text = f"{f['updates']} running-statistics updates per {run.step_word} {span} (expected 1)"
+        hint = (
+            "gradient accumulation feeds BN micro-batches; activation checkpointing and "
+            "extra train-mode forwards update twice; for checkpointing divide momentum by "
+            "the recompute count, else ignore 'multiple-updates-per-step' if intended"
+        )
     elif rule == "nonfinite-stats":
-        text = (f"running statistics became NaN/Inf {span.replace('from', 'at', 1)} "
-                f"({f['channels']} of {_channels(ctx, name)} channels); every output of those "
-                "channels is NaN from then on")
-        hint = (f"look for NaN/Inf in the batch or loss of {run.step_word} {ep.first_step}, "
-                "fp16 overflow or a too-high learning rate; reload or recompute the statistics")
+        text = (
+            f"running statistics became NaN/Inf {span.replace('from', 'at', 1)} "
+            f"({f['channels']} of {_channels(ctx, name)} channels); every output of those "
+            "channels is NaN from then on"
+        )
+        hint = (
+            f"look for NaN/Inf in the batch or loss of {run.step_word} {ep.first_step}, "
+            "fp16 overflow or a too-high learning rate; reload or recompute the statistics"
+        )
     elif rule == "small-batch":
         need_b = int(ctx.tol("min_batch_size"))
         need_s = int(ctx.tol("min_samples_per_channel"))
-        text = (f"train-mode batch of {f['batch_size']} sample(s), {f['samples_per_channel']} "
-                f"value(s) per channel {span} (expected >= {need_b} samples and >= {need_s} "
-                "values per channel): batch statistics are noisy")
-        hint = ("use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm; "
-                "drop the last partial batch (drop_last=True)")
+        text = (
+            f"train-mode batch of {f['batch_size']} sample(s), {f['samples_per_channel']} "
+            f"value(s) per channel {span} (expected >= {need_b} samples and >= {need_s} "
+            "values per channel): batch statistics are noisy"
+        )
+        hint = (
+            "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm; "
+            "drop the last partial batch (drop_last=True)"
+        )
         base.update(min_batch_size=need_b, min_samples_per_channel=need_s)
     elif rule == "stat-drift":
         judged = int(run.drift_judged[ep.layer]) if run.drift_judged is not None else ep.steps
         if ep.steps < DRIFT_MIN_STEPS or ep.steps < DRIFT_MIN_FRACTION * max(judged, 1):
             return None
         tz, tv = ctx.tol("drift_mean_z"), ctx.tol("drift_var_ratio")
-        text = (f"train batches far from the running statistics {span} ({ep.steps} of {judged} "
-                f"judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std (tol "
-                f"{tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})")
-        hint = ("the running statistics lag the data: momentum too small, statistics loaded "
-                "from other data, or the input distribution changed; recompute them "
-                "(torch.optim.swa_utils.update_bn)")
+        text = (
+            f"train batches far from the running statistics {span} ({ep.steps} of {judged} "
+            f"judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std (tol "
+            f"{tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})"
+        )
+        hint = (
+            "the running statistics lag the data: momentum too small, statistics loaded "
+            "from other data, or the input distribution changed; recompute them "
+            "(torch.optim.swa_utils.update_bn)"
+        )
         base.update(judged_steps=judged, drift_mean_z_tol=tz, drift_var_ratio_tol=tv)
     elif rule == "rank-divergent-stats":
         rtol = f["rank_rtol"]
-        text = (f"running statistics differ across {f['world_size']} ranks {span}: max "
-                f"relative difference {f['rel_diff']:.3g} > rank_rtol {rtol:g}")
-        hint = ("keep DDP's buffer sync on (broadcast_buffers=True, or forward_sync_buffers=True "
-                "on newer torch) or use SyncBatchNorm; "
-                "evaluate and save from one rank only after the buffers are synchronised")
+        text = (
+            f"running statistics differ across {f['world_size']} ranks {span}: max "
+            f"relative difference {f['rel_diff']:.3g} > rank_rtol {rtol:g}"
+        )
+        hint = (
+            "keep DDP's buffer sync on (broadcast_buffers=True, or forward_sync_buffers=True "
+            "on newer torch) or use SyncBatchNorm; "
+            "evaluate and save from one rank only after the buffers are synchronised"
+        )
         base.pop("rank", None)
     elif rule == "unsynced-small-batch":
         world = run.world_size
-        text = (f"per-rank batch of {f['batch_size']} with plain {run.layer_kinds[ep.layer]} "
-                f"across {world} ranks {span}: statistics come from {f['batch_size']} samples, "
-                f"not the global {f['batch_size'] * world}")
-        hint = ("convert with nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping "
-                "in DDP, or raise the per-rank batch")
+        text = (
+            f"per-rank batch of {f['batch_size']} with plain {run.layer_kinds[ep.layer]} "
+            f"across {world} ranks {span}: statistics come from {f['batch_size']} samples, "
+            f"not the global {f['batch_size'] * world}"
+        )
+        hint = (
+            "convert with nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping "
+            "in DDP, or raise the per-rank batch"
+        )
         base.update(world_size=world, sync_bn_min_batch=int(ctx.tol("sync_bn_min_batch")))
     else:  # pragma: no cover - every monitor rule is handled above
         return None
@@ -389,8 +429,7 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
     run: RunObservations | None = ctx.run
     if run is None:
         return
-    eps = sorted((ep for (r, _), ep in run.episodes.items() if r == rule),
-                 key=lambda ep: ep.layer)
+    eps = sorted((ep for (r, _), ep in run.episodes.items() if r == rule), key=lambda ep: ep.layer)
     for ep in eps:
         finding = episode_finding(ctx, run, ep)
         if finding is not None:

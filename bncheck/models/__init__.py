@@ -9,8 +9,19 @@ from torch import nn
 from ..errors import UsageError, did_you_mean
 from .vgg import VGG, cfgs, make_layers, vgg11_bn, vgg13_bn, vgg16_bn, vgg16_bn_small, vgg19_bn
 
-__all__ = ["VGG", "cfgs", "make_layers", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-           "vgg16_bn_small", "ARCHS", "INPUT_SHAPES", "get_arch"]
+__all__ = [
+    "VGG",
+    "cfgs",
+    "make_layers",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "vgg16_bn_small",
+    "ARCHS",
+    "INPUT_SHAPES",
+    "get_arch",
+]
 
 #: Built-in architectures by name.
 ARCHS: dict[str, Callable[..., nn.Module]] = {

@@ -22,18 +22,46 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["VGG", "make_layers", "cfgs", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-           "vgg16_bn_small"]
+__all__ = [
+    "VGG",
+    "make_layers",
+    "cfgs",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "vgg16_bn_small",
+]
 
 BNPosition = Literal["before", "after"]
 
 cfgs: dict[str, list[str | int]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
-          "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512,
-          512, 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -132,37 +160,92 @@ def _vgg(
 ) -> VGG:
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width!r}")
-    features = make_layers(cfgs[cfg], batch_norm, width=width, bn_position=bn_position,
-                           in_channels=in_channels)
+    features = make_layers(
+        cfgs[cfg], batch_norm, width=width, bn_position=bn_position, in_channels=in_channels
+    )
     last = _scaled(512, width)
     if small_input:
-        return VGG(features, num_classes, init_weights, dropout, pool_size=1, hidden=last,
-                   feature_channels=last)
-    return VGG(features, num_classes, init_weights, dropout, pool_size=7,
-               hidden=_scaled(4096, width), feature_channels=last)
+        return VGG(
+            features,
+            num_classes,
+            init_weights,
+            dropout,
+            pool_size=1,
+            hidden=last,
+            feature_channels=last,
+        )
+    return VGG(
+        features,
+        num_classes,
+        init_weights,
+        dropout,
+        pool_size=7,
+        hidden=_scaled(4096, width),
+        feature_channels=last,
+    )
 
 
-def vgg11_bn(num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-             bn_position: BNPosition = "before", batch_norm: bool = True, dropout: float = 0.5,
-             init_weights: bool = True, in_channels: int = 3) -> VGG:
+def vgg11_bn(
+    num_classes: int = 1000,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+    bn_position: BNPosition = "before",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    init_weights: bool = True,
+    in_channels: int = 3,
+) -> VGG:
     """VGG11 with BN (torchvision's ``vgg11_bn`` layout at the defaults)."""
-    return _vgg("A", num_classes, width=width, small_input=small_input, bn_position=bn_position,
-                batch_norm=batch_norm, dropout=dropout, init_weights=init_weights,
-                in_channels=in_channels)
+    return _vgg(
+        "A",
+        num_classes,
+        width=width,
+        small_input=small_input,
+        bn_position=bn_position,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        init_weights=init_weights,
+        in_channels=in_channels,
+    )
 
 
-def vgg13_bn(num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-             bn_position: BNPosition = "before", batch_norm: bool = True, dropout: float = 0.5,
-             init_weights: bool = True, in_channels: int = 3) -> VGG:
+def vgg13_bn(
+    num_classes: int = 1000,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+    bn_position: BNPosition = "before",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    init_weights: bool = True,
+    in_channels: int = 3,
+) -> VGG:
     """VGG13 with BN (torchvision's ``vgg13_bn`` layout at the defaults)."""
-    return _vgg("B", num_classes, width=width, small_input=small_input, bn_position=bn_position,
-                batch_norm=batch_norm, dropout=dropout, init_weights=init_weights,
-                in_channels=in_channels)
+    return _vgg(
+        "B",
+        num_classes,
+        width=width,
+        small_input=small_input,
+        bn_position=bn_position,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        init_weights=init_weights,
+        in_channels=in_channels,
+    )
 
 
-def vgg16_bn(num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-             bn_position: BNPosition = "before", batch_norm: bool = True, dropout: float = 0.5,
-             init_weights: bool = True, in_channels: int = 3) -> VGG:
+def vgg16_bn(
+    num_classes: int = 1000,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+    bn_position: BNPosition = "before",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    init_weights: bool = True,
+    in_channels: int = 3,
+) -> VGG:
     """VGG16 with BN: torchvision's ``vgg16_bn`` at the defaults (138,365,992 parameters).
 
     Build it on the meta device when only its structure is needed::
@@ -170,24 +253,62 @@ def vgg16_bn(num_classes: int = 1000, *, width: float = 1.0, small_input: bool =
         with torch.device("meta"):
             model = vgg16_bn()
     """
-    return _vgg("D", num_classes, width=width, small_input=small_input, bn_position=bn_position,
-                batch_norm=batch_norm, dropout=dropout, init_weights=init_weights,
-                in_channels=in_channels)
+    return _vgg(
+        "D",
+        num_classes,
+        width=width,
+        small_input=small_input,
+        bn_position=bn_position,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        init_weights=init_weights,
+        in_channels=in_channels,
+    )
 
 
-def vgg19_bn(num_classes: int = 1000, *, width: float = 1.0, small_input: bool = False,
-             bn_position: BNPosition = "before", batch_norm: bool = True, dropout: float = 0.5,
-             init_weights: bool = True, in_channels: int = 3) -> VGG:
+def vgg19_bn(
+    num_classes: int = 1000,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+    bn_position: BNPosition = "before",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    init_weights: bool = True,
+    in_channels: int = 3,
+) -> VGG:
     """VGG19 with BN (torchvision's ``vgg19_bn`` layout at the defaults)."""
-    return _vgg("E", num_classes, width=width, small_input=small_input, bn_position=bn_position,
-                batch_norm=batch_norm, dropout=dropout, init_weights=init_weights,
-                in_channels=in_channels)
+    return _vgg(
+        "E",
+        num_classes,
+        width=width,
+        small_input=small_input,
+        bn_position=bn_position,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        init_weights=init_weights,
+        in_channels=in_channels,
+    )
 
 
-def vgg16_bn_small(num_classes: int = 10, *, width: float = 0.25,
-                   bn_position: BNPosition = "before", batch_norm: bool = True,
-                   dropout: float = 0.5, init_weights: bool = True, in_channels: int = 3) -> VGG:
+def vgg16_bn_small(
+    num_classes: int = 10,
+    *,
+    width: float = 0.25,
+    bn_position: BNPosition = "before",
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    init_weights: bool = True,
+    in_channels: int = 3,
+) -> VGG:
     """A small VGG16-BN for 32x32 inputs: ``vgg16_bn(width=0.25, small_input=True)``."""
-    return vgg16_bn(num_classes, width=width, small_input=True, bn_position=bn_position,
-                    batch_norm=batch_norm, dropout=dropout, init_weights=init_weights,
-                    in_channels=in_channels)
+    return vgg16_bn(
+        num_classes,
+        width=width,
+        small_input=True,
+        bn_position=bn_position,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        init_weights=init_weights,
+        in_channels=in_channels,
+    )
