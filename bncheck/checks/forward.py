@@ -22,7 +22,7 @@ from ..context import AuditContext
 from ..discovery import BNLayer
 from ..probes import ForwardObservations, TrainCall, first_difference
 from ..report import Finding
-from ..tracing import upstream
+from ..tracing import OpRecord, upstream
 from .registry import check
 from .static import channel_list
 
@@ -71,19 +71,27 @@ def _frozen_layer(call: TrainCall, layer: BNLayer | None) -> bool:
     )
 
 
-@check("bn-after-activation")
-def bn_after_activation(ctx: AuditContext) -> Iterator[Finding]:
+def _first_producers(ctx: AuditContext) -> Iterator[tuple[TrainCall, BNLayer | None, OpRecord]]:
+    """For each BN layer's first train-mode call: the call, the layer, what produced its input
+    (looking through shape-only ops). Calls whose producer is unknown are left out."""
     obs = _obs(ctx)
     if obs is None:
         return
     layers = _layers(ctx)
     for call in _first_per_layer(obs.calls):
         src = upstream(call.trace.producer) if call.trace else None
-        if src is None or src.category != "activation":
+        if src is not None:
+            yield call, layers.get(call.layer), src
+
+
+@check("bn-after-activation")
+def bn_after_activation(ctx: AuditContext) -> Iterator[Finding]:
+    for call, layer, src in _first_producers(ctx):
+        if src.category != "activation":
             continue
         yield ctx.finding(
             "bn-after-activation",
-            layers.get(call.layer, call.layer),
+            layer or call.layer,
             f"its input comes straight from an activation ({src.label}); the original paper "
             "puts BN between the linear op and the nonlinearity",
             hint="fine if intended (the order is debated); when porting weights, match the "
@@ -94,14 +102,8 @@ def bn_after_activation(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("bias-before-bn")
 def bias_before_bn(ctx: AuditContext) -> Iterator[Finding]:
-    obs = _obs(ctx)
-    if obs is None:
-        return
-    layers = _layers(ctx)
-    for call in _first_per_layer(obs.calls):
-        layer = layers.get(call.layer)
-        src = upstream(call.trace.producer) if call.trace else None
-        if src is None or src.category != "linear" or not src.has_bias:
+    for call, layer, src in _first_producers(ctx):
+        if src.category != "linear" or not src.has_bias:
             continue
         if _frozen_layer(call, layer):
             continue  # a frozen BN does not cancel the bias: it may be the only shift
@@ -117,17 +119,12 @@ def bias_before_bn(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("dropout-before-bn")
 def dropout_before_bn(ctx: AuditContext) -> Iterator[Finding]:
-    obs = _obs(ctx)
-    if obs is None:
-        return
-    layers = _layers(ctx)
-    for call in _first_per_layer(obs.calls):
-        src = upstream(call.trace.producer) if call.trace else None
-        if src is None or src.category != "dropout":
+    for call, layer, src in _first_producers(ctx):
+        if src.category != "dropout":
             continue
         yield ctx.finding(
             "dropout-before-bn",
-            layers.get(call.layer, call.layer),
+            layer or call.layer,
             f"its input comes from dropout ({src.label}, p={src.p:g}); the variance BN sees "
             "in training differs from eval, so running_var does not match eval inputs",
             hint="put dropout after BN (e.g. before the next linear layer)",
