@@ -250,8 +250,9 @@ def train_run(monitored: bool, seed: int, steps: int, size: int, warn: bool):
         train(model, opt, data)
         with torch.no_grad():
             model(data[0][0])  # a train-mode forward without grad, too
+        if monitor is not None:
+            monitor.detach()  # judges that last forward: it warns in warn mode
     if monitor is not None:
-        monitor.detach()
         monitor.report()
         _ = monitor.history
     return model, torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
