@@ -257,6 +257,10 @@ class Monitor:
         flush_every: check pending steps every this many steps (memory vs. host transfers).
         process_group: the process group to compare ranks over (default: the world).
         source: a name for the run, shown in the report.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. A step it skips (inf or
+            NaN gradients) calls no ``optimizer.step()``; with the scaler the Monitor sees the
+            skip (the scale backed off) and does not count the skipped iteration's statistics
+            update as a second update of the next step (``multiple-updates-per-step``).
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
     The Monitor never changes the model, its buffers, or any RNG state: a monitored run
@@ -278,8 +282,16 @@ class Monitor:
         flush_every: int = 64,
         process_group: Any = None,
         source: str | None = None,
+        scaler: Any = None,
         **tolerances: Any,
     ) -> None:
+        if scaler is not None and not all(
+            hasattr(scaler, a) for a in ("get_scale", "get_backoff_factor", "is_enabled")
+        ):
+            raise UsageError(
+                f"Monitor(scaler=...) needs a torch.amp.GradScaler, got {type(scaler).__name__}"
+            )
+        self.scaler = scaler
         if optimizer is not None and not (
             hasattr(optimizer, "param_groups") and hasattr(optimizer, "register_step_post_hook")
         ):
@@ -332,6 +344,8 @@ class Monitor:
         self._calls: list[tuple[int, bool, bool, bool, tuple[int, ...] | None]] = []
         self._step = 0
         self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
+        self._skipped: list[int] = []  # per pending step: iterations the GradScaler skipped
+        self._last_scale: float | None = None
         self._base: Snapshot | None = None
         self._pending: list[tuple[int, Snapshot | None, list[Any], tuple[Any, ...]]] = []
         self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
@@ -413,6 +427,7 @@ class Monitor:
         snap = self._flat.snapshot() if self._flat.modules else None
         calls, self._calls = self._calls, []
         self._pending.append((self._step, snap, calls, ((False,) * len(trainable), frozen, reason)))
+        self._skipped.append(0)
 
     def __enter__(self) -> Monitor:
         return self.attach()
@@ -510,10 +525,24 @@ class Monitor:
         snap = self._flat.snapshot() if self._flat.modules else None
         calls, self._calls = self._calls, []
         self._pending.append((self._step, snap, calls, self._trainable_flags()))
+        self._skipped.append(self._scaler_skips())
         if self._dist is not None and self._step % self.sync_every == 0:
             self._sync_due = True
         if self.warn or len(self._pending) >= self.flush_every:
             self._flush()
+
+    def _scaler_skips(self) -> int:
+        """Iterations the GradScaler skipped since the last step: each skip multiplies the
+        scale by the backoff factor, and growth only follows a step that ran."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return 0
+        scale = float(scaler.get_scale())
+        last, self._last_scale = self._last_scale, scale
+        backoff = float(scaler.get_backoff_factor())
+        if last is None or not scale < last or not 0.0 < backoff < 1.0 or scale <= 0.0:
+            return 0
+        return max(0, round(math.log(scale / last) / math.log(backoff)))
 
     def _count_calls(self, pending: Sequence[tuple[int, Any, list[Any], Any]]) -> np.ndarray:
         """``[S, L, len(COUNT_COLUMNS)]`` from the calls the BN hooks recorded in each step."""
@@ -547,6 +576,7 @@ class Monitor:
     # ---- checks ----------------------------------------------------------------------------
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
+        skipped, self._skipped = self._skipped, []
         if not pending:
             return
         n_layers = len(self.layers)
@@ -578,6 +608,7 @@ class Monitor:
             drift_warmup=self._drift_warmup,
             distributed=self._dist is not None,
             sync_bn=self._sync_bn,
+            expected_updates=1 + np.array(skipped, dtype=np.int64),
         )
         assert self._run.drift_judged is not None
         self._run.drift_judged += conditions["_drift_judged"].sum(axis=0)

@@ -458,3 +458,40 @@ def test_validation_after_the_last_step_is_judged_at_detach():
     assert [f.layer for f in found] == ["block1.1", "block2.1"]
     assert "after the last optimizer step (3)" in found[0].message
     assert run(buggy=False).findings == []
+
+
+def _amp_run(pass_scaler: bool, accumulate: int = 1) -> bncheck.Report:
+    """A mixed-precision loop whose GradScaler skips iterations 2 and 5 (inf gradients)."""
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    iteration = {"n": 0}
+    model.head.weight.register_hook(lambda g: g * float("inf") if iteration["n"] in (2, 5) else g)
+    with bncheck.Monitor(model, optimizer=opt, scaler=scaler if pass_scaler else None) as mon:
+        for i in range(8):
+            iteration["n"] = i
+            for _ in range(accumulate):
+                scaler.scale(model(torch.randn(8, 3, 6, 6)).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    return mon.report()
+
+
+def test_steps_a_grad_scaler_skips_are_not_extra_updates_when_the_scaler_is_given():
+    without = _amp_run(pass_scaler=False).filter(rules=["multiple-updates-per-step"])
+    assert [f.details["step"] for f in without][:1] == [3]  # the skipped iteration's update
+    assert "pass scaler= to the Monitor" in without[0].message
+    assert _amp_run(pass_scaler=True).findings == []
+
+
+def test_accumulation_is_still_caught_with_a_grad_scaler():
+    found = _amp_run(pass_scaler=True, accumulate=2).filter(rules=["multiple-updates-per-step"])
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert found[0].details["step"] == 1
+
+
+def test_scaler_must_be_a_grad_scaler():
+    with pytest.raises(bncheck.UsageError, match="needs a torch.amp.GradScaler, got int"):
+        bncheck.Monitor(TwoBlock(), scaler=3)

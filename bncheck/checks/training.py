@@ -152,6 +152,7 @@ def step_conditions(
     drift_warmup: np.ndarray,
     distributed: bool = False,
     sync_bn: np.ndarray | None = None,
+    expected_updates: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """For each rule, a boolean mask ``[steps, layers]``: the problem holds at that step.
 
@@ -160,7 +161,9 @@ def step_conditions(
     optimized (requires_grad and, with an optimizer, in a param group) or frozen (it has
     parameters and none is optimized); ``tracks_stats`` ``[L]`` whether it has running
     statistics; ``drift_warmup`` ``[L]`` the counter value before which stat-drift is not
-    judged (the running average has not yet forgotten its initial values).
+    judged (the running average has not yet forgotten its initial values);
+    ``expected_updates`` ``[S]`` the statistics updates each step may make (1, plus the
+    iterations a GradScaler skipped before it; default 1).
     """
     updates = stats[..., S_UPDATES]
     has_counter = ~np.isnan(updates)
@@ -178,7 +181,9 @@ def step_conditions(
     )
     out["stats-updated-without-grad"] = tracks & (nograd > 0)
     grad_updates = np.where(has_counter, np.nan_to_num(updates) - nograd, train_calls - nograd)
-    out["multiple-updates-per-step"] = tracks & (grad_updates > 1)
+    # one update per step, plus one for each iteration a GradScaler skipped before it
+    allowed = 1 if expected_updates is None else expected_updates[:, None]
+    out["multiple-updates-per-step"] = tracks & (grad_updates > allowed)
     out["nonfinite-stats"] = stats[..., S_NONFINITE] > 0
     min_batch = counts[..., C_MINBATCH]
     min_samples = counts[..., C_MINSAMPLES]
@@ -342,7 +347,8 @@ def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Fin
         hint = (
             "gradient accumulation feeds BN micro-batches; activation checkpointing and "
             "extra train-mode forwards update twice; for checkpointing divide momentum by "
-            "the recompute count, else ignore 'multiple-updates-per-step' if intended"
+            "the recompute count, else ignore 'multiple-updates-per-step' if intended; with "
+            "AMP, pass scaler= to the Monitor so steps the GradScaler skipped are not counted"
         )
     elif rule == "nonfinite-stats":
         text = (
