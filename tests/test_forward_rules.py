@@ -467,3 +467,34 @@ def test_nan_running_stats_left_alone_in_eval_are_not_an_eval_update() -> None:
     report = bncheck.audit(model, torch.randn(4, 3, 6, 6))
     assert "nonfinite-stats" in report.rules_found()
     assert "eval-updates-stats" not in report.rules_found()
+
+
+class _MixesBatch(nn.Module):
+    """A correct model whose samples interact on purpose (a graph net's neighbour sum over the
+    batch dimension) before and after stock BN layers."""
+
+    def __init__(self, after_last_bn: bool) -> None:
+        super().__init__()
+        self.after_last_bn = after_last_bn
+        self.fc = nn.Linear(6, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.after_last_bn:
+            x = x + x.roll(1, dims=0)  # message passing between neighbouring "nodes"
+        h = torch.relu(self.bn(self.fc(x)))
+        if self.after_last_bn:
+            h = h - h.mean(0, keepdim=True)  # e.g. contrastive logits over the batch
+        return self.head(h)
+
+
+@pytest.mark.parametrize("after_last_bn", [False, True])
+def test_samples_mixed_by_a_non_bn_op_are_info_not_an_error(after_last_bn: bool) -> None:
+    model = trained(_MixesBatch(after_last_bn), torch.randn(16, 6))
+    report = bncheck.audit(model, torch.randn(16, 6), select=["eval-batch-dependence"])
+    (finding,) = report.findings
+    assert report.ok and finding.severity == "info"
+    assert finding.layer == (None if after_last_bn else "bn")
+    assert finding.details["cause"] == "non-BN op"
+    assert "graph nodes, contrastive logits" in finding.message

@@ -610,24 +610,50 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
     layer, occurrence, upstream_too, (diff, scale) = first
     where = _where(upstream_too)
     companion = obs.eval.companion
+    # Not caused by a BN layer: a non-BN op mixes the samples. That is a bug in a CNN, but by
+    # design in graph nets (the batch is the nodes), contrastive logits (N x N) and
+    # sequence-first (T, N, ...) inputs, so it is reported as info, not as an error.
+    not_bn = (
+        "if samples are meant to interact (graph nodes, contrastive logits, sequence-first "
+        "(T, N, ...) inputs), this is expected; else look for reductions over the batch "
+        "dimension (dim 0) that ignore self.training"
+    )
     if layer is None:
         text = (
             f"in eval mode, sample 0's model output changes when its batch-mates change "
             f"({companion}): max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; no BN "
             "output differs, so a non-BN op after the last BN mixes samples"
         )
-        hint = "look for reductions over the batch dimension (dim 0) outside self.training"
         yield ctx.finding(
             "eval-batch-dependence",
             None,
             text,
-            hint=hint,
+            hint=not_bn,
+            severity="info",
             max_diff=diff,
             tolerance=rtol * scale,
             companion=companion,
+            cause="non-BN op",
         )
         return
     bn = ctx.layer(layer)
+    if upstream_too:
+        yield ctx.finding(
+            "eval-batch-dependence",
+            bn,
+            f"in eval mode, sample 0's output changes when its batch-mates change ({companion}) "
+            f"- first seen at this layer: max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; "
+            f"{where}, so a non-BN op before it mixes samples",
+            hint=not_bn,
+            severity="info",
+            max_diff=diff,
+            tolerance=rtol * scale,
+            companion=companion,
+            call=occurrence,
+            cause_upstream=True,
+            cause="non-BN op",
+        )
+        return
     text = (
         f"in eval mode, sample 0's output changes when its batch-mates change ({companion}) "
         f"- first at this layer: max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; {where}"
