@@ -111,6 +111,21 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _drop_hook(module: nn.Module, hook: Any) -> None:
+    """Remove ``hook`` from ``module``: a deep copy of a watched model (``copy.deepcopy``,
+    ``AveragedModel``) carries the Monitor's hooks along, and the copy is not watched."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key, registered in list(hooks.items()):
+            if registered == hook:  # == also matches the same bound method
+                del hooks[key]
+                for extra in (
+                    "_forward_hooks_with_kwargs",
+                    "_forward_hooks_always_called",
+                    "_forward_pre_hooks_with_kwargs",
+                ):
+                    getattr(module, extra, {}).pop(key, None)
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UsageError(f"Monitor({name}=...) must be an integer >= {minimum}, got {value!r}")
@@ -429,6 +444,11 @@ class Monitor:
         self._pending.append((self._step, snap, calls, ((False,) * len(trainable), frozen, reason)))
         self._skipped.append(0)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
+        # A deep copy of the watched model copies its hooks, and with them this Monitor (the
+        # hooks are bound methods). The copy is not watched: its hooks remove themselves.
+        return self
+
     def __enter__(self) -> Monitor:
         return self.attach()
 
@@ -452,7 +472,12 @@ class Monitor:
     def _make_layer_hook(self, idx: int) -> Any:
         """A forward hook that only appends one small tuple (no tensor is kept)."""
 
+        target = self.layers[idx].module
+
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if module is not target:  # a deep copy of the model (EMA/SWA, "best model")
+                _drop_hook(module, hook)
+                return
             grad = torch.is_grad_enabled()
             x = args[0] if args else None
             self._calls.append(
@@ -483,10 +508,16 @@ class Monitor:
         self._safely(self._end_step)
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is not self._inner:
+            _drop_hook(module, self._model_post_hook)
+            return
         if module.training and torch.is_grad_enabled():
             self._safely(self._end_step)
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if module is not self._inner:
+            _drop_hook(module, self._model_pre_hook)
+            return
         if (
             self._dist is not None
             and self._sync_due

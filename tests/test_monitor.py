@@ -392,3 +392,25 @@ def test_warnings_point_at_the_users_training_loop():
         loss.backward()
         opt.step()
     assert {w.filename for w in caught} == {__file__}
+
+
+def test_a_deep_copy_of_the_watched_model_is_not_watched():
+    """EMA/SWA copies (copy.deepcopy, AveragedModel) carry the hooks along: the copy's forwards
+    must not count as the watched model's, and its hooks must go away."""
+    import copy
+
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        twin = copy.deepcopy(model)
+        for _ in range(3):
+            model.train()
+            model(torch.randn(8, 3, 6, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                twin.train()
+                twin(torch.randn(8, 3, 6, 6))  # e.g. update_bn on an averaged copy
+    assert monitor.report().findings == []
+    leftover = [n for n, m in twin.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert leftover == []
