@@ -740,15 +740,21 @@ def exported_bn_settings(program: Any) -> dict[str, dict[str, float]]:
     return found
 
 
-def _mirror_module(source: nn.Module) -> nn.Module:
-    """A plain model holding the BN layers of a TorchScript module, sharing their tensors."""
+def _mirror_module(source: nn.Module) -> tuple[nn.Module, bool]:
+    """A plain model holding the BN layers of a TorchScript module, sharing their tensors, and
+    whether their settings were saved: a scripted module keeps ``eps``/``momentum`` as
+    attributes, a traced one inlines them into its graph (they are then unknown)."""
     root = nn.Module()
+    settings_known = True
     for name, sub in source.named_modules():
         buffers = dict(sub.named_buffers(recurse=False))
         params = dict(sub.named_parameters(recurse=False))
         rm, rv = buffers.get("running_mean"), buffers.get("running_var")
         kind = getattr(sub, "original_name", type(sub).__name__)
         standard = _STANDARD_BN.get(kind)
+        if standard is not None and not hasattr(sub, "eps"):
+            settings_known = False  # traced: constants inlined into the graph
+            standard = None
         if standard is not None:
             num_features = int(
                 getattr(sub, "num_features", 0)
@@ -775,9 +781,9 @@ def _mirror_module(source: nn.Module) -> nn.Module:
         else:
             continue
         if name == "":
-            return bn.eval()
+            return bn.eval(), settings_known
         root = _place(root, name, bn)
-    return root.eval()
+    return root.eval(), settings_known
 
 
 # ---- fitting a state dict to an architecture -------------------------------------------------
@@ -1009,7 +1015,7 @@ def load_model(
         except Exception as exc:
             raise _load_failure(path, fmt, exc) from exc
         if spec is None:
-            model = _mirror_module(obj)
+            model, settings_known = _mirror_module(obj)
             return LoadedModel(
                 model,
                 str(path),
@@ -1021,8 +1027,17 @@ def load_model(
                 notes=notes
                 + [
                     "rebuilt the BN layers of the TorchScript archive with their "
-                    "saved settings and tensors"
+                    + (
+                        "saved settings and tensors"
+                        if settings_known
+                        else "saved tensors (a traced archive inlines eps and momentum into its "
+                        "graph; eps assumed 1e-5)"
+                    )
                 ],
+                static_unknown=None
+                if settings_known
+                else "a traced TorchScript archive inlines the layers' settings (eps, momentum) "
+                "into its graph: pass --arch to check them",
             )
         obj = {k: v for k, v in obj.state_dict().items()}
     elif fmt == "exported_program":

@@ -407,6 +407,8 @@ class Monitor:
             raise
         if self._flat.modules:  # the baseline: what happened while detached is not judged
             self._base = self._flat.snapshot()
+        if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
+            self._last_scale = float(self.scaler.get_scale())
         self._calls = []
         self._attached = True
         self._ever_attached = True

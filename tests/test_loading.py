@@ -302,6 +302,17 @@ def test_torchscript_keeps_the_bn_settings_without_an_arch(tmp_path):
     assert torch.equal(layer.running_var, model.bn.running_var)
 
 
+def test_traced_torchscript_loads_with_its_settings_marked_unknown(tmp_path):
+    model = trained_block(eps=1e-3, momentum=0.3)
+    path = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(model, torch.randn(2, 3, 8, 8)), str(path))
+    loaded = load_model(path)
+    (layer,) = find_bn_layers(loaded.model)
+    assert (layer.name, layer.kind) == ("bn", "BatchNorm2d")
+    assert torch.equal(layer.running_var, model.bn.running_var)
+    assert "inlines the layers' settings" in loaded.static_unknown
+
+
 def test_torchscript_with_an_arch_is_runnable(tmp_path, block):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(block), str(path))
