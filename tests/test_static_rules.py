@@ -142,11 +142,15 @@ def test_initial_statistics_next_to_trained_affine_are_flagged_per_layer():
     with torch.no_grad():
         model.block2[1].weight.mul_(1.5)
     (f,) = found(model, "untrained-stats")
-    assert f.layer == "block2.1" and "with trained gamma/beta" in f.message
+    assert f.layer == "block2.1" and "in eval mode next to trained gamma/beta" in f.message
 
 
 def test_fresh_model_in_train_mode_is_not_flagged():
     assert found(TwoBlock().train(), "untrained-stats") == []
+    zero_init = TwoBlock().train()
+    nn.init.zeros_(zero_init.block2[1].weight)  # zero_init_residual: gamma moved, no training
+    assert found(zero_init, "untrained-stats") == []
+    assert found(zero_init, "dead-channels") == []
     assert found(trained(TwoBlock(), image_batch()), "untrained-stats") == []
 
 

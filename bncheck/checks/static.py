@@ -53,12 +53,17 @@ def _affine_at_init(layer: BNLayer) -> bool:
 
 
 def is_trained(layer: BNLayer) -> bool:
-    """Evidence the layer saw training: updated counter, moved statistics, or moved gamma/beta."""
+    """Evidence the layer saw training: an updated counter or moved running statistics.
+
+    gamma/beta away from 1/0 are no evidence: ``zero_init_residual`` and custom initialisations
+    (e.g. N(1, 0.02)) set them before any training. A layer without running statistics counts
+    as trained when its gamma/beta moved, the only evidence it has.
+    """
     nbt = layer.num_batches_tracked
     if nbt is not None and int(nbt.reshape(-1)[0]) > 0:
         return True
-    if layer.has_running_stats and not stats_at_init(layer):
-        return True
+    if layer.has_running_stats:
+        return not stats_at_init(layer)
     return not _affine_at_init(layer)
 
 
@@ -236,10 +241,11 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
     for layer in _usable(ctx.layers):
         if not layer.has_running_stats or not stats_at_init(layer):
             continue
-        in_eval = not layer.module.training
-        trained_affine = not _affine_at_init(layer)
-        if in_eval or trained_affine:
-            hits.append((layer, in_eval, trained_affine))
+        # Only a layer used for inference (eval mode) is judged: in train mode initial
+        # statistics are expected, whatever gamma/beta hold (zero_init_residual, custom init).
+        if layer.module.training:
+            continue
+        hits.append((layer, True, not _affine_at_init(layer)))
     if not hits:
         return
     hint = (
@@ -254,14 +260,14 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
             "untrained-stats",
             None,
             f"all {len(hits)} BN layers still have their initial running statistics "
-            "(mean 0, var 1, num_batches_tracked 0) in a model "
-            + ("in eval mode" if all(h[1] for h in hits) else "with trained gamma/beta"),
+            "(mean 0, var 1, num_batches_tracked 0) in a model in eval mode"
+            + (" with trained gamma/beta" if any(h[2] for h in hits) else ""),
             hint=hint,
             layers=[h[0].name for h in hits],
         )
         return
     for layer, in_eval, trained_affine in hits:
-        why = "with trained gamma/beta" if trained_affine else "in eval mode"
+        why = "in eval mode" + (" next to trained gamma/beta" if trained_affine else "")
         yield ctx.finding(
             "untrained-stats",
             layer,
