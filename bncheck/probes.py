@@ -72,6 +72,7 @@ TRAIN_RULES = frozenset(
         "ema-update",
         "single-value-per-channel",
         "small-batch",
+        "input-not-normalized",  # reads which inputs go straight into a BN layer
     }
 )
 #: Rules read from the eval-mode passes.

@@ -339,16 +339,17 @@ class Tracer:
             return
         self._producers[id(tensor)] = (ref, record)
 
-    def mark_inputs(self, value: Any) -> None:
-        """Record the network inputs (tensors, nested in tuples/lists/dicts) as ``input``."""
+    def mark_inputs(self, value: Any, where: str = "input") -> None:
+        """Record the network inputs (tensors, nested in tuples/lists/dicts) as category
+        ``input``, named by their place: ``input``, ``input[0]``, ``input['x']``."""
         if isinstance(value, torch.Tensor):
-            self.set_producer(value, OpRecord("input", "input"))
+            self.set_producer(value, OpRecord(where, "input"))
         elif isinstance(value, (list, tuple)):
-            for v in value:
-                self.mark_inputs(v)
+            for i, v in enumerate(value):
+                self.mark_inputs(v, f"{where}[{i}]")
         elif isinstance(value, dict):
-            for v in value.values():
-                self.mark_inputs(v)
+            for k, v in value.items():
+                self.mark_inputs(v, f"{where}[{k!r}]")
 
     @contextmanager
     def paused(self) -> Iterator[None]:

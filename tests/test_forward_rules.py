@@ -498,3 +498,14 @@ def test_samples_mixed_by_a_non_bn_op_are_info_not_an_error(after_last_bn: bool)
     assert finding.layer == (None if after_last_bn else "bn")
     assert finding.details["cause"] == "non-BN op"
     assert "graph nodes, contrastive logits" in finding.message
+
+
+def test_an_input_that_goes_straight_into_bn_is_not_flagged_as_unnormalized() -> None:
+    """BN as the first layer normalises raw features itself (tabular data, a spectrogram's
+    bn0); the same raw input into a linear layer is flagged."""
+    x = torch.rand(64, 10) * torch.tensor([1, 10, 100, 1000, 1e4, 1, 1, 50, 200, 3])
+    bn_first = nn.Sequential(nn.BatchNorm1d(10), nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8))
+    linear_first = nn.Sequential(nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8))
+    rule = ["input-not-normalized"]
+    assert bncheck.audit(bn_first, x, select=rule).findings == []
+    assert bncheck.audit(linear_first, x, select=rule).rules_found() == set(rule)

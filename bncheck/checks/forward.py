@@ -775,7 +775,16 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
     if obs is None or not ctx.user_batch:
         return
     limit = ctx.tol("input_abs_max")
+    # An input that goes straight into a BN layer is normalised by it (tabular features,
+    # a spectrogram's bn0): not a finding.
+    into_bn = set()
+    for call in obs.calls:
+        src = upstream(call.trace.producer) if call.trace else None
+        if src is not None and src.category == "input":
+            into_bn.add(src.name)
     for s in obs.inputs:
+        if s.where in into_bn:
+            continue
         reasons = []
         if abs(s.mean) > limit or s.std > limit:
             reasons.append(
