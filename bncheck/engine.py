@@ -166,6 +166,12 @@ def audit(
                     if get_rule(rid).needs in FORWARD_NEEDS and rid not in ctx.skipped:
                         ctx.skipped[rid] = reason
             else:
+                # one stage failed (e.g. only the train-mode pass: eps=0): its rules were
+                # skipped with the reason; the report still says the forward raised
+                obs = ctx.forward
+                partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
+                if partial is not None:
+                    forward_error = partial
                 available.add("forward")
                 if ctx.user_batch:
                     available.add("user batch")

@@ -301,3 +301,10 @@ def test_check_conformance_is_re_exported() -> None:
     assert testing.check_conformance is check_conformance
     with pytest.raises(AttributeError, match="has no attribute 'assert_everything'"):
         testing.assert_everything  # noqa: B018
+
+
+def test_assert_bn_ok_fails_when_only_the_train_forward_failed():
+    """eps=0 makes PyTorch's train-mode forward raise: with invalid-eps ignored, nothing else
+    explains it, and the assertion must not pass without the forward checks."""
+    with pytest.raises(testing.BNCheckFailure, match="forward pass failed .*eps must be positive"):
+        testing.assert_bn_ok(ConvBNReLU(eps=0.0), image_batch(), ignore=["invalid-eps"])
