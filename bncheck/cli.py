@@ -259,7 +259,8 @@ def run_rules(args: argparse.Namespace) -> int:
         rows,
         headers=["rule", "severity", "needs", "summary"],
         tablefmt=tablefmt,
-        maxcolwidths=[None, None, None, 70],
+        # a Markdown table cannot wrap a cell onto another row
+        maxcolwidths=None if args.format == "markdown" else [None, None, None, 70],
     )
     _write_stdout(text + "\n\n`bncheck explain RULE` shows the full explanation of a rule.\n")
     return 0

@@ -116,12 +116,38 @@ def _fail_on(value: Any) -> str:
 
 def _rule_ids(value: Any) -> tuple[str, ...]:
     """Rule ids from a comma-separated string or a sequence of them; ``all`` is every rule."""
-    items = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise UsageError(
+                f"expected rule ids (a comma-separated string or a list of them), got "
+                f"{type(value).__name__} {value!r}"
+            ) from None
     ids: list[str] = []
     for item in items:
         ids.extend(part.strip() for part in str(item).split(",") if part.strip())
-    resolve_rule_ids(select=ids or None)  # raises UsageError with a suggestion
+    if not ids:
+        raise UsageError("names no rule; give rule ids or 'all'")
+    resolve_rule_ids(select=ids)  # raises UsageError with a suggestion
     return tuple(ids)
+
+
+def _ignored_ids(value: Any) -> tuple[str, ...]:
+    """Rule ids not to run; ``all`` is refused (it would check nothing)."""
+    ids = _rule_ids(value)
+    if "all" in ids:
+        resolve_rule_ids(ignore=ids)  # raises the UsageError that says why
+    return ids
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
 
 
 def _tolerance_pair(text: str) -> tuple[str, float | int]:
@@ -201,7 +227,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="IDS",
         action="append",
         default=None,
-        type=_argparse_type(_rule_ids),
+        type=_argparse_type(_ignored_ids),
         help="do not run these rules (comma-separated ids, repeatable). ini: bncheck_ignore",
     )
     group.addoption(
@@ -299,7 +325,7 @@ def _base_settings(config: pytest.Config) -> BNCheckSettings:
     ini: dict[str, Any] = {
         "fail_on": _ini(config, "bncheck_fail_on", _fail_on),
         "select": _ini(config, "bncheck_select", _rule_ids),
-        "ignore": _ini(config, "bncheck_ignore", _rule_ids),
+        "ignore": _ini(config, "bncheck_ignore", _ignored_ids),
     }
     for line in config.getini("bncheck_tolerance"):
         name, value = _ini(config, "bncheck_tolerance", _tolerance_pair, line)
@@ -377,8 +403,10 @@ def _marker_overrides(item: pytest.Item) -> dict[str, Any]:
                 )
             if key == "fail_on":
                 checked[key] = _fail_on(value.value if isinstance(value, Severity) else value)
-            elif key in ("select", "ignore"):
+            elif key == "select":
                 checked[key] = _rule_ids(value) if value is not None else None
+            elif key == "ignore":
+                checked[key] = _ignored_ids(value) if value is not None else None
             else:
                 checked[key] = resolve_tolerances({key: value})[key]
     except UsageError as exc:
@@ -413,6 +441,11 @@ class BNCheckFixture:
         from .engine import audit
 
         options = self.settings.audit_kwargs()
+        if "select" in kwargs and "ignore" not in kwargs and options.get("ignore"):
+            # the call's own selection wins over an inherited ignore of the same rules
+            chosen = set(resolve_rule_ids(kwargs["select"]))
+            kept = [r for r in _as_list(options["ignore"]) if r not in chosen]
+            options["ignore"] = kept or None
         options.update(kwargs)
         options.setdefault("source", self.nodeid or None)
         report = audit(model, example_input, **options)
@@ -480,8 +513,7 @@ def bncheck_example_batch() -> torch.Tensor:
 
 
 # ---- recording reports for the summary --------------------------------------------------------
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+def _recording(item: pytest.Item) -> Generator[None, None, None]:
     if _STATE not in item.config.stash:
         return (yield)
     reports = item.stash.setdefault(_ITEM_REPORTS, [])
@@ -493,12 +525,23 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _recording(item))  # audits made by fixtures count too
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _recording(item))
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     audits = item.stash.get(_ITEM_REPORTS, None)
-    if report.when == "call" and audits:
+    # on the call report, or on a failed setup (then no call report follows)
+    if audits and (report.when == "call" or (report.when == "setup" and report.failed)):
         findings: list[dict[str, Any]] = []
         for audit_report in audits:
             for finding in audit_report.findings:
@@ -533,6 +576,10 @@ def _resolve_factory(spec: str, config: pytest.Config) -> Any:
         raise pytest.UsageError(
             f"--bncheck-model {spec}: cannot import {module_name!r} ({exc}); is it on "
             "sys.path? (pytest's `pythonpath` ini key adds folders)"
+        ) from None
+    except Exception as exc:  # the module itself is broken (SyntaxError, an error at import)
+        raise pytest.UsageError(
+            f"--bncheck-model {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
         ) from None
     for part in attr_path.split("."):
         if not hasattr(target, part):
@@ -571,7 +618,13 @@ class BNCheckModelItem(pytest.Item):
         settings = self.config.stash[_STATE].base
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
-            model = self.factory()
+            try:
+                model = self.factory()
+            except Exception as exc:
+                raise UsageError(
+                    f"{self.spec} raised {type(exc).__name__}: {exc} (the factory must build "
+                    "the model with no arguments)"
+                ) from exc
         if not isinstance(model, nn.Module):
             raise UsageError(f"{self.spec} returned {type(model).__name__}, not an nn.Module")
         example = None

@@ -175,6 +175,9 @@ def test_closest_marker_wins_over_module_marker(models: pytest.Pytester) -> None
         ("ema_rtl=2", "*unknown argument 'ema_rtl' (did you mean 'ema_rtol'?)*"),
         ('fail_on="warn"', "*'warn' is not one of error, warning, info, never*"),
         ("ema_rtol=-1", "*tolerance 'ema_rtol' must be a number >= 0*"),
+        ("select=5", "*expected rule ids (a comma-separated string or a list of them), got int*"),
+        ("select=[]", "*names no rule*"),
+        ('ignore="all"', "*ignore='all' would check nothing*"),
         ('"warning"', "*keyword arguments only*"),
     ],
 )
@@ -257,6 +260,8 @@ def test_options_fail_on_ignore_select_and_tolerance(models: pytest.Pytester) ->
         (["--bncheck-tolerance=ema_rtol=lots"], "*tolerance 'ema_rtol' must be a number*"),
         (["--bncheck-input-shape=8,3,big"], "*'8,3,big' is not an input shape*"),
         (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a factory spec; give module:callable*"),
+        (["--bncheck-select=,"], "*names no rule*"),
+        (["--bncheck-ignore=all"], "*ignore='all' would check nothing*"),
     ],
 )
 def test_bad_option_values_are_usage_errors(
@@ -528,3 +533,59 @@ def test_reference_model_and_example_batch_fixtures(pytester: pytest.Pytester) -
             bncheck.assert_ok(bncheck_reference_model, bncheck_example_batch)
     """)
     pytester.runpytest().assert_outcomes(passed=3)
+
+
+def test_zero_code_module_that_fails_to_import_is_a_usage_error(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(broken="def f(:\n    pass\n")
+    pytester.syspathinsert()
+    result = pytester.runpytest("--bncheck-model", "broken:f")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--bncheck-model broken:f: importing 'broken' raised SyntaxError*"]
+    )
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_zero_code_factory_that_raises_fails_in_one_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(raising="def build():\n    raise RuntimeError('boom')\n")
+    pytester.syspathinsert()
+    result = pytester.runpytest("--bncheck-model", "raising:build")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*raising:build raised RuntimeError: boom*"])
+    assert "_hookexec" not in result.stdout.str()  # no pytest/pluggy internals
+
+
+def test_the_calls_own_select_wins_over_an_inherited_ignore(models: pytest.Pytester) -> None:
+    models.makepyfile("""
+        import pytest
+        import zoo_models
+
+        @pytest.mark.bncheck(ignore=["keras-momentum"])
+        def test_call_selects_it(bncheck):
+            report = bncheck.audit(zoo_models.keras(), select=["keras-momentum"])
+            assert report.rules_found() == {"keras-momentum"}
+
+        @pytest.mark.bncheck(ignore=["keras-momentum"])
+        def test_marker_still_ignores_it(bncheck):
+            assert "keras-momentum" not in bncheck.audit(zoo_models.keras()).rules_found()
+    """)
+    models.runpytest().assert_outcomes(passed=2)
+
+
+def test_audits_made_by_fixtures_are_in_the_summary(models: pytest.Pytester) -> None:
+    models.makepyfile("""
+        import pytest
+        import zoo_models
+
+        @pytest.fixture
+        def audited(bncheck):
+            return bncheck.audit(zoo_models.keras())
+
+        def test_uses_fixture(audited):
+            assert audited.rules_found() == {"keras-momentum"}
+    """)
+    result = models.runpytest()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*1 audit in 1 test*", "*keras-momentum*"])

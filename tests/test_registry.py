@@ -86,3 +86,14 @@ def test_import_bncheck_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_selection_that_checks_nothing_is_an_error():
+    with pytest.raises(bncheck.UsageError, match="select names no rule"):
+        resolve_rule_ids(select=[])
+    with pytest.raises(bncheck.UsageError, match="select names no rule"):
+        resolve_rule_ids(select=" , ")
+    with pytest.raises(bncheck.UsageError, match="ignore='all' would check nothing"):
+        resolve_rule_ids(ignore="all")
+    with pytest.raises(bncheck.UsageError, match="every selected rule is also ignored"):
+        resolve_rule_ids(select="ema-update", ignore="ema-update")

@@ -135,6 +135,16 @@ def resolve_rule_ids(
     """
     selected = _split_ids(select)
     ignored = _split_ids(ignore) or []
+    if selected is not None and not selected:
+        raise UsageError(
+            "select names no rule, so nothing would be checked; name rule ids, 'all', or "
+            "leave select out for every rule"
+        )
+    if "all" in ignored:
+        raise UsageError(
+            "ignore='all' would check nothing; to skip bncheck, leave it out (pytest: "
+            "-p no:bncheck)"
+        )
     for rid in (selected or []) + ignored:
         if rid != "all" and rid not in _INFO:
             raise UsageError(
@@ -143,6 +153,11 @@ def resolve_rule_ids(
             )
     wanted = set(_INFO) if selected is None or "all" in selected else set(selected)
     wanted -= set(ignored)
+    if not wanted:
+        raise UsageError(
+            f"every selected rule is also ignored ({', '.join(sorted(set(ignored)))}), so "
+            "nothing would be checked"
+        )
     return [info.id for info in CATALOGUE if info.id in wanted]
 
 
