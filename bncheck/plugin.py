@@ -360,6 +360,7 @@ def pytest_configure(config: pytest.Config) -> None:
             _ini(config, "bncheck_model", _model_spec, line)
             for line in config.getini("bncheck_model")
         ]
+    models = list(dict.fromkeys(models))  # a factory named twice is audited once
     shape = config.option.bncheck_input_shape
     if shape is None:
         shape = _ini(config, "bncheck_input_shape", _input_shape)

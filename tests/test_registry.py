@@ -61,6 +61,8 @@ def test_tolerances_belong_to_their_rule_and_have_docs():
     assert resolve_tolerances({"min_batch_size": "16"})["min_batch_size"] == 16
     with pytest.raises(bncheck.UsageError, match=">= 0"):
         resolve_tolerances({"momentum_max": -1})
+    with pytest.raises(bncheck.UsageError, match="must be a number, got True"):
+        resolve_tolerances({"ema_rtol": True})
 
 
 def test_select_all_and_ignore():

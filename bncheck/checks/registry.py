@@ -171,6 +171,8 @@ def resolve_tolerances(overrides: Mapping[str, Any] | None = None) -> dict[str, 
                 f"known tolerances: {', '.join(sorted(TOLERANCES))}"
             )
         default = TOLERANCES[name][1].default
+        if isinstance(value, bool):
+            raise UsageError(f"tolerance {name!r} must be a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
