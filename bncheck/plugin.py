@@ -639,7 +639,9 @@ class BNCheckModelItem(pytest.Item):
         if recorder is not None:
             recorder(report)
         if report.failed(settings.fail_on):
-            raise BNCheckFailure(failure_text(report, settings.fail_on, title="bncheck"), report)
+            raise BNCheckFailure(
+                failure_text(report, settings.fail_on, title="bncheck", command_line=True), report
+            )
         if report.forward_error is not None:
             raise BNCheckFailure(
                 f"bncheck: the forward pass of {self.spec} failed "

@@ -109,8 +109,11 @@ def _table(findings: Sequence[Finding]) -> str:
     )
 
 
-def failure_text(report: Report, fail_on: str = "error", *, title: str = "bncheck") -> str:
-    """The text of a failed check: what failed, the findings table, how to silence a rule."""
+def failure_text(
+    report: Report, fail_on: str = "error", *, title: str = "bncheck", command_line: bool = False
+) -> str:
+    """The text of a failed check: what failed, the findings table, how to silence a rule
+    (as keyword arguments, or as pytest options when ``command_line``)."""
     failing = [f for f in report.findings if fail_on != "never" and f.severity >= Severity(fail_on)]
     others = len(report.findings) - len(failing)
     where = f" in {report.source}" if report.source else ""
@@ -122,10 +125,12 @@ def failure_text(report: Report, fail_on: str = "error", *, title: str = "bnchec
     lines.extend(f"note: {n}" for n in report.notes)
     rules = sorted({f.rule for f in failing})
     lines.append("")
-    lines.append(
-        f"`bncheck explain RULE` says why each matters; to accept a finding, pass "
-        f"ignore=[{', '.join(repr(r) for r in rules)}] or a looser tolerance"
+    how = (
+        f"--bncheck-ignore {','.join(rules)} or a looser --bncheck-tolerance NAME=VALUE"
+        if command_line
+        else f"ignore=[{', '.join(repr(r) for r in rules)}] or a looser tolerance"
     )
+    lines.append(f"`bncheck explain RULE` says why each matters; to accept a finding, pass {how}")
     return "\n".join(lines)
 
 
