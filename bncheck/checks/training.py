@@ -17,6 +17,7 @@ cross-rank comparison runs at the start of a forward and belongs to the last com
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 from ..context import AuditContext
 from ..discovery import BNLayer
 from ..report import Finding
+from .catalogue import CATALOGUE
 from .registry import check
 
 __all__ = [
@@ -442,31 +444,7 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
             yield finding
 
 
-@check("frozen-bn-drift")
-def frozen_bn_drift(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "frozen-bn-drift")
-
-
-@check("stats-not-updating")
-def stats_not_updating(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "stats-not-updating")
-
-
-@check("stats-updated-without-grad")
-def stats_updated_without_grad(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "stats-updated-without-grad")
-
-
-@check("multiple-updates-per-step")
-def multiple_updates_per_step(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "multiple-updates-per-step")
-
-
-@check("rank-divergent-stats")
-def rank_divergent_stats(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "rank-divergent-stats")
-
-
-@check("unsynced-small-batch")
-def unsynced_small_batch(ctx: AuditContext) -> Iterator[Finding]:
-    yield from run_findings(ctx, "unsynced-small-batch")
+# The check function of every training-run and distributed rule reads the same episodes.
+for _info in CATALOGUE:
+    if _info.needs in ("training run", "distributed"):
+        check(_info.id)(functools.partial(run_findings, rule=_info.id))
