@@ -160,70 +160,27 @@ def test_full_module_without_trust_then_with(capsys, tmp_path):
 
 
 # ---- architectures ---------------------------------------------------------------------------
-def test_unknown_builtin_arch(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "vgg16bn",
-        match=r"unknown architecture 'vgg16bn' \(did you mean 'vgg16_bn'\?\)",
-    )
-
-
-def test_factory_that_raises(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "cli_factories:broken",
-        match=r"--arch cli_factories:broken raised ValueError: boom",
-    )
-
-
-def test_factory_that_returns_no_module(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "cli_factories:not_a_module",
-        match=r"returned a int, not a torch\.nn\.Module",
-    )
-
-
-def test_factory_module_that_cannot_be_imported(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "no_such_pkg.nets:build",
-        match=r"cannot import 'no_such_pkg\.nets' \(ModuleNotFoundError",
-    )
-
-
-def test_factory_attribute_that_does_not_exist(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "cli_factories:nothing",
-        match=r"cli_factories has no attribute 'nothing'",
-    )
-
-
-def test_checkpoint_of_another_architecture(capsys, sd_file):
-    fails(
-        capsys,
-        "audit",
-        str(sd_file),
-        "--arch",
-        "vgg16_bn_small",
-        match=r"does not fit --arch vgg16_bn_small: .*keys missing",
-    )
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("vgg16bn", r"unknown architecture 'vgg16bn' \(did you mean 'vgg16_bn'\?\)"),
+        ("cli_factories:broken", r"--arch cli_factories:broken raised ValueError: boom"),
+        ("cli_factories:not_a_module", r"returned a int, not a torch\.nn\.Module"),
+        ("no_such_pkg.nets:build", r"cannot import 'no_such_pkg\.nets' \(ModuleNotFoundError"),
+        ("cli_factories:nothing", r"cli_factories has no attribute 'nothing'"),
+        ("vgg16_bn_small", r"does not fit --arch vgg16_bn_small: .*keys missing"),
+    ],
+    ids=[
+        "unknown-builtin",
+        "factory-raises",
+        "not-a-module",
+        "cannot-import",
+        "no-such-attribute",
+        "another-architecture",
+    ],
+)
+def test_bad_architecture(capsys, sd_file, arch, message):
+    fails(capsys, "audit", str(sd_file), "--arch", arch, match=message)
 
 
 def test_model_without_bn(capsys, tmp_path):
