@@ -365,8 +365,9 @@ def _batch_size(x: Any, seen_by_bn: Iterable[int] = ()) -> int | None:
     return counts[0]
 
 
-def _describe_empty(x: Any, where: str = "input") -> str | None:
-    """Where ``x`` holds 0 samples (an empty list, a tensor whose dim 0 has size 0)."""
+def _first_batched(x: Any, where: str = "input") -> tuple[str, Any] | None:
+    """The argument that gives the batch its sample count (the first list, or tensor of one
+    dimension or more, in argument order) and where it is."""
     if isinstance(x, tuple):
         items: list[tuple[str, Any]] = [(f"{where}[{i}]", v) for i, v in enumerate(x)]
     elif isinstance(x, dict):
@@ -374,15 +375,25 @@ def _describe_empty(x: Any, where: str = "input") -> str | None:
     else:
         items = [(where, x)]
     for name, arg in items:
-        if isinstance(arg, list) and not arg:
-            return f"{name} is an empty list"
-        if isinstance(arg, torch.Tensor) and arg.dim() >= 1 and arg.shape[0] == 0:
-            return f"{name} has shape {tuple(arg.shape)}"
+        if isinstance(arg, list) or (isinstance(arg, torch.Tensor) and arg.dim() >= 1):
+            return name, arg
         if isinstance(arg, (tuple, dict)):
-            inner = _describe_empty(arg, name)
-            if inner is not None:
-                return inner
+            found = _first_batched(arg, name)
+            if found is not None:
+                return found
     return None
+
+
+def _describe_empty(x: Any) -> str | None:
+    """How ``x`` holds 0 samples (its batch-giving argument is an empty list or a tensor whose
+    dim 0 has size 0); ``None`` when it holds some."""
+    found = _first_batched(x)
+    if found is None:
+        return None
+    name, arg = found
+    if isinstance(arg, list):
+        return f"{name} is an empty list" if not arg else None
+    return f"{name} has shape {tuple(arg.shape)}" if arg.shape[0] == 0 else None
 
 
 def validate_input(x: Any, what: str = EXAMPLE) -> None:
@@ -394,12 +405,12 @@ def validate_input(x: Any, what: str = EXAMPLE) -> None:
             f"{what} is a {type(x).__name__}; pass a tensor, a list (one argument), a tuple "
             "of positional inputs or a dict of keyword inputs"
         )
-    tensors = list(_tensors_in(x))
-    if not tensors:
-        raise InputError(f"{what} holds no tensor; pass the batch the model takes")
     empty = _describe_empty(x)
     if empty is not None:
         raise InputError(f"{what} has 0 samples ({empty}); pass a batch of at least one sample")
+    tensors = list(_tensors_in(x))
+    if not tensors:
+        raise InputError(f"{what} holds no tensor; pass the batch the model takes")
     for where, t in tensors:
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise InputError(
