@@ -1136,12 +1136,12 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             if stage == "train" and obs.needs_targets:
                 reason = (
                     f"the train-mode forward pass needs targets ({error}); pass the example "
-                    "input as (images, targets), the way the model is called in training"
+                    "input as (images, targets)"
                 )
                 ctx.notes.append(
-                    f"{reason}: audit(model, (images, targets)) with one target dict per "
-                    "image (e.g. {'boxes': ..., 'labels': ...}); the train-mode rules were "
-                    "skipped"
+                    f"{reason}: audit(model, (images, targets)), one target dict per image "
+                    "(e.g. {'boxes': ..., 'labels': ...}), calls model(images, targets) as in "
+                    "training; the train-mode rules were skipped"
                 )
             else:
                 reason = f"the {label} forward pass failed ({error})"
