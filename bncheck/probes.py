@@ -347,6 +347,10 @@ def _sample_counts(x: Any) -> list[int]:
                 counts.append(int(arg.shape[0]))
         elif isinstance(arg, list):
             counts.append(len(arg))
+            # a list of batched tensors (multi-scale features) has its samples in dim 0
+            firsts = {int(t.shape[0]) for t in arg if isinstance(t, torch.Tensor) and t.dim()}
+            if len(firsts) == 1 and all(isinstance(t, torch.Tensor) for t in arg):
+                counts.append(firsts.pop())
         elif isinstance(arg, (tuple, dict)):
             counts.extend(_sample_counts(arg))
     return counts

@@ -130,3 +130,30 @@ def test_an_empty_tensor_beside_the_batch_is_not_zero_samples() -> None:
 
     report = bncheck.audit(WithBoxes(), {"images": _images(4), "boxes": torch.empty(0, 4)})
     assert report.forward_error is None
+
+
+def test_a_list_of_batched_feature_maps_keeps_its_samples_in_dim_0() -> None:
+    # forward(features: list) with three (8, C, H, W) maps: the BN layers see N = 8, so the
+    # samples are rows of each map, not the three list elements
+    class FeatureHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+            pooled = sum(self.bn(f).mean((2, 3)) for f in features)
+            return self.fc(pooled)
+
+    model = FeatureHead().train()
+    with torch.no_grad():
+        model([torch.randn(16, 4, 4, 4) for _ in range(3)])
+    model.eval()
+    feats = [torch.randn(8, 4, 2 ** (i + 1), 2 ** (i + 1)) for i in range(3)]
+    report = bncheck.audit(model, feats, select=["eval-batch-dependence", "small-batch"])
+    assert report.findings == []
+    bad = bncheck.audit(
+        model.train(), feats, select=["small-batch"], min_batch_size=9, min_samples_per_channel=1
+    )
+    (finding,) = bad.findings
+    assert finding.details["batch_size"] == 8
