@@ -144,13 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N,C,H,W",
         help="shape of the random input batch, batch dimension first "
         "(C,H,W when --batch-size is given); default: inferred from the "
-        "first conv/linear layer, and not judged by the batch-size rules",
+        "first conv/linear layer; a shape only, not judged by the batch-size "
+        "rules (see --batch-size)",
     )
     audit.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="N",
-        help="batch size of the input (the batch you train with)",
+        help="batch size you train with: the batch-size rules judge it",
     )
     audit.add_argument(
         "--format",
@@ -490,11 +491,16 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         else:
             shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
         x = random_batch(model, shape)
-        synthetic = False
+        # --batch-size says "the batch I train with"; --input-shape alone is only a shape
+        synthetic = args.batch_size is None
         notes.append(
             f"input: random normal batch of shape {_shape_text(shape)} from "
-            "--input-shape/--batch-size; the batch-size rules judge it as the batch "
-            "you train with"
+            + (
+                "--input-shape, not judged by the batch-size rules (--batch-size N gives "
+                "the batch you train with)"
+                if synthetic
+                else "--batch-size; the batch-size rules judge it as the batch you train with"
+            )
         )
     elif loaded is not None and loaded.example_input is not None:
         x = loaded.example_input
@@ -522,7 +528,14 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         + (f" (forward passes on {_shape_text(x.shape)})" if hasattr(x, "shape") else "")
         + "..."
     )
-    report = audit(model, x, select=run_ids, synthetic_input=synthetic, source=source)
+    report = audit(
+        model,
+        x,
+        select=run_ids,
+        synthetic_input=synthetic,
+        training_batch=None if synthetic else True,
+        source=source,
+    )
 
     skipped = dict(report.skipped)
     unknown_reason = loaded.static_unknown if loaded is not None else None
@@ -573,8 +586,8 @@ _CLI_SKIP_REASONS = {
     "optimizer": "needs the optimizer, which a file does not hold: in Python, "
     "bncheck.audit(model, x, optimizer=opt)",
     "data": "needs batches of real data: in Python, bncheck.audit(model, x, data=loader)",
-    "user batch": "judges only the batch you train with: give its shape with --input-shape "
-    "N,C,H,W (or --batch-size N); a synthetic input is not judged",
+    "user batch": "judges only the batch you train with: give its size with --batch-size N "
+    "(--input-shape alone is a shape); a synthetic input is not judged",
 }
 
 

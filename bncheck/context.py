@@ -42,6 +42,8 @@ class AuditContext:
     optimizer: Any = None
     example_input: Any = None
     user_batch: bool = False
+    #: audit(training_batch=): None = judge batch sizes where the user's model trains
+    training_batch: bool | None = None
     data: Iterable[Any] | None = None
     forward: Any = None
     run: Any = None

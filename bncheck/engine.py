@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks.catalogue import info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
 from .context import AuditContext
 from .discovery import find_bn_layers, unwrap_model
@@ -19,7 +20,7 @@ from .errors import BNCheckError, NoBatchNormError, UsageError
 from .report import Finding, Report
 from .state import preserved
 
-__all__ = ["audit", "prepare", "run_rules", "FORWARD_NEEDS", "first_line"]
+__all__ = ["audit", "prepare", "run_rules", "forward_stages", "FORWARD_NEEDS", "first_line"]
 
 #: Rule needs that are met by the audit's forward passes.
 FORWARD_NEEDS = frozenset({"forward", "user batch", "data"})
@@ -34,6 +35,12 @@ def first_line(exc: BaseException) -> str:
     """An exception as one line: ``Type: first line of its message``."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def forward_stages(rule_ids: Iterable[str]) -> set[str]:
+    """The audit passes (``train``, ``eval``, ``data``) the given rules read, from their
+    catalogue entries (``RuleInfo.stage``)."""
+    return {stage for rid in rule_ids if (stage := info_for(rid).stage) is not None}
 
 
 def prepare(
@@ -91,6 +98,7 @@ def audit(
     select: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
     synthetic_input: bool = False,
+    training_batch: bool | None = None,
     source: str | None = None,
     **tolerances: Any,
 ) -> Report:
@@ -106,6 +114,12 @@ def audit(
         select, ignore: rule ids (iterables or comma-separated strings).
         synthetic_input: the input was made up by a tool, not the batch the user trains with;
             the batch-size and input rules (needs "user batch") then do not judge it.
+        training_batch: whether the example input's batch is the one the model trains with.
+            ``None`` (default): it is, for the BN layers the model runs in train mode (in
+            eval mode BN normalises with its running statistics, so the batch size does not
+            matter there); ``True``: judge it for every BN layer that trains on batch
+            statistics, whatever mode the model is in now (a checkpoint loaded in eval mode);
+            ``False``: the batch-size rules do not judge it.
         source: what was audited (a file name), shown in the report.
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
@@ -129,6 +143,7 @@ def audit(
         available.add("optimizer")
     ctx.example_input = example_input
     ctx.user_batch = example_input is not None and not synthetic_input
+    ctx.training_batch = training_batch
     forward_error: str | None = None
     wants_forward = any(get_rule(r).needs in FORWARD_NEEDS for r in ctx.rule_ids)
     if example_input is not None and wants_forward:
@@ -154,7 +169,7 @@ def audit(
 
             with preserved(ctx.model):
                 try:
-                    ctx.forward = probes.collect(ctx)
+                    ctx.forward = probes.collect(ctx, forward_stages(ctx.rule_ids))
                 except BNCheckError:
                     raise
                 except Exception as exc:  # the model's own forward failed
@@ -169,6 +184,10 @@ def audit(
                 # one stage failed (e.g. only the train-mode pass: eps=0): its rules were
                 # skipped with the reason; the report still says the forward raised
                 obs = ctx.forward
+                for rid in ctx.rule_ids:
+                    reason = obs.stage_errors.get(info_for(rid).stage)
+                    if reason is not None and rid not in ctx.skipped:
+                        ctx.skipped[rid] = reason
                 partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
                 if partial is not None:
                     forward_error = partial

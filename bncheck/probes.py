@@ -29,6 +29,7 @@ inputs are drawn from a local ``torch.Generator``, never the global RNG.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -57,26 +58,9 @@ __all__ = [
     "channel_stats",
     "tensor_difference",
     "first_difference",
-    "TRAIN_RULES",
-    "EVAL_RULES",
+    "validate_input",
+    "ALL_STAGES",
 ]
-
-#: Rules read from the train-mode pass.
-TRAIN_RULES = frozenset(
-    {
-        "bn-after-activation",
-        "bias-before-bn",
-        "dropout-before-bn",
-        "bn-reused",
-        "normalization",
-        "ema-update",
-        "single-value-per-channel",
-        "small-batch",
-        "input-not-normalized",  # reads which inputs go straight into a BN layer
-    }
-)
-#: Rules read from the eval-mode passes.
-EVAL_RULES = frozenset({"eval-batch-dependence", "eval-nondeterminism", "eval-updates-stats"})
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -252,6 +236,8 @@ class InputSummary:
     min: float
     max: float
     integer_valued: bool
+    #: for a list of tensors summarised as one input, the names of its elements
+    parts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -263,6 +249,12 @@ class ForwardObservations:
     ``eval_error`` say why a stage did not run to the end (``None`` when it did);
     ``stopped_at`` names the layer where a one-value-per-channel layer without running
     statistics stopped the train pass. ``eval`` and ``drift`` are ``None`` when not run.
+    ``batch_size`` is the number of samples of the example input (a list's length or a
+    tensor's dim 0; with several candidates, the one the BN layers saw as N).
+    ``stage_errors`` maps a stage (``"train"``, ``"eval"``, ``"data"``) that did not run to
+    the end to the reason its rules are skipped; ``needs_targets``: the train-mode forward
+    failed for want of targets. ``user_training`` is each BN layer's ``training`` flag as
+    the user left it (the batch-size rules judge only layers the user runs in train mode).
     """
 
     calls: list[TrainCall] = field(default_factory=list)
@@ -276,6 +268,9 @@ class ForwardObservations:
     eval_error: str | None = None
     drift: dict[str, DriftStats] | None = None
     drift_batches: int = 0
+    stage_errors: dict[str, str] = field(default_factory=dict)
+    needs_targets: bool = False
+    user_training: dict[str, bool] = field(default_factory=dict)
 
     def calls_of(self, layer: str) -> list[TrainCall]:
         return [c for c in self.calls if c.layer == layer]
@@ -290,6 +285,38 @@ class _SingleValueStop(Exception):
 
 
 # ---- inputs ----------------------------------------------------------------------------------
+# How the example input is read (DESIGN: a tuple is positional arguments, a dict keyword
+# arguments, anything else one argument). Its *samples* are the elements of a list (a
+# torchvision detector's images, its target dicts) and the rows (dim 0) of a tensor; the
+# number of samples is the one the BN layers see as N, when the train pass has shown it.
+EXAMPLE = "the example input"
+
+#: dict keys whose values are training targets, never network input
+_TARGET_KEYS = frozenset(
+    {
+        "target",
+        "targets",
+        "label",
+        "labels",
+        "y",
+        "boxes",
+        "bbox",
+        "bboxes",
+        "masks",
+        "mask",
+        "keypoints",
+        "segmentation",
+        "gt",
+        "gt_boxes",
+        "gt_labels",
+        "gt_masks",
+        "area",
+        "iscrowd",
+        "image_id",
+    }
+)
+
+
 def _tensors_in(value: Any, where: str = "input") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         yield where, value
@@ -301,49 +328,132 @@ def _tensors_in(value: Any, where: str = "input") -> Iterator[tuple[str, torch.T
             yield from _tensors_in(v, f"{where}[{k!r}]")
 
 
-def validate_input(x: Any) -> None:
-    """Raise :class:`InputError` for an input bncheck cannot use (type, NaN/Inf)."""
+def _arguments(x: Any) -> list[Any]:
+    """The arguments ``model`` is called with: a tuple's items, a dict's values, else ``x``."""
+    if isinstance(x, tuple):
+        return list(x)
+    if isinstance(x, dict):
+        return list(x.values())
+    return [x]
+
+
+def _sample_counts(x: Any) -> list[int]:
+    """Candidate sample counts of ``x``, argument by argument: a list's length, a tensor's
+    dim 0 (a tuple/dict nested in an argument is looked into)."""
+    counts: list[int] = []
+    for arg in _arguments(x):
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() >= 1:
+                counts.append(int(arg.shape[0]))
+        elif isinstance(arg, list):
+            counts.append(len(arg))
+            # a list of batched tensors (multi-scale features) has its samples in dim 0
+            firsts = {int(t.shape[0]) for t in arg if isinstance(t, torch.Tensor) and t.dim()}
+            if len(firsts) == 1 and all(isinstance(t, torch.Tensor) for t in arg):
+                counts.append(firsts.pop())
+        elif isinstance(arg, (tuple, dict)):
+            counts.extend(_sample_counts(arg))
+    return counts
+
+
+def _batch_size(x: Any, seen_by_bn: Iterable[int] = ()) -> int | None:
+    """The number of samples in ``x``: of its candidate counts (list lengths, tensor dim 0),
+    the first that a BN layer saw as its N in the train pass, else the first one."""
+    counts = _sample_counts(x)
+    if not counts:
+        return None
+    seen = set(seen_by_bn)
+    for n in counts:
+        if n in seen:
+            return n
+    return counts[0]
+
+
+def _first_batched(x: Any, where: str = "input") -> tuple[str, Any] | None:
+    """The argument that gives the batch its sample count (the first list, or tensor of one
+    dimension or more, in argument order) and where it is."""
+    if isinstance(x, tuple):
+        items: list[tuple[str, Any]] = [(f"{where}[{i}]", v) for i, v in enumerate(x)]
+    elif isinstance(x, dict):
+        items = [(f"{where}[{k!r}]", v) for k, v in x.items()]
+    else:
+        items = [(where, x)]
+    for name, arg in items:
+        if isinstance(arg, list) or (isinstance(arg, torch.Tensor) and arg.dim() >= 1):
+            return name, arg
+        if isinstance(arg, (tuple, dict)):
+            found = _first_batched(arg, name)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe_empty(x: Any) -> str | None:
+    """How ``x`` holds 0 samples (its batch-giving argument is an empty list or a tensor whose
+    dim 0 has size 0); ``None`` when it holds some."""
+    found = _first_batched(x)
+    if found is None:
+        return None
+    name, arg = found
+    if isinstance(arg, list):
+        return f"{name} is an empty list" if not arg else None
+    return f"{name} has shape {tuple(arg.shape)}" if arg.shape[0] == 0 else None
+
+
+def validate_input(x: Any, what: str = EXAMPLE) -> None:
+    """Raise :class:`InputError` for an input bncheck cannot use (type, no tensor, 0 samples,
+    NaN/Inf); ``what`` names the argument in the message (``"the example input"``,
+    ``"batch 3 of data="``)."""
     if not isinstance(x, (torch.Tensor, tuple, list, dict)):
         raise InputError(
-            f"the example input is a {type(x).__name__}; pass a tensor, a tuple of positional "
-            "inputs or a dict of keyword inputs"
+            f"{what} is a {type(x).__name__}; pass a tensor, a list (one argument), a tuple "
+            "of positional inputs or a dict of keyword inputs"
         )
+    empty = _describe_empty(x)
+    if empty is not None:
+        raise InputError(f"{what} has 0 samples ({empty}); pass a batch of at least one sample")
     tensors = list(_tensors_in(x))
     if not tensors:
-        raise InputError("the example input holds no tensor; pass the batch the model takes")
+        raise InputError(f"{what} holds no tensor; pass the batch the model takes")
     for where, t in tensors:
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise InputError(
-                f"the example input has NaN/Inf values ({where}, shape "
-                f"{tuple(t.shape)}); pass a finite batch"
+                f"{what} has NaN/Inf values ({where}, shape {tuple(t.shape)}); pass a finite batch"
             )
 
 
 def _call(model: nn.Module, x: Any) -> Any:
+    """Call ``model`` the way the user would: a tuple is positional arguments, a dict keyword
+    arguments, anything else (a tensor, a list of images) one argument."""
     if isinstance(x, dict):
         return model(**x)
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
         return model(*x)
     return model(x)
 
 
-def _batch_size(x: Any) -> int | None:
-    for _, t in _tensors_in(x):
-        if t.dim() >= 1:
-            return int(t.shape[0])
-    return None
+def _changed_value(value: Any, seed: int) -> Any:
+    """A changed copy of one sample: tensors changed by :func:`_changed_sample`, dicts (target
+    dicts: boxes, labels) kept as they are, sequences element by element."""
+    if isinstance(value, torch.Tensor):
+        return _changed_sample(value, seed)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_changed_value(v, seed + i) for i, v in enumerate(value))
+    return value
 
 
-def _map_batched(x: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of ``x`` whose first dimension is the batch size ``n``."""
+def _pick_samples(x: Any, n: int, picks: list[int | tuple[int, int]]) -> Any:
+    """``x`` with its samples replaced by ``picks`` (an int picks that sample, ``(i, seed)`` a
+    changed copy of sample i): rows of every tensor whose dim 0 is ``n``, elements of every
+    list of length ``n``; other values are kept."""
     if isinstance(x, torch.Tensor):
-        return fn(x) if x.dim() >= 1 and x.shape[0] == n else x
-    if isinstance(x, tuple):
-        return tuple(_map_batched(v, n, fn) for v in x)
-    if isinstance(x, list):
-        return [_map_batched(v, n, fn) for v in x]
+        return _rows(x, picks) if x.dim() >= 1 and x.shape[0] == n else x
+    if isinstance(x, list) and len(x) == n:
+        return [x[p] if isinstance(p, int) else _changed_value(x[p[0]], p[1]) for p in picks]
+    if isinstance(x, (list, tuple)):
+        return type(x)(_pick_samples(v, n, picks) for v in x)
     if isinstance(x, dict):
-        return {k: _map_batched(v, n, fn) for k, v in x.items()}
+        return {k: _pick_samples(v, n, picks) for k, v in x.items()}
     return x
 
 
@@ -365,24 +475,80 @@ def _rows(t: torch.Tensor, picks: list[int | tuple[int, int]]) -> torch.Tensor:
     )
 
 
+def _sample_outputs(result: Any, batch: int | None, keep: int) -> list[torch.Tensor]:
+    """The model outputs of the first ``keep`` samples, one row per sample: tensors whose
+    dim 0 is the batch (their first ``keep`` rows), or, for a list with one entry per sample
+    (a detector's per-image dicts), the tensors of sample 0 as one row each (the other
+    samples' entries are left out: their companions differ between passes)."""
+    if isinstance(result, list) and batch is not None and len(result) == batch and batch > 1:
+        return [t.detach().clone().unsqueeze(0) for t in _output_tensors(result[0])]
+    return [
+        t[:keep].detach().clone()
+        for t in _output_tensors(result)
+        if t.dim() >= 1 and t.shape[0] == batch
+    ]
+
+
+def _image_key(key: Any) -> bool:
+    return isinstance(key, str) and key.lower() not in _TARGET_KEYS
+
+
+def _network_inputs(value: Any, where: str = "input") -> Iterator[tuple[str, Any]]:
+    """The parts of the example input that are network input, not training targets: tensors
+    and lists of tensors (images), leaving out values under target-like dict keys
+    (``targets``, ``labels``, ``boxes``, ``masks``...) and dicts inside a list (a detector's
+    per-image target dicts)."""
+    images = isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value)
+    if isinstance(value, torch.Tensor) or (images and value):
+        yield where, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if isinstance(value, list) and isinstance(v, dict):
+                continue  # per-sample dicts in a list: targets
+            yield from _network_inputs(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if _image_key(k):
+                yield from _network_inputs(v, f"{where}[{k!r}]")
+
+
 def summarize_inputs(x: Any) -> list[InputSummary]:
+    """Summaries of the floating-point network inputs of ``x`` (targets left out). A list of
+    tensors (a detector's images) is summarised as one input, its elements pooled."""
     out = []
-    for where, t in _tensors_in(x):
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
+    for where, value in _network_inputs(x):
+        parts: tuple[str, ...] = ()
+        if isinstance(value, list):
+            items = [t for t in value if t.is_floating_point() and t.numel()]
+            if not items:
+                continue
+            parts = tuple(f"{where}[{i}]" for i in range(len(value)))
+            shape = (
+                (len(value), *items[0].shape)
+                if all(t.shape == items[0].shape for t in items)
+                else (len(value),)
+            )
+            with torch.no_grad():
+                d = torch.cat([_float(t.detach()).reshape(-1) for t in items])
+        else:
+            if not value.is_floating_point() or value.numel() == 0:
+                continue
+            shape = tuple(value.shape)
+            with torch.no_grad():
+                d = _float(value.detach())
         with torch.no_grad():
-            d = _float(t.detach())
             std, mean = torch.std_mean(d, correction=0)
             low, high = torch.aminmax(d)
             out.append(
                 InputSummary(
                     where,
-                    tuple(t.shape),
+                    shape,
                     float(mean),
                     float(std),
                     float(low),
                     float(high),
                     torch.equal(d, d.round()),
+                    parts,
                 )
             )
     return out
@@ -701,7 +867,7 @@ def first_difference(
 
 
 # ---- the eval passes -------------------------------------------------------------------------
-def _eval_pass(ctx: AuditContext, x: Any, keep: int) -> EvalPass:
+def _eval_pass(ctx: AuditContext, x: Any, keep: int, batch: int | None = None) -> EvalPass:
     calls: list[EvalCall] = []
     counts: dict[str, int] = {}
     pending: list[EvalCall] = []
@@ -737,14 +903,8 @@ def _eval_pass(ctx: AuditContext, x: Any, keep: int) -> EvalPass:
 
     with _hooks(ctx.layers, pre, post):
         result = _call(ctx.model, x)
-    batch = _batch_size(x)
-    # only outputs with one row per sample can be compared sample by sample
-    outputs = [
-        t[:keep].detach().clone()
-        for t in _output_tensors(result)
-        if t.dim() >= 1 and t.shape[0] == batch
-    ]
-    return EvalPass(calls, outputs)
+    # only outputs with one row (or one list entry) per sample are compared sample by sample
+    return EvalPass(calls, _sample_outputs(result, keep if batch is None else batch, keep))
 
 
 def _eval_passes(
@@ -760,8 +920,8 @@ def _eval_passes(
     for i in range(1, size):
         later = size + i - 1
         picks_b.append(later if later < n else ((i % n) if n > 1 else 0, 20 + i))
-    a_in = _map_batched(x, n, lambda t: _rows(t, picks_a))
-    b_in = _map_batched(x, n, lambda t: _rows(t, picks_b))
+    a_in = _pick_samples(x, n, picks_a)
+    b_in = _pick_samples(x, n, picks_b)
     companion = (
         f"sample{'s' if mates > 1 else ''} {', '.join(str(p) for p in picks_b[1:])} "
         f"instead of {', '.join(str(p) for p in picks_a[1:])}"
@@ -769,9 +929,9 @@ def _eval_passes(
         else "perturbed copies of its batch-mates"
     )
 
-    def run(inp: Any) -> EvalPass:
+    def run(inp: Any, batch: int = size) -> EvalPass:
         try:
-            return _eval_pass(ctx, inp, size)
+            return _eval_pass(ctx, inp, size, batch)
         finally:
             after_pass()
 
@@ -783,17 +943,17 @@ def _eval_passes(
         raise
     except Exception:
         # The model may need its full batch size (a hard-coded reshape): use the whole batch.
-        a = run(x)
+        a = run(x, n)
         batch = n
         if n >= 2:
             picks: list[int | tuple[int, int]] = [0, *((i, 31 + i) for i in range(1, n))]
-            b = run(_map_batched(x, n, lambda t: _rows(t, picks)))
+            b = run(_pick_samples(x, n, picks), n)
             companion = "perturbed copies of its batch-mates (full batch)"
         else:
             b, companion = None, "none (batch of 1 and the model needs that batch size)"
     rtol = float(ctx.tolerances.get("eval_rtol", 1e-5))
     differs = b is None or first_difference(a, b, slice(0, 1), rtol) is not None
-    a_again = (run(a_in if batch == size else x)) if differs else None
+    a_again = (run(a_in) if batch == size else run(x, n)) if differs else None
     return EvalObservations(a, a_again, b, batch, companion)
 
 
@@ -852,7 +1012,7 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
             if batches >= limit:
                 break
             inp = _batch_to_input(batch, ctx.example_input)
-            validate_input(inp)
+            validate_input(inp, f"batch {batches + 1} of data=")
             _call(ctx.model, inp)
             batches += 1
     result = {}
@@ -870,10 +1030,8 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def _skip(ctx: AuditContext, rules: Iterable[str], reason: str) -> None:
-    for rid in rules:
-        if rid in ctx.rule_ids and rid not in ctx.skipped:
-            ctx.skipped[rid] = reason
+#: The stages :func:`collect` can run (``bncheck.checks.catalogue.STAGES``).
+ALL_STAGES = frozenset({"train", "eval", "data"})
 
 
 def _one_line(exc: BaseException) -> str:
@@ -881,19 +1039,38 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def collect(ctx: AuditContext) -> ForwardObservations:
+def _needs_targets(exc: BaseException, x: Any) -> bool:
+    """Whether a train-mode forward failed for want of targets (a torchvision detector's
+    "targets should not be none when in training mode"): the message names targets and the
+    input holds no dict of targets."""
+    if not re.search(r"\btargets?\b", str(exc), re.IGNORECASE):
+        return False
+    return not any(isinstance(v, dict) for v in _arguments(x) for v in _listed(v))
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardObservations:
     """Run the audit's forward passes on ``ctx.example_input`` and return what they observed.
 
+    ``stages`` are the passes to run (``"train"``, ``"eval"``, ``"data"``; all by default);
+    the engine derives them from the selected rules' catalogue entries (``RuleInfo.stage``).
     Runs inside :func:`bncheck.state.preserved` (the engine's), under ``torch.no_grad()``.
     Raises :class:`InputError` for an unusable input. An exception from the model's own
-    forward propagates when no stage could run; when one stage ran, the rules of the stage
-    that failed are skipped with the reason, and the rest are checked.
+    forward propagates when no stage could run; when one stage ran, the stage that failed is
+    recorded in ``stage_errors`` (the engine skips its rules with that reason) and the rest
+    are observed.
     """
+    wanted = ALL_STAGES if stages is None else frozenset(stages)
     x = ctx.example_input
     validate_input(x)
-    wanted = set(ctx.rule_ids)
     obs = ForwardObservations(batch_size=_batch_size(x))
-    if "input-not-normalized" in wanted and ctx.user_batch:
+    # the user's own modes, before any pass changes them: only BN layers the user trains
+    # (train mode) have their batch judged by the batch-size rules
+    obs.user_training = {layer.name: bool(layer.module.training) for layer in ctx.layers}
+    if "train" in wanted and ctx.user_batch:
         obs.inputs = summarize_inputs(x)
     snapshot = {
         id(layer.module): (layer.module, BufferState.capture(layer.module))
@@ -907,7 +1084,7 @@ def collect(ctx: AuditContext) -> ForwardObservations:
 
     failures: list[BaseException] = []
     with torch.no_grad():
-        if wanted & TRAIN_RULES:
+        if "train" in wanted:
             ctx.model.train()
             try:
                 _train_pass(ctx, x, obs)
@@ -916,8 +1093,12 @@ def collect(ctx: AuditContext) -> ForwardObservations:
             except Exception as exc:
                 failures.append(exc)
                 obs.train_error = _one_line(exc)
+                if _needs_targets(exc, x):
+                    obs.needs_targets = True
             restore()
-        if wanted & EVAL_RULES and obs.batch_size is not None:
+            # the batch is what the BN layers see as N: a list of images is its length
+            obs.batch_size = _batch_size(x, (c.batch_size for c in obs.calls))
+        if "eval" in wanted and obs.batch_size is not None:
             changes: dict[str, list[str]] = {}
 
             def after_pass() -> None:
@@ -950,22 +1131,34 @@ def collect(ctx: AuditContext) -> ForwardObservations:
         ran = obs.train_ran or obs.eval is not None
         if failures and not ran:
             raise failures[0]
-        for stage, error, rules in (
-            ("train-mode", obs.train_error, TRAIN_RULES),
-            ("eval-mode", obs.eval_error, EVAL_RULES),
+        for stage, label, error in (
+            ("train", "train-mode", obs.train_error),
+            ("eval", "eval-mode", obs.eval_error),
         ):
-            if error is not None:
-                reason = f"the {stage} forward pass failed ({error})"
+            if error is None:
+                continue
+            if stage == "train" and obs.needs_targets:
+                reason = (
+                    f"the train-mode forward pass needs targets ({error}); pass the example "
+                    "input as (images, targets)"
+                )
+                ctx.notes.append(
+                    f"{reason}: audit(model, (images, targets)), one target dict per image "
+                    "(e.g. {'boxes': ..., 'labels': ...}), calls model(images, targets) as in "
+                    "training; the train-mode rules were skipped"
+                )
+            else:
+                reason = f"the {label} forward pass failed ({error})"
                 ctx.notes.append(f"{reason}; its rules were skipped")
-                _skip(ctx, rules, reason)
-        if ctx.data is not None and "stat-drift" in wanted:
+            obs.stage_errors[stage] = reason
+        if ctx.data is not None and "data" in wanted:
             limit = int(ctx.tolerances.get("drift_max_batches", 32))
             try:
                 obs.drift, obs.drift_batches = _drift_pass(ctx, max(1, limit))
             except BNCheckError:
                 raise
             except Exception as exc:
-                _skip(ctx, ["stat-drift"], f"the forward pass on data= failed ({_one_line(exc)})")
+                obs.stage_errors["data"] = f"the forward pass on data= failed ({_one_line(exc)})"
             restore()
     if obs.stopped_at is not None:
         ctx.notes.append(

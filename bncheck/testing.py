@@ -304,14 +304,15 @@ def assert_no_reused_bn(model: nn.Module, example_input: Any, **tolerances: Any)
 def assert_no_small_batch(model: nn.Module, example_input: Any, **tolerances: Any) -> Report:
     """``example_input`` (the batch you train with) gives every BN layer enough values per
     channel (rules ``small-batch`` and ``single-value-per-channel``; tolerances
-    ``min_batch_size``, ``min_samples_per_channel``)."""
+    ``min_batch_size``, ``min_samples_per_channel``). The batch is judged as a training
+    batch whatever mode the model is in (``audit(..., training_batch=True)``)."""
     __tracebackhide__ = True
     return assert_rules_ok(
         model,
         example_input,
         ("small-batch", "single-value-per-channel"),
         title="assert_no_small_batch",
-        **tolerances,
+        **{"training_batch": True, **tolerances},
     )
 
 

@@ -323,9 +323,11 @@ def first_message(report: bncheck.Report | None, rule: str) -> str | None:
 
 
 def audit_training_batch(run: Run, data: Digits) -> bncheck.Report:
-    """``bncheck.audit`` with one real training batch, at the run's batch size and scaling."""
+    """``bncheck.audit`` with one real training batch, at the run's batch size and scaling.
+    The trained model is in eval mode: ``training_batch=True`` says the batch is the one it
+    trains with, so the batch-size rules judge it."""
     x = data.x_train_raw[: run.batch_size]
-    return bncheck.audit(run.model, Digits.scale(x) if run.scaled else x)
+    return bncheck.audit(run.model, Digits.scale(x) if run.scaled else x, training_batch=True)
 
 
 def layer_series(run: Run, column: str) -> np.ndarray:

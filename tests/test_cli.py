@@ -211,11 +211,21 @@ def test_ignore_and_select(capsys, no_stats_sd):
 
 
 # ---- inputs ----------------------------------------------------------------------------------
-def test_given_input_shape_is_judged_as_the_users_batch(capsys, trained_sd):
-    code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH, "--input-shape", "2,3,16,16")
-    assert any("(2, 3, 16, 16) from --input-shape" in n for n in doc["notes"])
+def test_input_shape_alone_is_a_shape_not_a_training_batch(capsys, trained_sd):
+    code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH, "--input-shape", "1,3,16,16")
+    assert any("(1, 3, 16, 16) from --input-shape, not judged" in n for n in doc["notes"])
+    assert "--batch-size N" in doc["skipped"]["small-batch"]
+    assert not [f for f in doc["findings"] if f["rule"] == "single-value-per-channel"]
+
+
+def test_batch_size_is_judged_as_the_users_training_batch(capsys, trained_sd):
+    # the checkpoint loads in eval mode; --batch-size still says "the batch I train with"
+    code, doc, _ = audit_json(
+        capsys, str(trained_sd), "--arch", ARCH, "--input-shape", "3,16,16", "--batch-size", "2"
+    )
+    assert any("(2, 3, 16, 16) from --batch-size" in n for n in doc["notes"])
     assert "small-batch" not in doc["skipped"]
-    (finding,) = [f for f in doc["findings"] if f["rule"] == "small-batch"]
+    (finding,) = [f for f in doc["findings"] if f["rule"] == "small-batch" and not f["layer"]]
     assert finding["details"]["batch_size"] == 2
 
 
@@ -234,7 +244,7 @@ def test_batch_size_alone_keeps_the_inferred_shape(capsys, trained_sd):
 def test_synthetic_input_is_not_judged(capsys, trained_sd):
     code, doc, _ = audit_json(capsys, str(trained_sd), "--arch", ARCH)
     assert code == 0
-    assert "give its shape with --input-shape" in doc["skipped"]["small-batch"]
+    assert "give its size with --batch-size N" in doc["skipped"]["small-batch"]
     note = next(n for n in doc["notes"] if n.startswith("input:"))
     assert "(4, 3, 32, 32)" in note and "conv (Conv2d, in_channels=3)" in note
     assert "32x32 is a default guess" in note

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NEEDS", "RuleInfo", "CATALOGUE", "TOLERANCES", "Tolerance"]
+__all__ = ["NEEDS", "STAGES", "RuleInfo", "CATALOGUE", "TOLERANCES", "Tolerance"]
 
 #: What a rule needs, and what provides it.
 NEEDS: dict[str, str] = {
@@ -25,6 +25,14 @@ NEEDS: dict[str, str] = {
     "data": "an iterable of batches (audit(..., data=loader))",
     "training run": "a training run watched by bncheck.Monitor",
     "distributed": "a distributed training run watched by bncheck.Monitor",
+}
+
+#: The audit's forward passes; a rule with one of these needs names the pass it reads
+#: (``RuleInfo.stage``), and the engine runs only the passes the selected rules read.
+STAGES: dict[str, str] = {
+    "train": "the train-mode pass on the example input (tracing, statistics, batch sizes)",
+    "eval": "the eval-mode passes on samples of the example input",
+    "data": "the eval-mode passes over the batches of data=",
 }
 
 
@@ -39,13 +47,16 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class RuleInfo:
-    """Metadata of one rule. ``severity`` is the default severity of its findings."""
+    """Metadata of one rule. ``severity`` is the default severity of its findings.
+    ``stage`` is the audit pass the rule reads (a key of :data:`STAGES`); ``None`` for rules
+    that need no forward pass."""
 
     id: str
     severity: str
     needs: str
     summary: str
     tolerances: tuple[Tolerance, ...] = field(default=())
+    stage: str | None = None
 
 
 def _t(name: str, default: float | int, doc: str) -> Tolerance:
@@ -60,24 +71,28 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "forward",
         "BN input comes straight from an activation (the original paper puts BN between the "
         "linear op and the nonlinearity).",
+        stage="train",
     ),
     RuleInfo(
         "bias-before-bn",
         "info",
         "forward",
         "A conv/linear bias feeds BN directly; BN's mean subtraction cancels it.",
+        stage="train",
     ),
     RuleInfo(
         "dropout-before-bn",
         "info",
         "forward",
         "Dropout feeds BN: the variance BN sees differs between train and eval.",
+        stage="train",
     ),
     RuleInfo(
         "bn-reused",
         "warning",
         "forward",
         "One BN module is called at more than one place per forward; its statistics mix them.",
+        stage="train",
     ),
     # ---- model ------------------------------------------------------------------------
     RuleInfo(
@@ -136,6 +151,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "the input and gamma/beta conditioning, x16) used as tolerance; raise to loosen",
             ),
         ),
+        stage="train",
     ),
     RuleInfo(
         "ema-update",
@@ -151,6 +167,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "used as tolerance; raise to loosen",
             ),
         ),
+        stage="train",
     ),
     RuleInfo(
         "eval-batch-dependence",
@@ -166,19 +183,28 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "eval-nondeterminism)",
             ),
         ),
+        stage="eval",
     ),
-    RuleInfo("eval-nondeterminism", "error", "forward", "Two identical eval forwards differ."),
+    RuleInfo(
+        "eval-nondeterminism",
+        "error",
+        "forward",
+        "Two identical eval forwards differ.",
+        stage="eval",
+    ),
     RuleInfo(
         "eval-updates-stats",
         "error",
         "forward",
         "An eval-mode forward changed running statistics.",
+        stage="eval",
     ),
     RuleInfo(
         "single-value-per-channel",
         "error",
         "forward",
         "A BN layer in train mode sees one value per channel (batch statistics undefined).",
+        stage="train",
     ),
     RuleInfo(
         "small-batch",
@@ -199,6 +225,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "may see without a warning",
             ),
         ),
+        stage="train",
     ),
     RuleInfo(
         "input-not-normalized",
@@ -214,6 +241,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "max > 1, are flagged regardless)",
             ),
         ),
+        stage="train",
     ),
     RuleInfo(
         "stat-drift",
@@ -239,6 +267,7 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "population statistics",
             ),
         ),
+        stage="data",
     ),
     # ---- optimizer --------------------------------------------------------------------
     RuleInfo(

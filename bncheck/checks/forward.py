@@ -695,6 +695,60 @@ def eval_updates_stats(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- batch and input rules -------------------------------------------------------------------
+_EVAL_MODE_NOTE = (
+    "{rules} did not judge the batch size: {what} in eval mode in the model you audited, "
+    "and in eval mode BN normalises with its running statistics whatever the batch; to "
+    "judge the batch you train with, audit the model in train mode (model.train()) or pass "
+    "training_batch=True"
+)
+_NOT_TRAINING_NOTE = (
+    "{rules} did not judge the batch size: the example input is not the batch the model "
+    "trains with (training_batch=False)"
+)
+_SYNTHETIC_NOTE = (
+    "{rules} did not judge the batch size: the example input is a shape, not the batch you "
+    "train with (synthetic input); pass the batch you train with to judge it"
+)
+
+
+def _note_once(ctx: AuditContext, text: str) -> None:
+    if text not in ctx.notes:
+        ctx.notes.append(text)
+
+
+def _user_trains(ctx: AuditContext, obs: ForwardObservations, call: TrainCall) -> bool:
+    """Whether the example input is a training batch of this call's layer: the user runs the
+    layer in train mode (the audit's train pass runs every layer in train mode), or said so
+    with ``audit(..., training_batch=True)``."""
+    if ctx.training_batch is not None:
+        return ctx.training_batch
+    return obs.user_training.get(call.layer, True)
+
+
+def _batch_rules_skip_note(ctx: AuditContext, obs: ForwardObservations) -> None:
+    """The note for train-mode calls the batch-size rules left alone because the user runs
+    those layers in eval mode."""
+    batch_rules = ("small-batch", "single-value-per-channel")
+    rules = " and ".join(r for r in batch_rules if r in ctx.rule_ids)
+    if ctx.training_batch is False:
+        _note_once(ctx, _NOT_TRAINING_NOTE.format(rules=rules))
+        return
+    eval_layers = [
+        c.layer for c in _first_per_layer(obs.calls) if c.training and not _user_trains(ctx, obs, c)
+    ]
+    if not eval_layers:
+        return
+    everything = not any(obs.user_training.values())
+    what = (
+        "every BN layer is"
+        if everything
+        else f"{len(eval_layers)} BN layer(s) ({', '.join(eval_layers[:3])}"
+        + (", ..." if len(eval_layers) > 3 else "")
+        + ") are"
+    )
+    _note_once(ctx, _EVAL_MODE_NOTE.format(rules=rules, what=what))
+
+
 @check("single-value-per-channel")
 def single_value_per_channel(ctx: AuditContext) -> Iterator[Finding]:
     obs = _obs(ctx)
@@ -706,11 +760,11 @@ def single_value_per_channel(ctx: AuditContext) -> Iterator[Finding]:
         if not call.single_value or call.layer in seen:
             continue
         seen.add(call.layer)
+        if not _user_trains(ctx, obs, call):
+            _batch_rules_skip_note(ctx, obs)
+            continue
         if not ctx.user_batch:
-            ctx.notes.append(
-                f"{call.layer} sees one value per channel with the synthetic "
-                f"input {call.shape}; not judged (use a real batch size)"
-            )
+            _note_once(ctx, _SYNTHETIC_NOTE.format(rules="single-value-per-channel"))
             continue
         yield ctx.finding(
             "single-value-per-channel",
@@ -738,9 +792,14 @@ def small_batch(ctx: AuditContext) -> Iterator[Finding]:
         for c in _first_per_layer(obs.calls)
         if c.training and not c.single_value and not _frozen_layer(c, layers.get(c.layer))
     ]
-    if not training:
+    judged = [c for c in training if _user_trains(ctx, obs, c)]
+    if len(judged) < len(training):
+        _batch_rules_skip_note(ctx, obs)
+    if not judged:
         return
-    n = obs.batch_size
+    # the batch as the BN layers see it: the N of their inputs (a detector's list of images
+    # reaches its backbone as one (N, C, H, W) tensor)
+    n = min((c.batch_size for c in judged if c.batch_size > 0), default=None)
     if n is not None and n < min_batch:
         yield ctx.finding(
             "small-batch",
@@ -752,7 +811,7 @@ def small_batch(ctx: AuditContext) -> Iterator[Finding]:
             batch_size=n,
             min_batch_size=min_batch,
         )
-    for call in training:
+    for call in judged:
         if call.samples_per_channel >= min_samples:
             continue
         yield ctx.finding(
@@ -783,7 +842,7 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
         if src is not None and src.category == "input":
             into_bn.add(src.name)
     for s in obs.inputs:
-        if s.where in into_bn:
+        if s.where in into_bn or any(part in into_bn for part in s.parts):
             continue
         reasons = []
         if abs(s.mean) > limit or s.std > limit:
