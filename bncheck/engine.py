@@ -15,9 +15,9 @@ from torch import nn
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
 from .context import AuditContext
 from .discovery import find_bn_layers, unwrap_model
-from .errors import BNCheckError, NoBatchNormError, UsageError
+from .errors import BNCheckError, NoBatchNormError, UsageError, first_line
 from .report import Finding, Report
-from .state import preserved
+from .state import Snapshot, audit_lock, audit_pass, preserved
 
 __all__ = ["audit", "prepare", "run_rules", "FORWARD_NEEDS", "first_line"]
 
@@ -29,11 +29,22 @@ _NOT_IN_AUDIT = {
     "distributed": "needs a distributed training run: watch one with bncheck.Monitor",
 }
 
+#: ``first_line`` moved to :mod:`bncheck.errors`; importing it from here keeps working.
 
-def first_line(exc: BaseException) -> str:
-    """An exception as one line: ``Type: first line of its message``."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+def _normal_copy(model: nn.Module) -> nn.Module:
+    """A copy of a model made under ``torch.inference_mode()`` whose tensors are ordinary
+    (inference tensors cannot be updated in place outside inference mode)."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise UsageError(
+            f"the model's tensors were created under torch.inference_mode() and bncheck could "
+            f"not copy it to run its forward checks ({first_line(exc)}); re-create the model "
+            "outside torch.inference_mode() (torch.no_grad() is fine) and audit that"
+        ) from None
 
 
 def prepare(
@@ -109,12 +120,70 @@ def audit(
         source: what was audited (a file name), shown in the report.
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
-    The model is left exactly as it was: parameters, buffers, every submodule's ``training``
-    flag, ``requires_grad`` flags, and the torch/numpy/random RNG states.
+    The model is left exactly as it was, whatever happens (``KeyboardInterrupt`` included):
+    parameters and buffers by value, gradients, every submodule's ``training`` flag,
+    ``requires_grad`` flags, the state of ``optimizer`` and of any optimizer the model holds,
+    and the torch/numpy/random RNG states (see :mod:`bncheck.state`; the snapshot costs about
+    the model's size in memory). Audits of one model from several threads run one at a time.
+
+    A report whose requested checks could not run (the model's forward raised) is not
+    ``complete``: ``report.ok`` is False and ``report.failed()`` is True (see
+    :class:`~bncheck.Report`).
     """
+    _check_optimizer(optimizer)
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
+    with audit_lock(ctx.model), audit_pass(model, ctx.model):
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
+        with preserved(ctx.model, optimizers) as snapshot:
+            return _audit(ctx, snapshot, example_input, optimizer, data, synthetic_input, source)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+        return  # optimizer-like (param_groups of dicts), e.g. a wrapper
+    shown = (
+        repr(optimizer) if isinstance(optimizer, (str, int, float)) else type(optimizer).__name__
+    )
+    raise UsageError(
+        f"optimizer= must be a torch.optim.Optimizer (or have its param_groups), got {shown}; "
+        "pass the optimizer object, e.g. optimizer=torch.optim.SGD(model.parameters(), lr=0.1)"
+    )
+
+
+def _inference_tensors(model: nn.Module) -> bool:
+    return any(
+        t.is_inference()
+        for t in (*model.parameters(), *model.buffers())
+        if isinstance(t, torch.Tensor) and not t.is_meta
+    )
+
+
+def _uninitialised_lazy(model: nn.Module) -> list[str]:
+    """Names of the uninitialised lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``, ...)."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    return [
+        name or "(model)"
+        for name, m in model.named_modules()
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[misc]
+    ]
+
+
+def _audit(
+    ctx: AuditContext,
+    snapshot: Snapshot,
+    example_input: Any,
+    optimizer: Any,
+    data: Iterable[Any] | None,
+    synthetic_input: bool,
+    source: str | None,
+) -> Report:
     ctx.optimizer = optimizer
     ctx.data = data
+    inner = ctx.model
     available = {"model", "buffers"}
     if any(
         t.is_meta
@@ -132,7 +201,7 @@ def audit(
     forward_error: str | None = None
     wants_forward = any(get_rule(r).needs in FORWARD_NEEDS for r in ctx.rule_ids)
     if example_input is not None and wants_forward:
-        lazy = [layer.name for layer in ctx.layers if layer.lazy_uninitialized]
+        lazy = _uninitialised_lazy(ctx.model)
         reason = None
         if isinstance(ctx.model, torch.jit.ScriptModule):
             reason = (
@@ -141,8 +210,9 @@ def audit(
             )
         elif lazy:
             reason = (
-                f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
-                "run one forward pass before auditing"
+                f"the model has uninitialised lazy layers ({', '.join(lazy[:5])}"
+                f"{f' and {len(lazy) - 5} more' if len(lazy) > 5 else ''}); "
+                "run one forward pass before auditing (the audit does not materialise them)"
             )
         if reason is not None:
             ctx.notes.append(reason)
@@ -152,13 +222,23 @@ def audit(
         else:
             from . import probes
 
-            with preserved(ctx.model):
-                try:
-                    ctx.forward = probes.collect(ctx)
-                except BNCheckError:
-                    raise
-                except Exception as exc:  # the model's own forward failed
-                    forward_error = first_line(exc)
+            if _inference_tensors(ctx.model):
+                # inference tensors cannot be updated in place outside inference mode: run
+                # the forward passes on an ordinary copy (same structure, same names)
+                ctx.model = _normal_copy(ctx.model)
+                ctx.layers = find_bn_layers(ctx.model)
+                ctx.notes.append(
+                    "the model's tensors were created under torch.inference_mode(): the "
+                    "forward checks ran on a copy of it"
+                )
+            try:
+                ctx.forward = probes.collect(ctx)
+            except BNCheckError:
+                raise
+            except Exception as exc:  # the model's own forward failed
+                forward_error = first_line(exc)
+            finally:
+                snapshot.restore()  # the rules read the model as it was
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"
                 ctx.notes.append(reason)
@@ -177,8 +257,8 @@ def audit(
                     available.add("user batch")
                 if data is not None:
                     available.add("data")
-    with preserved(ctx.model):
-        findings = run_rules(ctx, available)
+    findings = run_rules(ctx, available)
+    ctx.model = inner
     return Report(
         findings,
         source=source,
