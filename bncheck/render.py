@@ -16,6 +16,7 @@ This module imports nothing heavy (tabulate is loaded when a table is built).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,14 +37,12 @@ __all__ = [
     "visible",
 ]
 
-#: Characters that change how a terminal or a browser shows the text around them: C0 and C1
-#: controls (ESC, CR, BS, NUL, ...), DEL, line/paragraph separators, the bidi embeddings,
-#: overrides and isolates (U+202A-202E, U+2066-2069), the directional marks, and the other
-#: invisible format characters (zero-width space and joiners, soft hyphen, BOM).
-_HIDDEN = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
-    "\ufff9-\ufffb]"
-)
+#: Unicode categories shown as escapes: control characters (C0, DEL, C1: ESC, CR, BS, NUL,
+#: CSI, ...), format characters (the bidi embeddings, overrides and isolates U+202A-202E and
+#: U+2066-2069, directional marks, zero-width spaces and joiners, BOM, tag characters), line
+#: and paragraph separators, lone surrogates (undecodable file names), private-use and
+#: unassigned code points.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|~])")
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
 
@@ -55,16 +54,23 @@ FINDING_HEADERS = ("severity", "rule", "layer", "message")
 _PLACE_DETAILS = ("producer", "consumer", "module", "caller", "callers")
 
 
-def _escape_char(match: re.Match[str]) -> str:
-    code = ord(match.group(0))
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def visible(text: object) -> str:
     """``text`` with every control and invisible format character shown as an escape
-    (``\\x1b``, ``\\r``-> ``\\x0d``, ``\\u202e``), so it prints as what it contains."""
+    (ESC as ``\\x1b``, CR as ``\\x0d``, U+202E as ``\\u202e``), so that it prints as what it
+    contains and cannot move the cursor, clear the screen or reorder the line."""
     s = text if isinstance(text, str) else str(text)
-    return _HIDDEN.sub(_escape_char, s)
+    if s.isprintable():  # fast path: no control, format or separator character at all
+        return s
+    return "".join(
+        _escape_char(c) if unicodedata.category(c) in _HIDDEN_CATEGORIES else c for c in s
+    )
 
 
 def markdown_text(text: object) -> str:
@@ -137,7 +143,9 @@ def group_cells(group: FindingGroup) -> tuple[str, str, str, str]:
     if len(group) == 1:
         return (f.severity.value, f.rule, f.layer or "(model)", f.message)
     layers = f"{layer_list(group.layers)} ({len(group)} layers)"
-    return (f.severity.value, f.rule, layers, f"{f.message} (same for the other layers)")
+    others = len(group) - 1
+    likewise = f"(likewise in the other {others} layer{'s' if others != 1 else ''})"
+    return (f.severity.value, f.rule, layers, f"{f.message} {likewise}")
 
 
 def _table(rows: list[list[str]], headers: Sequence[str], tablefmt: str, widths: Any) -> str:

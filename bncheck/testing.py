@@ -102,7 +102,8 @@ def failure_text(
     for reason in report.incomplete:
         lines.append(f"{title}: incomplete{where}: {visible(reason)}")
     if report.forward_error is not None:
-        lines.append("check the example input's shape and dtype")
+        what = "--bncheck-input-shape" if command_line else "the example input's shape and dtype"
+        lines.append(f"check {what}")
     if failing or not lines:
         if lines:
             lines.append("")
