@@ -122,20 +122,19 @@ class OptimizerState:
     """Value snapshot of one optimizer: per-parameter state, other entries, group settings."""
 
     optimizer: torch.optim.Optimizer
-    state: dict[Any, dict[str, Any]]
+    #: per state key: (the entry dict itself, {name: (value object, copy of its values)})
+    state: dict[Any, tuple[dict[str, Any], dict[str, tuple[Any, torch.Tensor | None]]]]
     groups: list[dict[str, Any]]
 
     @classmethod
     def capture(cls, optimizer: torch.optim.Optimizer) -> OptimizerState:
-        state: dict[Any, dict[str, Any]] = {}
+        state: dict[Any, tuple[dict[str, Any], dict[str, tuple[Any, torch.Tensor | None]]]] = {}
         for key, entry in optimizer.state.items():
-            saved: dict[str, Any] = {}
-            for name, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    saved[name] = (value, _snapshot(value))
-                else:
-                    saved[name] = (value, None)
-            state[key] = saved
+            saved = {
+                name: (value, _snapshot(value) if isinstance(value, torch.Tensor) else None)
+                for name, value in entry.items()
+            }
+            state[key] = (entry, saved)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         return cls(optimizer, state, groups)
 
@@ -143,13 +142,17 @@ class OptimizerState:
         live = self.optimizer.state
         for key in [k for k in live if k not in self.state]:
             del live[key]  # state the audit created (a first step taken during it)
-        for key, saved in self.state.items():
-            entry: dict[str, Any] = {}
-            for name, (value, copy) in saved.items():
+        for key, (entry, saved) in self.state.items():
+            for value, copy in saved.values():
                 if isinstance(value, torch.Tensor):
                     _put_back(value, copy)
-                entry[name] = value
-            live[key] = entry
+            if live.get(key) is not entry:
+                live[key] = entry
+            if entry.keys() != saved.keys() or any(
+                entry[name] is not value for name, (value, _) in saved.items()
+            ):
+                entry.clear()
+                entry.update({name: value for name, (value, _) in saved.items()})
         for group, settings in zip(self.optimizer.param_groups, self.groups):
             for name in [k for k in group if k != "params" and k not in settings]:
                 del group[name]
