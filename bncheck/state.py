@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 __all__ = [
     "preserved",
@@ -78,7 +79,7 @@ class RNGState:
 
 def _snapshot(t: torch.Tensor | None) -> torch.Tensor | None:
     """A copy of ``t``'s values (``None`` for a missing or uninitialised lazy tensor)."""
-    if not isinstance(t, torch.Tensor) or isinstance(t, nn.parameter.UninitializedTensorMixin):
+    if not isinstance(t, torch.Tensor) or isinstance(t, UninitializedTensorMixin):
         return None
     if t.is_meta:
         return None
@@ -89,7 +90,7 @@ def _snapshot(t: torch.Tensor | None) -> torch.Tensor | None:
 def _put_back(target: torch.Tensor, copy: torch.Tensor | None) -> None:
     """Write ``copy``'s values into ``target`` where they differ, without moving its version
     counter (through ``.data``)."""
-    if copy is None or isinstance(target, nn.parameter.UninitializedTensorMixin):
+    if copy is None or isinstance(target, UninitializedTensorMixin):
         return
     data = target.data
     if data.shape != copy.shape or data.dtype != copy.dtype or data.device != copy.device:
@@ -176,7 +177,7 @@ class ModelState:
     parameters: list[_Slot]
     buffers: list[_Slot]
     #: per distinct parameter: (parameter, requires_grad, grad object, copy of the grad)
-    grads: list[tuple[nn.Parameter, bool, torch.Tensor | None, torch.Tensor | None]]
+    grads: list[tuple[torch.Tensor, bool, torch.Tensor | None, torch.Tensor | None]]
     optimizers: list[OptimizerState] = field(default_factory=list)
 
     @classmethod
