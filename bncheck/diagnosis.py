@@ -40,9 +40,10 @@ def running_update_mistake(
     With ``estimate_momentum`` a value that moved as with another momentum is named too.
     """
     f = factor
-    # checked first: with factor 1 (momentum None, first batch) the Keras rule keeps the old
-    # value, which is how that mistake shows
-    if 0 < f <= 1 and _close(observed, f * old + (1 - f) * batch, tol):
+    # checked first: with momentum=None the first factor is 1, and the Keras rule then keeps
+    # the old value, which is how that mistake shows
+    keras_possible = 0 < f < 1 or (f == 1 and momentum_none)
+    if keras_possible and _close(observed, f * old + (1 - f) * batch, tol):
         return (
             f"it matches the Keras convention (new = {f:g} * old + {1 - f:g} * batch); "
             "PyTorch's momentum weights the new batch"
