@@ -62,6 +62,12 @@ class ConformanceFailure(BNCheckFailure):
     """A custom BN layer differs from PyTorch's BatchNorm (raised by ``check_conformance``)."""
 
 
+# Shown (in tracebacks and pytest's failure lines) under the public module users import them
+# from; bncheck.testing re-exports both, so pickling by that name works too.
+BNCheckFailure.__module__ = "bncheck.testing"
+ConformanceFailure.__module__ = "bncheck.testing"
+
+
 class BNCheckWarning(UserWarning):
     """A BN problem found while training (emitted by ``bncheck.Monitor`` in warnings mode)."""
 

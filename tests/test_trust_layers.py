@@ -57,6 +57,11 @@ def test_failures_are_defined_in_errors_and_re_exported() -> None:
     assert testing.ConformanceFailure is errors.ConformanceFailure
     assert conformance.ConformanceFailure is errors.ConformanceFailure
     assert issubclass(errors.ConformanceFailure, AssertionError)
+    assert f"{testing.BNCheckFailure.__module__}.BNCheckFailure" == "bncheck.testing.BNCheckFailure"
+    import pickle
+
+    failure = pickle.loads(pickle.dumps(errors.ConformanceFailure("x")))
+    assert type(failure) is errors.ConformanceFailure
 
 
 @pytest.mark.parametrize("module", ["engine", "report", "testing", "conformance", "render"])
