@@ -138,14 +138,17 @@ def group_findings(findings: Iterable[Finding]) -> list[FindingGroup]:
 
 
 def group_cells(group: FindingGroup) -> tuple[str, str, str, str]:
-    """The four raw (unescaped) cells of a group's row: severity, rule, layers, message."""
+    """The four raw (unescaped) cells of a group's row: severity, rule, layer, message.
+
+    A group of several layers shows its first layer and ``(+N)`` in the layer column, and the
+    first layer's message followed by ``(also in a, b, c, d and 5 more)``: the message stays in
+    one piece however the table wraps."""
     f = group.first
     if len(group) == 1:
         return (f.severity.value, f.rule, f.layer or "(model)", f.message)
-    layers = f"{layer_list(group.layers)} ({len(group)} layers)"
-    others = len(group) - 1
-    likewise = f"(likewise in the other {others} layer{'s' if others != 1 else ''})"
-    return (f.severity.value, f.rule, layers, f"{f.message} {likewise}")
+    others = group.layers[1:]
+    layer = f"{group.layers[0]} (+{len(others)})"
+    return (f.severity.value, f.rule, layer, f"{f.message} (also in {layer_list(others)})")
 
 
 def _table(rows: list[list[str]], headers: Sequence[str], tablefmt: str, widths: Any) -> str:
@@ -176,7 +179,7 @@ def findings_table(
     else:
         cells = [(f.severity.value, f.rule, f.layer or "(model)", f.message) for f in findings]
     rows = [[visible(c) for c in row] for row in cells]
-    widths = [None, None, 40, max_width] if max_width else None
+    widths = [None, None, None, max_width] if max_width else None
     return _table(rows, FINDING_HEADERS, tablefmt, widths)
 
 
