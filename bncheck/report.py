@@ -382,7 +382,8 @@ class Report:
 
         Every rule of the catalogue is listed in ``tool.driver.rules``; each finding is a
         result whose physical location is the audited file (``source``) and whose logical
-        location is the BN layer's qualified name.
+        location is the BN layer's qualified name. The run's invocation says whether the audit
+        was complete (``executionSuccessful``) and why not (``toolExecutionNotifications``).
         """
         from .checks.catalogue import CATALOGUE
 
@@ -440,6 +441,16 @@ class Report:
                         }
                     },
                     "results": results,
+                    # an incomplete audit is an unsuccessful run, with the reasons
+                    "invocations": [
+                        {
+                            "executionSuccessful": self.complete,
+                            "toolExecutionNotifications": [
+                                {"level": "error", "message": {"text": reason}}
+                                for reason in self.incomplete
+                            ],
+                        }
+                    ],
                 }
             ],
         }

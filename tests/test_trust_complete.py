@@ -37,6 +37,11 @@ def test_a_report_with_a_forward_error_is_incomplete_and_not_ok() -> None:
     assert "INCOMPLETE" in report.headline()
     assert "incomplete: the model's forward pass failed" in str(report)
     assert "**Incomplete:**" in report.to_markdown()
+    (invocation,) = json.loads(report.to_sarif())["runs"][0]["invocations"]
+    assert invocation["executionSuccessful"] is False
+    assert "forward pass failed" in invocation["toolExecutionNotifications"][0]["message"]["text"]
+    (ok_run,) = json.loads(Report().to_sarif())["runs"][0]["invocations"]
+    assert ok_run == {"executionSuccessful": True, "toolExecutionNotifications": []}
 
 
 def test_complete_and_incomplete_round_trip_through_json_and_merge() -> None:

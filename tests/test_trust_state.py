@@ -140,12 +140,29 @@ def test_keyboard_interrupt_at_any_hooked_call_leaves_everything_as_it_was(
 
     handle = target.register_forward_hook(hook)
     before = _snap(model, outer)
+    hooks = _hooks(model)
     try:
         with _MaybeInterrupt():
             bncheck.audit(model, x, optimizer=outer)
+        assert _hooks(model) == hooks  # bncheck's hooks and modes are gone too
     finally:
         handle.remove()
     _assert_same(before, _snap(model, outer))
+
+
+def _hooks(model: nn.Module) -> tuple[Any, ...]:
+    from torch.nn.modules import module as module_mod
+    from torch.overrides import _get_current_function_mode_stack
+
+    per_module = [
+        (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    ]
+    global_hooks = (
+        len(module_mod._global_forward_hooks),
+        len(module_mod._global_forward_pre_hooks),
+    )
+    return (per_module, global_hooks, len(_get_current_function_mode_stack()))
 
 
 class _MaybeInterrupt:
