@@ -6,6 +6,7 @@ them. The engine never changes the user's model: see :mod:`bncheck.state`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -231,14 +232,18 @@ def _audit(
                     "the model's tensors were created under torch.inference_mode(): the "
                     "forward checks ran on a copy of it"
                 )
+            # the rules read the model as it was: restore after the passes (the copy's own
+            # snapshot when the passes ran on a copy)
+            copied = ctx.model is not inner
             try:
-                ctx.forward = probes.collect(ctx)
+                with preserved(ctx.model) if copied else contextlib.nullcontext():
+                    ctx.forward = probes.collect(ctx)
             except BNCheckError:
                 raise
             except Exception as exc:  # the model's own forward failed
                 forward_error = first_line(exc)
             finally:
-                snapshot.restore()  # the rules read the model as it was
+                snapshot.restore()
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"
                 ctx.notes.append(reason)

@@ -244,14 +244,24 @@ def test_auditing_is_true_only_inside_an_audit_pass_of_that_model() -> None:
     assert seen[-1] == (False, False, False)
 
 
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+
+
 def test_a_model_made_under_inference_mode_is_audited() -> None:
     with torch.inference_mode():
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        model = _small()
     before = [t.clone() for t in (*model.parameters(), *model.buffers())]
-    report = bncheck.audit(model, torch.randn(4, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    report = bncheck.audit(model, x)
     assert report.complete and report.ok
     assert "normalization" not in report.skipped
     assert any("inference_mode" in n for n in report.notes)
+    # the same verdicts as for the same model made normally (fresh statistics in eval mode)
+    twin = bncheck.audit(_small(), x)
+    assert [f.to_dict() for f in report.findings] == [f.to_dict() for f in twin.findings]
+    assert "untrained-stats" in report.rules_found()
     after = [*model.parameters(), *model.buffers()]
     assert all(torch.equal(a, b) and b.is_inference() for a, b in zip(before, after))
 
