@@ -223,6 +223,7 @@ def _audit(
         else:
             from . import probes
 
+            layers = ctx.layers
             if _inference_tensors(ctx.model):
                 # inference tensors cannot be updated in place outside inference mode: run
                 # the forward passes on an ordinary copy (same structure, same names)
@@ -244,6 +245,7 @@ def _audit(
                 forward_error = first_line(exc)
             finally:
                 snapshot.restore()
+                ctx.model, ctx.layers = inner, layers  # the rules judge the user's model
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"
                 ctx.notes.append(reason)
@@ -263,7 +265,6 @@ def _audit(
                 if data is not None:
                     available.add("data")
     findings = run_rules(ctx, available)
-    ctx.model = inner
     return Report(
         findings,
         source=source,

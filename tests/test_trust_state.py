@@ -262,6 +262,8 @@ def test_a_model_made_under_inference_mode_is_audited() -> None:
     twin = bncheck.audit(_small(), x)
     assert [f.to_dict() for f in report.findings] == [f.to_dict() for f in twin.findings]
     assert "untrained-stats" in report.rules_found()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    assert "weight-decay-on-bn" in bncheck.audit(model, x, optimizer=opt).rules_found()
     after = [*model.parameters(), *model.buffers()]
     assert all(torch.equal(a, b) and b.is_inference() for a, b in zip(before, after))
 
