@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from .errors import UsageError
+from .diagnosis import running_update_mistake
+from .errors import ConformanceFailure, UsageError, first_line
 from .state import RNGState
 from .strategies import BNConfig, bn_configs, layouts_for_dims, make_input
-from .testing import BNCheckFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -46,10 +46,6 @@ __all__ = [
 Factory = Callable[..., "nn.Module"]
 
 _LAYOUT_NAMES = {0: "(N, C)", 1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
-
-
-class ConformanceFailure(BNCheckFailure):
-    """A custom BN layer differs from PyTorch's BatchNorm semantics."""
 
 
 class ReferenceBatchNorm:
@@ -240,6 +236,71 @@ class _Update:
         return self.var_biased * self.n / (self.n - 1)
 
 
+def _describe_config(name: str, cfg: BNConfig) -> str:
+    return (
+        f"{name}({cfg.num_features}, eps={cfg.eps:g}, momentum={cfg.momentum}, "
+        f"affine={cfg.affine}, track_running_stats={cfg.track_running_stats})"
+    )
+
+
+def _flips(cfg: BNConfig) -> list[tuple[str, BNConfig]]:
+    """``(bn_configs argument, config)`` for each unusual setting of ``cfg`` set back to
+    nn.BatchNorm's default."""
+    flips = []
+    if not cfg.track_running_stats:
+        flips.append(("track_running_stats=True", replace(cfg, track_running_stats=True)))
+    if cfg.momentum is None:
+        flips.append(("allow_momentum_none=False", replace(cfg, momentum=0.1)))
+    if not cfg.affine:
+        flips.append(("affine=True", replace(cfg, affine=True)))
+    return flips
+
+
+def _runs(factory: Factory, cfg: BNConfig, shape: tuple[int, ...]) -> bool:
+    """Whether a layer of ``cfg`` builds and runs a train and an eval forward on ``shape``."""
+    import torch
+
+    try:
+        layer = factory(cfg.num_features, **cfg.kwargs)
+        x = make_input(shape, 0)
+        with torch.no_grad():
+            layer.train()
+            layer(x)
+            layer.eval()
+            layer(x)
+    except Exception:
+        return False
+    return True
+
+
+def _restriction(factory: Factory, cfg: BNConfig, shape: tuple[int, ...]) -> str:
+    """A ``configs=`` argument that leaves out what makes ``cfg`` fail: the one unusual
+    setting whose change lets the layer run, else all of them."""
+    flips = _flips(cfg)
+    working = [arg for arg, other in flips if _runs(factory, other, shape)]
+    parts = working[:1] or [arg for arg, _ in flips]
+    if not parts:
+        parts = [f"eps={cfg.eps:g}, momentum={cfg.momentum}"]
+    return f"configs=bncheck.strategies.bn_configs({', '.join(parts)})"
+
+
+def layer_raised(
+    factory: Factory,
+    name: str,
+    cfg: BNConfig,
+    shape: tuple[int, ...],
+    where: str,
+    exc: Exception,
+) -> ConformanceFailure:
+    """The failure for a layer that raised on a configuration ``nn.BatchNorm`` accepts."""
+    return ConformanceFailure(
+        f"check_conformance: {_describe_config(name, cfg)} raised {first_line(exc)} {where}; "
+        f"nn.BatchNorm accepts this configuration - if the layer is not meant to support it, "
+        f"restrict the drawn configurations, e.g. check_conformance(factory, "
+        f"{_restriction(factory, cfg, shape)})"
+    )
+
+
 class _Run:
     """Runs one case against one layer; raises ConformanceFailure at the first difference."""
 
@@ -251,8 +312,14 @@ class _Run:
         self.case = case
         self.tol = tol
         self.dtype = dtype
+        self.factory = factory
         cfg = case.config
-        self.layer = factory(cfg.num_features, **cfg.kwargs).to(dtype)
+        try:
+            self.layer = factory(cfg.num_features, **cfg.kwargs).to(dtype)
+        except Exception as exc:  # the factory refuses a configuration nn.BatchNorm accepts
+            shape = case.input_shape(case.steps[0])
+            name = getattr(factory, "__name__", type(factory).__name__)
+            raise layer_raised(factory, name, cfg, shape, "at construction", exc) from exc
         weight = bias = None
         if cfg.affine:
             generator = torch.Generator().manual_seed(case.param_seed)
@@ -271,10 +338,8 @@ class _Run:
         __tracebackhide__ = True
         cfg = self.case.config
         raise ConformanceFailure(
-            f"check_conformance: {type(self.layer).__name__}({cfg.num_features}, "
-            f"eps={cfg.eps:g}, momentum={cfg.momentum}, affine={cfg.affine}, "
-            f"track_running_stats={cfg.track_running_stats}) differs from PyTorch's BatchNorm "
-            f"{where}: {what}" + (f" - {hint}" if hint else "")
+            f"check_conformance: {_describe_config(type(self.layer).__name__, cfg)} differs "
+            f"from PyTorch's BatchNorm {where}: {what}" + (f" - {hint}" if hint else "")
         )
 
     def check_buffers(self, where: str, update: _Update | None) -> None:
@@ -328,37 +393,17 @@ class _Run:
             if not _close(observed, prev, bound):
                 return "an eval-mode forward changed it; in eval mode PyTorch updates nothing"
             return None
-        f, n = update.factor, update.n
-        batch = update.batch(name)
-        candidates: list[tuple[np.ndarray, str]] = []
-        if name == "running_var":
-            candidates.append(
-                (
-                    (1 - f) * prev + f * update.var_biased,
-                    f"it matches storing the biased batch variance; PyTorch stores "
-                    f"the unbiased one (times n/(n-1), n = {n})",
-                )
-            )
-        candidates.append(
-            (
-                f * prev + (1 - f) * batch,
-                "it matches the Keras convention (momentum weights the old value); "
-                "PyTorch's momentum weights the new batch",
-            )
+        return running_update_mistake(
+            name,
+            observed,
+            prev,
+            update.batch(name),
+            update.factor,
+            bound,
+            biased_var=update.var_biased,
+            n=update.n,
+            momentum_none=self.case.config.momentum is None,
         )
-        if self.case.config.momentum is None:
-            candidates.append(
-                (
-                    0.9 * prev + 0.1 * batch,
-                    "it matches momentum=0.1; with momentum=None PyTorch takes the "
-                    "cumulative average (factor 1/num_batches_tracked)",
-                )
-            )
-        candidates.append((prev, "it did not change; a train-mode forward must update it"))
-        for value, hint in candidates:
-            if _close(observed, value, bound):
-                return hint
-        return None
 
     def run(self) -> None:
         __tracebackhide__ = True
@@ -390,8 +435,13 @@ class _Run:
                     n,
                 )
             self.layer.train(step.training)
-            with torch.no_grad():
-                out = self.layer(x)
+            try:
+                with torch.no_grad():
+                    out = self.layer(x)
+            except Exception as exc:  # the layer's own forward raised for this configuration
+                raise layer_raised(
+                    self.factory, type(self.layer).__name__, self.case.config, shape, where, exc
+                ) from exc
             expected = ref.forward(x64, step.training)
             observed = _to_numpy(out)
             run_mean = update.prev_mean if update is not None else None

@@ -6,6 +6,7 @@ them. The engine never changes the user's model: see :mod:`bncheck.state`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,9 +17,9 @@ from .checks.catalogue import info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
 from .context import AuditContext
 from .discovery import find_bn_layers, unwrap_model
-from .errors import BNCheckError, NoBatchNormError, UsageError
+from .errors import BNCheckError, NoBatchNormError, UsageError, first_line
 from .report import Finding, Report
-from .state import preserved
+from .state import Snapshot, audit_lock, audit_pass, preserved
 
 __all__ = ["audit", "prepare", "run_rules", "forward_stages", "FORWARD_NEEDS", "first_line"]
 
@@ -30,11 +31,22 @@ _NOT_IN_AUDIT = {
     "distributed": "needs a distributed training run: watch one with bncheck.Monitor",
 }
 
+#: ``first_line`` moved to :mod:`bncheck.errors`; importing it from here keeps working.
 
-def first_line(exc: BaseException) -> str:
-    """An exception as one line: ``Type: first line of its message``."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+def _normal_copy(model: nn.Module) -> nn.Module:
+    """A copy of a model made under ``torch.inference_mode()`` whose tensors are ordinary
+    (inference tensors cannot be updated in place outside inference mode)."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise UsageError(
+            f"the model's tensors were created under torch.inference_mode() and bncheck could "
+            f"not copy it to run its forward checks ({first_line(exc)}); re-create the model "
+            "outside torch.inference_mode() (torch.no_grad() is fine) and audit that"
+        ) from None
 
 
 def forward_stages(rule_ids: Iterable[str]) -> set[str]:
@@ -123,12 +135,73 @@ def audit(
         source: what was audited (a file name), shown in the report.
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
-    The model is left exactly as it was: parameters, buffers, every submodule's ``training``
-    flag, ``requires_grad`` flags, and the torch/numpy/random RNG states.
+    The model is left exactly as it was, whatever happens (``KeyboardInterrupt`` included):
+    parameters and buffers by value, gradients, every submodule's ``training`` flag,
+    ``requires_grad`` flags, the state of ``optimizer`` and of any optimizer the model holds,
+    and the torch/numpy/random RNG states (see :mod:`bncheck.state`; the snapshot costs about
+    the model's size in memory). Audits of one model from several threads run one at a time.
+
+    A report whose requested checks could not run (the model's forward raised) is not
+    ``complete``: ``report.ok`` is False and ``report.failed()`` is True (see
+    :class:`~bncheck.Report`).
     """
+    _check_optimizer(optimizer)
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
+    with audit_lock(ctx.model), audit_pass(model, ctx.model):
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
+        with preserved(ctx.model, optimizers) as snapshot:
+            return _audit(
+                ctx, snapshot, example_input, optimizer, data, synthetic_input, training_batch, source
+            )
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+        return  # optimizer-like (param_groups of dicts), e.g. a wrapper
+    shown = (
+        repr(optimizer) if isinstance(optimizer, (str, int, float)) else type(optimizer).__name__
+    )
+    raise UsageError(
+        f"optimizer= must be a torch.optim.Optimizer (or have its param_groups), got {shown}; "
+        "pass the optimizer object, e.g. optimizer=torch.optim.SGD(model.parameters(), lr=0.1)"
+    )
+
+
+def _inference_tensors(model: nn.Module) -> bool:
+    return any(
+        t.is_inference()
+        for t in (*model.parameters(), *model.buffers())
+        if isinstance(t, torch.Tensor) and not t.is_meta
+    )
+
+
+def _uninitialised_lazy(model: nn.Module) -> list[str]:
+    """Names of the uninitialised lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``, ...)."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    return [
+        name or "(model)"
+        for name, m in model.named_modules()
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[misc]
+    ]
+
+
+def _audit(
+    ctx: AuditContext,
+    snapshot: Snapshot,
+    example_input: Any,
+    optimizer: Any,
+    data: Iterable[Any] | None,
+    synthetic_input: bool,
+    training_batch: bool | None,
+    source: str | None,
+) -> Report:
     ctx.optimizer = optimizer
     ctx.data = data
+    inner = ctx.model
     available = {"model", "buffers"}
     if any(
         t.is_meta
@@ -147,7 +220,7 @@ def audit(
     forward_error: str | None = None
     wants_forward = any(get_rule(r).needs in FORWARD_NEEDS for r in ctx.rule_ids)
     if example_input is not None and wants_forward:
-        lazy = [layer.name for layer in ctx.layers if layer.lazy_uninitialized]
+        lazy = _uninitialised_lazy(ctx.model)
         reason = None
         if isinstance(ctx.model, torch.jit.ScriptModule):
             reason = (
@@ -156,8 +229,9 @@ def audit(
             )
         elif lazy:
             reason = (
-                f"the model has uninitialised lazy layers ({', '.join(lazy)}); "
-                "run one forward pass before auditing"
+                f"the model has uninitialised lazy layers ({', '.join(lazy[:5])}"
+                f"{f' and {len(lazy) - 5} more' if len(lazy) > 5 else ''}); "
+                "run one forward pass before auditing (the audit does not materialise them)"
             )
         if reason is not None:
             ctx.notes.append(reason)
@@ -167,13 +241,29 @@ def audit(
         else:
             from . import probes
 
-            with preserved(ctx.model):
-                try:
+            layers = ctx.layers
+            if _inference_tensors(ctx.model):
+                # inference tensors cannot be updated in place outside inference mode: run
+                # the forward passes on an ordinary copy (same structure, same names)
+                ctx.model = _normal_copy(ctx.model)
+                ctx.layers = find_bn_layers(ctx.model)
+                ctx.notes.append(
+                    "the model's tensors were created under torch.inference_mode(): the "
+                    "forward checks ran on a copy of it"
+                )
+            # the rules read the model as it was: restore after the passes (the copy's own
+            # snapshot when the passes ran on a copy)
+            copied = ctx.model is not inner
+            try:
+                with preserved(ctx.model) if copied else contextlib.nullcontext():
                     ctx.forward = probes.collect(ctx, forward_stages(ctx.rule_ids))
-                except BNCheckError:
-                    raise
-                except Exception as exc:  # the model's own forward failed
-                    forward_error = first_line(exc)
+            except BNCheckError:
+                raise
+            except Exception as exc:  # the model's own forward failed
+                forward_error = first_line(exc)
+            finally:
+                snapshot.restore()
+                ctx.model, ctx.layers = inner, layers  # the rules judge the user's model
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"
                 ctx.notes.append(reason)
@@ -196,8 +286,7 @@ def audit(
                     available.add("user batch")
                 if data is not None:
                     available.add("data")
-    with preserved(ctx.model):
-        findings = run_rules(ctx, available)
+    findings = run_rules(ctx, available)
     return Report(
         findings,
         source=source,

@@ -544,12 +544,15 @@ def pytest_runtest_makereport(
     # on the call report, or on a failed setup (then no call report follows)
     if audits and (report.when == "call" or (report.when == "setup" and report.failed)):
         findings: list[dict[str, Any]] = []
+        incomplete: list[str] = []
         for audit_report in audits:
+            incomplete.extend(r for r in audit_report.incomplete if r not in incomplete)
             for finding in audit_report.findings:
                 as_dict = finding.to_dict()
                 if as_dict not in findings:
                     findings.append(as_dict)
-        setattr(report, REPORT_ATTRIBUTE, {"audits": len(audits), "findings": findings})
+        record = {"audits": len(audits), "findings": findings, "incomplete": incomplete}
+        setattr(report, REPORT_ATTRIBUTE, record)
     return report
 
 
@@ -695,10 +698,14 @@ def pytest_collection_modifyitems(
 
 # ---- the terminal summary ---------------------------------------------------------------------
 def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bool) -> list[str]:
-    """The summary: one count line, then per test its findings, one line per rule (the first
-    10 rules unless -v)."""
+    """The summary: one count line (with the audits that could not run every requested check),
+    then per test why an audit was incomplete and its findings, one line per rule and cause
+    (the first 10 unless -v). Names and messages are shown with control characters visible."""
+    from .render import group_findings, visible
+
     audits = 0
     by_test: dict[str, list[Finding]] = {}
+    incomplete: dict[str, list[str]] = {}
     for nodeid, record in audited:
         audits += int(record.get("audits", 0))
         findings = by_test.setdefault(nodeid, [])
@@ -706,31 +713,36 @@ def _summary_lines(audited: Iterable[tuple[str, Mapping[str, Any]]], verbose: bo
             finding = Finding.from_dict(data)
             if finding not in findings:
                 findings.append(finding)
+        reasons = incomplete.setdefault(nodeid, [])
+        reasons.extend(r for r in record.get("incomplete", ()) if r not in reasons)
     everything = [f for fs in by_test.values() for f in fs]
     counts = {s.value: sum(f.severity is s for f in everything) for s in Severity}
+    n_incomplete = sum(bool(r) for r in incomplete.values())
+    not_run = f", {n_incomplete} incomplete (checks did not run)" if n_incomplete else ""
     lines = [
         f"{audits} audit{'s' if audits != 1 else ''} in {len(by_test)} "
         f"test{'s' if len(by_test) != 1 else ''}: {counts['error']} error(s), "
-        f"{counts['warning']} warning(s), {counts['info']} info"
+        f"{counts['warning']} warning(s), {counts['info']} info{not_run}"
     ]
     for nodeid, findings in by_test.items():
-        if not findings:
+        reasons = incomplete.get(nodeid, [])
+        if not findings and not reasons:
             continue
-        lines.append(nodeid)
-        groups: dict[tuple[str, str], list[Finding]] = {}
-        for f in findings:
-            groups.setdefault((f.severity.value, f.rule), []).append(f)
-        entries = list(groups.items())
-        shown = entries if verbose else entries[:_SUMMARY_LIMIT]
-        for (severity, rule), group in shown:
+        lines.append(visible(nodeid))
+        lines.extend(f"  {'INCOMPLETE':<7} {visible(reason)}" for reason in reasons)
+        groups = group_findings(findings)
+        shown = groups if verbose else groups[:_SUMMARY_LIMIT]
+        for group in shown:
+            first = group.first
             where = ""
             if len(group) > 1:
-                names = [f.layer or "(model)" for f in group]
+                names = group.layers
                 more = f", +{len(names) - 3}" if len(names) > 3 else ""
                 where = f"{len(group)} findings ({', '.join(names[:3])}{more}); first: "
-            lines.append(f"  {severity:<7} {rule:<26} {where}{group[0].message}")
-        if len(shown) < len(entries):
-            lines.append(f"  ... +{len(entries) - len(shown)} more rules (-v shows all)")
+            text = visible(where + first.message)
+            lines.append(f"  {first.severity.value:<7} {first.rule:<26} {text}")
+        if len(shown) < len(groups):
+            lines.append(f"  ... +{len(groups) - len(shown)} more rules (-v shows all)")
     return lines
 
 

@@ -13,11 +13,12 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .render import findings_table, markdown_findings_table, markdown_text, visible
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["Severity", "Finding", "Report", "FAIL_ON_CHOICES"]
+__all__ = ["Severity", "Finding", "Report", "FAIL_ON_CHOICES", "forward_failure_reason"]
 
 PROJECT_URL = "https://github.com/bncheck/bncheck"
 
@@ -59,6 +60,11 @@ class Severity(str, Enum):
 
 #: Values accepted by ``--fail-on`` / ``fail_on=``.
 FAIL_ON_CHOICES = ("error", "warning", "info", "never")
+
+
+def forward_failure_reason(forward_error: str) -> str:
+    """The ``incomplete`` reason of a report whose forward pass raised ``forward_error``."""
+    return f"the model's forward pass failed ({forward_error}), so the forward rules did not run"
 
 
 def _jsonable(value: Any) -> Any:
@@ -126,6 +132,11 @@ class Report:
     ``findings`` are sorted most severe first (then by rule id, then by layer name, in the order
     the layers appear in the model). ``skipped`` maps each rule that did not run to the reason.
     ``notes`` are lines about how the audit ran (the input used, a forward pass that failed).
+
+    ``incomplete`` lists why requested checks could not run (the model's forward raised, so
+    the forward rules did not run); a report with such a reason is not ``complete``, is never
+    ``ok`` and ``failed()`` at every ``fail_on`` but ``"never"``. Rules skipped because the
+    caller did not give what they need (no input, no optimizer) do not make it incomplete.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class Report:
         settings: Mapping[str, Any] | None = None,
         layers: Sequence[str] = (),
         forward_error: str | None = None,
+        incomplete: Sequence[str] = (),
     ) -> None:
         order = {name: i for i, name in enumerate(layers)}
         self.findings: list[Finding] = sorted(
@@ -150,12 +162,22 @@ class Report:
         self.settings: dict[str, Any] = dict(settings or {})
         self.layers: list[str] = list(layers)
         self.forward_error = forward_error
+        self.incomplete: list[str] = list(incomplete)
+        if forward_error is not None:
+            reason = forward_failure_reason(forward_error)
+            if reason not in self.incomplete:
+                self.incomplete.insert(0, reason)
 
     # ---- queries -----------------------------------------------------------------------
     @property
+    def complete(self) -> bool:
+        """True when every check the arguments allowed ran (``incomplete`` is empty)."""
+        return not self.incomplete
+
+    @property
     def ok(self) -> bool:
-        """True when no finding has severity ``error``."""
-        return not any(f.severity is Severity.ERROR for f in self.findings)
+        """True when the report is ``complete`` and no finding has severity ``error``."""
+        return self.complete and not any(f.severity is Severity.ERROR for f in self.findings)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -165,11 +187,12 @@ class Report:
         return counts
 
     def failed(self, fail_on: str | Severity = "error") -> bool:
-        """True when some finding is at or above ``fail_on`` (``"never"`` never fails)."""
+        """True when some finding is at or above ``fail_on``, or when the report is not
+        ``complete`` (``"never"`` never fails)."""
         if fail_on == "never":
             return False
         threshold = Severity(fail_on)
-        return any(f.severity >= threshold for f in self.findings)
+        return not self.complete or any(f.severity >= threshold for f in self.findings)
 
     def filter(
         self,
@@ -201,7 +224,7 @@ class Report:
         s = self.summary
         return (
             f"<Report source={self.source!r} errors={s['error']} warnings={s['warning']} "
-            f"info={s['info']} skipped={len(self.skipped)}>"
+            f"info={s['info']} skipped={len(self.skipped)} complete={self.complete}>"
         )
 
     @classmethod
@@ -224,8 +247,10 @@ class Report:
         for rid in ran:
             skipped.pop(rid, None)
         notes: list[str] = []
+        incomplete: list[str] = []
         for r in reports:
             notes.extend(n for n in r.notes if n not in notes)
+            incomplete.extend(n for n in r.incomplete if n not in incomplete)
         return cls(
             seen.values(),
             source=source if source is not None else (reports[0].source if reports else None),
@@ -233,16 +258,22 @@ class Report:
             notes=notes,
             settings=reports[0].settings if reports else None,
             layers=layers,
+            forward_error=next((r.forward_error for r in reports if r.forward_error), None),
+            incomplete=incomplete,
         )
 
     # ---- renderings --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of the public contract (plus ``skipped`` and ``notes``)."""
+        """The JSON document of the public contract (plus ``skipped``, ``notes``, ``complete``,
+        ``incomplete`` and ``forward_error``)."""
         return {
             "bncheck_version": __version__,
             "source": self.source,
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary,
+            "complete": self.complete,
+            "incomplete": list(self.incomplete),
+            "forward_error": self.forward_error,
             "skipped": dict(self.skipped),
             "notes": list(self.notes),
         }
@@ -258,6 +289,8 @@ class Report:
             source=data.get("source"),
             skipped=data.get("skipped"),
             notes=data.get("notes", ()),
+            forward_error=data.get("forward_error"),
+            incomplete=data.get("incomplete", ()),
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -278,10 +311,10 @@ class Report:
         columns = None if rows else ["rule", "severity", "layer", "message"]
         return pd.DataFrame(rows, columns=columns)
 
-    def _rows(self) -> list[list[str]]:
-        return [[f.severity.value, f.rule, f.layer or "(model)", f.message] for f in self.findings]
-
     def headline(self) -> str:
+        """``bncheck: 1 error, 2 warnings, 0 info in SOURCE (13 BN layers)``, with
+        ``; INCOMPLETE`` when requested checks did not run. The source is shown as given:
+        renderers escape it (:func:`bncheck.render.visible`)."""
         s = self.summary
         where = f" in {self.source}" if self.source else ""
         parts = [
@@ -290,27 +323,22 @@ class Report:
             f"{s['info']} info",
         ]
         layers = f" ({len(self.layers)} BN layers)" if self.layers else ""
-        return f"bncheck: {', '.join(parts)}{where}{layers}"
+        incomplete = "" if self.complete else "; INCOMPLETE: some requested checks did not run"
+        return f"bncheck: {', '.join(parts)}{where}{layers}{incomplete}"
 
     def to_table(self, *, tablefmt: str = "simple", max_width: int | None = 100) -> str:
-        """The terminal table (via tabulate), headline first, skipped rules and notes last."""
-        from tabulate import tabulate
+        """The terminal table (via tabulate), headline first, skipped rules and notes last.
 
-        lines = [self.headline()]
+        Findings of one rule and one cause share a row that lists their layers; every name
+        and message is shown with control characters made visible."""
+        lines = [visible(self.headline())]
+        lines.extend(f"incomplete: {visible(reason)}" for reason in self.incomplete)
         if self.findings:
             lines.append("")
-            lines.append(
-                tabulate(
-                    self._rows(),
-                    headers=["severity", "rule", "layer", "message"],
-                    tablefmt=tablefmt,
-                    disable_numparse=True,  # layer names like "0.1" are names, not numbers
-                    maxcolwidths=[None, None, None, max_width] if max_width else None,
-                )
-            )
+            lines.append(findings_table(self.findings, tablefmt=tablefmt, max_width=max_width))
         if self.notes:
             lines.append("")
-            lines.extend(f"note: {n}" for n in self.notes)
+            lines.extend(f"note: {visible(n)}" for n in self.notes)
         if self.skipped:
             lines.append("")
             lines.append(f"skipped {len(self.skipped)} rule(s):")
@@ -318,44 +346,33 @@ class Report:
             for rid, reason in self.skipped.items():
                 by_reason.setdefault(reason, []).append(rid)
             for reason, ids in by_reason.items():
-                lines.append(f"  {', '.join(ids)}: {reason}")
+                lines.append(f"  {', '.join(ids)}: {visible(reason)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.to_table()
 
     def to_markdown(self) -> str:
-        from tabulate import tabulate
-
-        out = [f"## {self.headline()}", ""]
+        """GitHub Markdown (for pull-request comments): every name and message escaped, so
+        the file's text cannot add markup, links or HTML."""
+        out = [f"## {markdown_text(self.headline())}", ""]
+        if self.incomplete:
+            out.extend(f"**Incomplete:** {markdown_text(reason)}" for reason in self.incomplete)
+            out.append("")
         if self.findings:
-            rows = [
-                [
-                    f.severity.value,
-                    f"`{f.rule}`",
-                    f"`{f.layer}`" if f.layer else "(model)",
-                    f.message.replace("|", "\\|"),
-                ]
-                for f in self.findings
-            ]
-            out.append(
-                tabulate(
-                    rows,
-                    headers=["severity", "rule", "layer", "message"],
-                    tablefmt="github",
-                    disable_numparse=True,
-                )
-            )
+            out.append(markdown_findings_table(self.findings))
         else:
             out.append("No findings.")
         if self.notes:
             out.append("")
-            out.extend(f"- {n}" for n in self.notes)
+            out.extend(f"- {markdown_text(n)}" for n in self.notes)
         if self.skipped:
             out.append("")
             out.append("<details><summary>Skipped rules</summary>")
             out.append("")
-            out.extend(f"- `{rid}`: {reason}" for rid, reason in self.skipped.items())
+            out.extend(
+                f"- `{rid}`: {markdown_text(reason)}" for rid, reason in self.skipped.items()
+            )
             out.append("")
             out.append("</details>")
         return "\n".join(out) + "\n"
@@ -365,7 +382,8 @@ class Report:
 
         Every rule of the catalogue is listed in ``tool.driver.rules``; each finding is a
         result whose physical location is the audited file (``source``) and whose logical
-        location is the BN layer's qualified name.
+        location is the BN layer's qualified name. The run's invocation says whether the audit
+        was complete (``executionSuccessful``) and why not (``toolExecutionNotifications``).
         """
         from .checks.catalogue import CATALOGUE
 
@@ -423,6 +441,16 @@ class Report:
                         }
                     },
                     "results": results,
+                    # an incomplete audit is an unsuccessful run, with the reasons
+                    "invocations": [
+                        {
+                            "executionSuccessful": self.complete,
+                            "toolExecutionNotifications": [
+                                {"level": "error", "message": {"text": reason}}
+                                for reason in self.incomplete
+                            ],
+                        }
+                    ],
                 }
             ],
         }

@@ -1,27 +1,58 @@
 """Snapshot and restore everything bncheck could disturb while it inspects a model.
 
-``preserved(model)`` records, for every submodule, its ``training`` flag, every buffer (the
-object and a copy of its values), the ``requires_grad`` flag of every parameter, and the RNG
-states of torch (CPU and initialised CUDA devices), numpy and ``random``; on exit (normal or
-by exception) it puts every one of them back. Buffers are restored in place, so tensors the
-user or an optimizer holds stay the same objects. Parameters are not copied (that would
-double the model's memory); bncheck's forward passes run under ``torch.no_grad()`` and never
-write to them.
+``preserved(model, optimizers=...)`` records, and on exit puts back, whatever happens inside
+(a normal exit, an exception, ``KeyboardInterrupt`` or any other ``BaseException``):
+
+- every parameter and buffer of every submodule, **by value** (BatchNorm's forward updates
+  its running statistics in place without bumping their version counters, so a restore keyed
+  on version counters would miss them; a forward may also renormalise or clamp a weight, or
+  write a buffer through ``.data``). A parameter or buffer that was replaced by another object
+  is put back as the original object, so tensors the user or an optimizer holds stay the same
+  objects; values are written back through ``.data`` only where they changed, so no version
+  counter moves and an autograd graph the user holds stays valid;
+- every ``.grad`` (its value, and whether it was ``None``) and ``requires_grad`` flag;
+- every submodule's ``training`` flag;
+- the state of the optimizers given and of every ``torch.optim.Optimizer`` held as a module
+  attribute: its per-parameter state tensors by value, its other state entries and its
+  param-group settings (``lr``, ``momentum``, ...);
+- the RNG states of torch (CPU and initialised CUDA devices), numpy and ``random``.
+
+**Memory cost**: one clone of every parameter, buffer, gradient and optimizer state tensor,
+so about the size of the model (twice with gradients, plus the optimizer's state), on the
+device the tensors live on, held for the duration of the block.
+
+``audit_lock(model)`` serialises audits of one model across threads, and
+:func:`auditing` tells whether the current thread is running an audit pass on a module (the
+Monitor uses it to ignore bncheck's own forward passes).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-__all__ = ["preserved", "RNGState", "ModelState"]
+__all__ = [
+    "preserved",
+    "Snapshot",
+    "RNGState",
+    "ModelState",
+    "OptimizerState",
+    "audit_lock",
+    "auditing",
+    "audit_pass",
+    "held_optimizers",
+]
 
 
 @dataclass
@@ -46,51 +77,233 @@ class RNGState:
         random.setstate(self.python)
 
 
+def _snapshot(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``t``'s values (``None`` for a missing or uninitialised lazy tensor)."""
+    if not isinstance(t, torch.Tensor) or isinstance(t, UninitializedTensorMixin):
+        return None
+    if t.is_meta:
+        return None
+    with torch.no_grad():
+        return t.detach().clone()
+
+
+def _put_back(target: torch.Tensor, copy: torch.Tensor | None) -> None:
+    """Write ``copy``'s values into ``target`` where they differ, without moving its version
+    counter (through ``.data``)."""
+    if copy is None or isinstance(target, UninitializedTensorMixin):
+        return
+    data = target.data
+    if data.shape != copy.shape or data.dtype != copy.dtype or data.device != copy.device:
+        target.data = copy  # resized or moved in place: take the saved tensor itself
+        return
+    if data.is_inference():
+        with torch.inference_mode():
+            if not torch.equal(data, copy):
+                data.copy_(copy)
+        return
+    if not torch.equal(data, copy):
+        data.copy_(copy)
+
+
+#: (module, attribute name, original object, copy of its values)
+_Slot = tuple[nn.Module, str, Any, "torch.Tensor | None"]
+
+
+def _slots(module: nn.Module, kind: str) -> Iterator[tuple[str, Any]]:
+    table = getattr(module, kind)
+    if isinstance(table, dict):
+        yield from list(table.items())
+    else:  # TorchScript: a wrapper, not a dict
+        named = module.named_parameters if kind == "_parameters" else module.named_buffers
+        yield from named(recurse=False)
+
+
+@dataclass
+class OptimizerState:
+    """Value snapshot of one optimizer: per-parameter state, other entries, group settings."""
+
+    optimizer: torch.optim.Optimizer
+    #: per state key: (the entry dict itself, {name: (value object, copy of its values)})
+    state: dict[Any, tuple[dict[str, Any], dict[str, tuple[Any, torch.Tensor | None]]]]
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def capture(cls, optimizer: torch.optim.Optimizer) -> OptimizerState:
+        state: dict[Any, tuple[dict[str, Any], dict[str, tuple[Any, torch.Tensor | None]]]] = {}
+        for key, entry in optimizer.state.items():
+            saved = {
+                name: (value, _snapshot(value) if isinstance(value, torch.Tensor) else None)
+                for name, value in entry.items()
+            }
+            state[key] = (entry, saved)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return cls(optimizer, state, groups)
+
+    def restore(self) -> None:
+        live = self.optimizer.state
+        for key in [k for k in live if k not in self.state]:
+            del live[key]  # state the audit created (a first step taken during it)
+        for key, (entry, saved) in self.state.items():
+            for value, copy in saved.values():
+                if isinstance(value, torch.Tensor):
+                    _put_back(value, copy)
+            if live.get(key) is not entry:
+                live[key] = entry
+            if entry.keys() != saved.keys() or any(
+                entry[name] is not value for name, (value, _) in saved.items()
+            ):
+                entry.clear()
+                entry.update({name: value for name, (value, _) in saved.items()})
+        for group, settings in zip(self.optimizer.param_groups, self.groups):
+            for name in [k for k in group if k != "params" and k not in settings]:
+                del group[name]
+            group.update(settings)
+
+
+def held_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    """Every ``torch.optim.Optimizer`` held as an attribute of a submodule of ``model``
+    (e.g. a test-time-adaptation wrapper that steps its own optimizer in forward)."""
+    found: list[torch.optim.Optimizer] = []
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.optim.Optimizer) and all(value is not o for o in found):
+                found.append(value)
+    return found
+
+
 @dataclass
 class ModelState:
     training: list[tuple[nn.Module, bool]]
-    buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None, int]]
-    requires_grad: list[tuple[nn.Parameter, bool]]
+    parameters: list[_Slot]
+    buffers: list[_Slot]
+    #: per distinct parameter: (parameter, requires_grad, grad object, copy of the grad)
+    grads: list[tuple[torch.Tensor, bool, torch.Tensor | None, torch.Tensor | None]]
+    optimizers: list[OptimizerState] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, model: nn.Module) -> ModelState:
+    def capture(
+        cls, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> ModelState:
         training = [(m, m.training) for m in model.modules()]
-        buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None, int]] = []
+        copies: dict[int, torch.Tensor | None] = {}  # one clone per distinct tensor
+
+        def copy_of(t: Any) -> torch.Tensor | None:
+            if not isinstance(t, torch.Tensor):
+                return None
+            if id(t) not in copies:
+                copies[id(t)] = _snapshot(t)
+            return copies[id(t)]
+
+        parameters: list[_Slot] = []
+        buffers: list[_Slot] = []
         for module in model.modules():
-            for name, buf in module._buffers.items():
-                if isinstance(buf, torch.Tensor) and not isinstance(
-                    buf, nn.parameter.UninitializedBuffer
-                ):
-                    buffers.append((module, name, buf, buf.detach().clone(), buf._version))
-                else:
-                    buffers.append((module, name, buf, None, 0))
-        grads = [(p, p.requires_grad) for p in model.parameters()]
-        return cls(training, buffers, grads)
+            for name, param in _slots(module, "_parameters"):
+                parameters.append((module, name, param, copy_of(param)))
+            for name, buf in _slots(module, "_buffers"):
+                buffers.append((module, name, buf, copy_of(buf)))
+        grads = []
+        seen: set[int] = set()
+        for _, _, param, _ in parameters:
+            if isinstance(param, torch.Tensor) and id(param) not in seen:
+                seen.add(id(param))
+                grads.append((param, param.requires_grad, param.grad, _snapshot(param.grad)))
+        opts: list[OptimizerState] = []
+        for opt in [*optimizers, *held_optimizers(model)]:
+            if isinstance(opt, torch.optim.Optimizer) and all(o.optimizer is not opt for o in opts):
+                opts.append(OptimizerState.capture(opt))
+        return cls(training, parameters, buffers, grads, opts)
 
     def restore(self) -> None:
         for module, flag in self.training:
             module.training = flag
-        with torch.no_grad():
-            for module, name, original, copy, version in self.buffers:
-                if isinstance(module._buffers, dict):
-                    if module._buffers.get(name) is not original:
-                        module._buffers[name] = original
-                elif original is not None:  # TorchScript: buffers cannot be swapped back
-                    original = dict(module.named_buffers(recurse=False)).get(name, original)
-                if original is not None and copy is not None and original._version != version:
-                    original.copy_(copy)
-        for param, flag in self.requires_grad:
+        for kind, slots in (("_parameters", self.parameters), ("_buffers", self.buffers)):
+            for module, name, original, copy in slots:
+                table = getattr(module, kind)
+                if isinstance(table, dict):
+                    if table.get(name) is not original:
+                        table[name] = original
+                elif original is not None:  # TorchScript: cannot swap back, write the values
+                    current = dict(_slots(module, kind)).get(name, original)
+                    if isinstance(current, torch.Tensor):
+                        _put_back(current, copy)
+                    continue
+                if isinstance(original, torch.Tensor):
+                    _put_back(original, copy)
+        for param, flag, grad, copy in self.grads:
+            if param.grad is not grad:
+                param.grad = grad
+            if grad is not None:
+                _put_back(grad, copy)
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
+        for opt in self.optimizers:
+            opt.restore()
+
+
+class Snapshot:
+    """The saved state of a model, its optimizers and the RNGs; ``restore()`` puts it back
+    (it may be called more than once, e.g. between the audit's stages)."""
+
+    def __init__(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()):
+        self.rng = RNGState.capture()
+        self.model = ModelState.capture(model, optimizers)
+
+    def restore(self) -> None:
+        try:
+            self.model.restore()
+        finally:
+            self.rng.restore()
 
 
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore ``model``'s modes, buffers, ``requires_grad`` flags and all RNG states on exit."""
-    rng = RNGState.capture()
-    state = ModelState.capture(model)
+def preserved(
+    model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> Iterator[Snapshot]:
+    """Restore ``model``'s parameters, buffers, grads, ``requires_grad`` and ``training``
+    flags, the state of ``optimizers`` and of the optimizers it holds, and all RNG states,
+    on any exit (``KeyboardInterrupt`` included). Yields the :class:`Snapshot`, whose
+    ``restore()`` also puts everything back early."""
+    snapshot = Snapshot(model, optimizers)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
+
+
+# ---- one audit at a time per model; which modules an audit pass is running on -----------------
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def audit_lock(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s audit lock: a second thread auditing the same model waits until the
+    first is done (re-entrant within one thread)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    with lock:
+        yield
+
+
+_AUDITING: ContextVar[frozenset[int]] = ContextVar("bncheck_auditing", default=frozenset())
+
+
+@contextmanager
+def audit_pass(*models: nn.Module) -> Iterator[None]:
+    """Mark ``models`` and all their submodules as being audited in this thread / context."""
+    ids = {id(m) for model in models for m in model.modules()}
+    token = _AUDITING.set(_AUDITING.get() | ids)
     try:
         yield
     finally:
-        state.restore()
-        rng.restore()
+        _AUDITING.reset(token)
+
+
+def auditing(model: nn.Module) -> bool:
+    """True while the current thread (context) runs a :func:`bncheck.audit` on ``model`` or on
+    a model that contains it. Forward hooks of other tools (the Monitor) call it to ignore
+    bncheck's own forward passes; an audit in another thread does not count."""
+    active = _AUDITING.get()
+    return bool(active) and id(model) in active

@@ -26,12 +26,14 @@ from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from .report import FAIL_ON_CHOICES, Finding, Report, Severity
+from .errors import BNCheckFailure, ConformanceFailure
+from .render import findings_table, visible
+from .report import FAIL_ON_CHOICES, Report, Severity
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from .conformance import ConformanceFailure, check_conformance
+    from .conformance import check_conformance
 
 __all__ = [
     "BNCheckFailure",
@@ -68,14 +70,6 @@ report_recorder: ContextVar[Callable[[Report], None] | None] = ContextVar(
 _TABLE_WIDTH = 90
 
 
-class BNCheckFailure(AssertionError):
-    """A BN check failed. ``str(failure)`` is the findings table; ``.report`` the full report."""
-
-    def __init__(self, message: str, report: Report | None = None) -> None:
-        super().__init__(message)
-        self.report = report
-
-
 def _record(report: Report) -> None:
     recorder = report_recorder.get()
     if recorder is not None:
@@ -94,36 +88,34 @@ def _validate_fail_on(fail_on: str | Severity) -> str:
     return str(value)
 
 
-def _table(findings: Sequence[Finding]) -> str:
-    from tabulate import tabulate
-
-    rows = [[f.severity.value, f.rule, f.layer or "(model)", f.message] for f in findings]
-    return str(
-        tabulate(
-            rows,
-            headers=["severity", "rule", "layer", "message"],
-            tablefmt="simple",
-            disable_numparse=True,
-            maxcolwidths=[None, None, None, _TABLE_WIDTH],
-        )
-    )
-
-
 def failure_text(
     report: Report, fail_on: str = "error", *, title: str = "bncheck", command_line: bool = False
 ) -> str:
-    """The text of a failed check: what failed, the findings table, how to silence a rule
-    (as keyword arguments, or as pytest options when ``command_line``)."""
+    """The text of a failed check: what failed, the findings table (one row per rule and
+    cause), how to silence a rule (as keyword arguments, or as pytest options when
+    ``command_line``). A report that is not complete says first which checks did not run.
+    Names and messages are shown with control characters made visible."""
     failing = [f for f in report.findings if fail_on != "never" and f.severity >= Severity(fail_on)]
     others = len(report.findings) - len(failing)
-    where = f" in {report.source}" if report.source else ""
-    count = f"{len(failing)} finding{'s' if len(failing) != 1 else ''}"
-    lines = [f"{title}: {count} at or above fail_on={fail_on!r}{where}", ""]
-    lines.append(_table(failing))
+    where = f" in {visible(report.source)}" if report.source else ""
+    lines: list[str] = []
+    for reason in report.incomplete:
+        lines.append(f"{title}: incomplete{where}: {visible(reason)}")
+    if report.forward_error is not None:
+        what = "--bncheck-input-shape" if command_line else "the example input's shape and dtype"
+        lines.append(f"check {what}")
+    if failing or not lines:
+        if lines:
+            lines.append("")
+        count = f"{len(failing)} finding{'s' if len(failing) != 1 else ''}"
+        lines.extend([f"{title}: {count} at or above fail_on={fail_on!r}{where}", ""])
+        lines.append(findings_table(failing, max_width=_TABLE_WIDTH))
     if others:
         lines.append(f"(+{others} finding{'s' if others != 1 else ''} below fail_on)")
-    lines.extend(f"note: {n}" for n in report.notes)
+    lines.extend(f"note: {visible(n)}" for n in report.notes)
     rules = sorted({f.rule for f in failing})
+    if not rules:
+        return "\n".join(lines)
     lines.append("")
     how = (
         f"--bncheck-ignore {','.join(rules)} or a looser --bncheck-tolerance NAME=VALUE"
@@ -148,7 +140,8 @@ def assert_bn_ok(
     """Audit ``model`` and fail on any finding at or above ``fail_on``; return the report.
 
     Rules that cannot run with the given arguments (no input, no optimizer) are skipped, as in
-    :func:`bncheck.audit`; a forward pass of the model that raised fails the assertion.
+    :func:`bncheck.audit`; a report that is not complete (the model's forward pass raised)
+    fails the assertion.
     """
     __tracebackhide__ = True
     from .engine import audit
@@ -164,14 +157,8 @@ def assert_bn_ok(
         **tolerances,
     )
     _record(report)
-    if report.failed(threshold):
+    if report.failed(threshold) or not report.complete:
         raise BNCheckFailure(failure_text(report, threshold, title="assert_bn_ok"), report)
-    if report.forward_error is not None:
-        raise BNCheckFailure(
-            f"assert_bn_ok: the model's forward pass failed ({report.forward_error}), so the "
-            "forward rules could not run - check the example input's shape and dtype",
-            report,
-        )
     return report
 
 
@@ -202,7 +189,7 @@ def assert_rules_ok(
         raise BNCheckFailure(failure_text(report, "info", title=title), report)
     not_run = {rid: report.skipped[rid] for rid in rule_ids if rid in report.skipped}
     if not_run:
-        reasons = "; ".join(f"{rid!r}: {reason}" for rid, reason in not_run.items())
+        reasons = "; ".join(f"{rid!r}: {visible(reason)}" for rid, reason in not_run.items())
         raise BNCheckFailure(f"{title} could not check {reasons}", report)
     return report
 
@@ -392,7 +379,7 @@ def assert_no_stat_drift(
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("check_conformance", "ConformanceFailure"):
+    if name == "check_conformance":
         from . import conformance
 
         value = getattr(conformance, name)

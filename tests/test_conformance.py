@@ -199,8 +199,13 @@ class TrackedOnlyBN(HandBN):
 
 
 def test_configs_restrict_what_is_drawn() -> None:
-    with pytest.raises(TypeError, match="unsupported configuration"):
+    # behaviour changed (issue 12): the layer's own exception becomes a ConformanceFailure
+    # naming the configuration, the exception and the configs= restriction that avoids it
+    with pytest.raises(ConformanceFailure, match="unsupported configuration") as info:
         check_conformance(TrackedOnlyBN, max_examples=30)
+    message = str(info.value)
+    assert "raised TypeError: unsupported configuration at construction" in message
+    assert "configs=bncheck.strategies.bn_configs(" in message
     check_conformance(
         TrackedOnlyBN,
         max_examples=30,
@@ -280,7 +285,8 @@ def test_failure_text_has_the_falsifying_example_and_no_harness_frames(
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "E       bncheck.conformance.ConformanceFailure: check_conformance: NoEvalBN(1, *",
+            # defined in bncheck.errors, shown under its public home bncheck.testing
+            "E       bncheck.testing.ConformanceFailure: check_conformance: NoEvalBN(1, *",
             # hypothesis words it "Falsifying example:" or, since 6.16x, "Failing test case:"
             "E       Fa*: conforms(",
             "test_failure_text_has_the_falsifying_example_and_no_harness_frames.py:*: "
@@ -288,3 +294,27 @@ def test_failure_text_has_the_falsifying_example_and_no_harness_frames(
         ]
     )
     result.stdout.no_fnmatch_line("*bncheck/conformance.py*")
+
+
+class NoCounterWithoutTracking(nn.BatchNorm2d):
+    """Reads num_batches_tracked, which is None with track_running_stats=False."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked.add_(0)
+        return super().forward(x)
+
+
+def test_a_layer_raising_for_an_accepted_configuration_is_a_conformance_failure() -> None:
+    with pytest.raises(ConformanceFailure) as info:
+        check_conformance(NoCounterWithoutTracking, dims=2, max_examples=30)
+    message = str(info.value)
+    assert "track_running_stats=False) raised AttributeError" in message
+    assert "at step 1 of" in message
+    # only the setting that makes it fail is suggested
+    assert "configs=bncheck.strategies.bn_configs(track_running_stats=True)" in message
+    check_conformance(
+        NoCounterWithoutTracking,
+        dims=2,
+        max_examples=20,
+        configs=bn_configs(track_running_stats=True),
+    )

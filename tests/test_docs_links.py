@@ -146,8 +146,16 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme_test = quick_start_commands()[1]
     torch_pin, _, test_command = readme_test.partition(" && ")
     # .ci/run installs the same torch build first, then runs the rest of the README's line
-    assert commands[-1] == test_command
-    assert any(torch_pin.split()[-1] in c and "pip install" in c for c in commands[:-1])
+    # (lint and type checks may follow it)
+    assert test_command in commands
+    at = commands.index(test_command)
+    assert any(torch_pin.split()[-1] in c and "pip install" in c for c in commands[:at])
+
+
+def test_ci_lints_and_type_checks_the_package() -> None:
+    commands = " ".join(ci_commands())
+    for tool in ("ruff check", "ruff format --check", "mypy bncheck"):
+        assert tool in commands
 
 
 def tolerance_table(text: str) -> dict[str, tuple[float, str]]:
