@@ -472,7 +472,7 @@ _OFFSET_CACHE: dict[tuple[Any, ...], tuple[torch.Tensor, int]] = {}
 def _grid_offsets(t: torch.Tensor, k_batch: int, k_space: int) -> tuple[torch.Tensor, int]:
     """Storage offsets (C, K) of the grid elements of a tensor with ``t``'s shape and strides,
     and the length of storage they span; cached per (shape, strides, device)."""
-    key = (tuple(t.shape), t.stride(), str(t.device), k_batch, k_space)
+    key = (t.shape, t.stride(), t.device, k_batch, k_space)
     hit = _OFFSET_CACHE.get(key)
     if hit is not None:
         return hit
@@ -500,7 +500,8 @@ def grid(t: torch.Tensor, k_batch: int = 8, k_space: int = 4) -> torch.Tensor:
         t = t.contiguous()
     table, span = _grid_offsets(t, k_batch, k_space)
     storage = t.as_strided((span,), (1,), t.storage_offset())
-    return torch.take(storage, table).to(dtype=torch.float64, device="cpu")
+    picked = storage.index_select(0, table.reshape(-1)).reshape(table.shape)
+    return picked.to(dtype=torch.float64, device="cpu")
 
 
 def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
