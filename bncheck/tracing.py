@@ -157,9 +157,27 @@ class BNCall:
     record: OpRecord | None = None
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def op_name(func: Any) -> str:
     """A function's or tensor method's plain name: ``relu`` for ``torch.relu``/``F.relu``/
-    ``Tensor.relu_``; dunder methods lose their underscores (``__add__`` -> ``add``)."""
+    ``Tensor.relu_``; dunder methods lose their underscores (``__add__`` -> ``add``).
+    Remembered per function (the recording mode asks for every op it sees)."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _plain_name(func)
+    try:
+        if len(_NAMES) < 4096:
+            _NAMES[func] = name
+    except TypeError:  # an unhashable callable: not remembered
+        pass
+    return name
+
+
+def _plain_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or str(func)
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
@@ -226,6 +244,7 @@ def _function_record(
 
 
 def _module_record(qualname: str, module: nn.Module, source: OpRecord | None) -> OpRecord:
+    """The record of one call of a leaf module (what it is, from its class and settings)."""
     kind = type(module).__name__
     lowered = kind.lower()
     if isinstance(module, (nn.Identity, nn.Flatten, nn.Unflatten)):
@@ -291,10 +310,10 @@ class _RecordingMode(TorchFunctionMode):
         if tracer.paused_depth or not isinstance(out, (torch.Tensor, tuple, list)):
             return out
         name = op_name(func)
-        if tracer.inside_leaf:
+        if tracer._leaf_depth:
             # inside a leaf module the module's own record replaces whatever its ops
             # produced: only the listeners (e.g. for batch_norm) need to see the op
-            if tracer.listeners:
+            if tracer.listeners and (tracer.listen_to is None or name in tracer.listen_to):
                 tracer.notify(name, args, kwargs, out)
             return out
         if name.startswith("get") or name in _IGNORED:
@@ -309,7 +328,8 @@ class Tracer:
     Use as a context manager around the pass; call :meth:`mark_inputs` on the network inputs
     first and :meth:`bn_enter` / :meth:`bn_exit` from the BN layers' hooks. ``listeners`` are
     called after every recorded op with ``(name, args, kwargs, output)`` while recording is
-    paused (they may compute freely).
+    paused (they may compute freely); with ``listen_to`` set, only after the ops of those
+    names.
     """
 
     def __init__(self, model: nn.Module, bn_modules: dict[nn.Module, str]) -> None:
@@ -317,6 +337,8 @@ class Tracer:
         self.bn_modules = bn_modules
         self.calls: list[BNCall] = []
         self.listeners: list[OpListener] = []
+        #: op names the listeners want (``None``: every op)
+        self.listen_to: frozenset[str] | None = None
         self.paused_depth = 0
         self._producers: dict[int, tuple[weakref.ref[torch.Tensor], OpRecord]] = {}
         self._leaf_depth = 0
@@ -324,6 +346,8 @@ class Tracer:
         self._stack = ExitStack()
         self._occurrences: dict[str, int] = {}
         self._guards: list[Any] = []
+        self._call_by_record: dict[OpRecord, BNCall] = {}
+        self._module_kinds: dict[int, OpRecord] = {}
 
     # ---- producer map --------------------------------------------------------------
     def producer(self, tensor: torch.Tensor) -> OpRecord | None:
@@ -373,10 +397,7 @@ class Tracer:
                         call.consumers.append(label)
 
     def _call_of(self, record: OpRecord) -> BNCall | None:
-        for call in reversed(self.calls):
-            if call.record is record:
-                return call
-        return None
+        return self._call_by_record.get(record)
 
     def observe_op(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -388,7 +409,7 @@ class Tracer:
         record = _function_record(name, args, kwargs, source)
         for t in _iter_tensors(out):
             self.set_producer(t, record)
-        if self.listeners:
+        if self.listeners and (self.listen_to is None or name in self.listen_to):
             self.notify(name, args, kwargs, out)
 
     @property
@@ -407,14 +428,16 @@ class Tracer:
             self.paused_depth -= 1
 
     # ---- module hooks ------------------------------------------------------------------
-    def _leaf_pre(self, qualname: str) -> Callable[..., None]:
+    def _leaf_pre(self, qualname: str, module: nn.Module) -> Callable[..., None]:
+        label = f"{qualname or '(model)'} ({type(module).__name__})"
+
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if self.paused_depth:
                 return
             first = _first_tensor(args)
             self._leaf_sources.append(self.producer(first) if first is not None else None)
             if self._leaf_depth == 0:
-                self._note_consumers(args, {}, f"{qualname or '(model)'} ({type(module).__name__})")
+                self._note_consumers(args, {}, label)
             self._leaf_depth += 1
             # the module's own record replaces what its ops produce: let them bypass the
             # recording mode (undone in the post hook, or in __exit__ if the module raises)
@@ -432,7 +455,14 @@ class Tracer:
                 self._guards.pop().__exit__(None, None, None)
             self._leaf_depth -= 1
             source = self._leaf_sources.pop()
-            record = _module_record(qualname, module, source)
+            # what the module is does not change during the pass: classify it once, then
+            # each call gets its own record with its own source
+            kind = self._module_kinds.get(id(module))
+            if kind is None:
+                kind = self._module_kinds[id(module)] = _module_record(qualname, module, None)
+            record = OpRecord(
+                kind.name, kind.category, kind.module, kind.has_bias, kind.p, source=source
+            )
             for t in _iter_tensors(output):
                 self.set_producer(t, record)
 
@@ -455,6 +485,7 @@ class Tracer:
         self._leaf_depth = max(0, self._leaf_depth - 1)
         record = OpRecord(type(module).__name__, "bn", module=call.layer, source=call.producer)
         call.record = record
+        self._call_by_record[record] = call
         for t in _iter_tensors(output):
             self.set_producer(t, record)
 
@@ -466,7 +497,7 @@ class Tracer:
                 if module in self.bn_modules or any(True for _ in module.children()):
                     continue
                 stack.enter_context(
-                    _removing(module.register_forward_pre_hook(self._leaf_pre(qualname)))
+                    _removing(module.register_forward_pre_hook(self._leaf_pre(qualname, module)))
                 )
                 stack.enter_context(
                     _removing(module.register_forward_hook(self._leaf_post(qualname)))
@@ -482,6 +513,7 @@ class Tracer:
             self._guards.pop().__exit__(None, None, None)
         self._stack.close()
         self._producers.clear()
+        self._module_kinds.clear()
 
 
 @contextmanager

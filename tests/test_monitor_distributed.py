@@ -76,6 +76,7 @@ def two_rank_reports(tmp_path_factory) -> dict[str, bncheck.Report]:
     }
 
 
+@pytest.mark.slow
 def test_broadcast_buffers_false_with_per_rank_data_diverges(two_rank_reports):
     report = two_rank_reports["divergent"]
     [divergent] = report.filter(rules=["rank-divergent-stats"])
@@ -87,12 +88,14 @@ def test_broadcast_buffers_false_with_per_rank_data_diverges(two_rank_reports):
     assert any("rank 1 of 2" in n for n in report.notes)  # merged over both ranks
 
 
+@pytest.mark.slow
 def test_broadcast_buffers_true_keeps_ranks_in_sync(two_rank_reports):
     report = two_rank_reports["synced"]
     assert report.filter(rules=["rank-divergent-stats", "unsynced-small-batch"]) == []
     assert any("compared across ranks 4 time(s)" in n for n in report.notes)
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_does_not_hang_the_other(tmp_path):
     codes, logs, _ = run_ranks("raise", tmp_path)
     assert codes[1] != 0 and "rank 1 failed on purpose" in logs[1]

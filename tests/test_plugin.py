@@ -41,6 +41,7 @@ def models(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_does_not_import_torch() -> None:
     code = (
         "import sys, bncheck.plugin, bncheck.testing; "

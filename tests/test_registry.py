@@ -77,6 +77,7 @@ def test_explain_returns_the_rule_page_and_rejects_unknown_ids():
         bncheck.explain("dead-channel")
 
 
+@pytest.mark.slow
 def test_import_bncheck_does_not_import_torch():
     import subprocess
     import sys

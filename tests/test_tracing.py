@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,3 +282,159 @@ def test_upstream_walks_through_shape_ops_only() -> None:
 )
 def test_op_name(func: object, expected: str) -> None:
     assert op_name(func) == expected
+
+
+# ---- fast paths of the measurement: each equals the straightforward computation -------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bncheck import probes  # noqa: E402
+
+
+def _layouts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The same values in other memory layouts: channels-last, a strided slice of a bigger
+    tensor (non-contiguous, with a storage offset)."""
+    out = [t]
+    if t.dim() == 4:
+        out.append(t.contiguous(memory_format=torch.channels_last))
+    big = torch.zeros((t.shape[0] + 1, *t.shape[1:-1], 2 * t.shape[-1]), dtype=t.dtype)
+    view = big[1:, ..., ::2]
+    view.copy_(t)
+    out.append(view)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=5),
+    offset=st.sampled_from([0.0, 3.0, -250.0, 1e3]),
+    scale=st.sampled_from([1e-3, 1.0, 40.0]),
+    block=st.sampled_from([1, 5, 64, 1 << 17]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_channel_stats_equal_float64_two_pass_oracle_in_every_layout_and_block_size(
+    shape: list[int], offset: float, scale: float, block: int, dtype: torch.dtype, seed: int
+) -> None:
+    """The blocked per-channel moments (any block size, so the row loop, its last partial
+    block and the one-block path all run) agree with a float64 oracle to the round-off of a
+    cascade sum: |mean error| and |var error| <= 8 u (1 + log2 n) times the data's scale."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    c = shape[1]
+    values = t.double().transpose(0, 1).reshape(c, -1)  # oracle: plain float64 formulas
+    n = values.shape[1]
+    mean = values.sum(1) / n
+    var = ((values - mean[:, None]) ** 2).sum(1) / n
+    u = torch.finfo(dtype).eps
+    bound = 8 * u * (1 + torch.log2(torch.tensor(float(n))))
+    spread = values.abs().amax(1)
+    previous = probes._STATS_BLOCK
+    probes._STATS_BLOCK = block
+    try:
+        for variant in _layouts(t):
+            stats = probes.channel_stats(variant)
+            assert stats is not None and stats.count == n
+            assert stats.mean.dtype == torch.float64 and stats.mean.shape == (c,)
+            assert ((stats.mean - mean).abs() <= bound * spread).all()
+            assert ((stats.var - var).abs() <= bound * spread * (spread + var.sqrt())).all()
+            assert (stats.var >= 0).all()
+    finally:
+        probes._STATS_BLOCK = previous
+
+
+def test_channel_stats_blocked_and_whole_paths_agree_on_a_large_activation() -> None:
+    """An activation much larger than one block: the blocked result matches the result of
+    one block holding everything (the straightforward two-pass computation)."""
+    t = torch.randn(8, 6, 40, 40, generator=torch.Generator().manual_seed(3)) * 5 + 7
+    blocked = probes.channel_stats(t)
+    previous = probes._STATS_BLOCK
+    probes._STATS_BLOCK = t.numel()
+    try:
+        whole = probes.channel_stats(t)
+    finally:
+        probes._STATS_BLOCK = previous
+    assert blocked is not None and whole is not None
+    assert torch.allclose(blocked.mean, whole.mean, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(blocked.var, whole.var, rtol=1e-5, atol=0)
+
+
+def _picks(size: int, k: int) -> list[int]:
+    k = max(1, min(size, k))
+    if k == 1:
+        return [0]
+    return sorted({int(i * (size - 1) / (k - 1) + 0.5) for i in range(k)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=2, max_size=5), seed=st.integers(0, 2**16))
+def test_grid_gathers_the_elements_a_loop_over_the_picks_reads(shape: list[int], seed: int) -> None:
+    """The one-gather grid (cached storage offsets) equals reading the evenly spaced samples
+    and positions one by one, in every memory layout."""
+    from itertools import product
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    axes = [_picks(shape[0], 8)] + [_picks(s, 4) for s in shape[2:]]
+    expected = torch.tensor(
+        [[float(t[(idx[0], ch, *idx[1:])]) for idx in product(*axes)] for ch in range(shape[1])],
+        dtype=torch.float64,
+    )
+    for variant in _layouts(t):
+        assert torch.equal(probes.grid(variant), expected)
+
+
+def test_listeners_with_listen_to_see_only_the_named_ops() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    bn = model[1]
+    seen_all: list[str] = []
+    seen_bn: list[str] = []
+    for names, seen in ((None, seen_all), (frozenset({"batch_norm"}), seen_bn)):
+        with torch.no_grad(), Tracer(model, {bn: "1"}) as tracer:
+            tracer.listeners.append(lambda name, args, kwargs, out, seen=seen: seen.append(name))
+            tracer.listen_to = names
+            calls: list[Any] = []
+            pre = bn.register_forward_pre_hook(
+                lambda m, a, tracer=tracer, calls=calls: calls.append(tracer.bn_enter("1", m, a[0]))
+            )
+            post = bn.register_forward_hook(
+                lambda m, a, o, tracer=tracer, calls=calls: tracer.bn_exit(calls[-1], m, o)
+            )
+            model(_x())
+            pre.remove()
+            post.remove()
+    assert seen_bn == ["batch_norm"]
+    assert "batch_norm" in seen_all and len(seen_all) > 1
+
+
+def test_a_leaf_module_called_twice_gets_a_record_per_call_with_its_own_source() -> None:
+    """Leaf modules are classified once per pass; every call still gets its own record."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 1, bias=False)
+            self.b = nn.Conv2d(3, 3, 1, bias=True)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.act(self.a(x)), self.act(self.b(x))
+
+    model = Twice()
+    with torch.no_grad(), Tracer(model, {}) as tracer:
+        first, second = model(_x())
+        r1, r2 = tracer.producer(first), tracer.producer(second)
+    assert r1 is not None and r2 is not None and r1 is not r2
+    assert (r1.label, r1.category) == (r2.label, r2.category) == ("act (ReLU)", "activation")
+    assert r1.source is not None and r1.source.module == "a" and r1.source.has_bias is False
+    assert r2.source is not None and r2.source.module == "b" and r2.source.has_bias is True
+
+
+def test_op_name_of_an_unhashable_callable() -> None:
+    class Op:
+        __name__ = "Relu_"
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self) -> None: ...
+
+    assert op_name(Op()) == "relu"
+    assert op_name(torch.relu) == op_name(torch.relu) == "relu"
