@@ -106,7 +106,8 @@ def _output_format(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r} is not FMT=FILE (e.g. sarif=bncheck.sarif)")
     if fmt not in FORMATS:
         raise argparse.ArgumentTypeError(
-            f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; choose one of {', '.join(FORMATS)}"
+            f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; "
+            f"choose one of {', '.join(FORMATS)}"
         )
     return fmt, path.strip()
 
@@ -347,6 +348,7 @@ class Progress:
                 total=self.STAGES,
                 file=self.stream,
                 delay=PROGRESS_DELAY,
+                mininterval=0,  # a handful of stage updates: draw each one
                 leave=False,
                 dynamic_ncols=True,
                 bar_format="bncheck: {desc} {bar} [{elapsed}]",

@@ -7,6 +7,7 @@ forward pass, so these tests do not depend on the forward rules.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -258,8 +259,15 @@ def test_options_fail_on_ignore_select_and_tolerance(models: pytest.Pytester) ->
         ),
         (["--bncheck-tolerance=ema_rtol"], "*'ema_rtol' is not NAME=VALUE*"),
         (["--bncheck-tolerance=ema_rtol=lots"], "*tolerance 'ema_rtol' must be a number*"),
-        (["--bncheck-input-shape=8,3,big"], "*'8,3,big' is not an input shape*"),
-        (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a factory spec; give module:callable*"),
+        (["--bncheck-input-shape=8,3,big"], "*bad shape '8,3,big': expected comma-separated*"),
+        (["--bncheck-input-shape=32"], "*32 has no batch dimension: give N,C*"),
+        (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a model spec; give module:callable*"),
+        (["--bncheck-per-layer-ignores=features.*"], "*'features.*' is not GLOB:RULE*"),
+        (
+            ["--bncheck-per-layer-ignores=features.*:bias_before_bn"],
+            "*did you mean 'bias-before-bn'*",
+        ),
+        (["--bncheck-model-arg=1x=2"], "*'1x=2' is not NAME=VALUE*"),
         (["--bncheck-select=,"], "*names no rule*"),
         (["--bncheck-ignore=all"], "*ignore='all' would check nothing*"),
     ],
@@ -306,8 +314,8 @@ def test_ini_keys_and_precedence(models: pytest.Pytester) -> None:
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "bncheck *: fail_on=warning, select=all, ignore=none, "
-            "tolerances=eval_rtol=0.001,momentum_max=0.6"
+            "bncheck *: --bncheck-fail-on=warning --bncheck-tolerance=eval_rtol=0.001 "
+            "--bncheck-tolerance=momentum_max=0.6"
         ]
     )
     # the command line beats ini; the marker beats the command line
@@ -331,18 +339,32 @@ def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     )
 
 
-def test_report_header_shows_the_effective_settings(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+def test_report_header_is_a_command_line_that_reproduces_the_settings(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        "def test_settings(bncheck):\n    print('SETTINGS', bncheck.settings.describe())\n"
+    )
+    pytester.makepyprojecttoml(
+        """
+        [tool.bncheck]
+        per-layer-ignores = { "features.*" = ["bias-before-bn"] }
+        tolerances = { momentum_max = 0.4 }
+        """
+    )
     result = pytester.runpytest(
+        "-s",
         "--bncheck-fail-on=warning",
         "--bncheck-ignore=dead-channels",
         "--bncheck-tolerance=ema_rtol=2",
     )
-    result.stdout.fnmatch_lines(
-        ["bncheck *: fail_on=warning, select=all, ignore=dead-channels, tolerances=ema_rtol=2"]
-    )
-
-
+    header = next(line for line in result.outlines if line.startswith("bncheck "))
+    settings = next(line for line in result.outlines if "SETTINGS" in line)
+    assert header.startswith("bncheck ") and "[config: " in header
+    pasted = shlex.split(header.split(": ", 1)[1].split(" [config: ")[0])
+    assert "--bncheck-per-layer-ignores=features.*:bias-before-bn" in pasted
+    again = pytester.runpytest("-s", "--bncheck-no-config", *pasted)
+    assert next(line for line in again.outlines if "SETTINGS" in line) == settings
 def test_zero_code_mode_collects_one_audit_per_factory(models: pytest.Pytester) -> None:
     result = models.runpytest(
         "-v",
