@@ -59,7 +59,8 @@ def _repo_path(source: str | None) -> str | None:
 
 
 def to_github(report: Report) -> str:
-    """One workflow command per finding, then a ``::notice`` with the headline."""
+    """One workflow command per finding; stale per-layer ignores as warnings; suppression and
+    baseline counts and the headline as notices."""
     file = _repo_path(report.source)
     lines = []
     for f in report.findings:
@@ -71,6 +72,11 @@ def to_github(report: Report) -> str:
         lines.append(
             f"::{_COMMAND[f.severity.value]} {','.join(props)}::{escape_data(where + f.message)}"
         )
+    for note in report.notes:
+        if "matched no finding" in note:  # a stale per-layer ignore
+            lines.append(f"::warning title=bncheck stale suppression::{escape_data(note)}")
+        elif note.startswith(("baseline:", "suppressed")) or " suppressed by " in note:
+            lines.append(f"::notice title=bncheck::{escape_data(note)}")
     lines.append(f"::notice title=bncheck::{escape_data(report.headline())}")
     return "\n".join(lines) + "\n"
 
