@@ -219,12 +219,14 @@ def apply_per_layer_ignores(
     per_layer_ignores: Mapping[str, Sequence[str]],
     *,
     show: bool = False,
+    note_stale: bool = True,
 ) -> tuple[Report, list[Suppressed], list[str]]:
     """Drop the findings a per-layer ignore matches.
 
     Returns the new report (with a note counting what was suppressed, and with ``show`` one
     note per suppressed finding naming the pattern), the suppressed findings, and the stale
-    patterns (those that matched no finding: each gets a note too).
+    patterns (those that matched no finding: each gets a note too, unless ``note_stale`` is
+    False, as in pytest, where staleness is judged over the whole session).
     """
     from .report import Report
 
@@ -253,7 +255,7 @@ def apply_per_layer_ignores(
                 f"{s.finding.layer or '(model)'} (matched {s.pattern!r})"
                 for s in suppressed
             )
-    for glob in stale:
+    for glob in stale if note_stale else ():
         notes.append(
             f"per-layer ignore {glob!r}: {','.join(per_layer_ignores[glob])} matched no "
             "finding (a stale suppression? remove it)"

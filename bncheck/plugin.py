@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -439,7 +440,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash.get(_STATE, None)
     if state is None:
         return []
-    line = f"bncheck {__version__}: {state.base.command_line(state.baseline_path)}"
+    baseline = state.baseline_path
+    if baseline is not None:
+        relative = os.path.relpath(baseline, config.invocation_params.dir)
+        baseline = baseline if relative.startswith("..") else relative
+    line = f"bncheck {__version__}: {state.base.command_line(baseline)}"
     if state.config_file is not None:
         line += f" [config: {state.config_file}]"
     lines = [line]
@@ -506,11 +511,17 @@ class BNCheckFixture:
     """
 
     def __init__(
-        self, settings: BNCheckSettings, nodeid: str = "", baseline: Baseline | None = None
+        self,
+        settings: BNCheckSettings,
+        nodeid: str = "",
+        baseline: Baseline | None = None,
+        recording: bool = False,
     ) -> None:
         self.settings = settings
         self.nodeid = nodeid
         self.baseline = baseline
+        #: ``--bncheck-update-baseline``: findings are recorded, none fails the test
+        self.recording = recording
         self.reports: list[Report] = []
 
     def __repr__(self) -> str:
@@ -551,6 +562,8 @@ class BNCheckFixture:
         __tracebackhide__ = True
         threshold = self.settings.fail_on if fail_on is None else options.fail_on(fail_on)
         report = self.audit(model, example_input, **kwargs)
+        if self.recording:
+            return report
         if report.failed(threshold):
             raise BNCheckFailure(failure_text(report, threshold, title="bncheck"), report)
         if report.forward_error is not None:
@@ -570,7 +583,9 @@ def _gated(
     from .baseline import split_report
     from .config import apply_per_layer_ignores
 
-    report, suppressed, _ = apply_per_layer_ignores(report, settings.per_layer_ignores)
+    report, suppressed, _ = apply_per_layer_ignores(
+        report, settings.per_layer_ignores, note_stale=False
+    )
     used: dict[str, int] = {}
     for s in suppressed:
         used[s.pattern] = used.get(s.pattern, 0) + 1
@@ -599,6 +614,7 @@ def bncheck(request: pytest.FixtureRequest) -> BNCheckFixture:
         _settings_for(request.node),
         request.node.nodeid,
         state.baseline if state is not None else None,
+        recording=state is not None and state.update_baseline,
     )
 
 
