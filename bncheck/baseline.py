@@ -1,16 +1,16 @@
 """Baselines: the findings a team has accepted, so CI fails only on new ones.
 
 A finding's fingerprint is ``(source, rule, layer, cause)``: the cause is the rule's
-``details["cause"]`` when the rule names one, else its message without the layer label, the
-hint and every number (so measured values, which change with the machine, the torch version
+``details["cause"]`` when the rule names one, else its message without the layer label and
+without every number (so measured values, which change with the machine, the torch version
 and the random input, never change a fingerprint). The file is JSON, sorted, one entry per
 fingerprint, so it diffs well in review::
 
     {
       "bncheck_baseline": 1,
       "findings": [
-        {"cause": "conv bias before BN is cancelled by the mean subtraction",
-         "count": 1, "layer": "features.0", "rule": "bias-before-bn",
+        {"cause": "momentum = # > #: each update keeps only # of the running ...",
+         "count": 1, "layer": "head.2", "rule": "keras-momentum",
          "severity": "warning", "source": "model.pt"}
       ]
     }
@@ -39,15 +39,18 @@ __all__ = ["VERSION", "Baseline", "Comparison", "cause_of", "fingerprint", "load
 #: Version of the file format (the ``bncheck_baseline`` field).
 VERSION = 1
 
+# a number on its own (not the digits of a name such as BatchNorm2d, conv1 or features.3)
 _NUMBER = re.compile(
-    r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?%?|\b(?:nan|inf|infinity)\b", re.IGNORECASE
+    r"(?<![\w.])[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?%?|(?:nan|inf(?:inity)?)\b)",
+    re.IGNORECASE,
 )
 _SPACES = re.compile(r"\s+")
 Key = tuple[str, str, str, str]
 
 
 def cause_of(finding: Finding) -> str:
-    """The kind of cause of a finding, without measured numbers."""
+    """The kind of cause of a finding, without measured numbers (the hint stays: it is fixed
+    text, and telling where it starts is not reliable)."""
     cause = finding.details.get("cause")
     if isinstance(cause, str) and cause.strip():
         return cause.strip()
@@ -55,7 +58,6 @@ def cause_of(finding: Finding) -> str:
     if finding.layer and text.startswith(finding.layer):
         head, sep, rest = text.partition(": ")
         text = rest if sep else text
-    text = text.split(" - ", 1)[0]  # drop the hint
     text = _NUMBER.sub("#", text)
     return _SPACES.sub(" ", text).strip()
 

@@ -713,12 +713,13 @@ def run_audit(args: argparse.Namespace) -> int:
         baseline.write(stored, args.baseline)
         _info(
             f"wrote {len(report.findings)} finding(s) of {source} to the baseline "
-            f"{args.baseline} ({len(before.new)} added, {len(before.fixed)} dropped as fixed)"
+            f"{_shown_path(args.baseline)} ({len(before.new)} added, {len(before.fixed)} "
+            "dropped as fixed)"
         )
     elif accepted is not None:
         comparison = accepted.compare(report.findings, source)
         report = baseline.split_report(report, comparison)
-        _info(f"baseline {args.baseline}: {comparison.summary()}")
+        _info(f"baseline {_shown_path(args.baseline)}: {comparison.summary()}")
     text = annotate.render(report, args.format)
     if not text.endswith("\n"):
         text += "\n"
@@ -746,6 +747,12 @@ def _baseline_source(args: argparse.Namespace) -> str:
     if args.path is None:
         return str(args.arch)
     return os.path.normpath(args.path).replace(os.sep, "/")
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def _info(message: str) -> None:

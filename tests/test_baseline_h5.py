@@ -26,26 +26,27 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
-def test_cause_drops_the_layer_label_the_hint_and_every_number():
+def test_cause_drops_the_layer_label_and_every_measured_number():
     a = Finding(
         "keras-momentum",
         Severity.WARNING,
         "features.1",
-        "features.1 (BatchNorm2d): momentum = 0.9 > 0.5: each update keeps only 10% of the "
-        "running statistics - use momentum=0.1",
+        "features.1 (BatchNorm2d): its input comes from features.0 (Conv2d); momentum = 0.9 > "
+        "0.5: each update keeps only 10% of the running statistics - use momentum=0.1 (= 1 - 0.9)",
     )
     b = Finding(
         "keras-momentum",
         Severity.WARNING,
         "features.1",
-        "features.1 (BatchNorm2d): momentum = 0.99 > 0.5: each update keeps only 1% of the "
-        "running statistics - use momentum=0.01 (= 1 - 0.99)",
+        "features.1 (BatchNorm2d): its input comes from features.0 (Conv2d); momentum = 0.99 > "
+        "0.5: each update keeps only 1% of the running statistics - use momentum=0.01 "
+        "(= 1 - 0.99)",
     )
     assert baseline.cause_of(a) == baseline.cause_of(b)
-    assert (
-        baseline.cause_of(a)
-        == "momentum = # > #: each update keeps only # of the running statistics"
-    )
+    assert baseline.cause_of(a) == (
+        "its input comes from features.0 (Conv2d); momentum = # > #: each update keeps only # "
+        "of the running statistics - use momentum=# (= # - #)"
+    )  # names with digits (features.0, Conv2d) are kept: they are not measurements
     assert baseline.fingerprint(a, "m.pt") == baseline.fingerprint(b, "m.pt")
     assert baseline.fingerprint(a, "m.pt") != baseline.fingerprint(a, "other.pt")
 
