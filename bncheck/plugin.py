@@ -695,6 +695,14 @@ def pytest_runtest_makereport(
     return report
 
 
+def _shown(path: str | None) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    if path is None:
+        return ""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 class _AuditCollector:
     """Collects the audits of every test report (local or from xdist workers); on the
     controller, reports stale per-layer ignores and the baseline counts, and writes the
@@ -737,9 +745,11 @@ class _AuditCollector:
                 "(a stale suppression? remove it)"
             )
         if self.state.baseline is not None:
+            known = baseline["known"]
             lines.append(
-                f"baseline {self.state.baseline_path}: {baseline['known']} findings in the "
-                f"baseline, {baseline['new']} new, {baseline['fixed']} fixed (no longer found)"
+                f"baseline {_shown(self.state.baseline_path)}: {known} finding"
+                f"{'s' if known != 1 else ''} in the baseline, {baseline['new']} new, "
+                f"{baseline['fixed']} fixed (no longer found)"
             )
         return lines
 
@@ -772,7 +782,9 @@ class _AuditCollector:
         except UsageError as exc:
             return f"error: {exc}"
         total = sum(len(f) for f in by_test.values())
-        return f"wrote {total} finding(s) of {len(by_test)} test(s) to the baseline {path}"
+        return (
+            f"wrote {total} finding(s) of {len(by_test)} test(s) to the baseline {_shown(path)}"
+        )
 
 
 # ---- zero-code mode ---------------------------------------------------------------------------

@@ -715,7 +715,7 @@ def test_baseline_accepts_known_findings_and_fails_new_ones(
     result.assert_outcomes(passed=1)
     result = models.runpytest("--bncheck-baseline=b.json")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["baseline *b.json: 1 findings in the baseline, 0 new, 0 fixed*"])
+    result.stdout.fnmatch_lines(["baseline *b.json: 1 finding in the baseline, 0 new, 0 fixed*"])
     monkeypatch.setenv("WHICH", "zero_eps")
     result = models.runpytest("--bncheck-baseline=b.json")
     result.assert_outcomes(failed=1)
