@@ -782,9 +782,7 @@ class _AuditCollector:
         except UsageError as exc:
             return f"error: {exc}"
         total = sum(len(f) for f in by_test.values())
-        return (
-            f"wrote {total} finding(s) of {len(by_test)} test(s) to the baseline {_shown(path)}"
-        )
+        return f"wrote {total} finding(s) of {len(by_test)} test(s) to the baseline {_shown(path)}"
 
 
 # ---- zero-code mode ---------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def loader(batch_size: int) -> torch.utils.data.DataLoader:
     )
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice (num_workers, logging)
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # Lightning's use of a torch deprecation
 @pytest.mark.parametrize(("batch_size", "found"), [(2, {"small-batch"}), (8, set())])
 def test_callback_watches_a_real_trainer(batch_size: int, found: set[str]) -> None:
     from bncheck.lightning import lightning_callback
