@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError, did_you_mean
+from .report import FAIL_ON_CHOICES
 
 __all__ = [
     "OPTIONS",
@@ -45,8 +46,6 @@ __all__ = [
     "tolerances",
 ]
 
-#: Values of ``fail-on`` (the same as :data:`bncheck.report.FAIL_ON_CHOICES`).
-FAIL_ON_CHOICES = ("error", "warning", "info", "never")
 #: ``--arch`` / ``--bncheck-model`` prefixes naming a model zoo instead of a Python module.
 ZOO_PREFIXES = ("torchvision", "timm")
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"

@@ -339,3 +339,64 @@ def test_command_line_round_trips_through_the_parsers():
         "--fail-on=warning --select=invalid-eps,keras-momentum --tolerance=momentum_max=0.7 "
         "'--per-layer-ignores=features.*:bias-before-bn'"
     )
+
+
+def _engine_takes_config() -> bool:
+    import inspect
+
+    from bncheck.engine import audit
+
+    return "config" in inspect.signature(audit).parameters
+
+
+@pytest.mark.skipif(not _engine_takes_config(), reason="engine.audit(config=) not wired yet")
+def test_bncheck_audit_takes_a_config_and_reads_no_file(project):
+    from cli_factories import static_findings
+
+    import bncheck
+
+    write_pyproject(project, 'select = "dead-channels"\n')  # must not be read
+    cfg = {
+        "select": "invalid-eps,keras-momentum",
+        "per-layer-ignores": {"head.*": ["invalid-eps"]},
+        "tolerances": {"momentum_max": 0.95},
+    }
+    report = bncheck.audit(static_findings(), config=cfg)
+    assert report.findings == [] and report.settings["suppressed"] == 1
+    report = bncheck.audit(static_findings(), config=config.from_mapping(cfg), momentum_max=0.5)
+    assert [f.rule for f in report.findings] == ["keras-momentum"]  # the argument wins
+    with pytest.raises(UsageError, match="unknown key 'selct'"):
+        bncheck.audit(static_findings(), config={"selct": "x"})
+
+
+@pytest.mark.slow
+def test_console_script_reads_the_config_and_reports_a_bad_one(project):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    write_pyproject(project, f'arch = "{ARCH}"\nselect = "{SELECT}"\nfail-on = "never"\n')
+    ok = subprocess.run(
+        [sys.executable, "-m", "bncheck", "audit", "--format", "github"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=project / "sub",
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr  # fail-on = never, found from a sub folder
+    assert "::error title=bncheck invalid-eps::head.1" in ok.stdout
+    write_pyproject(project, 'fail-on = "sometimes"\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "bncheck", "audit", "--arch", ARCH],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=project,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("bncheck: error: ") and "fail-on: 'sometimes'" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1 and "Traceback" not in bad.stderr
