@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -448,9 +449,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if state.config_file is not None:
         line += f" [config: {state.config_file}]"
     lines = [line]
-    if state.models:
-        shape = ",".join(map(str, state.input_shape)) if state.input_shape else "none"
-        lines.append(f"bncheck models: {' '.join(state.models)} (input shape {shape})")
+    if state.models:  # zero-code mode, as options too
+        parts = [f"--bncheck-model={spec}" for spec in state.models]
+        parts += [f"--bncheck-model-arg={k}={v!r}" for k, v in state.model_args.items()]
+        if state.input_shape:
+            parts.append(f"--bncheck-input-shape={','.join(map(str, state.input_shape))}")
+        lines.append("bncheck models: " + " ".join(shlex.quote(p) for p in parts))
     return lines
 
 

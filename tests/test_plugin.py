@@ -380,7 +380,8 @@ def test_zero_code_mode_collects_one_audit_per_factory(models: pytest.Pytester) 
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "bncheck models: zoo_models:good zoo_models:zero_eps (input shape 4,3,8,8)",
+            "bncheck models: --bncheck-model=zoo_models:good --bncheck-model=zoo_models:zero_eps "
+            "--bncheck-input-shape=4,3,8,8",
             "bncheck[[]zoo_models:good[]] PASSED*",
             "bncheck[[]zoo_models:zero_eps[]] FAILED*",
             "*bncheck: 1 finding at or above fail_on='error' in zoo_models:zero_eps*",
