@@ -721,3 +721,16 @@ def test_baseline_accepts_known_findings_and_fails_new_ones(
     result = models.runpytest("--bncheck-baseline=b.json")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["baseline *b.json: 0 findings in the baseline, 1 new, 1 fixed*"])
+
+
+def test_zero_code_input_shape_from_tool_bncheck(models: pytest.Pytester) -> None:
+    models.makepyprojecttoml('[tool.bncheck]\ninput-shape = "2,3,8,8"\n')
+    result = models.runpytest("--bncheck-model", "zoo_models:good")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["bncheck models: --bncheck-model=zoo_models:good --bncheck-input-shape=2,3,8,8"]
+    )
+    models.makepyprojecttoml('[tool.bncheck]\ninput-shape = "8"\n')
+    result = models.runpytest("--bncheck-model", "zoo_models:good")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*input-shape: 8 has no batch dimension*"])
