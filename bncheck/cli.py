@@ -17,12 +17,14 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from . import options
 from ._version import __version__
 from .errors import BNCheckError, InputError, UsageError, did_you_mean
 from .report import FAIL_ON_CHOICES
@@ -35,8 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["main", "build_parser", "parse_shape", "FORMATS"]
 
-#: Values of ``--format``.
-FORMATS = ("table", "json", "markdown", "sarif")
+#: Values of ``--format`` and of ``--output-format FMT=FILE``.
+FORMATS = ("table", "json", "markdown", "sarif", "github", "gitlab")
+#: Values of ``--color``.
+COLOR_CHOICES = ("auto", "always", "never")
 #: Batch size of a synthetic input (and of a large one, e.g. 224x224 images).
 SYNTHETIC_BATCH = 4
 SYNTHETIC_BATCH_LARGE = 2
@@ -71,18 +75,41 @@ def _choice(name: str, choices: Sequence[str]) -> Any:
     return parse
 
 
+def _option_type(validate: Any, name: str | None = None) -> Any:
+    """An argparse ``type=`` from a validator of :mod:`bncheck.options` (UsageError -> one
+    argparse error line)."""
+
+    def convert(value: str) -> Any:
+        try:
+            return validate(value)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name or validate.__name__.strip("_")
+    return convert
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"8,3,32,32"`` (or ``8x3x32x32``) -> ``(8, 3, 32, 32)``; every size a positive integer."""
-    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    """``"8,3,32,32"`` (or ``8x3x32x32``) -> ``(8, 3, 32, 32)``; every size a positive integer
+    (:func:`bncheck.options.parse_shape`; the batch rule is :func:`bncheck.options.input_shape`)."""
     try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
+        return options.parse_shape(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _output_format(text: str) -> tuple[str, str]:
+    """``sarif=bncheck.sarif`` -> ``("sarif", "bncheck.sarif")``."""
+    fmt, sep, path = text.partition("=")
+    fmt = fmt.strip()
+    if not sep or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not FMT=FILE (e.g. sarif=bncheck.sarif)")
+    if fmt not in FORMATS:
         raise argparse.ArgumentTypeError(
-            f"bad shape {text!r}: expected comma-separated positive integers such as 8,3,32,32"
-        ) from None
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: every size must be >= 1")
-    return shape
+            f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; "
+            f"choose one of {', '.join(FORMATS)}"
+        )
+    return fmt, path.strip()
 
 
 def _positive_int(text: str) -> int:
@@ -100,8 +127,13 @@ examples:
   bncheck audit --arch vgg16_bn_small             audit a freshly built reference model
   bncheck audit model.pt --arch vgg16_bn          a state dict with a built-in architecture
   bncheck audit ckpt.pt --arch mypkg.nets:build   ... or with your own factory
+  bncheck audit ckpt.pt --arch torchvision:resnet50 --arch-arg num_classes=10
   bncheck audit model.ts                          a TorchScript or torch.export archive
-  bncheck audit ckpt.pt --arch vgg16_bn --format sarif --output bncheck.sarif
+  bncheck audit ckpt.pt --arch vgg16_bn --format github --output-format sarif=bncheck.sarif
+  bncheck audit ckpt.pt --arch vgg16_bn --baseline bncheck-baseline.json
+
+settings also come from [tool.bncheck] in the nearest pyproject.toml (or bncheck.toml);
+flags win over it. See docs/cli.md and docs/ci.md.
 
 exit codes: 0 no finding at or above --fail-on, 1 findings at or above it,
             2 usage error or the file could not be loaded
@@ -131,14 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the file to audit; without it, --arch builds a fresh model",
     )
-    audit.add_argument(
+    model = audit.add_argument_group("model and input")
+    model.add_argument(
         "--arch",
         metavar="NAME|module:callable",
         help="the architecture of a state dict: a built-in name (vgg11_bn, "
-        "vgg13_bn, vgg16_bn, vgg19_bn, vgg16_bn_small) or "
-        "pkg.module:callable returning an nn.Module",
+        "vgg13_bn, vgg16_bn, vgg19_bn, vgg16_bn_small), torchvision:NAME, timm:NAME "
+        "(built without downloading weights) or pkg.module:callable returning an nn.Module",
     )
-    audit.add_argument(
+    model.add_argument(
+        "--arch-arg",
+        type=_option_type(options.arch_arg, "NAME=VALUE"),
+        action="append",
+        metavar="NAME=VALUE",
+        help="keyword argument of the --arch factory (repeatable); VALUE is a Python literal "
+        "(10, 0.5, True, None, 'text', (1, 2)), anything else a string",
+    )
+    model.add_argument(
         "--input-shape",
         type=parse_shape,
         metavar="N,C,H,W",
@@ -147,48 +188,115 @@ def build_parser() -> argparse.ArgumentParser:
         "first conv/linear layer; a shape only, not judged by the batch-size "
         "rules (see --batch-size)",
     )
-    audit.add_argument(
+    model.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="N",
         help="batch size you train with: the batch-size rules judge it",
     )
-    audit.add_argument(
-        "--format",
-        type=_choice("format", FORMATS),
-        default="table",
-        metavar="{" + ",".join(FORMATS) + "}",
-        help="report format (default: table)",
-    )
-    audit.add_argument(
-        "--output",
-        "-o",
-        metavar="FILE",
-        help="write the report to FILE (atomically) instead of stdout",
-    )
-    audit.add_argument(
-        "--fail-on",
-        type=_choice("--fail-on value", FAIL_ON_CHOICES),
-        default="error",
-        metavar="{" + ",".join(FAIL_ON_CHOICES) + "}",
-        help="exit 1 when a finding is at or above this severity (default: error)",
-    )
-    audit.add_argument(
-        "--select", metavar="IDS", help="comma-separated rule ids to run (default: all)"
-    )
-    audit.add_argument("--ignore", metavar="IDS", help="comma-separated rule ids to skip")
-    audit.add_argument(
+    model.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow unpickling a full pickled module: this runs code from the "
         "file, so only for files you trust",
     )
-    audit.add_argument(
+    rule_opts = audit.add_argument_group("rules")
+    rule_opts.add_argument(
+        "--select",
+        type=_option_type(options.rule_ids, "rule ids"),
+        metavar="IDS",
+        help="comma-separated rule ids to run (default: all)",
+    )
+    rule_opts.add_argument(
+        "--ignore",
+        type=_option_type(options.ignored_ids, "rule ids"),
+        metavar="IDS",
+        help="comma-separated rule ids to skip",
+    )
+    rule_opts.add_argument(
+        "--tolerance",
+        type=_option_type(options.tolerance_pair, "NAME=VALUE"),
+        action="append",
+        metavar="NAME=VALUE",
+        help="override a rule tolerance, e.g. ema_rtol=2 (repeatable; `bncheck rules` lists them)",
+    )
+    rule_opts.add_argument(
+        "--per-layer-ignores",
+        type=_option_type(options.per_layer_ignore, "GLOB:RULE[,RULE]"),
+        action="append",
+        metavar="GLOB:RULE[,RULE]",
+        help="do not report these rules on layers whose qualified name matches GLOB, e.g. "
+        "'features.*:bias-before-bn' (repeatable)",
+    )
+    rule_opts.add_argument(
+        "--show-suppressed",
+        action="store_true",
+        help="list the findings the per-layer ignores suppressed, with the pattern that matched",
+    )
+    rule_opts.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from FILE (a pyproject.toml with [tool.bncheck], or a bncheck.toml) "
+        "instead of the one found from the current directory",
+    )
+    rule_opts.add_argument(
+        "--no-config", action="store_true", help="ignore every configuration file"
+    )
+    gate = audit.add_argument_group("exit code and baseline")
+    gate.add_argument(
+        "--fail-on",
+        type=_option_type(options.fail_on, "--fail-on value"),
+        metavar="{" + ",".join(FAIL_ON_CHOICES) + "}",
+        help="exit 1 when a finding is at or above this severity (default: error)",
+    )
+    gate.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="accepted findings: exit 1 only for findings not in FILE (see --update-baseline)",
+    )
+    gate.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help="write this audit's findings into the --baseline file (entries of other files "
+        "it holds are kept) and exit 0",
+    )
+    out = audit.add_argument_group("output")
+    out.add_argument(
+        "--format",
+        type=_choice("format", FORMATS),
+        default="table",
+        metavar="{" + ",".join(FORMATS) + "}",
+        help="report format on stdout (or --output): table (default), json, markdown, sarif, "
+        "github (workflow commands: annotations on a GitHub Actions run), gitlab (Code Quality)",
+    )
+    out.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write the --format report to FILE (atomically) instead of stdout",
+    )
+    out.add_argument(
+        "--output-format",
+        type=_output_format,
+        action="append",
+        metavar="FMT=FILE",
+        help="also write the report in FMT to FILE (repeatable), e.g. "
+        "--format github --output-format sarif=bncheck.sarif",
+    )
+    out.add_argument(
+        "--color",
+        type=_choice("--color value", COLOR_CHOICES),
+        default="auto",
+        metavar="{auto,always,never}",
+        help="colour the table by severity: auto (default) when stdout is a terminal and "
+        "NO_COLOR is not set",
+    )
+    out.add_argument(
         "--progress",
         action="store_true",
-        help="show progress on stderr (default: only when stderr is a terminal)",
+        help="show progress on stderr (default: a progress bar when stderr is a terminal)",
     )
-    audit.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     audit.set_defaults(handler=run_audit)
 
     rules = commands.add_parser(
@@ -212,25 +320,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- progress --------------------------------------------------------------------------------
-class Progress:
-    """Progress lines on stderr, only when asked or when stderr is a terminal."""
+# ---- progress and colour ----------------------------------------------------------------------
+#: Seconds of work before the progress bar appears (quick audits never show one).
+PROGRESS_DELAY = 2.0
 
-    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+
+class Progress:
+    """Progress on stderr: a tqdm bar when stderr is a terminal (shown only for work that
+    takes more than :data:`PROGRESS_DELAY` seconds), one line per stage with ``--progress``
+    when it is not, nothing otherwise.
+
+    Each call names the stage that starts now; the bar counts :attr:`STAGES` stages (load or
+    build, audit, report) and shows the elapsed time.
+    """
+
+    STAGES = 3
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None, bar: bool = False) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.start = time.perf_counter()
+        self._bar: Any = None
+        self._steps = 0
+        if enabled and bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.STAGES,
+                file=self.stream,
+                delay=PROGRESS_DELAY,
+                mininterval=0,  # a handful of stage updates: draw each one
+                leave=False,
+                dynamic_ncols=True,
+                bar_format="bncheck: {desc} {bar} [{elapsed}]",
+            )
+            # tqdm redraws only on updates; a stage (one long audit) has none, so a daemon
+            # thread redraws the bar (and its elapsed time) once the delay has passed
+            self._stop = threading.Event()
+            threading.Thread(target=self._redraw, daemon=True).start()
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(0.5):
+            bar = self._bar
+            if bar is not None and time.perf_counter() - self.start >= PROGRESS_DELAY:
+                bar.refresh()
 
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> Progress:
         stream = sys.stderr
         isatty = getattr(stream, "isatty", None)
-        return cls(bool(args.progress) or bool(isatty and isatty()), stream)
+        terminal = bool(isatty and isatty())
+        return cls(bool(args.progress) or terminal, stream, bar=terminal)
 
     def __call__(self, message: str) -> None:
-        if self.enabled:
-            elapsed = time.perf_counter() - self.start
-            print(f"bncheck: [{elapsed:5.1f}s] {message}", file=self.stream, flush=True)
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(message.rstrip("."), refresh=False)
+            if self._steps and self._steps <= self.STAGES:
+                self._bar.update(1)  # the previous stage is done (drawn once past the delay)
+            elif time.perf_counter() - self.start >= PROGRESS_DELAY:
+                self._bar.refresh()
+            self._steps += 1
+            if message == "done":
+                self.close()
+            return
+        elapsed = time.perf_counter() - self.start
+        print(f"bncheck: [{elapsed:5.1f}s] {message}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._stop.set()
+            bar, self._bar = self._bar, None
+            bar.close()
+
+
+_ANSI = {"error": "\033[1;31m", "warning": "\033[33m", "info": "\033[36m"}
+_RESET = "\033[0m"
+
+
+def use_color(choice: str, stream: TextIO | None = None) -> bool:
+    """``--color``: ``always``, ``never``, or (``auto``) when ``stream`` is a terminal and the
+    ``NO_COLOR`` environment variable is unset or empty (https://no-color.org)."""
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    stream = stream if stream is not None else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def colorize(text: str) -> str:
+    """The table with its severity words (rows and headline counts) coloured."""
+    import re
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        word = line.split(" ", 1)[0]
+        if word in _ANSI:
+            lines[i] = f"{_ANSI[word]}{word}{_RESET}{line[len(word) :]}"
+        elif line.startswith("bncheck: ") and i == 0:
+            lines[i] = re.sub(
+                r"\b([1-9]\d*) (errors?|warnings?|info)\b",
+                lambda m: f"{_ANSI[m.group(2).rstrip('s')]}{m.group(0)}{_RESET}",
+                line,
+            )
+    return "\n".join(lines)
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -422,34 +618,150 @@ def _own_forward_error(model: nn.Module, x: Any) -> str | None:
     return None
 
 
-# ---- audit -----------------------------------------------------------------------------------
-def run_audit(args: argparse.Namespace) -> int:
-    from .checks.registry import resolve_rule_ids
+# ---- audit ----------------------------------------------------------------------------------
+def effective_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Flags over ``[tool.bncheck]`` over defaults, validated: fills in ``args`` (``select``,
+    ``ignore``, ``fail_on``, ``tolerances``, ``per_layer_ignores``, ``input_shape`` with the
+    batch first, ``arch``, ``arch_args``, ``baseline``) and sets ``args.config_file``."""
+    from . import config as config_mod
 
+    cfg = config_mod.load_for(args.config, disabled=args.no_config)
+    args.config_file = cfg.path
+    if args.select is None and cfg.select is not None:
+        args.select = cfg.select
+    if args.ignore is None and cfg.ignore is not None:
+        args.ignore = cfg.ignore
+    args.fail_on = args.fail_on or cfg.fail_on or "error"
+    args.tolerances = {**cfg.tolerances, **dict(args.tolerance or ())}
+    flagged: dict[str, tuple[str, ...]] = {}
+    for glob, ids in args.per_layer_ignores or ():
+        flagged[glob] = tuple(dict.fromkeys((*flagged.get(glob, ()), *ids)))
+    args.per_layer_ignores = {**cfg.per_layer_ignores, **flagged}
+    args.arch = args.arch or cfg.arch
+    args.arch_args = {**cfg.arch_args, **dict(args.arch_arg or ())}
+    if args.arch_args and args.arch is None:
+        raise UsageError("--arch-arg needs --arch (the factory it is passed to)")
+    if args.input_shape is not None:
+        try:
+            args.input_shape = options.input_shape(args.input_shape, args.batch_size)
+        except UsageError as exc:
+            raise UsageError(
+                f"--input-shape {exc}"
+                + ("" if args.batch_size else " (or C,H,W with --batch-size N)")
+            ) from None
+    elif cfg.input_shape is not None:
+        shape = cfg.input_shape
+        args.input_shape = (args.batch_size, *shape[1:]) if args.batch_size else shape
+    args.baseline = args.baseline or cfg.baseline
+    if args.update_baseline and args.baseline is None:
+        raise UsageError("--update-baseline needs --baseline FILE (or baseline in [tool.bncheck])")
+    return args
+
+
+def _check_outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (format, file) pairs to write; none may be the audited file or the baseline."""
+    outputs = list(args.output_format or ())
+    if args.output:
+        outputs.insert(0, (args.format, args.output))
+    protected = {
+        Path(p).resolve(): what
+        for p, what in ((args.path, "the audited file"), (args.baseline, "the baseline"))
+        if p
+    }
+    for fmt, path in outputs:
+        what = protected.get(Path(path).resolve())
+        if what is not None:
+            raise UsageError(
+                f"the {fmt} report would overwrite {what} ({path}); choose another file"
+            )
+    return outputs
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from . import annotate, baseline
+    from .checks.registry import resolve_rule_ids
+    from .config import apply_per_layer_ignores
+
+    effective_settings(args)
     rule_ids = resolve_rule_ids(args.select, args.ignore)  # fail fast on unknown ids
     if args.path is None and args.arch is None:
         raise UsageError(
             "give a PATH to audit, or --arch NAME to audit a freshly built "
             "architecture (e.g. bncheck audit --arch vgg16_bn_small)"
         )
-    if args.input_shape is not None and args.batch_size is None and len(args.input_shape) < 2:
-        raise UsageError(
-            f"--input-shape {','.join(map(str, args.input_shape))} has no batch "
-            "dimension: give N,C,H,W (or C,H,W with --batch-size N)"
-        )
+    outputs = _check_outputs(args)
+    accepted = None
+    if args.baseline is not None and not args.update_baseline:
+        accepted = baseline.load(args.baseline)  # a missing file fails before the audit
     progress = Progress.for_args(args)
-    report = audit_command(args, rule_ids, progress)
-    text = report.render(args.format)
+    try:
+        report = audit_command(args, rule_ids, progress)
+    finally:
+        progress.close()
+    report, _, stale = apply_per_layer_ignores(
+        report, args.per_layer_ignores, show=args.show_suppressed
+    )
+    for glob in stale:
+        _warn(
+            f"per-layer ignore {glob!r} ({','.join(args.per_layer_ignores[glob])}) matched no "
+            "finding; remove it if the layer was fixed or renamed"
+        )
+    source = _baseline_source(args)
+    if args.update_baseline:
+        stored = baseline.load_or_empty(args.baseline)
+        before = stored.compare(report.findings, source)
+        stored.replace_source(report.findings, source)
+        baseline.write(stored, args.baseline)
+        _info(
+            f"wrote {len(report.findings)} finding(s) of {source} to the baseline "
+            f"{_shown_path(args.baseline)} ({len(before.new)} added, {len(before.fixed)} "
+            "dropped as fixed)"
+        )
+    elif accepted is not None:
+        comparison = accepted.compare(report.findings, source)
+        report = baseline.split_report(report, comparison)
+        _info(f"baseline {_shown_path(args.baseline)}: {comparison.summary()}")
+    text = annotate.render(report, args.format)
     if not text.endswith("\n"):
         text += "\n"
-    if args.output:
-        write_atomically(args.output, text)
-        progress(f"wrote the {args.format} report to {args.output}")
-        if progress.enabled:
-            print(report.headline(), file=sys.stderr)
-    else:
+    written = []
+    for fmt, path in outputs:
+        body = text if fmt == args.format else annotate.render(report, fmt)
+        write_atomically(path, body if body.endswith("\n") else body + "\n")
+        written.append(f"the {fmt} report to {path}")
+    if not args.output:
+        if args.format == "table" and use_color(args.color):
+            text = colorize(text)
         _write_stdout(text)
+    if written and progress.enabled:
+        print(f"bncheck: wrote {', '.join(written)}", file=sys.stderr)
+        if args.output:
+            print(report.headline(), file=sys.stderr)
+    if args.update_baseline:
+        return 0
     return 1 if report.failed(args.fail_on) else 0
+
+
+def _baseline_source(args: argparse.Namespace) -> str:
+    """What the baseline entries of this audit are filed under: the path as a normalised
+    relative path (the same on every machine that runs the same command), else the arch."""
+    if args.path is None:
+        return str(args.arch)
+    return os.path.normpath(args.path).replace(os.sep, "/")
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _info(message: str) -> None:
+    print(f"bncheck: {message}", file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"bncheck: warning: {message}", file=sys.stderr, flush=True)
 
 
 def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progress) -> Report:
@@ -464,12 +776,13 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         path = Path(args.path)
         size = path.stat().st_size if path.is_file() else 0
         progress(f"loading {args.path} ({size / 1e6:.1f} MB)...")
-        loaded = loading.load_model(path, args.arch, trust_pickle=args.trust_pickle)
+        arch = loading.resolve_arch(args.arch, args.arch_args) if args.arch else None
+        loaded = loading.load_model(path, arch, trust_pickle=args.trust_pickle)
         model = loaded.model
         source = str(args.path)
         arch_shape = loaded.input_shape
     else:
-        spec = loading.resolve_arch(args.arch)
+        spec = loading.resolve_arch(args.arch, args.arch_args)
         progress(f"building {spec.label}...")
         model = loading.build_arch(spec)
         source = spec.label
@@ -484,9 +797,7 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         if given:
             notes.append("--input-shape/--batch-size ignored: the model cannot be run")
     elif given:
-        if args.input_shape is not None and args.batch_size is not None:
-            shape = (args.batch_size, *args.input_shape)
-        elif args.input_shape is not None:
+        if args.input_shape is not None:  # batch first (effective_settings)
             shape = args.input_shape
         else:
             shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
@@ -535,6 +846,7 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         synthetic_input=synthetic,
         training_batch=None if synthetic else True,
         source=source,
+        **args.tolerances,
     )
 
     skipped = dict(report.skipped)
@@ -578,6 +890,7 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
         settings=report.settings,
         layers=report.layers,
         forward_error=report.forward_error,
+        incomplete=report.incomplete,
     )
 
 

@@ -112,6 +112,7 @@ def audit(
     synthetic_input: bool = False,
     training_batch: bool | None = None,
     source: str | None = None,
+    config: Any = None,
     **tolerances: Any,
 ) -> Report:
     """Check the BatchNorm layers of ``model`` and return a :class:`~bncheck.Report`.
@@ -133,6 +134,10 @@ def audit(
             statistics, whatever mode the model is in now (a checkpoint loaded in eval mode);
             ``False``: the batch-size rules do not judge it.
         source: what was audited (a file name), shown in the report.
+        config: settings as in ``[tool.bncheck]`` (a mapping or a loaded
+            :class:`bncheck.config.Config`): its ``select``/``ignore``/tolerances apply under
+            the explicit arguments, and its per-layer ignores filter the report. ``audit``
+            never reads a file itself: load one with :func:`bncheck.config.load`.
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
     The model is left exactly as it was, whatever happens (``KeyboardInterrupt`` included):
@@ -146,13 +151,24 @@ def audit(
     :class:`~bncheck.Report`).
     """
     _check_optimizer(optimizer)
+    if config is not None:  # [tool.bncheck] settings under the explicit arguments
+        from .config import audit_kwargs
+
+        merged = audit_kwargs(config, select=select, ignore=ignore, **tolerances)
+        select, ignore = merged.pop("select", None), merged.pop("ignore", None)
+        tolerances = merged
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
     with audit_lock(ctx.model), audit_pass(model, ctx.model):
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
         with preserved(ctx.model, optimizers) as snapshot:
-            return _audit(
+            report = _audit(
                 ctx, snapshot, example_input, optimizer, data, synthetic_input, training_batch, source
             )
+    if config is not None:
+        from .config import finish_report
+
+        report = finish_report(report, config)
+    return report
 
 
 def _check_optimizer(optimizer: Any) -> None:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import zoo
 from .errors import BNCheckError, LoadError, UsageError
 from .models import ARCHS, INPUT_SHAPES, get_arch
 
@@ -163,21 +164,27 @@ def isolated_rng(seed: int = 0) -> Iterator[None]:
 
 
 # ---- architectures ---------------------------------------------------------------------------
-def resolve_arch(spec: str) -> ArchSpec:
-    """``vgg16_bn`` (built in: ``bncheck.models.ARCHS``) or ``pkg.module:callable``.
+def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec:
+    """``vgg16_bn`` (built in: ``bncheck.models.ARCHS``), ``pkg.module:callable``, or a zoo
+    model ``torchvision:NAME`` / ``timm:NAME`` (:mod:`bncheck.zoo`).
 
     The factory is imported here (from the current directory too, like ``python -m``); it is
-    called by :func:`build_arch`. Errors are :class:`UsageError` with one line.
+    called by :func:`build_arch` with ``arch_args`` as keyword arguments. Errors are
+    :class:`UsageError` with one line.
     """
     spec = spec.strip()
+    kwargs = dict(arch_args or {})
+    if zoo.is_zoo_spec(spec):
+        zoo_factory, zoo_shape = zoo.resolve(spec, kwargs)
+        return ArchSpec(spec, zoo_factory, False, zoo_shape)
     if ":" not in spec:
         factory = get_arch(spec)
         return ArchSpec(
             spec,
-            factory,
+            functools.partial(factory, **kwargs),
             True,
             INPUT_SHAPES.get(spec),
-            meta_factory=functools.partial(factory, init_weights=False),
+            meta_factory=functools.partial(factory, init_weights=False, **kwargs),
         )
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -210,7 +217,7 @@ def resolve_arch(spec: str) -> ArchSpec:
             f"--arch {spec}: {attr_path} is a {type(target).__name__}, not a "
             "callable that returns an nn.Module"
         )
-    return ArchSpec(spec, target, False, None)
+    return ArchSpec(spec, functools.partial(target, **kwargs) if kwargs else target, False, None)
 
 
 def _first_line(exc: BaseException) -> str:

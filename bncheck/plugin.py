@@ -23,19 +23,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
+import os
+import shlex
 import sys
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import options
 from ._version import __version__
 from .checks.catalogue import TOLERANCES
-from .checks.registry import resolve_rule_ids, resolve_tolerances
+from .checks.registry import resolve_rule_ids
 from .errors import BNCheckError, UsageError, did_you_mean
-from .report import FAIL_ON_CHOICES, Finding, Report, Severity
+from .report import Finding, Report, Severity
 from .testing import BNCheckFailure, failure_text, report_recorder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,15 +47,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from _pytest.terminal import TerminalReporter
     from torch import nn
 
+    from .baseline import Baseline
+
 __all__ = ["BNCheckFixture", "BNCheckSettings", "BNCheckModelItem", "MARKER_KEYWORDS"]
 
 #: Keyword arguments the marker accepts besides the tolerance names.
-MARKER_KEYWORDS = ("select", "ignore", "fail_on")
+MARKER_KEYWORDS = ("select", "ignore", "fail_on", "per_layer_ignores")
 #: Seed of the zero-code input batches and of ``bncheck_example_batch``.
 SEED = 0
 #: Input shape of ``bncheck_example_batch`` (the reference model takes 32x32 images).
 EXAMPLE_BATCH_SHAPE = (8, 3, 32, 32)
-_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _SUMMARY_LIMIT = 10
 
 
@@ -62,8 +66,9 @@ class BNCheckSettings:
     """The effective settings of an audit: what fails a test, which rules, which tolerances.
 
     ``select`` is ``None`` for every rule. ``tolerances`` holds only the overridden ones.
-    ``sources`` says where each overridden setting came from (``ini``, ``command line`` or
-    ``marker``); a name missing from it has its default.
+    ``per_layer_ignores`` maps a glob on layer names to the rule ids not reported there.
+    ``sources`` says where each overridden setting came from (``[tool.bncheck]``, ``ini``,
+    ``command line`` or ``marker``); a name missing from it has its default.
     """
 
     fail_on: str = "error"
@@ -71,6 +76,7 @@ class BNCheckSettings:
     ignore: tuple[str, ...] = ()
     tolerances: Mapping[str, float | int] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
+    per_layer_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def audit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`bncheck.audit`."""
@@ -82,13 +88,17 @@ class BNCheckSettings:
 
     def layered(self, overrides: Mapping[str, Any], source: str) -> BNCheckSettings:
         """These settings updated by ``overrides`` (already validated): later layers win;
-        tolerances are merged name by name."""
+        tolerances and per-layer ignores are merged name by name (glob by glob)."""
         sources = dict(self.sources)
         updated = self
-        for key in MARKER_KEYWORDS:
+        for key in ("select", "ignore", "fail_on"):
             if overrides.get(key) is not None:
                 updated = replace(updated, **{key: overrides[key]})
                 sources[key] = source
+        if overrides.get("per_layer_ignores"):
+            merged = {**self.per_layer_ignores, **overrides["per_layer_ignores"]}
+            updated = replace(updated, per_layer_ignores=merged)
+            sources["per_layer_ignores"] = source
         tolerances = dict(self.tolerances)
         for name, value in overrides.items():
             if name in TOLERANCES:
@@ -100,92 +110,26 @@ class BNCheckSettings:
         select = ",".join(self.select) if self.select is not None else "all"
         ignore = ",".join(self.ignore) if self.ignore else "none"
         tols = ",".join(f"{k}={v:g}" for k, v in sorted(self.tolerances.items())) or "defaults"
-        return f"fail_on={self.fail_on}, select={select}, ignore={ignore}, tolerances={tols}"
+        text = f"fail_on={self.fail_on}, select={select}, ignore={ignore}, tolerances={tols}"
+        if self.per_layer_ignores:
+            text += ", per_layer_ignores=" + ";".join(
+                f"{glob}:{','.join(ids)}" for glob, ids in self.per_layer_ignores.items()
+            )
+        return text
 
-
-# ---- validation (shared by options, ini keys and the marker) --------------------------------
-def _fail_on(value: Any) -> str:
-    text = str(value).strip().lower()
-    if text not in FAIL_ON_CHOICES:
-        raise UsageError(
-            f"{value!r} is not one of {', '.join(FAIL_ON_CHOICES)}"
-            f"{did_you_mean(text, FAIL_ON_CHOICES)}"
+    def command_line(self, baseline: str | None = None) -> str:
+        """The pytest options that give these settings (paste them back to reproduce)."""
+        return options.command_line(
+            fail_on=self.fail_on,
+            select=self.select,
+            ignore=self.ignore,
+            tolerances=self.tolerances,
+            per_layer_ignores=self.per_layer_ignores,
+            baseline=baseline,
         )
-    return text
 
 
-def _rule_ids(value: Any) -> tuple[str, ...]:
-    """Rule ids from a comma-separated string or a sequence of them; ``all`` is every rule."""
-    if isinstance(value, str):
-        items = [value]
-    else:
-        try:
-            items = list(value)
-        except TypeError:
-            raise UsageError(
-                f"expected rule ids (a comma-separated string or a list of them), got "
-                f"{type(value).__name__} {value!r}"
-            ) from None
-    ids: list[str] = []
-    for item in items:
-        ids.extend(part.strip() for part in str(item).split(",") if part.strip())
-    if not ids:
-        raise UsageError("names no rule; give rule ids or 'all'")
-    resolve_rule_ids(select=ids)  # raises UsageError with a suggestion
-    return tuple(ids)
-
-
-def _ignored_ids(value: Any) -> tuple[str, ...]:
-    """Rule ids not to run; ``all`` is refused (it would check nothing)."""
-    ids = _rule_ids(value)
-    if "all" in ids:
-        resolve_rule_ids(ignore=ids)  # raises the UsageError that says why
-    return ids
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
-
-
-def _tolerance_pair(text: str) -> tuple[str, float | int]:
-    name, sep, raw = str(text).partition("=")
-    name = name.strip().replace("-", "_")
-    if not sep or not name:
-        raise UsageError(
-            f"{text!r} is not NAME=VALUE (e.g. ema_rtol=2); known tolerances: "
-            f"{', '.join(sorted(TOLERANCES))}"
-        )
-    value = resolve_tolerances({name: raw.strip()})[name]
-    return name, value
-
-
-def _input_shape(value: Any) -> tuple[int, ...]:
-    parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UsageError(
-            f"{value!r} is not an input shape; give positive integers N,C[,...] "
-            "separated by commas, e.g. 8,3,32,32"
-        )
-    return shape
-
-
-def _model_spec(value: Any) -> str:
-    text = str(value).strip()
-    if not _SPEC.match(text):
-        raise UsageError(
-            f"{value!r} is not a factory spec; give module:callable, e.g. "
-            "mypkg.models:build_model or bncheck.models:vgg16_bn_small"
-        )
-    return text
-
-
+# ---- validation: bncheck.options, with argparse's and pytest's error types -----------------------
 def _argparse_type(validate: Any) -> Any:
     """An argparse ``type=`` that turns bncheck's UsageError into argparse's error."""
 
@@ -207,7 +151,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="bncheck_fail_on",
         metavar="SEVERITY",
         default=None,
-        type=_argparse_type(_fail_on),
+        type=_argparse_type(options.fail_on),
         help="fail a bncheck audit on findings at or above this severity: "
         "error (default), warning, info or never. ini: bncheck_fail_on",
     )
@@ -217,7 +161,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="IDS",
         action="append",
         default=None,
-        type=_argparse_type(_rule_ids),
+        type=_argparse_type(options.rule_ids),
         help="run only these rules (comma-separated ids, repeatable; 'all' for every rule). "
         "ini: bncheck_select",
     )
@@ -227,7 +171,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="IDS",
         action="append",
         default=None,
-        type=_argparse_type(_ignored_ids),
+        type=_argparse_type(options.ignored_ids),
         help="do not run these rules (comma-separated ids, repeatable). ini: bncheck_ignore",
     )
     group.addoption(
@@ -236,9 +180,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="NAME=VALUE",
         action="append",
         default=None,
-        type=_argparse_type(_tolerance_pair),
+        type=_argparse_type(options.tolerance_pair),
         help="override a rule tolerance, e.g. ema_rtol=2 (repeatable; `bncheck rules` lists "
         "them). ini: bncheck_tolerance, one NAME=VALUE per line",
+    )
+    group.addoption(
+        "--bncheck-per-layer-ignores",
+        dest="bncheck_per_layer_ignores",
+        metavar="GLOB:RULE[,RULE]",
+        action="append",
+        default=None,
+        type=_argparse_type(options.per_layer_ignore),
+        help="do not report these rules on layers matching GLOB, e.g. "
+        "'features.*:bias-before-bn' (repeatable). ini: bncheck_per_layer_ignores",
+    )
+    group.addoption(
+        "--bncheck-baseline",
+        dest="bncheck_baseline",
+        metavar="FILE",
+        default=None,
+        type=_argparse_type(options.baseline_path),
+        help="accepted findings: an audit fails only on findings not in FILE. "
+        "ini: bncheck_baseline",
+    )
+    group.addoption(
+        "--bncheck-update-baseline",
+        dest="bncheck_update_baseline",
+        action="store_true",
+        default=False,
+        help="write the findings of this session's audits into the baseline file (entries "
+        "of tests that did not run are kept); audits do not fail on findings",
+    )
+    group.addoption(
+        "--bncheck-config",
+        dest="bncheck_config",
+        metavar="FILE",
+        default=None,
+        help="read [tool.bncheck] from FILE instead of the pyproject.toml (or bncheck.toml) "
+        "found from the current directory",
+    )
+    group.addoption(
+        "--bncheck-no-config",
+        dest="bncheck_no_config",
+        action="store_true",
+        default=False,
+        help="ignore [tool.bncheck] configuration files",
     )
     group.addoption(
         "--bncheck-model",
@@ -246,18 +232,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="MODULE:CALLABLE",
         action="append",
         default=None,
-        type=_argparse_type(_model_spec),
-        help="zero-code mode: collect one audit test for the model this factory returns "
-        "(repeatable). ini: bncheck_model",
+        type=_argparse_type(options.model_spec),
+        help="zero-code mode: collect one audit test for the model this factory returns: "
+        "module:callable, torchvision:NAME or timm:NAME (repeatable). ini: bncheck_model",
+    )
+    group.addoption(
+        "--bncheck-model-arg",
+        dest="bncheck_model_arg",
+        metavar="NAME=VALUE",
+        action="append",
+        default=None,
+        type=_argparse_type(options.arch_arg),
+        help="zero-code mode: keyword argument of every --bncheck-model factory (repeatable; "
+        "VALUE is a Python literal, anything else a string)",
     )
     group.addoption(
         "--bncheck-input-shape",
         dest="bncheck_input_shape",
         metavar="N,C,...",
         default=None,
-        type=_argparse_type(_input_shape),
-        help="zero-code mode: shape of the seeded random batch the models are audited with "
-        "(without it, only the rules that need no forward pass run). "
+        type=_argparse_type(options.input_shape),
+        help="zero-code mode: shape of the seeded random batch the models are audited with, "
+        "batch first (without it, only the rules that need no forward pass run). "
         "ini: bncheck_input_shape",
     )
     parser.addini(
@@ -276,6 +272,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="linelist",
         default=[],
     )
+    parser.addini(
+        "bncheck_per_layer_ignores",
+        "bncheck: GLOB:RULE[,RULE] per-layer ignores, one per line",
+        type="linelist",
+        default=[],
+    )
+    parser.addini("bncheck_baseline", "bncheck: baseline file", type="string", default="")
     parser.addini(
         "bncheck_model",
         "bncheck: module:callable factories to audit (zero-code)",
@@ -298,6 +301,11 @@ class _PluginState:
     #: (nodeid, {"audits": n, "findings": [finding dicts]}) per test that audited, in the
     #: order their reports arrived (from xdist workers too).
     audited: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    config_file: str | None = None
+    baseline_path: str | None = None
+    update_baseline: bool = False
+    baseline: Baseline | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 _STATE = pytest.StashKey[_PluginState]()
@@ -319,16 +327,42 @@ def _ini(config: pytest.Config, name: str, validate: Any, value: Any = None) -> 
         raise pytest.UsageError(f"ini option {name}: {exc}") from None
 
 
-def _base_settings(config: pytest.Config) -> BNCheckSettings:
-    """Defaults, then the ini file, then the command line."""
+def _file_config(config: pytest.Config) -> Any:
+    """``[tool.bncheck]`` of ``--bncheck-config FILE``, or of the file found from the
+    invocation directory; an empty Config with ``--bncheck-no-config``."""
+    from . import config as config_mod
+
+    opt = config.option
+    explicit = opt.bncheck_config
+    if explicit is not None and not Path(explicit).is_absolute():
+        explicit = str(config.invocation_params.dir / explicit)
+    try:
+        return config_mod.load_for(
+            explicit, disabled=opt.bncheck_no_config, start=config.invocation_params.dir
+        )
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _base_settings(config: pytest.Config, file_config: Any) -> BNCheckSettings:
+    """Defaults, then ``[tool.bncheck]``, then the ini file, then the command line."""
     settings = BNCheckSettings()
+    from_file: dict[str, Any] = {
+        "fail_on": file_config.fail_on,
+        "select": file_config.select,
+        "ignore": file_config.ignore,
+        "per_layer_ignores": dict(file_config.per_layer_ignores),
+        **file_config.tolerances,
+    }
+    settings = settings.layered(from_file, "[tool.bncheck]")
     ini: dict[str, Any] = {
-        "fail_on": _ini(config, "bncheck_fail_on", _fail_on),
-        "select": _ini(config, "bncheck_select", _rule_ids),
-        "ignore": _ini(config, "bncheck_ignore", _ignored_ids),
+        "fail_on": _ini(config, "bncheck_fail_on", options.fail_on),
+        "select": _ini(config, "bncheck_select", options.rule_ids),
+        "ignore": _ini(config, "bncheck_ignore", options.ignored_ids),
+        "per_layer_ignores": _ini(config, "bncheck_per_layer_ignores", options.per_layer_ignores),
     }
     for line in config.getini("bncheck_tolerance"):
-        name, value = _ini(config, "bncheck_tolerance", _tolerance_pair, line)
+        name, value = _ini(config, "bncheck_tolerance", options.tolerance_pair, line)
         ini[name] = value
     settings = settings.layered(ini, "ini")
     opt = config.option
@@ -336,6 +370,9 @@ def _base_settings(config: pytest.Config) -> BNCheckSettings:
         "fail_on": opt.bncheck_fail_on,
         "select": _flatten(opt.bncheck_select),
         "ignore": _flatten(opt.bncheck_ignore),
+        "per_layer_ignores": options.per_layer_ignores(
+            [f"{glob}:{','.join(ids)}" for glob, ids in opt.bncheck_per_layer_ignores or ()]
+        ),
     }
     cli.update(dict(opt.bncheck_tolerance or ()))
     return settings.layered(cli, "command line")
@@ -350,33 +387,74 @@ def _flatten(groups: Sequence[Sequence[str]] | None) -> tuple[str, ...] | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "bncheck(select=None, ignore=None, fail_on=None, **tolerances): settings of the "
-        "bncheck fixture's audits in this test (they win over --bncheck-* options and ini "
-        "keys)",
+        "bncheck(select=None, ignore=None, fail_on=None, per_layer_ignores=None, **tolerances): "
+        "settings of the bncheck fixture's audits in this test (they win over --bncheck-* "
+        "options, ini keys and [tool.bncheck])",
     )
+    file_config = _file_config(config)
     models = list(config.option.bncheck_model or ())
     if not models:
         models = [
-            _ini(config, "bncheck_model", _model_spec, line)
+            _ini(config, "bncheck_model", options.model_spec, line)
             for line in config.getini("bncheck_model")
         ]
     models = list(dict.fromkeys(models))  # a factory named twice is audited once
     shape = config.option.bncheck_input_shape
     if shape is None:
-        shape = _ini(config, "bncheck_input_shape", _input_shape)
-    state = _PluginState(_base_settings(config), models, shape)
+        shape = _ini(config, "bncheck_input_shape", options.input_shape)
+    if shape is None:
+        shape = file_config.input_shape
+    baseline_path = config.option.bncheck_baseline or _ini(
+        config, "bncheck_baseline", options.baseline_path
+    )
+    if baseline_path is not None:
+        baseline_path = str(config.invocation_params.dir / baseline_path)
+    else:
+        baseline_path = file_config.baseline  # already relative to its file
+    state = _PluginState(
+        _base_settings(config, file_config),
+        models,
+        shape,
+        config_file=str(file_config.path) if file_config.path is not None else None,
+        baseline_path=baseline_path,
+        update_baseline=bool(config.option.bncheck_update_baseline),
+        model_args=dict(config.option.bncheck_model_arg or ()),
+    )
+    if state.update_baseline and baseline_path is None:
+        raise pytest.UsageError(
+            "--bncheck-update-baseline needs --bncheck-baseline FILE (or bncheck_baseline, or "
+            "baseline in [tool.bncheck])"
+        )
+    if baseline_path is not None and not state.update_baseline:
+        from . import baseline as baseline_mod
+
+        try:
+            state.baseline = baseline_mod.load(baseline_path)
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
     config.stash[_STATE] = state
     config.pluginmanager.register(_AuditCollector(state), "bncheck-audit-collector")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    """``bncheck VERSION: <the options that reproduce this run's settings>``."""
     state = config.stash.get(_STATE, None)
     if state is None:
         return []
-    lines = [f"bncheck {__version__}: {state.base.describe()}"]
-    if state.models:
-        shape = ",".join(map(str, state.input_shape)) if state.input_shape else "none"
-        lines.append(f"bncheck models: {' '.join(state.models)} (input shape {shape})")
+    baseline = state.baseline_path
+    if baseline is not None:
+        relative = os.path.relpath(baseline, config.invocation_params.dir)
+        baseline = baseline if relative.startswith("..") else relative
+    line = f"bncheck {__version__}: {state.base.command_line(baseline)}"
+    if state.config_file is not None:
+        line += f" [config: {state.config_file}]"
+    lines = [line]
+    if state.models:  # zero-code mode, as options too
+        parts = [f"--bncheck-model={spec}" for spec in state.models]
+        parts += [f"--bncheck-model-arg={k}={v!r}" for k, v in state.model_args.items()]
+        if state.input_shape:
+            parts.append(f"--bncheck-input-shape={','.join(map(str, state.input_shape))}")
+        lines.append("bncheck models: " + " ".join(shlex.quote(p) for p in parts))
     return lines
 
 
@@ -399,24 +477,30 @@ def _marker_overrides(item: pytest.Item) -> dict[str, Any]:
             if key not in known:
                 raise UsageError(
                     f"unknown argument {key!r}{did_you_mean(key, known)}; "
-                    "it takes select, ignore, fail_on and tolerance names "
+                    "it takes select, ignore, fail_on, per_layer_ignores and tolerance names "
                     f"({', '.join(sorted(TOLERANCES))})"
                 )
             if key == "fail_on":
-                checked[key] = _fail_on(value.value if isinstance(value, Severity) else value)
+                checked[key] = options.fail_on(value)
             elif key == "select":
-                checked[key] = _rule_ids(value) if value is not None else None
+                checked[key] = options.rule_ids(value) if value is not None else None
             elif key == "ignore":
-                checked[key] = _ignored_ids(value) if value is not None else None
+                checked[key] = options.ignored_ids(value) if value is not None else None
+            elif key == "per_layer_ignores":
+                checked[key] = options.per_layer_ignores(value) if value is not None else None
             else:
-                checked[key] = resolve_tolerances({key: value})[key]
+                checked.update(options.tolerances({key: value}))
     except UsageError as exc:
         raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.bncheck: {exc}") from None
     return checked
 
 
 def _settings_for(item: pytest.Item) -> BNCheckSettings:
-    return item.config.stash[_STATE].base.layered(_marker_overrides(item), "marker")
+    state = item.config.stash[_STATE]
+    settings = state.base.layered(_marker_overrides(item), "marker")
+    if state.update_baseline:  # the session records findings; none fails a test
+        settings = replace(settings, fail_on="never")
+    return settings
 
 
 # ---- the fixtures -----------------------------------------------------------------------------
@@ -425,12 +509,23 @@ class BNCheckFixture:
 
     Settings come from, in order of precedence: the keyword arguments of the call, the
     ``@pytest.mark.bncheck`` marker, the ``--bncheck-*`` options, the ``bncheck_*`` ini keys,
-    the defaults. ``settings`` shows them; ``reports`` holds every report of this test.
+    ``[tool.bncheck]``, the defaults. ``settings`` shows them; ``reports`` holds every report
+    of this test. Reports leave out what the per-layer ignores suppress and, with a baseline,
+    the findings it accepts (a note gives the counts).
     """
 
-    def __init__(self, settings: BNCheckSettings, nodeid: str = "") -> None:
+    def __init__(
+        self,
+        settings: BNCheckSettings,
+        nodeid: str = "",
+        baseline: Baseline | None = None,
+        recording: bool = False,
+    ) -> None:
         self.settings = settings
         self.nodeid = nodeid
+        self.baseline = baseline
+        #: ``--bncheck-update-baseline``: findings are recorded, none fails the test
+        self.recording = recording
         self.reports: list[Report] = []
 
     def __repr__(self) -> str:
@@ -441,15 +536,17 @@ class BNCheckFixture:
         __tracebackhide__ = True
         from .engine import audit
 
-        options = self.settings.audit_kwargs()
-        if "select" in kwargs and "ignore" not in kwargs and options.get("ignore"):
+        audit_kwargs = self.settings.audit_kwargs()
+        if "select" in kwargs and "ignore" not in kwargs and audit_kwargs.get("ignore"):
             # the call's own selection wins over an inherited ignore of the same rules
             chosen = set(resolve_rule_ids(kwargs["select"]))
-            kept = [r for r in _as_list(options["ignore"]) if r not in chosen]
-            options["ignore"] = kept or None
-        options.update(kwargs)
-        options.setdefault("source", self.nodeid or None)
-        report = audit(model, example_input, **options)
+            kept = [r for r in options.split_ids(audit_kwargs["ignore"]) if r not in chosen]
+            audit_kwargs["ignore"] = kept or None
+        audit_kwargs.update(kwargs)
+        audit_kwargs.setdefault("source", self.nodeid or None)
+        report = _gated(
+            audit(model, example_input, **audit_kwargs), self.settings, self.baseline, self.nodeid
+        )
         self.reports.append(report)
         recorder = report_recorder.get()
         if recorder is not None:
@@ -467,12 +564,10 @@ class BNCheckFixture:
         """Audit and raise :class:`bncheck.testing.BNCheckFailure` (an ``AssertionError``)
         with the findings table when a finding is at or above ``fail_on``."""
         __tracebackhide__ = True
-        threshold = (
-            self.settings.fail_on
-            if fail_on is None
-            else _fail_on(fail_on.value if isinstance(fail_on, Severity) else fail_on)
-        )
+        threshold = self.settings.fail_on if fail_on is None else options.fail_on(fail_on)
         report = self.audit(model, example_input, **kwargs)
+        if self.recording:
+            return report
         if report.failed(threshold):
             raise BNCheckFailure(failure_text(report, threshold, title="bncheck"), report)
         if report.forward_error is not None:
@@ -484,11 +579,47 @@ class BNCheckFixture:
         return report
 
 
+def _gated(
+    report: Report, settings: BNCheckSettings, baseline: Baseline | None, source: str
+) -> Report:
+    """The report with the per-layer ignores applied and, with a baseline, only the findings
+    it does not hold. Counts for the session summary ride along in ``report.settings``."""
+    from .baseline import split_report
+    from .config import apply_per_layer_ignores
+
+    report, suppressed, _ = apply_per_layer_ignores(
+        report, settings.per_layer_ignores, note_stale=False
+    )
+    used: dict[str, int] = {}
+    for s in suppressed:
+        used[s.pattern] = used.get(s.pattern, 0) + 1
+    bookkeeping: dict[str, Any] = {
+        "per_layer_ignores": sorted(settings.per_layer_ignores),
+        "suppressed_by": used,
+    }
+    if baseline is not None:
+        comparison = baseline.compare(report.findings, source)
+        report = split_report(report, comparison)
+        bookkeeping["baseline"] = {
+            "known": len(comparison.known),
+            "new": len(comparison.new),
+            "fixed": len(comparison.fixed),
+        }
+    report.settings["bncheck_plugin"] = bookkeeping
+    return report
+
+
 @pytest.fixture
 def bncheck(request: pytest.FixtureRequest) -> BNCheckFixture:
     """Audit models with this test's bncheck settings: ``bncheck.audit(model, x)``,
     ``bncheck.assert_ok(model, x)``."""
-    return BNCheckFixture(_settings_for(request.node), request.node.nodeid)
+    state = request.config.stash.get(_STATE, None)
+    return BNCheckFixture(
+        _settings_for(request.node),
+        request.node.nodeid,
+        state.baseline if state is not None else None,
+        recording=state is not None and state.update_baseline,
+    )
 
 
 @pytest.fixture
@@ -545,19 +676,47 @@ def pytest_runtest_makereport(
     if audits and (report.when == "call" or (report.when == "setup" and report.failed)):
         findings: list[dict[str, Any]] = []
         incomplete: list[str] = []
+        globs: set[str] = set()
+        used: dict[str, int] = {}
+        baseline = {"known": 0, "new": 0, "fixed": 0}
         for audit_report in audits:
             incomplete.extend(r for r in audit_report.incomplete if r not in incomplete)
             for finding in audit_report.findings:
                 as_dict = finding.to_dict()
                 if as_dict not in findings:
                     findings.append(as_dict)
-        record = {"audits": len(audits), "findings": findings, "incomplete": incomplete}
+            kept = audit_report.settings.get("bncheck_plugin", {})
+            globs.update(kept.get("per_layer_ignores", ()))
+            for glob, n in kept.get("suppressed_by", {}).items():
+                used[glob] = used.get(glob, 0) + n
+            for key, n in kept.get("baseline", {}).items():
+                baseline[key] += n
+        record: dict[str, Any] = {
+            "audits": len(audits),
+            "findings": findings,
+            "incomplete": incomplete,
+        }
+        if globs:
+            record["per_layer_ignores"] = sorted(globs)
+            record["suppressed_by"] = used
+        if any(baseline.values()):
+            record["baseline"] = baseline
         setattr(report, REPORT_ATTRIBUTE, record)
     return report
 
 
+def _shown(path: str | None) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    if path is None:
+        return ""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 class _AuditCollector:
-    """Collects the audits of every test report (local or from xdist workers)."""
+    """Collects the audits of every test report (local or from xdist workers); on the
+    controller, reports stale per-layer ignores and the baseline counts, and writes the
+    baseline with ``--bncheck-update-baseline``."""
 
     def __init__(self, state: _PluginState) -> None:
         self.state = state
@@ -567,9 +726,94 @@ class _AuditCollector:
         if isinstance(audited, dict):
             self.state.audited.append((report.nodeid, audited))
 
+    def stale_ignores(self) -> list[str]:
+        """Per-layer ignores that were in effect in some audit and matched no finding."""
+        seen: set[str] = set()
+        used: set[str] = set()
+        for _, record in self.state.audited:
+            seen.update(record.get("per_layer_ignores", ()))
+            used.update(g for g, n in record.get("suppressed_by", {}).items() if n)
+        return sorted(seen - used)
+
+    def adoption_lines(self) -> list[str]:
+        """Suppressions, stale ignores and the baseline, for the end of the session."""
+        lines = []
+        suppressed: dict[str, int] = {}
+        baseline = {"known": 0, "new": 0, "fixed": 0}
+        for _, record in self.state.audited:
+            for glob, n in record.get("suppressed_by", {}).items():
+                suppressed[glob] = suppressed.get(glob, 0) + n
+            for key, n in record.get("baseline", {}).items():
+                baseline[key] += n
+        total = sum(suppressed.values())
+        if total:
+            by = ", ".join(f"{glob!r}: {n}" for glob, n in suppressed.items() if n)
+            lines.append(f"{total} suppressed by per-layer ignores ({by})")
+        for glob in self.stale_ignores():
+            lines.append(
+                f"warning: per-layer ignore {glob!r} matched no finding in this session "
+                "(a stale suppression? remove it)"
+            )
+        if self.state.baseline is not None:
+            known = baseline["known"]
+            lines.append(
+                f"baseline {_shown(self.state.baseline_path)}: {known} finding"
+                f"{'s' if known != 1 else ''} in the baseline, {baseline['new']} new, "
+                f"{baseline['fixed']} fixed (no longer found)"
+            )
+        return lines
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        if hasattr(terminalreporter.config, "workerinput"):
+            return
+        lines = self.adoption_lines()
+        if self.state.update_baseline and self.state.baseline_path is not None:
+            lines.append(self._write_baseline())
+        if lines:
+            terminalreporter.write_sep("-", "bncheck adoption")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+    def _write_baseline(self) -> str:
+        from . import baseline as baseline_mod
+
+        path = self.state.baseline_path
+        assert path is not None
+        try:
+            stored = baseline_mod.load_or_empty(path)
+            by_test: dict[str, list[Finding]] = {}
+            for nodeid, record in self.state.audited:
+                found = by_test.setdefault(nodeid, [])
+                found.extend(Finding.from_dict(d) for d in record.get("findings", ()))
+            for nodeid, found in by_test.items():
+                stored.replace_source(found, nodeid)
+            baseline_mod.write(stored, path)
+        except UsageError as exc:
+            return f"error: {exc}"
+        total = sum(len(f) for f in by_test.values())
+        return f"wrote {total} finding(s) of {len(by_test)} test(s) to the baseline {_shown(path)}"
+
 
 # ---- zero-code mode ---------------------------------------------------------------------------
 def _resolve_factory(spec: str, config: pytest.Config) -> Any:
+    from . import zoo
+
+    model_args = config.stash[_STATE].model_args
+    if zoo.is_zoo_spec(spec):
+        try:
+            return zoo.resolve(spec, model_args, flag="--bncheck-model")[0]
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    target = _import_factory(spec, config)
+    if model_args:
+        import functools
+
+        return functools.partial(target, **model_args)
+    return target
+
+
+def _import_factory(spec: str, config: pytest.Config) -> Any:
     module_name, _, attr_path = spec.partition(":")
     invocation_dir = str(config.invocation_params.dir)
     if invocation_dir not in sys.path:
@@ -619,7 +863,10 @@ class BNCheckModelItem(pytest.Item):
 
         from .engine import audit
 
-        settings = self.config.stash[_STATE].base
+        state = self.config.stash[_STATE]
+        settings = state.base
+        if state.update_baseline:
+            settings = replace(settings, fail_on="never")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
             try:
@@ -638,6 +885,7 @@ class BNCheckModelItem(pytest.Item):
         report = audit(
             model, example, synthetic_input=True, source=self.spec, **settings.audit_kwargs()
         )
+        report = _gated(report, settings, state.baseline, self.nodeid)
         recorder = report_recorder.get()
         if recorder is not None:
             recorder(report)

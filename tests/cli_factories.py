@@ -111,3 +111,18 @@ class RefusesBadEps(nn.Module):
 
 def refuses_bad_eps() -> nn.Module:
     return RefusesBadEps()
+
+
+def static_findings(momentum: float = 0.9, eps: float = 0.0) -> nn.Module:
+    """Two blocks whose BN settings give one finding each, with no forward pass needed:
+    ``features.1`` keras-momentum (warning) and ``head.1`` invalid-eps (error)."""
+    from collections import OrderedDict
+
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(
+                nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=momentum)
+            ),
+            head=nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4, eps=eps)),
+        )
+    )

@@ -345,11 +345,18 @@ def test_progress_goes_to_stderr_and_never_into_json(capsys, untrained_sd):
     assert err == ""  # capsys is not a terminal
 
 
-def test_progress_is_on_by_default_in_a_terminal(capsys, monkeypatch, untrained_sd):
+def test_progress_bar_in_a_terminal_only_for_long_work(capsys, monkeypatch, untrained_sd):
+    import bncheck.cli as cli
+
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     code, out, err = run(capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json")
     json.loads(out)
-    assert "loading" in err and "done" in err
+    assert err == ""  # a quick audit: the bar waits PROGRESS_DELAY seconds before it shows
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.0)  # as if every stage were long
+    code, out, err = run(capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json")
+    json.loads(out)
+    assert "\r" in err and "bncheck: loading" in err and "bncheck: running the audit" in err
+    assert "bncheck: [" not in err  # not the plain progress lines
 
 
 # ---- the file and the session are left alone -------------------------------------------------

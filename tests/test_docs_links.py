@@ -215,5 +215,5 @@ def test_pytest_guide_names_every_option_and_ini_key() -> None:
     text = (ROOT / "docs" / "pytest.md").read_text(encoding="utf-8")
     names = recorder.options + recorder.ini
     missing = [n for n in names if f"`{n}" not in text]
-    assert len(recorder.options) == 6 and len(recorder.ini) == 6
+    assert len(recorder.options) >= 6 and len(recorder.ini) >= 6
     assert not missing, f"docs/pytest.md does not document {missing}"

@@ -7,6 +7,7 @@ forward pass, so these tests do not depend on the forward rules.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -259,8 +260,15 @@ def test_options_fail_on_ignore_select_and_tolerance(models: pytest.Pytester) ->
         ),
         (["--bncheck-tolerance=ema_rtol"], "*'ema_rtol' is not NAME=VALUE*"),
         (["--bncheck-tolerance=ema_rtol=lots"], "*tolerance 'ema_rtol' must be a number*"),
-        (["--bncheck-input-shape=8,3,big"], "*'8,3,big' is not an input shape*"),
-        (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a factory spec; give module:callable*"),
+        (["--bncheck-input-shape=8,3,big"], "*bad shape '8,3,big': expected comma-separated*"),
+        (["--bncheck-input-shape=32"], "*32 has no batch dimension: give N,C*"),
+        (["--bncheck-model=pkg.mod"], "*'pkg.mod' is not a model spec; give module:callable*"),
+        (["--bncheck-per-layer-ignores=features.*"], "*'features.*' is not GLOB:RULE*"),
+        (
+            ["--bncheck-per-layer-ignores=features.*:bias_before_bn"],
+            "*did you mean 'bias-before-bn'*",
+        ),
+        (["--bncheck-model-arg=1x=2"], "*'1x=2' is not NAME=VALUE*"),
         (["--bncheck-select=,"], "*names no rule*"),
         (["--bncheck-ignore=all"], "*ignore='all' would check nothing*"),
     ],
@@ -307,8 +315,8 @@ def test_ini_keys_and_precedence(models: pytest.Pytester) -> None:
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "bncheck *: fail_on=warning, select=all, ignore=none, "
-            "tolerances=eval_rtol=0.001,momentum_max=0.6"
+            "bncheck *: --bncheck-fail-on=warning --bncheck-tolerance=eval_rtol=0.001 "
+            "--bncheck-tolerance=momentum_max=0.6"
         ]
     )
     # the command line beats ini; the marker beats the command line
@@ -332,16 +340,32 @@ def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     )
 
 
-def test_report_header_shows_the_effective_settings(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+def test_report_header_is_a_command_line_that_reproduces_the_settings(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        "def test_settings(bncheck):\n    print('SETTINGS', bncheck.settings.describe())\n"
+    )
+    pytester.makepyprojecttoml(
+        """
+        [tool.bncheck]
+        per-layer-ignores = { "features.*" = ["bias-before-bn"] }
+        tolerances = { momentum_max = 0.4 }
+        """
+    )
     result = pytester.runpytest(
+        "-s",
         "--bncheck-fail-on=warning",
         "--bncheck-ignore=dead-channels",
         "--bncheck-tolerance=ema_rtol=2",
     )
-    result.stdout.fnmatch_lines(
-        ["bncheck *: fail_on=warning, select=all, ignore=dead-channels, tolerances=ema_rtol=2"]
-    )
+    header = next(line for line in result.outlines if line.startswith("bncheck "))
+    settings = next(line for line in result.outlines if "SETTINGS" in line)
+    assert header.startswith("bncheck ") and "[config: " in header
+    pasted = shlex.split(header.split(": ", 1)[1].split(" [config: ")[0])
+    assert "--bncheck-per-layer-ignores=features.*:bias-before-bn" in pasted
+    again = pytester.runpytest("-s", "--bncheck-no-config", *pasted)
+    assert next(line for line in again.outlines if "SETTINGS" in line) == settings
 
 
 def test_zero_code_mode_collects_one_audit_per_factory(models: pytest.Pytester) -> None:
@@ -357,7 +381,8 @@ def test_zero_code_mode_collects_one_audit_per_factory(models: pytest.Pytester) 
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "bncheck models: zoo_models:good zoo_models:zero_eps (input shape 4,3,8,8)",
+            "bncheck models: --bncheck-model=zoo_models:good --bncheck-model=zoo_models:zero_eps "
+            "--bncheck-input-shape=4,3,8,8",
             "bncheck[[]zoo_models:good[]] PASSED*",
             "bncheck[[]zoo_models:zero_eps[]] FAILED*",
             "*bncheck: 1 finding at or above fail_on='error' in zoo_models:zero_eps*",
@@ -590,3 +615,123 @@ def test_audits_made_by_fixtures_are_in_the_summary(models: pytest.Pytester) -> 
     result = models.runpytest()
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*1 audit in 1 test*", "*keras-momentum*"])
+
+
+# ---- [tool.bncheck], per-layer ignores, baselines ------------------------------------------------
+SETTINGS_TEST = """
+import pytest
+import zoo_models
+
+
+def test_settings(bncheck):
+    print("SOURCES", dict(bncheck.settings.sources), bncheck.settings.fail_on)
+    bncheck.assert_ok(zoo_models.keras())
+"""
+
+
+def test_tool_bncheck_is_read_below_ini_and_command_line(models: pytest.Pytester) -> None:
+    models.makepyfile(test_cfg=SETTINGS_TEST)
+    models.makepyprojecttoml(
+        """
+        [tool.bncheck]
+        fail-on = "warning"
+        tolerances = { momentum_max = 0.6 }
+        """
+    )
+    result = models.runpytest("-s")
+    result.assert_outcomes(failed=1)  # fail-on = warning from the file
+    result.stdout.fnmatch_lines(["*'fail_on': '[[]tool.bncheck[]]'*"])
+    result = models.runpytest("-s", "--bncheck-fail-on=error")
+    result.assert_outcomes(passed=1)  # the command line wins
+    models.makeini("[pytest]\nbncheck_fail_on = error\n")
+    result = models.runpytest("-s", "-c", "tox.ini")
+    result.assert_outcomes(passed=1)  # the ini file wins over [tool.bncheck]
+    result = models.runpytest("-s", "--bncheck-no-config", "-c", "tox.ini")
+    result.stdout.fnmatch_lines(["*SOURCES {'fail_on': 'ini'} error"])
+
+
+def test_bad_tool_bncheck_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml('[tool.bncheck]\nfail_on = "warn"\nselct = "x"\n')
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*pyproject.toml [[]tool.bncheck[]]: fail-on: 'warn' is not one of error, warning*"]
+    )
+
+
+def test_marker_per_layer_ignores_suppress_and_are_counted(models: pytest.Pytester) -> None:
+    models.makepyfile(
+        """
+        import pytest
+        import zoo_models
+
+        @pytest.mark.bncheck(per_layer_ignores={"1": ["invalid-eps"]})
+        def test_suppressed(bncheck):
+            report = bncheck.assert_ok(zoo_models.zero_eps())
+            assert report.settings["suppressed"] == 1
+
+        @pytest.mark.bncheck(per_layer_ignores={"0.*": "invalid-eps"})
+        def test_wrong_glob(bncheck):
+            bncheck.assert_ok(zoo_models.zero_eps())
+        """
+    )
+    result = models.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "1 suppressed by per-layer ignores ('1': 1)",
+            "warning: per-layer ignore '0.*' matched no finding in this session*",
+        ]
+    )
+    models.makepyfile(
+        test_bad="""
+        import pytest
+
+        @pytest.mark.bncheck(per_layer_ignores=["1:invalid_eps"])
+        def test_bad_rule(bncheck):
+            pass
+        """
+    )
+    result = models.runpytest("test_bad.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*@pytest.mark.bncheck: unknown rule id 'invalid_eps'*"])
+
+
+def test_baseline_accepts_known_findings_and_fails_new_ones(
+    models: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models.makepyfile(
+        test_base="""
+        import os
+        import zoo_models
+
+        def test_model(bncheck):
+            bncheck.assert_ok(getattr(zoo_models, os.environ.get("WHICH", "keras"))(),
+                              fail_on="warning")
+        """
+    )
+    result = models.runpytest("--bncheck-baseline=b.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*baseline *b.json: no such file; create it with*"])
+    result = models.runpytest("--bncheck-baseline=b.json", "--bncheck-update-baseline")
+    result.assert_outcomes(passed=1)
+    result = models.runpytest("--bncheck-baseline=b.json")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["baseline *b.json: 1 finding in the baseline, 0 new, 0 fixed*"])
+    monkeypatch.setenv("WHICH", "zero_eps")
+    result = models.runpytest("--bncheck-baseline=b.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["baseline *b.json: 0 findings in the baseline, 1 new, 1 fixed*"])
+
+
+def test_zero_code_input_shape_from_tool_bncheck(models: pytest.Pytester) -> None:
+    models.makepyprojecttoml('[tool.bncheck]\ninput-shape = "2,3,8,8"\n')
+    result = models.runpytest("--bncheck-model", "zoo_models:good")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["bncheck models: --bncheck-model=zoo_models:good --bncheck-input-shape=2,3,8,8"]
+    )
+    models.makepyprojecttoml('[tool.bncheck]\ninput-shape = "8"\n')
+    result = models.runpytest("--bncheck-model", "zoo_models:good")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*input-shape: 8 has no batch dimension*"])
