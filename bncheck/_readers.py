@@ -19,6 +19,7 @@ line. The threat model is in ``docs/security.md``: a file may be hostile, so
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import os
 import pickle
@@ -345,9 +346,10 @@ def _trusted_torch_load(source: Path | bytes, label: Path) -> Any:
 
 
 # ---- legacy torch.save and plain pickles -----------------------------------------------------
-def read_legacy(path: Path, size: int, trust: bool) -> tuple[Any, bool]:
-    """A pre-1.6 ``torch.save`` file or a plain pickle: (object, is a torch.save file)."""
-    with open(path, "rb") as fh:
+def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -> tuple[Any, bool]:
+    """A pre-1.6 ``torch.save`` file or a plain pickle (``data`` when not read from ``path``):
+    (object, is a torch.save file)."""
+    with open(path, "rb") if data is None else io.BytesIO(data) as fh:
         head_scan = scan_pickle(fh)
         fh.seek(0)
         try:
@@ -355,6 +357,8 @@ def read_legacy(path: Path, size: int, trust: bool) -> tuple[Any, bool]:
         except Exception:
             magic = None
         if magic != _LEGACY_MAGIC:
+            if data is not None:
+                raise LoadError(f"{path}: a nested pickle that is not a torch.save file")
             return _read_plain_pickle(path, fh, size, trust), False
         try:
             RestrictedUnpickler(fh).load()  # protocol version
@@ -365,7 +369,7 @@ def read_legacy(path: Path, size: int, trust: bool) -> tuple[Any, bool]:
         scan = scan_pickle(fh)
         problem = _storage_size_error(scan, lambda _key: size)
         total = 0
-        for _key, kind, _loc, numel in scan.storages:
+        for _key, _kind, _loc, numel in scan.storages:
             if isinstance(numel, int):
                 total += numel
         if problem is None and total > size:
@@ -378,7 +382,7 @@ def read_legacy(path: Path, size: int, trust: bool) -> tuple[Any, bool]:
         if scan.unsafe():
             if not trust:
                 raise pickle_refusal(path, scan)
-            return _trusted_torch_load(path, path), True
+            return _trusted_torch_load(path if data is None else data, path), True
         fh.seek(start)
         records: dict[str, Any] = {}
 
@@ -424,10 +428,15 @@ def _read_exact(fh: Any, n: int) -> bytes:
     return bytes(data)
 
 
+#: A tensor in a plain pickle holds its storage as a nested torch.save archive, read here
+#: by the restricted loader too.
+_PLAIN_PICKLE_NAMES = frozenset({"torch.storage._load_from_bytes"})
+
+
 def _read_plain_pickle(path: Path, fh: Any, size: int, trust: bool) -> Any:
     fh.seek(0)
     scan = scan_pickle(fh)
-    if scan.unsafe():
+    if scan.unsafe(_PLAIN_PICKLE_NAMES):
         if not trust:
             raise pickle_refusal(path, scan)
         fh.seek(0)
@@ -441,9 +450,11 @@ def _read_plain_pickle(path: Path, fh: Any, size: int, trust: bool) -> Any:
     fh.seek(0)
 
     def from_bytes(data: Any) -> Any:  # torch.storage._load_from_bytes: a nested torch.save
-        if not isinstance(data, bytes) or data[:4] != b"PK\x03\x04":
-            raise pickle.UnpicklingError("a nested storage that is not a torch.save archive")
-        return read_torch_zip(data, path, len(data), False, "a nested torch.save archive")[0]
+        if not isinstance(data, bytes):
+            raise pickle.UnpicklingError("a nested storage that is not a torch.save file")
+        if data[:4] == b"PK\x03\x04":
+            return read_torch_zip(data, path, len(data), False, "a nested torch.save archive")[0]
+        return read_legacy(path, len(data), False, data)[0]
 
     obj = _restricted_load(
         fh, path, scan, None, extra={"torch.storage._load_from_bytes": from_bytes}
@@ -505,10 +516,8 @@ def script_classes(arc: _Archive, root: str) -> dict[str, ScriptClass]:
                 continue
             match = _FINAL.match(line)
             if match:
-                try:
+                with contextlib.suppress(ValueError, SyntaxError, RecursionError, MemoryError):
                     current.constants[match.group(1)] = ast.literal_eval(match.group(2).strip())
-                except (ValueError, SyntaxError, RecursionError, MemoryError):
-                    pass
                 continue
             match = _DEF.match(line)
             if match and match.group(1) in _LOAD_METHODS:
@@ -644,36 +653,61 @@ def _module_from_script(
 
 
 # ---- torch.export archives -------------------------------------------------------------------
-_PICKLE_START = re.compile(rb"^\x80[\x01-\x05]")
-
-
 def check_exported_program(path: Path, size: int) -> None:
     """Refuse a torch.export archive that would unpickle or run anything unsafe.
 
-    ``torch.export.load`` unpickles sample inputs, weights marked as pickled, constants and
-    legacy weight files with an unrestricted unpickler when the restricted one fails, and
-    restores TorchScript objects with their ``__setstate__``. Every such entry is scanned
-    first: an archive passes only when every pickle in it imports nothing outside the
-    allowlist and it holds no TorchScript object.
+    ``torch.export.load`` unpickles sample inputs, weights and constants marked as pickled,
+    opaque constants and legacy weight files, with an unrestricted unpickler when the
+    restricted one fails, and restores TorchScript objects with their ``__setstate__``. Each
+    of those entries is scanned first: the archive passes only when every pickle in it
+    imports nothing outside the allowlist, and it holds no TorchScript object.
     """
+    import json
+
     arc = _Archive.open(path, path, size)
     try:
-        for name in arc.infos:
-            inner = name.split("/", 1)[1] if "/" in name else name
-            if "/constants/" in f"/{inner}" and "custom_obj" in inner.rpartition("/")[2]:
-                raise LoadError(
-                    f"{path}: the torch.export archive holds a TorchScript object "
-                    f"({_short(inner)}) whose __setstate__ runs when it is loaded; pass "
-                    "--trust-pickle to load it if you trust the file"
-                )
-            info = arc.infos[name]
-            if info.file_size < 2 or name.endswith((".json", "/version", "archive_format")):
+        by_inner = {(n.split("/", 1)[1] if "/" in n else n): n for n in arc.infos}
+        pickled: list[str] = [
+            inner
+            for inner in by_inner
+            if inner.startswith("data/sample_inputs/")
+            or (inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".pt"))
+            or inner.startswith("extra/")
+            and inner.endswith(".pt")
+        ]
+        for inner in by_inner:
+            if not (
+                inner.startswith(("data/weights/", "data/constants/"))
+                and inner.endswith("config.json")
+            ):
                 continue
-            head = arc.archive.open(info).read(4) if info.file_size else b""
-            if head[:4] == b"PK\x03\x04":
-                _scan_nested_zip(path, arc.read(name), inner)
-            elif _PICKLE_START.match(head):
-                scan = scan_pickle(arc.read(name))
+            folder = inner.rpartition("/")[0] + "/"
+            try:
+                config = json.loads(arc.read(by_inner[inner])).get("config", {})
+                entries = list(config.values()) if isinstance(config, dict) else []
+            except (ValueError, AttributeError, RecursionError) as exc:
+                raise LoadError(f"{path}: {inner} is not valid JSON ({exc})") from exc
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    continue
+                name = str(entry.get("path_name", ""))
+                if name.startswith("custom_obj_"):
+                    raise LoadError(
+                        f"{path}: the torch.export archive holds a TorchScript object "
+                        f"({_short(folder + name)}) whose __setstate__ runs when it is loaded; "
+                        "pass --trust-pickle to load it if you trust the file"
+                    )
+                if entry.get("use_pickle") or name.startswith("opaque_obj_"):
+                    pickled.append(folder + name)
+        for inner in pickled:
+            full = by_inner.get(inner)
+            if full is None:
+                continue
+            data = arc.read(full)
+            if data[:4] == b"PK\x03\x04":
+                _scan_nested_zip(path, data, inner)
+            else:
+                scan = scan_pickle(data)
                 if scan.unsafe():
                     raise pickle_refusal(path, scan, inner)
     finally:
@@ -681,15 +715,12 @@ def check_exported_program(path: Path, size: int) -> None:
 
 
 def _scan_nested_zip(path: Path, data: bytes, where: str) -> None:
-    try:
-        arc = _Archive.open(data, path, len(data))
-    except LoadError:
-        return
+    arc = _Archive.open(data, path, len(data))
     try:
         for name in arc.infos:
             if name.endswith(".pkl"):
                 scan = scan_pickle(arc.read(name))
                 if scan.unsafe():
-                    raise pickle_refusal(path, scan, f"{where} ({name.rpartition('/')[2]})")
+                    raise pickle_refusal(path, scan, where)
     finally:
         arc.close()

@@ -141,10 +141,10 @@ class PickleScan:
     nested: int = 0
     error: str | None = None
 
-    def unsafe(self) -> list[str]:
-        """The imported names outside :data:`SAFE_NAMES`, in order, each once."""
+    def unsafe(self, allowed: frozenset[str] = frozenset()) -> list[str]:
+        """The imported names outside :data:`SAFE_NAMES` (and ``allowed``), in order, once."""
         names = dict.fromkeys(self.imports + self.calls)
-        return [n for n in names if n not in SAFE_NAMES]
+        return [n for n in names if n not in SAFE_NAMES and n not in allowed]
 
     def _add(self, bucket: list[str], name: str) -> None:
         if name not in bucket:
@@ -215,17 +215,16 @@ def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -
 
     def call(func: Any, args: Any) -> Any:
         name = _describe(func)
-        if isinstance(func, _Name) and func.name in _GETATTR and isinstance(args, tuple):
-            if len(args) >= 2 and isinstance(args[1], str):
-                resolved[func.name] = resolved.get(func.name, 0) + 1
-                target = f"{_describe(args[0])}.{args[1]}"
-                scan._add(scan.imports, target)
-                return _Name(target)
-        if isinstance(func, _Name) and func.name in _IMPORTERS and isinstance(args, tuple):
-            if args and isinstance(args[0], str):
-                resolved[func.name] = resolved.get(func.name, 0) + 1
-                scan._add(scan.imports, args[0])
-                return _Name(args[0])
+        is_name = isinstance(func, _Name) and isinstance(args, tuple)
+        if is_name and func.name in _GETATTR and len(args) >= 2 and isinstance(args[1], str):
+            resolved[func.name] = resolved.get(func.name, 0) + 1
+            target = f"{_describe(args[0])}.{args[1]}"
+            scan._add(scan.imports, target)
+            return _Name(target)
+        if is_name and func.name in _IMPORTERS and args and isinstance(args[0], str):
+            resolved[func.name] = resolved.get(func.name, 0) + 1
+            scan._add(scan.imports, args[0])
+            return _Name(args[0])
         if not isinstance(func, _Name):
             scan._add(scan.calls, name)
         return _Result(name)
@@ -344,10 +343,25 @@ def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -
     return scan
 
 
-def _inner_pickles(value: bytes) -> list[bytes]:
-    """The pickle inside ``value``: itself, or the ``data.pkl`` of a ``torch.save`` zip."""
+def _inner_pickles(value: bytes) -> list[Any]:
+    """The pickles inside ``value``: the first few back to back (a legacy ``torch.save`` file
+    is five pickles, then raw bytes), or the ``.pkl`` entries of a ``torch.save`` zip."""
     if value[:4] != b"PK\x03\x04":
-        return [value]
+        found: list[Any] = []
+        stream = io.BytesIO(value)
+        for _ in range(5):
+            start = stream.tell()
+            if stream.read(1) != b"\x80":
+                break
+            stream.seek(start)
+            try:
+                for _op in pickletools.genops(stream):
+                    pass
+            except Exception:
+                found.append(value[start:])
+                break
+            found.append(value[start : stream.tell()])
+        return found
     try:
         with zipfile.ZipFile(io.BytesIO(value)) as archive:
             found = []
@@ -506,6 +520,13 @@ def _bytearray(value: Any = b"") -> bytearray:
     return bytearray(value)
 
 
+def _get_layout(name: Any) -> Any:
+    layouts = {f"torch.{n}": getattr(torch, n) for n in ("strided", "sparse_coo", "sparse_csr")}
+    if name not in layouts:
+        raise pickle.UnpicklingError(f"an unknown tensor layout {name!r}")
+    return layouts[name]
+
+
 def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError("_codecs.encode with an unexpected encoding")
@@ -528,6 +549,7 @@ def _safe_names() -> dict[str, Any]:
         "torch._utils._rebuild_sparse_csr_tensor": _sparse,
         "torch._utils._rebuild_qtensor": _quantized,
         "torch.Size": torch.Size,
+        "torch.serialization._get_layout": _get_layout,
         "_codecs.encode": _encode,
         "builtins.set": set,
         "builtins.frozenset": frozenset,

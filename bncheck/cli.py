@@ -436,6 +436,10 @@ def run_audit(args: argparse.Namespace) -> int:
             f"--input-shape {','.join(map(str, args.input_shape))} has no batch "
             "dimension: give N,C,H,W (or C,H,W with --batch-size N)"
         )
+    if args.output and args.path is not None:
+        from .loading import check_output_path
+
+        check_output_path(args.output, args.path)
     progress = Progress.for_args(args)
     report = audit_command(args, rule_ids, progress)
     text = report.render(args.format)
@@ -461,7 +465,9 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
     loaded: loading.LoadedModel | None = None
     if args.path is not None:
         path = Path(args.path)
-        size = path.stat().st_size if path.is_file() else 0
+        size = 0
+        with contextlib.suppress(OSError):  # the loader says what is wrong with the path
+            size = path.stat().st_size if path.is_file() else 0
         progress(f"loading {args.path} ({size / 1e6:.1f} MB)...")
         loaded = loading.load_model(path, args.arch, trust_pickle=args.trust_pickle)
         model = loaded.model
@@ -489,6 +495,7 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
             shape = args.input_shape
         else:
             shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
+        loading.check_input_size(shape, "--input-shape" if args.input_shape else "--batch-size")
         x = random_batch(model, shape)
         synthetic = False
         notes.append(

@@ -48,7 +48,6 @@ import contextlib
 import functools
 import importlib
 import os
-import pickletools
 import random
 import struct
 import sys
@@ -930,6 +929,7 @@ def _read_torchscript(path: Path, trust_pickle: bool) -> nn.Module:
     return module
 
 
+_PLAIN_MODULE = nn.Module()
 #: Deepest module nesting a state dict key may have (real models stay well under 30).
 MAX_KEY_DEPTH = 64
 
@@ -981,9 +981,7 @@ def validate_state_dict(sd: Mapping[str, torch.Tensor], path: Path) -> None:
                 f"{path}: key {_key_text(key)} has an empty name between dots; no module "
                 "tree has such a key"
             )
-        reserved = next(
-            (p for p in parts if hasattr(nn.Module, p) and not p.startswith("__")), None
-        ) or next((p for p in parts if p.startswith("__")), None)
+        reserved = next((p for p in parts if hasattr(_PLAIN_MODULE, p)), None)
         if reserved is not None:
             raise LoadError(
                 f"{path}: key {_key_text(key)}: {reserved!r} is an attribute of every torch "
@@ -1002,9 +1000,41 @@ def validate_state_dict(sd: Mapping[str, torch.Tensor], path: Path) -> None:
             value.is_complex() or value.dtype == torch.bool
         ):
             raise LoadError(
-                f"{path}: tensor {_key_text(key)} has dtype {str(value.dtype).replace('torch.', '')}"
-                "; BatchNorm statistics and parameters are real numbers"
+                f"{path}: tensor {_key_text(key)} has dtype "
+                f"{str(value.dtype).replace('torch.', '')}; BatchNorm statistics and "
+                "parameters are real numbers"
             )
+
+
+#: Largest synthetic input batch the command line makes, in bytes (float32 values).
+INPUT_BUDGET_BYTES = 1 << 30
+
+
+def check_input_size(shape: tuple[int, ...], flag: str = "--input-shape") -> None:
+    """Refuse an input batch over :data:`INPUT_BUDGET_BYTES`, naming the flag that set it."""
+    import math
+
+    values = math.prod(shape)
+    if values * 4 > INPUT_BUDGET_BYTES:
+        text = ",".join(map(str, shape))
+        raise UsageError(
+            f"{flag} {text}: a batch of {values:.3g} values ({values * 4 / 2**30:.3g} GiB as "
+            f"float32) is over bncheck's input budget of {INPUT_BUDGET_BYTES // 2**30} GiB; "
+            "give a smaller batch or spatial size"
+        )
+
+
+def check_output_path(output: str, audited: str | os.PathLike[str]) -> None:
+    """Refuse ``-o`` naming the audited file (same path, a symlink or a hard link to it)."""
+    try:
+        same = os.path.samefile(output, audited)
+    except OSError:  # the output does not exist yet (or cannot be read): not the same file
+        same = os.path.abspath(output) == os.path.abspath(audited)
+    if same:
+        raise UsageError(
+            f"--output {output} is the file being audited; writing the report there would "
+            "replace the checkpoint: give another file"
+        )
 
 
 def load_model(
@@ -1116,4 +1146,7 @@ __all__ += [
     "isolated_rng",
     "exported_bn_settings",
     "data_globals",
+    "validate_state_dict",
+    "check_input_size",
+    "check_output_path",
 ]
