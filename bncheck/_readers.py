@@ -167,7 +167,7 @@ class _Archive:
     size: int
     archive: zipfile.ZipFile
     infos: dict[str, zipfile.ZipInfo] = field(default_factory=dict)
-    _mapped: torch.UntypedStorage | None = None
+    _mapped: Any = None  # the whole file, mapped copy-on-write, once a storage is needed
 
     @classmethod
     def open(cls, source: Path | bytes, label: Path, size: int) -> _Archive:
@@ -368,12 +368,10 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
         start = fh.tell()
         scan = scan_pickle(fh)
         problem = _storage_size_error(scan, lambda _key: size)
-        total = 0
-        for _key, _kind, _loc, numel in scan.storages:
-            if isinstance(numel, int):
-                total += numel
-        if problem is None and total > size:
-            problem = f"its storages claim {total} elements, more than the {size}-byte file holds"
+        if problem is None:
+            total = _claimed_bytes(scan)
+            if total > size:
+                problem = f"its storages claim {total} bytes, more than the {size}-byte file"
         if problem:
             raise LoadError(
                 f"{path}: {problem}; the file is corrupt or crafted, bncheck does not allocate "
@@ -411,7 +409,7 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
                 if count != record.numel:
                     raise ValueError(f"storage {key} holds {count} elements, not {record.numel}")
                 view = torch.empty(0, dtype=torch.uint8).set_(record.storage)
-                if fh.readinto(memoryview(view.numpy())) != record.nbytes:
+                if fh.readinto(view.numpy()) != record.nbytes:  # type: ignore[arg-type]
                     raise EOFError("the file ends inside a storage")
         except Exception as exc:
             raise LoadError(
@@ -419,6 +417,18 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
                 "save or download it again"
             ) from exc
         return obj, True
+
+
+def _claimed_bytes(scan: PickleScan) -> int:
+    """The bytes the distinct non-meta storages of a pickle claim."""
+    from ._safe_pickle import _STORAGE_DTYPES, _itemsize
+
+    claims: dict[str, int] = {}
+    for key, kind, location, numel in scan.storages:
+        dtype = _STORAGE_DTYPES.get(kind.rpartition(".")[2])
+        if dtype is not None and isinstance(numel, int) and not str(location).startswith("meta"):
+            claims[str(key)] = numel * _itemsize(dtype)
+    return sum(claims.values())
 
 
 def _read_exact(fh: Any, n: int) -> bytes:

@@ -25,7 +25,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -163,6 +163,18 @@ _STRING_OPS = {
 _BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _VALUE_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}
 _GETATTR = {"builtins.getattr", "__builtin__.getattr"}
+#: Callables that unpickle their bytes argument: it is scanned as a nested pickle.
+_LOADERS = {
+    "pickle.loads",
+    "_pickle.loads",
+    "pickle._loads",
+    "dill.loads",
+    "dill._dill.loads",
+    "cloudpickle.loads",
+    "torch.load",
+    "torch.serialization.load",
+    "torch.storage._load_from_bytes",
+}
 _IMPORTERS = {"builtins.__import__", "__builtin__.__import__", "importlib.import_module"}
 
 
@@ -180,8 +192,11 @@ def _looks_nested(value: bytes) -> bool:
     ] == b"PK\x03\x04"
 
 
-def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -> PickleScan:
-    """Simulate ``data``'s opcodes on a symbolic stack and memo; runs nothing."""
+def scan_pickle(
+    data: bytes | IO[bytes], _scan: PickleScan | None = None, _depth: int = 0
+) -> PickleScan:
+    """Simulate the opcodes of ``data`` (bytes, or a binary file read up to its ``STOP``)
+    on a symbolic stack and memo; runs nothing."""
     scan = _scan if _scan is not None else PickleScan()
     stack: list[Any] = []
     marks: list[list[Any]] = []
@@ -227,6 +242,15 @@ def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -
             return _Name(args[0])
         if not isinstance(func, _Name):
             scan._add(scan.calls, name)
+        first = args[0] if isinstance(args, tuple) and args else None
+        if name == "_codecs.encode" and isinstance(first, str):
+            return first.encode("latin-1", errors="replace")  # the bytes it makes
+        if name in _LOADERS and isinstance(first, (str, bytes)):
+            raw = first.encode("latin-1", errors="replace") if isinstance(first, str) else first
+            if not _looks_nested(raw):  # a protocol 0/1 pickle: no header to recognise it by
+                scan.nested += 1
+                if _depth < _MAX_NESTING:
+                    scan_pickle(raw, scan, _depth + 1)
         return _Result(name)
 
     try:
@@ -240,7 +264,7 @@ def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -
                 elif isinstance(value, str) and value[:1] == "\x80":
                     nested(value.encode("latin-1", errors="replace"))
             elif op in _BYTES_OPS:
-                stack.append(bytes(arg))
+                stack.append(bytes(arg or b""))
                 nested(arg)
             elif op in _VALUE_OPS:
                 stack.append(arg)
@@ -277,11 +301,11 @@ def scan_pickle(data: bytes, _scan: PickleScan | None = None, _depth: int = 0) -
             elif op in ("APPENDS", "SETITEMS", "ADDITEMS"):
                 pop_mark()
             elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = stack[-1] if stack else None
+                memo[int(arg or 0)] = stack[-1] if stack else None
             elif op == "MEMOIZE":
                 memo[len(memo)] = stack[-1] if stack else None
             elif op in ("GET", "BINGET", "LONG_BINGET"):
-                push(memo.get(int(arg)))
+                push(memo.get(int(arg or 0)))
             elif op == "GLOBAL":
                 name = str(arg).replace(" ", ".", 1)
                 scan._add(scan.imports, name)
@@ -574,7 +598,7 @@ def _safe_names() -> dict[str, Any]:
         names[f"{module}._reconstruct"] = _np_reconstruct
         if scalar is not None:
             names[f"{module}.scalar"] = scalar
-    for kind in (
+    kinds: tuple[Any, ...] = (
         np.bool_,
         np.int8,
         np.int16,
@@ -586,7 +610,8 @@ def _safe_names() -> dict[str, Any]:
         np.float64,
         np.complex64,
         np.complex128,
-    ):
+    )
+    for kind in kinds:
         cls = type(np.dtype(kind))
         names[f"numpy.dtypes.{cls.__name__}"] = cls
     return names
@@ -623,10 +648,6 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         self._persistent = persistent_load
         self._extra = extra or {}
         self._buildable = _buildable()
-        self.dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
-        self.dispatch[pickle.BUILD[0]] = RestrictedUnpickler._load_build
-        for op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
-            self.dispatch[op[0]] = RestrictedUnpickler._load_ext
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
@@ -642,14 +663,14 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         return self._persistent(pid)
 
     def _load_build(self) -> None:
-        stack = self.stack
+        stack = self.stack  # type: ignore[attr-defined]
         state = stack.pop()
         inst = stack[-1]
         if isinstance(inst, self._buildable) and not isinstance(inst, (list, tuple)):
             import numpy as np
 
             if isinstance(inst, (np.ndarray, np.dtype)):
-                inst.__setstate__(state)
+                inst.__setstate__(state)  # type: ignore[union-attr]
                 return
             if isinstance(state, tuple) and len(state) == 2:
                 state, slots = state
@@ -670,4 +691,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def _load_ext(self) -> None:
         raise Refused("<copyreg extension>")
 
-    dispatch: dict[int, Callable[..., None]]
+    # the pure-Python unpickler's opcode table, with BUILD and the EXT opcodes replaced
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[pickle.BUILD[0]] = _load_build  # type: ignore[assignment]
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _load_ext  # type: ignore[assignment]
+    del _op
