@@ -583,6 +583,8 @@ def _safe_names() -> dict[str, Any]:
         "numpy.ndarray": _NDARRAY,
         "numpy.dtype": np.dtype,
     }
+    for name in ("set", "frozenset", "bytearray", "complex"):  # protocol 2's Python 2 names
+        names[f"__builtin__.{name}"] = names[f"builtins.{name}"]
     for kind, dtype in _STORAGE_DTYPES.items():
         names[f"torch.{kind}"] = StorageType(kind, dtype)
     for attr in dir(torch):

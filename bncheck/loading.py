@@ -12,22 +12,24 @@ How a file is recognised (by its bytes, never by its extension), in this order:
    file, and byte 8 is ``{`` (the JSON header). Read with the optional ``safetensors`` package.
 2. **zip archive** (magic ``PK\\x03\\x04``), then by its entries:
 
-   * ``<root>/code/...`` present: a **TorchScript** archive, read with ``torch.jit.load``
-     (TorchScript's own unpickler, which runs no Python code from the file);
+   * ``<root>/code/...`` present: a **TorchScript** archive, read from its zip entries without
+     running any of its code (``data.pkl`` by the restricted unpickler, the class
+     declarations in ``code/`` as text); ``torch.jit.load`` only with ``trust_pickle``;
    * ``<root>/archive_format`` or ``<root>/models/*.json`` or
      ``serialized_exported_program.json`` present: a **torch.export** archive (``.pt2``), read
-     with ``torch.export.load``;
-   * ``<root>/data.pkl`` present: a ``torch.save`` file, read with
-     ``torch.load(weights_only=True, mmap=True)``: memory-mapped, so a big checkpoint is not held
-     twice, and only tensors and plain containers can be unpickled.
+     with ``torch.export.load`` after every pickle inside it has been scanned;
+   * ``<root>/data.pkl`` present: a ``torch.save`` file, read by the restricted unpickler of
+     :mod:`bncheck._safe_pickle` with its tensors memory-mapped from the archive, so a big
+     checkpoint is not held twice, and only tensors and plain containers can be unpickled.
 3. **legacy pickle** (first byte ``0x80``, a pickle protocol marker): a pre-1.6 ``torch.save``
-   file or a plain pickle, read with ``torch.load(weights_only=True)`` (no mmap: the format has
-   no aligned storages).
+   file or a plain pickle, read by the same restricted unpickler (no mmap).
 4. Anything else is not a checkpoint.
 
-A file whose pickle needs code to load (a pickled full module, or a hostile pickle) is refused
-unless ``trust_pickle=True``; the refusal names the globals the pickle would import, found by
-reading the opcodes (``pickletools``), which executes nothing.
+Only regular files are opened, and every size a file claims is checked against its size
+before anything is allocated (:mod:`bncheck._readers`; ``docs/security.md``). A file whose
+pickle needs code to load (a pickled full module, or a hostile pickle) is refused unless
+``trust_pickle=True``; the refusal names every global the pickle would import, found by
+simulating its opcodes (:func:`bncheck._safe_pickle.scan_pickle`), which executes nothing.
 
 What the file holds, in turn:
 
@@ -282,6 +284,8 @@ def _zip_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             check_zip_sizes(path, archive, path.stat().st_size)
             names = archive.namelist()
+    except LoadError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise LoadError(
             f"{path}: a zip archive that cannot be read ({exc}); the file is truncated or "

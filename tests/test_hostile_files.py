@@ -309,7 +309,8 @@ def test_zip_bomb_is_refused_before_decompressing(capsys, tmp_path):
         archive.writestr("bomb/data.pkl", b"\0" * (64 << 20))
         archive.writestr("bomb/version", b"3\n")
     assert path.stat().st_size < (1 << 20)
-    fails(capsys, "audit", str(path), match=r"data\.pkl.* claims \d+ bytes uncompressed")
+    err = fails(capsys, "audit", str(path), match=r"data\.pkl.* claims \d+ bytes uncompressed")
+    assert "cannot be read" not in err
 
 
 class _Storage:
@@ -359,6 +360,18 @@ def test_storage_claiming_more_than_the_file_is_refused(capsys, tmp_path):
 def test_tensor_claiming_more_than_its_storage_names_the_key(capsys, tmp_path):
     path = _claiming_file(tmp_path / "claim.pt", 4, (10**12,))
     fails(capsys, "audit", str(path), match=r"tensor 'bn\.running_mean' claims 1000000000000")
+
+
+def test_legacy_file_claiming_more_than_it_holds_is_refused(capsys, tmp_path):
+    buffer = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+        pickle.dump(header, buffer, protocol=2)
+    _ClaimPickler(buffer, 10**12).dump({"bn.running_mean": _Claimed((10**12,))})
+    pickle.dump(["0"], buffer, protocol=2)
+    buffer.write(b"\0" * 64)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(buffer.getvalue())
+    fails(capsys, "audit", str(path), match=r"storage 0 claims 1000000000000 elements")
 
 
 def test_huge_input_shape_names_the_flag(capsys, tmp_path, sd):
