@@ -135,6 +135,15 @@ def _data_offset(path_or_bytes: Path | bytes, info: zipfile.ZipInfo) -> int:
 
 
 # ---- refusals --------------------------------------------------------------------------------
+def check_scan(label: Path, scan: PickleScan) -> None:
+    """Refuse a pickle the scan stopped reading because it is too long."""
+    if scan.too_long:
+        raise LoadError(
+            f"{label}: the pickle has {scan.error}, more than any checkpoint's structure "
+            "needs; the file is corrupt or crafted"
+        )
+
+
 def refusal_names(names: list[str]) -> str:
     """Every name, or the dangerous ones plus the first others and "and N more"."""
     if len(names) <= REFUSAL_NAMES:
@@ -257,6 +266,7 @@ def read_torch_zip(
         prefix = pkl[: -len("data.pkl")]
         data = arc.read(pkl)
         scan = scan_pickle(data)
+        check_scan(label, scan)
 
         def held(key: str) -> int | None:
             info = arc.infos.get(f"{prefix}data/{key}")
@@ -314,8 +324,10 @@ def _restricted_load(
     except Refused as exc:  # the scan missed it: name it anyway
         scan.imports.append(exc.name)
         raise pickle_refusal(label, scan, where) from exc
-    except LoadError:
-        raise
+    except LoadError as exc:
+        if str(exc).startswith(str(label)):
+            raise
+        raise LoadError(f"{label}: {exc}") from exc
     except RecursionError as exc:
         raise LoadError(f"{label}: the pickle is nested too deeply to read") from exc
     except MemoryError as exc:
@@ -351,6 +363,7 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
     (object, is a torch.save file)."""
     with open(path, "rb") if data is None else io.BytesIO(data) as fh:
         head_scan = scan_pickle(fh)
+        check_scan(path, head_scan)
         fh.seek(0)
         try:
             magic = RestrictedUnpickler(fh).load() if not head_scan.unsafe() else None
@@ -367,6 +380,7 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
             raise LoadError(f"{path}: the legacy checkpoint header is corrupt ({exc})") from exc
         start = fh.tell()
         scan = scan_pickle(fh)
+        check_scan(path, scan)
         problem = _storage_size_error(scan, lambda _key: size)
         if problem is None:
             total = _claimed_bytes(scan)
@@ -446,6 +460,7 @@ _PLAIN_PICKLE_NAMES = frozenset({"torch.storage._load_from_bytes"})
 def _read_plain_pickle(path: Path, fh: Any, size: int, trust: bool) -> Any:
     fh.seek(0)
     scan = scan_pickle(fh)
+    check_scan(path, scan)
     if scan.unsafe(_PLAIN_PICKLE_NAMES):
         if not trust:
             raise pickle_refusal(path, scan)
@@ -544,7 +559,11 @@ class _ScriptObject:
 
     def _bncheck_build(self, state: Any) -> None:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise pickle.UnpicklingError(f"{self.qualname} has a state bncheck cannot read")
+            raise LoadError(
+                f"the TorchScript object {self.qualname} restores its state with a method of "
+                "the archive (__setstate__), code bncheck does not run; pass --trust-pickle "
+                "if you trust the file"
+            )
         self.state.update(state)
 
 
@@ -580,6 +599,7 @@ def read_torchscript(path: Path, size: int) -> tuple[nn.Module, list[str]]:
         classes = script_classes(arc, root)
         data = arc.read(pkl)
         scan = scan_pickle(data)
+        check_scan(path, scan)
         used = [n for n in scan.imports if n.startswith("__torch__.")]
         runs = [m for n in used if n in classes for m in classes[n].runs_at_load]
         if runs:
@@ -718,6 +738,7 @@ def check_exported_program(path: Path, size: int) -> None:
                 _scan_nested_zip(path, data, inner)
             else:
                 scan = scan_pickle(data)
+                check_scan(path, scan)
                 if scan.unsafe():
                     raise pickle_refusal(path, scan, inner)
     finally:
@@ -730,6 +751,7 @@ def _scan_nested_zip(path: Path, data: bytes, where: str) -> None:
         for name in arc.infos:
             if name.endswith(".pkl"):
                 scan = scan_pickle(arc.read(name))
+                check_scan(path, scan)
                 if scan.unsafe():
                     raise pickle_refusal(path, scan, where)
     finally:

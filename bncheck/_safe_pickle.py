@@ -89,6 +89,10 @@ _DANGEROUS_BUILTINS = {
     "quit",
 }
 COMPUTED = "<a name computed while unpickling>"
+#: Most opcodes a pickle may have (nested ones included): a state dict of 100,000 tensors has
+#: about 2.5 million. Each opcode can make a Python object, so this bounds the memory the
+#: structure of a checkpoint takes, whatever its size.
+MAX_OPCODES = 4_000_000
 _MAX_NESTING = 4
 
 
@@ -140,6 +144,8 @@ class PickleScan:
     storages: list[tuple[Any, str, Any, Any]] = field(default_factory=list)
     nested: int = 0
     error: str | None = None
+    opcodes: int = 0
+    too_long: bool = False
 
     def unsafe(self, allowed: frozenset[str] = frozenset()) -> list[str]:
         """The imported names outside :data:`SAFE_NAMES` (and ``allowed``), in order, once."""
@@ -256,6 +262,11 @@ def scan_pickle(
     try:
         for opcode, arg, _pos in pickletools.genops(data):
             op = opcode.name
+            scan.opcodes += 1
+            if scan.opcodes > MAX_OPCODES:
+                scan.error = f"more than {MAX_OPCODES} opcodes"
+                scan.too_long = True
+                break
             if op in _STRING_OPS:
                 value = arg.decode("latin-1") if isinstance(arg, bytes) else arg
                 stack.append(value)
@@ -499,6 +510,28 @@ def _rebuild_tensor(
     return tensor
 
 
+def _rebuild_tensor_v3(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    dtype: Any,
+    *_: Any,
+) -> Any:
+    """A tensor of a dtype with no typed storage class (float8, uint16...): the storage is
+    untyped bytes, viewed as ``dtype``."""
+    if not isinstance(dtype, torch.dtype):
+        raise pickle.UnpicklingError("a tensor without a dtype")
+    if isinstance(storage, StorageRecord):
+        itemsize = _itemsize(dtype)
+        storage = StorageRecord(
+            dtype, storage.nbytes // itemsize, storage.location, storage.storage
+        )
+    return _rebuild_tensor(storage, offset, size, stride, requires_grad)
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any, *_: Any) -> Any:
     if isinstance(data, BadTensor):
         return data
@@ -538,6 +571,12 @@ def _np_reconstruct(cls: Any, shape: Any, dtype: Any) -> Any:
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
+def _bytes(value: Any = b"", *rest: Any) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or rest:
+        raise pickle.UnpicklingError("bytes() of something other than bytes")
+    return bytes(value)
+
+
 def _bytearray(value: Any = b"") -> bytearray:
     if not isinstance(value, (bytes, bytearray)):
         raise pickle.UnpicklingError("bytearray of something other than bytes")
@@ -566,6 +605,7 @@ def _safe_names() -> dict[str, Any]:
         "collections.OrderedDict": OrderedDict,
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
         "torch._utils._rebuild_tensor": _rebuild_tensor,
+        "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": _rebuild_parameter,
         "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
         "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta,
@@ -578,15 +618,23 @@ def _safe_names() -> dict[str, Any]:
         "builtins.set": set,
         "builtins.frozenset": frozenset,
         "builtins.bytearray": _bytearray,
+        "builtins.bytes": _bytes,
         "builtins.complex": complex,
         "argparse.Namespace": argparse.Namespace,
         "numpy.ndarray": _NDARRAY,
         "numpy.dtype": np.dtype,
     }
-    for name in ("set", "frozenset", "bytearray", "complex"):  # protocol 2's Python 2 names
+    for name in (
+        "set",
+        "frozenset",
+        "bytearray",
+        "bytes",
+        "complex",
+    ):  # protocol 2's Python 2 names
         names[f"__builtin__.{name}"] = names[f"builtins.{name}"]
     for kind, dtype in _STORAGE_DTYPES.items():
         names[f"torch.{kind}"] = StorageType(kind, dtype)
+    names["torch.storage.UntypedStorage"] = names["torch.UntypedStorage"]
     for attr in dir(torch):
         value = getattr(torch, attr, None)
         if isinstance(value, torch.dtype):
