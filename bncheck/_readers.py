@@ -210,6 +210,8 @@ class _Archive:
         offset = _data_offset(self.source, info)
         if offset + nbytes > self.size:
             return None
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
         if isinstance(self.source, bytes):
             return torch.frombuffer(
                 bytearray(self.source[offset : offset + nbytes]), dtype=torch.uint8
