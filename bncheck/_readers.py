@@ -596,6 +596,8 @@ def read_torchscript(path: Path, size: int) -> tuple[nn.Module, list[str]]:
     arc = _Archive.open(path, path, size)
     try:
         pkls = [n for n in arc.infos if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pkls:
+            raise LoadError(f"{path}: a TorchScript archive without data.pkl; save it again")
         pkl = min(pkls, key=lambda n: n.count("/"))
         root = pkl[: -len("data.pkl")]
         classes = script_classes(arc, root)

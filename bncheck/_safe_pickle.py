@@ -420,9 +420,12 @@ class Refused(pickle.UnpicklingError):
 @dataclass
 class BadTensor:
     """Stands in for a tensor the file describes but does not hold (or holds in a form bncheck
-    refuses): the loader names its key and ``reason``."""
+    refuses): the loader names its key and ``reason``. ``corrupt``: the file claims bytes it
+    does not hold (refused wherever the tensor is); otherwise a valid tensor bncheck does not
+    read (sparse, quantized), refused only where it would be audited."""
 
     reason: str
+    corrupt: bool = True
 
 
 @dataclass
@@ -549,11 +552,11 @@ def _rebuild_meta(dtype: Any, size: Any, stride: Any, requires_grad: Any = False
 
 
 def _sparse(*_: Any) -> BadTensor:
-    return BadTensor("is a sparse tensor (bncheck reads dense tensors only)")
+    return BadTensor("is a sparse tensor (bncheck reads dense tensors only)", corrupt=False)
 
 
 def _quantized(*_: Any) -> BadTensor:
-    return BadTensor("is a quantized tensor (bncheck reads float tensors only)")
+    return BadTensor("is a quantized tensor (bncheck reads float tensors only)", corrupt=False)
 
 
 class _NdarrayType:

@@ -427,7 +427,7 @@ def _is_tensor_dict(obj: Any) -> bool:
         isinstance(obj, Mapping)
         and len(obj) > 0
         and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
+        and all(isinstance(v, (torch.Tensor, BadTensor)) for v in obj.values())
     )
 
 
@@ -470,7 +470,10 @@ def extract_state_dict(
     if isinstance(current, nn.Module):
         return current
     if isinstance(current, Mapping) and current and all(isinstance(k, str) for k in current):
-        tensors = {k: v for k, v in current.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in current.items() if isinstance(v, (torch.Tensor, BadTensor))}
+        for key, value in tensors.items():
+            if isinstance(value, BadTensor):
+                raise LoadError(f"{path}: tensor {_key_text(str(key))} {value.reason}")
         if tensors and len(tensors) >= len(current) / 2:
             dropped = [k for k in current if k not in tensors]
             if dropped:
@@ -943,7 +946,9 @@ def _refuse_bad_tensors(obj: Any, path: Path, trail: str = "", depth: int = 0) -
     if depth > 8:
         return
     if isinstance(obj, BadTensor):
-        raise LoadError(f"{path}: tensor {_key_text(trail or '(top level)')} {obj.reason}")
+        if obj.corrupt:
+            raise LoadError(f"{path}: tensor {_key_text(trail or '(top level)')} {obj.reason}")
+        return
     if isinstance(obj, Mapping):
         for key, value in obj.items():
             if isinstance(value, (BadTensor, Mapping, list, tuple)):

@@ -476,3 +476,28 @@ def test_arch_that_calls_sys_exit(capsys, tmp_path, monkeypatch, when):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, name, raising=False)
     fails(capsys, "audit", "--arch", f"{name}:make", match=r"sys\.exit\(0\)")
+
+
+def test_sparse_tensor_outside_the_audited_state_dict_is_left_alone(tmp_path, sd):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": sd, "optimizer": {"emb": torch.eye(3).to_sparse()}}, path)
+    loaded = load_model(path, arch=ARCH)
+    assert any("also holds optimizer" in note for note in loaded.notes)
+
+
+@pytest.mark.slow
+def test_hidden_os_system_from_the_command_line(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "hparams.pkl"
+    path.write_bytes(_system_pickle_behind_namespace(f"touch {marker}"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bncheck", "audit", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "os.system" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
