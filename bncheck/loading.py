@@ -1027,9 +1027,9 @@ def check_input_size(shape: tuple[int, ...], flag: str = "--input-shape") -> Non
     if values * 4 > INPUT_BUDGET_BYTES:
         text = ",".join(map(str, shape))
         raise UsageError(
-            f"{flag} {text}: a batch of {values:.3g} values ({values * 4 / 2**30:.3g} GiB as "
-            f"float32) is over bncheck's input budget of {INPUT_BUDGET_BYTES // 2**30} GiB; "
-            "give a smaller batch or spatial size"
+            f"{flag}: an input of shape {text} is {values:.3g} values ({values * 4 / 2**30:.3g} "
+            f"GiB as float32), over bncheck's input budget of {INPUT_BUDGET_BYTES // 2**30} "
+            "GiB; give a smaller batch or spatial size"
         )
 
 
