@@ -27,6 +27,7 @@ import re
 import stat
 import struct
 import zipfile
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from ._safe_pickle import (
+    SAFE_NAMES,
     BadTensor,
     PickleScan,
     Refused,
@@ -155,8 +157,10 @@ def refusal_names(names: list[str]) -> str:
     return ", ".join(shown) + f" and {len(names) - len(shown)} more"
 
 
-def pickle_refusal(path: Path, scan: PickleScan, where: str = "") -> LoadError:
-    names = scan.unsafe()
+def pickle_refusal(
+    path: Path, scan: PickleScan, where: str = "", refused: frozenset[str] = frozenset()
+) -> LoadError:
+    names = scan.unsafe(refused, strict=True)
     what = f" (it imports {refusal_names(names)})" if names else ""
     inside = f" in {where}" if where else ""
     return LoadError(
@@ -743,8 +747,8 @@ def check_exported_program(path: Path, size: int) -> None:
             else:
                 scan = scan_pickle(data)
                 check_scan(path, scan)
-                if scan.unsafe():
-                    raise pickle_refusal(path, scan, inner)
+                if scan.unsafe(_EXPORT_EXCLUDED, strict=True):
+                    raise pickle_refusal(path, scan, inner, _EXPORT_EXCLUDED)
     finally:
         arc.close()
 
@@ -756,7 +760,26 @@ def _scan_nested_zip(path: Path, data: bytes, where: str) -> None:
             if name.endswith(".pkl"):
                 scan = scan_pickle(arc.read(name))
                 check_scan(path, scan)
-                if scan.unsafe():
-                    raise pickle_refusal(path, scan, where)
+                if scan.unsafe(_EXPORT_EXCLUDED, strict=True):
+                    raise pickle_refusal(path, scan, where, _EXPORT_EXCLUDED)
+                folder = name[: -len(name.rpartition("/")[2])]
+                sizes: dict[str, int] = defaultdict(int)  # a missing storage holds 0 bytes
+                for entry, info in arc.infos.items():
+                    if entry.startswith(f"{folder}data/"):
+                        sizes[entry[len(folder) + 5 :]] = info.file_size
+                problem = _storage_size_error(scan, sizes.__getitem__)
+                if problem:
+                    raise LoadError(
+                        f"{path}: in {where}, {problem}; the file is corrupt or crafted"
+                    )
     finally:
         arc.close()
+
+
+#: Names of the allowlist that torch.export.load's own (unrestricted) unpickler would call
+#: without bncheck's size checks: refused in a torch.export archive.
+_EXPORT_EXCLUDED = frozenset(
+    name
+    for name in SAFE_NAMES
+    if name.startswith(("numpy.", "argparse.")) or name.rpartition(".")[2] in ("bytes", "bytearray")
+)

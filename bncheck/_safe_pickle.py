@@ -147,10 +147,13 @@ class PickleScan:
     opcodes: int = 0
     too_long: bool = False
 
-    def unsafe(self, allowed: frozenset[str] = frozenset()) -> list[str]:
-        """The imported names outside :data:`SAFE_NAMES` (and ``allowed``), in order, once."""
+    def unsafe(self, extra: frozenset[str] = frozenset(), strict: bool = False) -> list[str]:
+        """The imported names outside :data:`SAFE_NAMES`, in order, once: ``extra`` names are
+        allowed too, or, with ``strict``, refused too."""
         names = dict.fromkeys(self.imports + self.calls)
-        return [n for n in names if n not in SAFE_NAMES and n not in allowed]
+        if strict:
+            return [n for n in names if n not in SAFE_NAMES or n in extra]
+        return [n for n in names if n not in SAFE_NAMES and n not in extra]
 
     def _add(self, bucket: list[str], name: str) -> None:
         if name not in bucket:

@@ -470,10 +470,10 @@ def extract_state_dict(
     if isinstance(current, nn.Module):
         return current
     if isinstance(current, Mapping) and current and all(isinstance(k, str) for k in current):
-        tensors = {k: v for k, v in current.items() if isinstance(v, (torch.Tensor, BadTensor))}
-        for key, value in tensors.items():
+        for key, value in current.items():
             if isinstance(value, BadTensor):
                 raise LoadError(f"{path}: tensor {_key_text(str(key))} {value.reason}")
+        tensors = {k: v for k, v in current.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(current) / 2:
             dropped = [k for k in current if k not in tensors]
             if dropped:

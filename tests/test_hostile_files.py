@@ -501,3 +501,15 @@ def test_hidden_os_system_from_the_command_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "os.system" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_exported_program_sample_inputs_may_not_allocate_through_numpy(capsys, tmp_path):
+    import numpy as np
+
+    class Huge:
+        def __reduce__(self):
+            return (np.ndarray, ((10**12,),))
+
+    path = _exported(tmp_path)
+    _rewrite(path, {"data/sample_inputs/model.pt": _torch_saved(((Huge(),), {}))})
+    fails(capsys, "audit", str(path), match=r"in data/sample_inputs/model\.pt .*numpy\.ndarray")
