@@ -11,7 +11,10 @@ For comparison, measured side by side in the same run, a naive load in a second 
 build ``vgg16_bn()`` on the CPU, ``torch.load(weights_only=True)`` without mmap,
 ``load_state_dict`` (a copy), then one eval forward on the same input shape.
 
-    python benchmarks/cli_full_checkpoint.py [extra bncheck audit args...]
+    python benchmarks/cli_full_checkpoint.py [--legacy] [extra bncheck audit args...]
+
+``--legacy`` writes the checkpoint in the pre-1.6 (non-zip) ``torch.save`` format, which
+bncheck reads into memory (no mmap) after checking every storage's size against the file.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ with torch.no_grad():
 """
 
 
-def write_checkpoint(folder: Path) -> Path:
+def write_checkpoint(folder: Path, legacy: bool = False) -> Path:
     import torch
 
     from bncheck.models import vgg16_bn
@@ -43,7 +46,7 @@ def write_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model = vgg16_bn()
     path = folder / "vgg16_bn.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=not legacy)
     return path
 
 
@@ -62,20 +65,23 @@ def run_measured(cmd: list[str], folder: Path) -> tuple[int, float, int, str]:
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(
-            f"usage: python {Path(__file__).name} [EXTRA BNCHECK AUDIT FLAGS ...]\n\n"
+            f"usage: python {Path(__file__).name} [--legacy] [EXTRA BNCHECK AUDIT FLAGS ...]\n\n"
             "Writes a full-size VGG16-BN state dict (about 530 MiB) to a temporary folder,\n"
             "runs `bncheck audit FILE --arch vgg16_bn` on it in a subprocess, then a naive\n"
             "load + one forward, and prints wall time, peak RSS and peak RSS / file size.\n"
             "Extra flags are passed on to `bncheck audit`."
         )
         return 0
+    legacy = "--legacy" in argv
+    argv = [a for a in argv if a != "--legacy"]
     with tempfile.TemporaryDirectory(prefix="bncheck-bench-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        path = write_checkpoint(folder)
+        path = write_checkpoint(folder, legacy)
         size = path.stat().st_size
         print(
-            f"checkpoint: vgg16_bn state dict, {size / 2**20:.0f} MiB "
+            f"checkpoint: vgg16_bn state dict{' (legacy format)' if legacy else ''}, "
+            f"{size / 2**20:.0f} MiB "
             f"(written in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs"
         )
         cmd = [

@@ -151,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser(
         "audit",
         help="audit a model file (or a built-in architecture)",
-        description="Audit the BatchNorm layers of a model file. Loading is safe by default:\n"
-        "state dicts (torch.load weights_only=True, memory-mapped), safetensors, TorchScript\n"
-        "and torch.export archives; a pickled full module only with --trust-pickle.",
+        description="Audit the BatchNorm layers of a model file. Loading runs nothing from the\n"
+        "file by default: tensors and plain containers are read by a restricted unpickler\n"
+        "(memory-mapped), safetensors directly, TorchScript and torch.export archives from\n"
+        "their entries; anything that would run code (a pickled module, a TorchScript\n"
+        "__setstate__, pickled export inputs) only with --trust-pickle (docs/security.md).",
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -197,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow unpickling a full pickled module: this runs code from the "
-        "file, so only for files you trust",
+        help="allow loading what runs code from the file (a pickled module, TorchScript "
+        "methods run at load, pickled torch.export inputs): only for files you trust",
     )
     rule_opts = audit.add_argument_group("rules")
     rule_opts.add_argument(
@@ -663,18 +665,26 @@ def _check_outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     outputs = list(args.output_format or ())
     if args.output:
         outputs.insert(0, (args.format, args.output))
-    protected = {
-        Path(p).resolve(): what
-        for p, what in ((args.path, "the audited file"), (args.baseline, "the baseline"))
+    protected = [
+        (p, what)
+        for p, what in ((args.path, "the file being audited"), (args.baseline, "the baseline"))
         if p
-    }
+    ]
     for fmt, path in outputs:
-        what = protected.get(Path(path).resolve())
-        if what is not None:
-            raise UsageError(
-                f"the {fmt} report would overwrite {what} ({path}); choose another file"
-            )
+        for kept, what in protected:
+            if _same_file(path, kept):
+                raise UsageError(
+                    f"the {fmt} report would overwrite {what} ({path}); choose another file"
+                )
     return outputs
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same file: one path, a symlink or a hard link to it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare the resolved paths
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -774,7 +784,9 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
     loaded: loading.LoadedModel | None = None
     if args.path is not None:
         path = Path(args.path)
-        size = path.stat().st_size if path.is_file() else 0
+        size = 0
+        with contextlib.suppress(OSError):  # the loader says what is wrong with the path
+            size = path.stat().st_size if path.is_file() else 0
         progress(f"loading {args.path} ({size / 1e6:.1f} MB)...")
         arch = loading.resolve_arch(args.arch, args.arch_args) if args.arch else None
         loaded = loading.load_model(path, arch, trust_pickle=args.trust_pickle)
@@ -801,6 +813,7 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
             shape = args.input_shape
         else:
             shape, _ = infer_input_shape(model, arch_shape, args.batch_size)
+        loading.check_input_size(shape, "--input-shape" if args.input_shape else "--batch-size")
         x = random_batch(model, shape)
         # --batch-size says "the batch I train with"; --input-shape alone is only a shape
         synthetic = args.batch_size is None

@@ -12,22 +12,24 @@ How a file is recognised (by its bytes, never by its extension), in this order:
    file, and byte 8 is ``{`` (the JSON header). Read with the optional ``safetensors`` package.
 2. **zip archive** (magic ``PK\\x03\\x04``), then by its entries:
 
-   * ``<root>/code/...`` present: a **TorchScript** archive, read with ``torch.jit.load``
-     (TorchScript's own unpickler, which runs no Python code from the file);
+   * ``<root>/code/...`` present: a **TorchScript** archive, read from its zip entries without
+     running any of its code (``data.pkl`` by the restricted unpickler, the class
+     declarations in ``code/`` as text); ``torch.jit.load`` only with ``trust_pickle``;
    * ``<root>/archive_format`` or ``<root>/models/*.json`` or
      ``serialized_exported_program.json`` present: a **torch.export** archive (``.pt2``), read
-     with ``torch.export.load``;
-   * ``<root>/data.pkl`` present: a ``torch.save`` file, read with
-     ``torch.load(weights_only=True, mmap=True)``: memory-mapped, so a big checkpoint is not held
-     twice, and only tensors and plain containers can be unpickled.
+     with ``torch.export.load`` after every pickle inside it has been scanned;
+   * ``<root>/data.pkl`` present: a ``torch.save`` file, read by the restricted unpickler of
+     :mod:`bncheck._safe_pickle` with its tensors memory-mapped from the archive, so a big
+     checkpoint is not held twice, and only tensors and plain containers can be unpickled.
 3. **legacy pickle** (first byte ``0x80``, a pickle protocol marker): a pre-1.6 ``torch.save``
-   file or a plain pickle, read with ``torch.load(weights_only=True)`` (no mmap: the format has
-   no aligned storages).
+   file or a plain pickle, read by the same restricted unpickler (no mmap).
 4. Anything else is not a checkpoint.
 
-A file whose pickle needs code to load (a pickled full module, or a hostile pickle) is refused
-unless ``trust_pickle=True``; the refusal names the globals the pickle would import, found by
-reading the opcodes (``pickletools``), which executes nothing.
+Only regular files are opened, and every size a file claims is checked against its size
+before anything is allocated (:mod:`bncheck._readers`; ``docs/security.md``). A file whose
+pickle needs code to load (a pickled full module, or a hostile pickle) is refused unless
+``trust_pickle=True``; the refusal names every global the pickle would import, found by
+simulating its opcodes (:func:`bncheck._safe_pickle.scan_pickle`), which executes nothing.
 
 What the file holds, in turn:
 
@@ -48,7 +50,6 @@ import contextlib
 import functools
 import importlib
 import os
-import pickletools
 import random
 import struct
 import sys
@@ -63,6 +64,15 @@ import torch
 from torch import nn
 
 from . import zoo
+from ._readers import (
+    check_exported_program,
+    check_zip_sizes,
+    read_legacy,
+    read_torch_zip,
+    read_torchscript,
+    regular_file_size,
+)
+from ._safe_pickle import BadTensor, scan_pickle
 from .errors import BNCheckError, LoadError, UsageError
 from .models import ARCHS, INPUT_SHAPES, get_arch
 
@@ -197,6 +207,11 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        raise UsageError(
+            f"--arch {spec}: importing {module_name!r} called sys.exit({exc.code!r}); an "
+            "--arch module must import without exiting"
+        ) from None
     except Exception as exc:  # ImportError, or an error raised while importing
         raise UsageError(
             f"--arch {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
@@ -236,6 +251,11 @@ def build_arch(arch: ArchSpec, *, meta: bool = False) -> nn.Module:
                 model = arch.factory()
     except BNCheckError:
         raise
+    except SystemExit as exc:
+        raise UsageError(
+            f"--arch {arch.label} called sys.exit({exc.code!r}) instead of returning a "
+            "model; the factory must return a torch.nn.Module"
+        ) from None
     except Exception as exc:
         if meta:
             raise _MetaBuildFailed(exc) from exc
@@ -256,21 +276,7 @@ class _MetaBuildFailed(Exception):
 
 # ---- format detection ------------------------------------------------------------------------
 def _check_file(path: Path) -> int:
-    if not path.exists():
-        raise LoadError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise LoadError(f"{path}: is a directory; give the checkpoint file inside it")
-    try:
-        size = path.stat().st_size
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise LoadError(
-            f"{path}: cannot be read ({exc.strerror or exc}); check its permissions"
-        ) from exc
-    if size == 0:
-        raise LoadError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
-    return size
+    return regular_file_size(path)
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -283,7 +289,10 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 def _zip_kind(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_sizes(path, archive, path.stat().st_size)
             names = archive.namelist()
+    except LoadError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise LoadError(
             f"{path}: a zip archive that cannot be read ({exc}); the file is truncated or "
@@ -330,66 +339,15 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
 
 
 # ---- pickles ---------------------------------------------------------------------------------
-def pickle_globals(data: bytes, limit: int = 8) -> list[str]:
-    """The ``module.name`` globals a pickle would import, read from its opcodes (runs nothing)."""
-    found: list[str] = []
-    strings: list[str] = []
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in (
-                "SHORT_BINUNICODE",
-                "BINUNICODE",
-                "UNICODE",
-                "BINUNICODE8",
-                "SHORT_BINSTRING",
-                "BINSTRING",
-                "STRING",
-            ):
-                strings.append(str(arg))
-            elif opcode.name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            if len(found) >= 64:
-                break
-    except Exception:  # a truncated or odd pickle: report what was seen so far
-        pass
-    safe_prefixes = (
-        "torch._utils.",
-        "torch.",
-        "collections.OrderedDict",
-        "builtins.",
-        "__builtin__.",
-        "_codecs.encode",
-    )
-    odd = [
-        g
-        for g in dict.fromkeys(found)
-        if not g.startswith(safe_prefixes) or g.startswith("torch.nn.")
-    ]
-    return odd[:limit]
+def pickle_globals(data: bytes, limit: int | None = None) -> list[str]:
+    """Every name a pickle would import or call outside the plain-data allowlist.
 
-
-def _pickle_bytes(path: Path, fmt: str) -> bytes:
-    try:
-        if fmt in ("torch_zip", "torchscript"):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                return archive.read(name)
-        with path.open("rb") as fh:
-            return fh.read(1 << 20)
-    except Exception:
-        return b""
-
-
-def _refuse_pickle(path: Path, fmt: str, exc: Exception) -> LoadError:
-    needs = pickle_globals(_pickle_bytes(path, fmt))
-    what = f" (it imports {_shown(needs, 3)})" if needs else ""
-    return LoadError(
-        f"{path}: the file holds a pickle that needs code to load{what}, and unpickling can run "
-        "arbitrary code; if you trust the file pass --trust-pickle, or save "
-        "model.state_dict() instead and pass --arch"
-    )
+    Read from its opcodes by a symbolic simulator (:func:`bncheck._safe_pickle.scan_pickle`)
+    that follows the memo, ``STACK_GLOBAL``, ``getattr``/``__import__`` chains and nested
+    pickles; nothing is executed. ``limit`` keeps the first names only.
+    """
+    names = scan_pickle(data).unsafe()
+    return names if limit is None else names[:limit]
 
 
 def data_globals() -> list[Any]:
@@ -427,43 +385,14 @@ def data_globals() -> list[Any]:
     return allowed
 
 
-def _safe_globals() -> contextlib.AbstractContextManager[Any]:
-    try:
-        return torch.serialization.safe_globals(data_globals())
-    except Exception:  # an older torch without tuple aliases: allow the classes only
-        return torch.serialization.safe_globals(
-            [g for g in data_globals() if not isinstance(g, tuple)]
-        )
-
-
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
-    """``torch.load`` with ``weights_only=True`` (mmap for zip files); returns (obj, mmapped)."""
-    mmap = fmt == "torch_zip"
-    try:
-        with _safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
-    except Exception as exc:
-        if not _is_unpickling_refusal(exc):
-            raise _load_failure(path, fmt, exc) from exc
-        if not trust_pickle:
-            raise _refuse_pickle(path, fmt, exc) from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap), mmap
-    except Exception as exc:
-        raise LoadError(
-            f"{path}: unpickling with --trust-pickle failed "
-            f"({type(exc).__name__}: {_first_line(exc)}); the classes it needs "
-            "must be importable (run from the project directory)"
-        ) from exc
-
-
-def _is_unpickling_refusal(exc: Exception) -> bool:
-    import pickle
-
-    text = str(exc)
-    return isinstance(exc, pickle.UnpicklingError) and (
-        "Weights only load failed" in text or "Unsupported" in text or "GLOBAL" in text
-    )
+    """A ``torch.save`` file (zip or legacy) or a plain pickle, read by the restricted
+    unpickler; returns (obj, memory-mapped)."""
+    size = path.stat().st_size
+    if fmt == "torch_zip":
+        return read_torch_zip(path, path, size, trust_pickle)
+    obj, _is_torch = read_legacy(path, size, trust_pickle)
+    return obj, False
 
 
 def _load_failure(path: Path, fmt: str, exc: Exception) -> LoadError:
@@ -505,7 +434,7 @@ def _is_tensor_dict(obj: Any) -> bool:
         isinstance(obj, Mapping)
         and len(obj) > 0
         and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
+        and all(isinstance(v, (torch.Tensor, BadTensor)) for v in obj.values())
     )
 
 
@@ -548,6 +477,9 @@ def extract_state_dict(
     if isinstance(current, nn.Module):
         return current
     if isinstance(current, Mapping) and current and all(isinstance(k, str) for k in current):
+        for key, value in current.items():
+            if isinstance(value, BadTensor):
+                raise LoadError(f"{path}: tensor {_key_text(str(key))} {value.reason}")
         tensors = {k: v for k, v in current.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(current) / 2:
             dropped = [k for k in current if k not in tensors]
@@ -889,6 +821,7 @@ def _fit_to_arch(
     arch: ArchSpec, sd: dict[str, torch.Tensor], path: Path, notes: list[str]
 ) -> tuple[nn.Module, dict[str, list[str]]]:
     """Build ``arch`` on meta (CPU if the factory needs real tensors) and assign ``sd``."""
+    validate_state_dict(sd, path)
     try:
         model = build_arch(arch, meta=True)
         on_meta = True
@@ -951,6 +884,7 @@ def _stand_in(
 ) -> LoadedModel:
     from .errors import NoBatchNormError
 
+    validate_state_dict(sd, path)
     sd = strip_prefix(sd, None, notes)
     if not _bn_key_groups(sd):
         raise NoBatchNormError(
@@ -990,6 +924,135 @@ def _stand_in(
     )
 
 
+def _read_torchscript(path: Path, trust_pickle: bool) -> nn.Module:
+    """A TorchScript archive: rebuilt from its zip entries (no code runs), or with
+    ``torch.jit.load`` when trusted."""
+    if trust_pickle:
+        try:
+            module: nn.Module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise _load_failure(path, "torchscript", exc) from exc
+        return module
+    module, runs = read_torchscript(path, path.stat().st_size)
+    if runs:
+        raise LoadError(
+            f"{path}: loading this TorchScript archive runs {', '.join(runs)} (TorchScript "
+            "code from the file, which can read and write files); bncheck does not run it "
+            "unless you pass --trust-pickle for a file you trust"
+        )
+    return module
+
+
+_PLAIN_MODULE = nn.Module()
+#: Deepest module nesting a state dict key may have (real models stay well under 30).
+MAX_KEY_DEPTH = 64
+
+
+def _refuse_bad_tensors(obj: Any, path: Path, trail: str = "", depth: int = 0) -> None:
+    """Raise for a tensor the file describes but does not hold (see ``BadTensor``)."""
+    if depth > 8:
+        return
+    if isinstance(obj, BadTensor):
+        if obj.corrupt:
+            raise LoadError(f"{path}: tensor {_key_text(trail or '(top level)')} {obj.reason}")
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if isinstance(value, (BadTensor, Mapping, list, tuple)):
+                _refuse_bad_tensors(value, path, f"{trail}.{key}" if trail else str(key), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            if isinstance(value, (BadTensor, Mapping, list, tuple)):
+                _refuse_bad_tensors(value, path, f"{trail}[{i}]", depth + 1)
+
+
+def _key_text(key: str, limit: int = 60) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+def validate_state_dict(sd: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse keys no module tree can have and tensors bncheck cannot audit, naming the key.
+
+    A key must be dotted names (no empty part), at most :data:`MAX_KEY_DEPTH` deep, none an
+    attribute every module has (``training``, ``forward``...); a tensor must hold values
+    (not ``meta``), be dense, and BN statistics and affine parameters must be real numbers.
+    """
+    meta = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise LoadError(
+            f"{path}: the checkpoint holds no values: {len(meta)} of its {len(sd)} tensors "
+            f"are meta tensors (shapes only, e.g. {_key_text(meta[0])}); save the model after "
+            "its weights are materialised (not built on the meta device)"
+        )
+    for key, value in sd.items():
+        parts = key.split(".")
+        if len(parts) > MAX_KEY_DEPTH:
+            raise LoadError(
+                f"{path}: key {_key_text(key)} is nested {len(parts)} modules deep (at most "
+                f"{MAX_KEY_DEPTH}); the file is corrupt or crafted"
+            )
+        if any(part == "" for part in parts):
+            raise LoadError(
+                f"{path}: key {_key_text(key)} has an empty name between dots; no module "
+                "tree has such a key"
+            )
+        reserved = next((p for p in parts if hasattr(_PLAIN_MODULE, p)), None)
+        if reserved is not None:
+            raise LoadError(
+                f"{path}: key {_key_text(key)}: {reserved!r} is an attribute of every torch "
+                "module, so no module or tensor can have that name; the file is corrupt "
+                "or crafted"
+            )
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.layout != torch.strided:
+            raise LoadError(
+                f"{path}: tensor {_key_text(key)} is a {str(value.layout).replace('torch.', '')}"
+                " tensor; bncheck audits dense tensors (save tensor.to_dense())"
+            )
+        leaf = parts[-1]
+        if leaf in ("running_mean", "running_var", "weight", "bias") and (
+            value.is_complex() or value.dtype == torch.bool
+        ):
+            raise LoadError(
+                f"{path}: tensor {_key_text(key)} has dtype "
+                f"{str(value.dtype).replace('torch.', '')}; BatchNorm statistics and "
+                "parameters are real numbers"
+            )
+
+
+#: Largest synthetic input batch the command line makes, in bytes (float32 values).
+INPUT_BUDGET_BYTES = 1 << 30
+
+
+def check_input_size(shape: tuple[int, ...], flag: str = "--input-shape") -> None:
+    """Refuse an input batch over :data:`INPUT_BUDGET_BYTES`, naming the flag that set it."""
+    import math
+
+    values = math.prod(shape)
+    if values * 4 > INPUT_BUDGET_BYTES:
+        text = ",".join(map(str, shape))
+        raise UsageError(
+            f"{flag}: an input of shape {text} is {values:.3g} values ({values * 4 / 2**30:.3g} "
+            f"GiB as float32), over bncheck's input budget of {INPUT_BUDGET_BYTES // 2**30} "
+            "GiB; give a smaller batch or spatial size"
+        )
+
+
+def check_output_path(output: str, audited: str | os.PathLike[str]) -> None:
+    """Refuse ``-o`` naming the audited file (same path, a symlink or a hard link to it)."""
+    try:
+        same = os.path.samefile(output, audited)
+    except OSError:  # the output does not exist yet (or cannot be read): not the same file
+        same = os.path.abspath(output) == os.path.abspath(audited)
+    if same:
+        raise UsageError(
+            f"--output {output} is the file being audited; writing the report there would "
+            "replace the checkpoint: give another file"
+        )
+
+
 def load_model(
     path: str | os.PathLike[str], arch: str | ArchSpec | None = None, trust_pickle: bool = False
 ) -> LoadedModel:
@@ -1017,10 +1080,7 @@ def load_model(
     mmapped = False
     obj: Any
     if fmt == "torchscript":
-        try:
-            obj = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise _load_failure(path, fmt, exc) from exc
+        obj = _read_torchscript(path, trust_pickle)
         if spec is None:
             model, settings_known = _mirror_module(obj)
             return LoadedModel(
@@ -1048,6 +1108,8 @@ def load_model(
             )
         obj = {k: v for k, v in obj.state_dict().items()}
     elif fmt == "exported_program":
+        if not trust_pickle:
+            check_exported_program(path, path.stat().st_size)
         try:
             with path.open("rb") as fh:  # a file object: any extension, no warning
                 program = torch.export.load(fh)
@@ -1067,6 +1129,7 @@ def load_model(
         obj = _read_safetensors(path)
     else:
         obj, mmapped = _torch_load(path, fmt, trust_pickle)
+    _refuse_bad_tensors(obj, path)
     content = extract_state_dict(obj, path, notes)
     if isinstance(content, nn.Module):
         if spec is not None:
@@ -1099,4 +1162,7 @@ __all__ += [
     "isolated_rng",
     "exported_bn_settings",
     "data_globals",
+    "validate_state_dict",
+    "check_input_size",
+    "check_output_path",
 ]

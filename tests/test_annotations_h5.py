@@ -144,7 +144,7 @@ def test_an_output_may_not_replace_the_audited_file(tmp_path, capsys):
         "--output-format",
         f"sarif={ckpt}",
     )
-    assert code == 2 and "would overwrite the audited file" in err
+    assert code == 2 and "would overwrite the file being audited" in err
     assert torch.load(ckpt, weights_only=True)  # still the checkpoint
 
 
