@@ -119,6 +119,9 @@ class Recorder:
             if id(module) == self._inner_id and module is self.inner:
                 self._model_forward(module)
             return
+        if self._monitor() is None:  # dropped without detach(): stop watching
+            self.remove()
+            return
         scoped = _SCOPE.get()
         if scoped and id(module) in scoped:
             return  # bncheck's own audit pass on this model
@@ -182,9 +185,10 @@ class Recorder:
         n = 0
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point():
             with torch.no_grad():
-                var, mean = torch.var_mean(
-                    x.detach().float(), dim=[0, *range(2, x.dim())], correction=0
-                )
+                # per-sample channel means [N, C]: their spread is the sampling noise of the
+                # batch mean, spatial correlation included
+                per_sample = x.detach().float().flatten(2).mean(2) if x.dim() > 2 else x.detach()
+                var, mean = torch.var_mean(per_sample.float(), dim=0, correction=1)
             n = int(x.shape[0])
         hookable = isinstance(output, torch.Tensor) and output.requires_grad and not in_backward
         record = CallRecord(next(self._seq), n, mean, var, hookable, in_backward)

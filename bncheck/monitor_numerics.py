@@ -153,7 +153,8 @@ class CallRecord:
     call's output was computed (None: no backward reached it); ``hookable`` whether the
     output required grad (only then can a backward be seen); ``in_backward`` whether the call
     itself ran during a backward pass (a recomputed forward); ``n`` the batch size, ``mean``
-    and ``var`` the per-channel statistics of the input.
+    the per-channel batch mean of the input and ``var`` the variance over the batch of the
+    per-sample channel means (its sampling noise times ``n``).
     """
 
     seq: int
@@ -172,12 +173,11 @@ class CallRecord:
 def batches_differ(a: CallRecord, b: CallRecord) -> bool:
     """Whether two calls' batch statistics come from different distributions, beyond noise.
 
-    A two-sample test per channel of the batch means: ``|mean_a - mean_b|`` against the
-    standard error ``sqrt(var_a / n_a + var_b / n_b)`` with ``n`` the batch size (not the
-    number of values per channel, whose spatial correlation would understate the noise; the
-    per-channel variance bounds the variance of the per-sample means, so the test is
-    conservative). Different when at least ``DIFFER_FRACTION`` of the channels are more than
-    ``DIFFER_Z`` standard errors apart.
+    A two-sample (Welch) test per channel of the batch means: ``|mean_a - mean_b|`` against
+    the standard error ``sqrt(var_a / n_a + var_b / n_b)``, with ``n`` the batch size and
+    ``var`` the variance over the batch of the per-sample channel means (so the spatial
+    correlation of a feature map does not understate the noise). Different when at least
+    ``DIFFER_FRACTION`` of the channels are more than ``DIFFER_Z`` standard errors apart.
     """
     if a.mean is None or b.mean is None or a.var is None or b.var is None:
         return False
