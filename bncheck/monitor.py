@@ -540,12 +540,17 @@ class Monitor:
         the step where the problem started (``details["step"]``). Under ``torch.distributed``
         with ``merge=True`` this is a collective (call it on every rank): the running
         statistics are compared across ranks once more (so a run shorter than ``sync_every``
-        or a divergence in the last interval is caught), and rank 0 gets one report merged
+        or a divergence in the last interval is caught; not under a DDP that broadcasts
+        buffers at each forward, whose ranks differ after the last step by design), and
+        rank 0 gets one report merged
         over all ranks, the other ranks their own.
         """
         self._flush()
         if self._dist is not None and merge:
-            self._safely(self._compare_ranks)
+            from .distributed import syncs_buffers_at_forward
+
+            if not syncs_buffers_at_forward(self.model):  # same answer on every rank
+                self._safely(self._compare_ranks)
         report = run_report(
             self._inner,
             self._run,
