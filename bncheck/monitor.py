@@ -87,7 +87,7 @@ from .checks.training import (
     record_rank_check,
 )
 from .context import AuditContext
-from .discovery import BNLayer, unwrap_model
+from .discovery import BNLayer, is_compiled, unwrap_model
 from .engine import first_line, prepare
 from .errors import BNCheckWarning, UsageError
 from .monitor_hooks import BACKWARD, INFERENCE, RECALIBRATION, Call, Recorder
@@ -307,7 +307,11 @@ class Monitor:
             self._run.world_size, self._run.rank = self._dist.world_size, self._dist.rank
         if self._pending:  # left by an exception exit; judged against the old baseline
             self._flush()
-        self._recorder.register(optimizer=self.optimizer, pre_hook=self._dist is not None)
+        self._recorder.register(
+            optimizer=self.optimizer,
+            pre_hook=self._dist is not None,
+            per_module=is_compiled(self.model),
+        )
         if self._flat.modules:  # the baseline: what happened while detached is not judged
             self._base = self._flat.snapshot()
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count

@@ -66,12 +66,37 @@ class _BackwardMark:
         self.record.mark_backward(next(self.seq))
 
 
+class _ModuleHook:
+    """A per-module hook that calls the Recorder through a weak reference.
+
+    Used only for a model wrapped by ``torch.compile``, where dynamo warns about process-wide hooks.
+    A deep copy of the module gets an inert hook (it watches nothing)."""
+
+    __slots__ = ("__weakref__", "method", "recorder")
+
+    def __init__(self, recorder: Recorder | None, method: str) -> None:
+        self.recorder = weakref.ref(recorder) if recorder is not None else None
+        self.method = method
+
+    def __call__(self, *args: Any) -> None:
+        recorder = self.recorder() if self.recorder is not None else None
+        if recorder is not None:
+            getattr(recorder, self.method)(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ModuleHook:
+        return _ModuleHook(None, self.method)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ModuleHook, (None, self.method))
+
+
 class Recorder:
     """Global hooks for one Monitor and what they recorded since the last step."""
 
     def __init__(self, monitor: Monitor, layers: list[BNLayer], inner: nn.Module) -> None:
         self._monitor = weakref.ref(monitor)
         self.index = {id(lyr.module): i for i, lyr in enumerate(layers)}
+        self._modules = [lyr.module for lyr in layers]
         self.inner = inner
         self._inner_id = id(inner)
         self._has_momentum = [lyr.momentum is not None for lyr in layers]
@@ -85,12 +110,22 @@ class Recorder:
         self._seq = itertools.count()
 
     # ---- registration ------------------------------------------------------------------------
-    def register(self, *, optimizer: Any, pre_hook: bool) -> None:
+    def register(self, *, optimizer: Any, pre_hook: bool, per_module: bool = False) -> None:
+        """Register the hooks: process-wide ones, or with ``per_module`` (a compiled model,
+        where dynamo warns about process-wide module hooks) hooks on the watched modules."""
         self.optimizer = optimizer
         try:
-            self._handles.append(register_module_forward_hook(self._forward))
-            if pre_hook:
-                self._handles.append(register_module_forward_pre_hook(self._pre_forward))
+            if per_module:
+                modules = [*self._modules, self.inner]
+                hook = _ModuleHook(self, "_forward")
+                self._handles.extend(m.register_forward_hook(hook) for m in modules)
+                if pre_hook:
+                    pre = _ModuleHook(self, "_pre_forward")
+                    self._handles.append(self.inner.register_forward_pre_hook(pre))
+            else:
+                self._handles.append(register_module_forward_hook(self._forward))
+                if pre_hook:
+                    self._handles.append(register_module_forward_pre_hook(self._pre_forward))
             if optimizer is not None:
                 self._handles.append(register_optimizer_step_post_hook(self._optimizer_step))
         except BaseException:
