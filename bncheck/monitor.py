@@ -287,6 +287,8 @@ class Monitor:
         self._dist: DistInfo | None = None
         self._sync_due = True
         self._last_rank_check: int | None = None
+        self._compiled = is_compiled(self.model)
+        self._hooks_silent = False
         self._run = RunObservations(
             layer_names=[lyr.name for lyr in layers],
             layer_kinds=[lyr.kind for lyr in layers],
@@ -484,6 +486,12 @@ class Monitor:
             expected_updates=1 + np.array(skipped, dtype=np.int64),
             frozen_reason=reasons or ("",) * n_layers,
         )
+        if self._compiled and not self._hooks_silent:
+            # statistics updated with no BN call seen: dynamo compiled the model before the
+            # Monitor's hooks existed and does not re-trace for them
+            with np.errstate(invalid="ignore"):
+                silent = (np.nan_to_num(block.updates) > 0) & (counts[..., C_TRAIN] == 0)
+            self._hooks_silent = bool(silent.any())
         masks = conditions(block)
         assert self._run.drift_judged is not None
         self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
@@ -619,6 +627,13 @@ class Monitor:
                 f"{len(views)} BN layer(s) ran several times per step on batches of one "
                 "distribution trained by one backward (two views, ghost BN, a siamese "
                 f"encoder; e.g. {views[0]}): intended, not reported"
+            )
+        if self._hooks_silent:
+            notes.append(
+                "the compiled model was compiled before the Monitor attached, and dynamo does "
+                "not re-trace for new hooks: the BN calls were not seen (only the running "
+                "buffers), so the rules that count calls could not judge the run; attach the "
+                "Monitor before the model's first call, or call torch.compiler.reset() first"
             )
         if self._failure is not None:
             notes.append(self._failure)

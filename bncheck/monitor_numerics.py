@@ -144,7 +144,6 @@ class FlatBuffers:
         )
 
 
-
 @dataclass
 class CallRecord:
     """One train-mode call of a BN layer with grad, recorded in detail.

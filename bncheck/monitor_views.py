@@ -77,6 +77,7 @@ def history(mon: Monitor) -> pd.DataFrame:
         data[name] = stats[..., j].reshape(-1).astype(np.float64)
     return pd.DataFrame(data, columns=columns)
 
+
 def channels(mon: Monitor, layer: str) -> pd.DataFrame:
     """Per-channel values of one layer for the last ``channel_history`` steps.
 
@@ -120,6 +121,7 @@ def channels(mon: Monitor, layer: str) -> pd.DataFrame:
             ]
         )
     return pd.concat(rows, ignore_index=True)
+
 
 def plot(mon: Monitor, path: str | Path, layers: Sequence[str] | None = None) -> Path:
     """Write a PNG of per-layer statistics over the steps; returns the path.
@@ -173,4 +175,3 @@ def plot(mon: Monitor, path: str | Path, layers: Sequence[str] | None = None) ->
     finally:
         plt.close(fig)
     return out
-

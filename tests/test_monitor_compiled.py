@@ -8,11 +8,18 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from zoo import ConvBNReLU, TwoBlock
 
 import bncheck
 from bncheck.discovery import is_compiled, unwrap_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo caches traced code per code object across models: start each test clean."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
 
 
 def test_unwrap_model_looks_through_compile_and_ddp_like_wrappers():
@@ -62,3 +69,23 @@ def test_monitor_on_a_compiled_model():
     assert set(history["layer"]) == {"block1.1", "block2.1"}
     assert history[history["step"] <= 4]["updates"].tolist() == [1.0] * 8
     assert all(not m._forward_hooks for m in model.modules())  # removed at detach
+
+
+@pytest.mark.slow
+def test_a_monitor_attached_after_compilation_says_its_hooks_were_not_seen():
+    torch.manual_seed(0)
+    model = TwoBlock()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        compiled(torch.randn(8, 3, 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # compiled here, before the Monitor's hooks exist
+    with bncheck.Monitor(compiled, optimizer=opt) as monitor:
+        for _ in range(3):
+            step()
+    report = monitor.report()
+    assert any("compiled before the Monitor attached" in n for n in report.notes)
