@@ -71,7 +71,7 @@ def main() -> None:
                     step()
                     monitored.append(timed(args.steps))
     p, m = statistics.median(plain), statistics.median(monitored)
-    print(f"first step: monitored (compiles) {first_monitored:.1f} s, then plain {first_plain:.1f} s")
+    print(f"first step: monitored (compiles) {first_monitored:.1f} s, plain {first_plain:.1f} s")
     print(f"graph breaks: {breaks}; monitored steps seen: {monitor.steps}")
     print(f"step: plain {p * 1e3:.1f} ms, monitored {m * 1e3:.1f} ms, ratio {m / p:.3f}")
     print(f"ratios per repeat: {[round(b / a, 3) for a, b in zip(plain, monitored)]}")
