@@ -308,7 +308,8 @@ class RecurrentBN(nn.Module):
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()
-        self.inp, self.rec, self.bn = nn.Linear(4, d), nn.Linear(d, d, bias=False), nn.BatchNorm1d(d)
+        self.inp, self.rec = nn.Linear(4, d), nn.Linear(d, d, bias=False)
+        self.bn = nn.BatchNorm1d(d)
         self.out = nn.Linear(d, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,8 +338,13 @@ def test_one_bn_across_rnn_time_steps_is_found_as_reused():
 # ---- the classification on its own ------------------------------------------------------------
 def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> CallRecord:
     return CallRecord(
-        seq, n, torch.full((4,), mean), torch.ones(4), hookable=True,
-        in_backward=kw.get("in_backward", False), backward_seq=back,
+        seq,
+        n,
+        torch.full((4,), mean),
+        torch.ones(4),
+        hookable=True,
+        in_backward=kw.get("in_backward", False),
+        backward_seq=back,
     )
 
 
