@@ -60,7 +60,7 @@ def lightning_callback(**monitor_kwargs: Any) -> MonitorCallback:
         from lightning.pytorch import Callback
     except ImportError:
         try:
-            from pytorch_lightning import Callback
+            from pytorch_lightning import Callback  # type: ignore[assignment]
         except ImportError:
             raise ImportError(
                 "bncheck.lightning.lightning_callback needs Lightning (pip install lightning); "
