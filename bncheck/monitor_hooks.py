@@ -69,8 +69,10 @@ class _BackwardMark:
 class _ModuleHook:
     """A per-module hook that calls the Recorder through a weak reference.
 
-    Used only for a model wrapped by ``torch.compile``, where dynamo warns about process-wide hooks.
-    A deep copy of the module gets an inert hook (it watches nothing)."""
+    Used only for a model wrapped by ``torch.compile``, where dynamo warns about process-wide
+    hooks. While dynamo traces, the hook records only what dynamo can trace into the graph
+    (:meth:`Recorder._forward_traced`), so the compiled graph has no break. A deep copy of the
+    module gets an inert hook (it watches nothing)."""
 
     __slots__ = ("__weakref__", "method", "recorder")
 
@@ -80,8 +82,13 @@ class _ModuleHook:
 
     def __call__(self, *args: Any) -> None:
         recorder = self.recorder() if self.recorder is not None else None
-        if recorder is not None:
-            getattr(recorder, self.method)(*args)
+        if recorder is None:
+            return
+        if torch.compiler.is_compiling():  # traced into the graph: only what dynamo can trace
+            if self.method == "_forward":
+                recorder._forward_traced(*args)
+            return
+        getattr(recorder, self.method)(*args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _ModuleHook:
         return _ModuleHook(None, self.method)
@@ -185,6 +192,17 @@ class Recorder:
                 arm = self._armed.get(idx)
                 if arm is not None and arm[0] <= self._step:
                     self._detail(idx, x, output, flags)
+
+    def _forward_traced(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The forward hook as dynamo traces it into a compiled graph: the call's layer, mode,
+        grad mode and shape (appended when the graph runs), without the flags that need
+        autograd's state (recomputation, recalibration) and without detailed recording."""
+        idx = self.index.get(id(module))
+        if idx is None:
+            return
+        x = args[0] if args else None
+        shape = x.shape if isinstance(x, torch.Tensor) else None
+        self.calls.append((idx, module.training, torch.is_grad_enabled(), 0, shape))
 
     def _model_forward(self, module: nn.Module) -> None:
         if self.optimizer is not None or not (module.training and torch.is_grad_enabled()):

@@ -8,10 +8,19 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from zoo import ConvBNReLU, TwoBlock
 
 import bncheck
 from bncheck.discovery import is_compiled, unwrap_model
+
+
+def deep_model(blocks: int = 10) -> nn.Sequential:
+    """More BN layers than dynamo's recompile limit (8)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1, bias=False)]
+    for _ in range(blocks):
+        layers += [nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False)]
+    return nn.Sequential(*layers)
 
 
 @pytest.fixture(autouse=True)
@@ -45,10 +54,13 @@ def test_audit_of_a_compiled_model_runs_eagerly_with_the_users_names():
 @pytest.mark.slow
 def test_monitor_on_a_compiled_model():
     """Dynamo traces the training loop (backend 'eager': no code generation, same tracing)."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
-    model = TwoBlock()
+    model = deep_model()
     compiled = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = [f"{3 * i + 1}" for i in range(10)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with bncheck.Monitor(compiled, optimizer=opt) as monitor:
@@ -61,13 +73,18 @@ def test_monitor_on_a_compiled_model():
                 compiled(torch.randn(8, 3, 6, 6))
                 twin(torch.randn(8, 3, 6, 6))
     assert [str(w.message) for w in caught] == []
+    # the hooks are traced into the graph: no graph break (which would make dynamo fall back
+    # to eager for a Sequential), no frame of bncheck's compiled once per BN layer
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"] <= 3
     report = monitor.report()
     assert monitor.steps == 4
-    assert [f.layer for f in report.findings] == ["block1.1", "block2.1"]
+    assert [f.layer for f in report.findings] == names
     assert report.rules_found() == {"stats-updated-without-grad"}
     history = monitor.history
-    assert set(history["layer"]) == {"block1.1", "block2.1"}
-    assert history[history["step"] <= 4]["updates"].tolist() == [1.0] * 8
+    assert list(dict.fromkeys(history["layer"])) == names
+    assert history[history["step"] <= 4]["updates"].tolist() == [1.0] * 40
+    assert history[history["step"] <= 4]["train_calls"].tolist() == [1] * 40
     assert all(not m._forward_hooks for m in model.modules())  # removed at detach
 
 

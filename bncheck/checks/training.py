@@ -265,12 +265,19 @@ class TrainingRule:
 TRAINING_RULES: dict[str, type[TrainingRule]] = {}
 
 
-def run_rule(rule_id: str) -> Callable[[type[TrainingRule]], type[TrainingRule]]:
-    """Register a training-run rule class and its check function (like ``@check``)."""
+def run_rule(
+    rule_id: str, *, check_function: bool = True
+) -> Callable[[type[TrainingRule]], type[TrainingRule]]:
+    """Register a training-run rule class and, with ``check_function``, its check function
+    (like ``@check``). Rules whose check function judges something else in an audit (the
+    buffers, a batch, data) pass ``check_function=False``: the Monitor's report adds their
+    run findings itself (:data:`bncheck.monitor_report.RUN_JUDGED`)."""
 
     def decorate(cls: type[TrainingRule]) -> type[TrainingRule]:
         cls.id = rule_id
         TRAINING_RULES[rule_id] = cls
+        if not check_function:
+            return cls
 
         def check_fn(ctx: AuditContext) -> Iterator[Finding]:
             return run_findings(ctx, rule_id)
@@ -455,7 +462,7 @@ class MultipleUpdatesPerStep(TrainingRule):
 
 
 # ---- nonfinite-stats -------------------------------------------------------------------------
-@run_rule("nonfinite-stats")
+@run_rule("nonfinite-stats", check_function=False)  # audit check: checks/static.py
 class NonfiniteStats(TrainingRule):
     @staticmethod
     def when(b: StepBlock) -> np.ndarray:
@@ -483,7 +490,7 @@ def _batch_numbers(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
     return {"batch_size": int(c[C_MINBATCH]), "samples_per_channel": int(c[C_MINSAMPLES])}
 
 
-@run_rule("small-batch")
+@run_rule("small-batch", check_function=False)  # audit check: checks/forward.py
 class SmallBatch(TrainingRule):
     first = staticmethod(_batch_numbers)
 
@@ -518,7 +525,7 @@ def drift_judged(b: StepBlock) -> np.ndarray:
         return ~np.isnan(b.stats[..., S_Z]) & (nbt_before >= b.drift_warmup[None, :])
 
 
-@run_rule("stat-drift")
+@run_rule("stat-drift", check_function=False)  # audit check: checks/forward.py
 class StatDrift(TrainingRule):
     @staticmethod
     def when(b: StepBlock) -> np.ndarray:
