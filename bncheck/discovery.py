@@ -23,14 +23,25 @@ __all__ = ["BNLayer", "find_bn_layers", "unwrap_model", "is_bn_like"]
 _WRAPPERS = ("DistributedDataParallel", "DataParallel")
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP/DataParallel wrappers (any depth); else ``model`` itself."""
-    while type(model).__name__ in _WRAPPERS:
+    """The user's model inside DDP/DataParallel and ``torch.compile`` wrappers (any depth, any
+    order); else ``model`` itself. Layer names are then relative to the user's model (no
+    ``module.`` or ``_orig_mod.`` prefix), and bncheck's passes call it eagerly."""
+    while True:
         inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
+        if type(model).__name__ in _WRAPPERS and isinstance(inner, nn.Module):
+            model = inner
+        elif is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def _own_buffer(module: nn.Module, name: str) -> torch.Tensor | None:

@@ -41,6 +41,24 @@ def is_ddp(model: nn.Module) -> bool:
     return type(model).__name__ == "DistributedDataParallel"
 
 
+def syncs_buffers_at_forward(model: nn.Module) -> bool:
+    """True for a DDP wrapper that broadcasts rank 0's buffers at the start of each forward
+    (``broadcast_buffers`` / ``forward_sync_buffers``): between the last update and the next
+    forward the ranks' buffers differ by design, so that state is not compared."""
+    if not is_ddp(model):
+        return False
+    will = getattr(model, "will_sync_module_buffers", None)
+    if callable(will):
+        try:
+            return bool(will())
+        except Exception:  # an older or newer DDP: fall back to the flag
+            pass
+    flag = getattr(model, "forward_sync_buffers", None)
+    if flag is None:
+        flag = getattr(model, "broadcast_buffers", False)
+    return bool(flag)
+
+
 def dist_info(group: Any = None) -> DistInfo | None:
     """The rank and world size when ``torch.distributed`` runs with more than one rank."""
     import torch.distributed as dist

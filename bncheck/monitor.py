@@ -13,9 +13,12 @@ How it stays cheap
 BN already computes its batch statistics and folds them into its running buffers, so the
 Monitor never re-reduces activations. At the end of every step it takes one snapshot: a
 ``cat`` of the running_mean and running_var of every BN layer (a few thousand floats) and a
-``stack`` of their ``num_batches_tracked``. Each BN's forward hook appends one small tuple
-(layer, mode, grad enabled, input shape). Nothing is converted to Python numbers and no
-per-layer tensor operation runs on the hot path.
+``stack`` of their ``num_batches_tracked``. Each BN call appends one small tuple (layer, mode,
+grad enabled, flags, input shape) from a global forward hook (:mod:`bncheck.monitor_hooks`:
+the model itself carries no hook, so it can be saved, deep-copied and scripted inside the
+block). Nothing is converted to Python numbers and no per-layer tensor operation runs on the
+hot path; only a layer seen updating more than once in a step is recorded in detail for a
+few steps, to tell accumulation and recomputation from intended recipes.
 
 Every ``flush_every`` steps (every step in warnings mode, and when a report or the history is
 asked for) the pending snapshots are compared with the ones before them, for all layers and
@@ -32,6 +35,11 @@ buffers (amplified by ``1 / f``) when the layer updated exactly once in the step
 the batch statistics of that step are NaN and only the number of updates is kept. Per-layer
 summaries come from one ``index_add_``; then one transfer to numpy, and the rule checks run
 vectorised over the block.
+
+The code is split by job: :mod:`bncheck.monitor_hooks` (the hooks),
+:mod:`bncheck.monitor_numerics` (the flat buffers and the classification of several updates),
+this module (step bookkeeping), :mod:`bncheck.monitor_report` (the report) and
+:mod:`bncheck.monitor_views` (pandas and matplotlib).
 
 What is kept (bounded memory)
 -----------------------------
@@ -50,7 +58,7 @@ import math
 import os
 import sys
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,28 +67,33 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import monitor_views
 from .checks.training import (
+    C_BACKWARD,
     C_EVAL,
     C_INFER,
     C_MINBATCH,
     C_MINSAMPLES,
     C_NOGRAD,
+    C_RECAL,
     C_TRAIN,
     COUNT_COLUMNS,
     STAT_COLUMNS,
     RunObservations,
+    StepBlock,
+    conditions,
     episode_finding,
     record_episodes,
     record_rank_check,
-    run_findings,
-    step_conditions,
 )
 from .context import AuditContext
-from .discovery import BNLayer, unwrap_model
-from .engine import first_line, prepare, run_rules
+from .discovery import BNLayer, is_compiled, unwrap_model
+from .engine import first_line, prepare
 from .errors import BNCheckWarning, UsageError
-from .report import Finding, Report
-from .state import preserved
+from .monitor_hooks import BACKWARD, INFERENCE, RECALIBRATION, Call, Recorder
+from .monitor_numerics import FlatBuffers, Snapshot
+from .monitor_report import run_report
+from .report import Report
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -90,9 +103,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Monitor"]
 
 _BIG = np.iinfo(np.int64).max
-_OWN_FINDINGS = ("nonfinite-stats", "small-batch", "stat-drift")
-_DISTRIBUTED_RULES = ("rank-divergent-stats", "unsynced-small-batch")
-
 
 _INTERNAL_DIRS = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
@@ -111,145 +121,48 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _drop_hook(module: nn.Module, hook: Any) -> None:
-    """Remove ``hook`` from ``module``: a deep copy of a watched model (``copy.deepcopy``,
-    ``AveragedModel``) carries the Monitor's hooks along, and the copy is not watched."""
-    for hooks in (module._forward_hooks, module._forward_pre_hooks):
-        for key, registered in list(hooks.items()):
-            if registered == hook:  # == also matches the same bound method
-                del hooks[key]
-                for extra in (
-                    "_forward_hooks_with_kwargs",
-                    "_forward_hooks_always_called",
-                    "_forward_pre_hooks_with_kwargs",
-                ):
-                    getattr(module, extra, {}).pop(key, None)
-
-
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UsageError(f"Monitor({name}=...) must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-Snapshot = tuple[torch.Tensor, torch.Tensor]
+def count_calls(
+    pending_calls: Sequence[Sequence[Call]], n_layers: int, tracks: np.ndarray
+) -> np.ndarray:
+    """``[S, L, len(COUNT_COLUMNS)]`` from the calls the BN hooks recorded in each step."""
+    counts = np.zeros((len(pending_calls), n_layers, len(COUNT_COLUMNS)), dtype=np.int64)
+    counts[..., C_MINBATCH : C_MINSAMPLES + 1] = _BIG
+    for s, calls in enumerate(pending_calls):
+        block = counts[s]
+        for idx, training, grad, flags, shape in calls:
+            row = block[idx]
+            if not training:
+                row[C_EVAL] += 1
+                continue
+            row[C_TRAIN] += 1
+            if grad:
+                if flags & BACKWARD:
+                    row[C_BACKWARD] += 1
+            elif tracks[idx]:
+                if flags & RECALIBRATION:
+                    row[C_RECAL] += 1
+                else:
+                    row[C_NOGRAD] += 1
+                    if flags & INFERENCE:
+                        row[C_INFER] += 1
+            if shape is not None and len(shape) >= 1:
+                n = int(shape[0])
+                samples = math.prod(shape) // int(shape[1]) if len(shape) >= 2 and shape[1] else n
+                row[C_MINBATCH] = min(row[C_MINBATCH], n)
+                row[C_MINSAMPLES] = min(row[C_MINSAMPLES], samples)
+    no_train = counts[..., C_TRAIN] == 0
+    counts[..., C_MINBATCH][no_train] = 0
+    counts[..., C_MINSAMPLES][no_train] = 0
+    return counts
 
 
-class _FlatBuffers:
-    """The running buffers of every BN layer that tracks statistics, as one flat vector.
-
-    ``snapshot`` is the only work on the hot path: one ``cat`` of every layer's running_mean
-    and running_var (float32, ``2 * sum(C)`` values) and one ``stack`` of the counters.
-    ``summarize`` turns a block of consecutive snapshots into the per-layer ``STAT_COLUMNS``
-    of each step, with a fixed number of tensor operations for the whole block, whatever the
-    number of layers and steps (one ``index_add_`` does every per-layer reduction).
-    """
-
-    def __init__(self, layers: Sequence[BNLayer]) -> None:
-        self.indices = [
-            i
-            for i, lyr in enumerate(layers)
-            if lyr.has_running_stats and not lyr.lazy_uninitialized
-        ]
-        self.modules = [layers[i].module for i in self.indices]
-        self.has_counter = [layers[i].num_batches_tracked is not None for i in self.indices]
-        if not self.modules:
-            return
-        first = layers[self.indices[0]].running_mean
-        assert first is not None
-        self.device = first.device
-        sizes = [int(layers[i].running_mean.numel()) for i in self.indices]  # type: ignore[union-attr]
-        self.channels = sum(sizes)
-        dev = self.device
-        self.sizes = torch.tensor(sizes, dtype=torch.float64, device=dev)
-        self.segment = torch.repeat_interleave(
-            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
-        )
-        momenta = [layers[i].momentum for i in self.indices]
-        self.cumulative = torch.tensor([m is None for m in momenta], device=dev)
-        self.momentum = torch.tensor(
-            [0.0 if m is None else float(m) for m in momenta], dtype=torch.float64, device=dev
-        )
-        eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
-        self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
-        self.counter_mask = torch.tensor(self.has_counter, device=dev)
-        self._zero = torch.zeros((), dtype=torch.long, device=dev)
-        self.nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
-
-    @torch.no_grad()
-    def snapshot(self) -> Snapshot:
-        """(running_mean then running_var of every layer, counters) as new tensors."""
-        bufs = [m._buffers for m in self.modules]
-        flat = torch.cat(
-            [b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
-            + [b["running_var"] for b in bufs]
-        )
-        nbt = torch.stack(
-            [
-                b["num_batches_tracked"] if has else self._zero  # type: ignore[misc]
-                for b, has in zip(bufs, self.has_counter)
-            ]
-        )
-        return flat, nbt
-
-    @torch.no_grad()
-    def summarize(
-        self, base: Snapshot, snaps: Sequence[Snapshot]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-step statistics of ``snaps`` (each compared with the one before, ``base`` first).
-
-        Returns ``summary [S, T, len(STAT_COLUMNS)]``, then per channel ``[S, C]``:
-        running_mean, running_var, batch mean and unbiased batch variance. The batch
-        statistics are recovered from the update (see the module docstring) and are NaN for
-        a layer that did not update exactly once in that step.
-        """
-        flats = torch.stack([base[0]] + [s[0] for s in snaps]).to(torch.float64)
-        nbts = torch.stack([base[1]] + [s[1] for s in snaps]).to(torch.float64)
-        c = self.channels
-        rm0, rm = flats[:-1, :c], flats[1:, :c]
-        rv0, rv = flats[:-1, c:], flats[1:, c:]
-        nbt0, nbt = nbts[:-1], nbts[1:]
-        seg = self.segment
-        updates = torch.where(self.counter_mask, nbt - nbt0, self.nan)
-        factor = torch.where(self.cumulative, 1.0 / nbt.clamp(min=1.0), self.momentum)
-        exact = (updates == 1) & (factor > 0)
-        f = torch.where(exact, factor, torch.ones_like(factor))[:, seg]
-        keep = 1.0 - f
-        batch_mean = (rm - keep * rm0) / f
-        batch_var = (rv - keep * rv0) / f
-        eps = self.eps
-        drift_z = (batch_mean - rm0).abs() / (batch_var.clamp(min=0.0) + eps).sqrt()
-        ratio = (batch_var.clamp(min=0.0) + eps) / (rv0.clamp(min=0.0) + eps)
-        drift_vr = torch.maximum(ratio, 1.0 / ratio)
-        moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
-        nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
-        cols = torch.stack(
-            [moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv, drift_z, drift_vr], dim=2
-        )
-        sums = torch.zeros(
-            cols.shape[0], len(self.modules), cols.shape[2], dtype=torch.float64, device=cols.device
-        ).index_add_(1, seg, cols)
-        means = sums / self.sizes[None, :, None]
-        exact3 = exact[..., None]
-        summary = torch.cat(
-            [
-                updates[..., None],
-                nbt[..., None],
-                sums[..., 0:2],
-                torch.where(exact3, means[..., 2:4], self.nan),
-                means[..., 4:6],
-                torch.where(exact3, means[..., 6:8], self.nan),
-            ],
-            dim=2,
-        )
-        exact_ch = exact[:, seg]
-        return (
-            summary,
-            rm,
-            rv,
-            torch.where(exact_ch, batch_mean, self.nan),
-            torch.where(exact_ch, batch_var, self.nan),
-        )
+Pending = tuple[int, "Snapshot | None", list[Call], tuple[Any, ...]]
 
 
 class Monitor:
@@ -330,7 +243,7 @@ class Monitor:
         self.process_group = process_group
         self._inner = unwrap_model(model)
         self.layers: list[BNLayer] = self._ctx.layers
-        self._handles: list[Any] = []
+        self._recorder = Recorder(self, self.layers, self._inner)
         self._attached = False
         self._ever_attached = False
         self._reset()
@@ -339,7 +252,7 @@ class Monitor:
     def _reset(self) -> None:
         layers = self.layers
         n = len(layers)
-        self._flat = _FlatBuffers(layers)
+        self._flat = FlatBuffers(layers)
         self._tracks = np.array(
             [
                 lyr.has_running_stats and lyr.track_running_stats and not lyr.lazy_uninitialized
@@ -356,13 +269,12 @@ class Monitor:
                 10.0 if m is None or m <= 0 else float(min(math.ceil(3.0 / min(m, 1.0)), 30))
             )
         self._drift_warmup = np.array(warmup)
-        self._calls: list[tuple[int, bool, bool, bool, tuple[int, ...] | None]] = []
         self._step = 0
         self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
         self._skipped: list[int] = []  # per pending step: iterations the GradScaler skipped
         self._last_scale: float | None = None
         self._base: Snapshot | None = None
-        self._pending: list[tuple[int, Snapshot | None, list[Any], tuple[Any, ...]]] = []
+        self._pending: list[Pending] = []
         self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
         self._history_steps = 0
         # (step, per-channel [running_mean, running_var, batch_mean, batch_var] as [4, C])
@@ -374,6 +286,9 @@ class Monitor:
         self._failure: str | None = None
         self._dist: DistInfo | None = None
         self._sync_due = True
+        self._last_rank_check: int | None = None
+        self._compiled = is_compiled(self.model)
+        self._hooks_silent = False
         self._run = RunObservations(
             layer_names=[lyr.name for lyr in layers],
             layer_kinds=[lyr.kind for lyr in layers],
@@ -394,35 +309,24 @@ class Monitor:
             self._run.world_size, self._run.rank = self._dist.world_size, self._dist.rank
         if self._pending:  # left by an exception exit; judged against the old baseline
             self._flush()
-        try:
-            for i, layer in enumerate(self.layers):
-                self._handles.append(layer.module.register_forward_hook(self._make_layer_hook(i)))
-            self._handles.append(self._inner.register_forward_pre_hook(self._model_pre_hook))
-            if self.optimizer is not None:
-                self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_hook))
-            else:
-                self._handles.append(self._inner.register_forward_hook(self._model_post_hook))
-        except BaseException:
-            self._remove_hooks()
-            raise
+        self._recorder.register(
+            optimizer=self.optimizer,
+            pre_hook=self._dist is not None,
+            per_module=is_compiled(self.model),
+        )
         if self._flat.modules:  # the baseline: what happened while detached is not judged
             self._base = self._flat.snapshot()
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
             self._last_scale = float(self.scaler.get_scale())
-        self._calls = []
+        self._recorder.reset_step()
         self._attached = True
         self._ever_attached = True
         return self
 
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-
     def detach(self) -> None:
         """Remove every hook and check the pending steps. Safe to call twice."""
         try:
-            self._remove_hooks()
+            self._recorder.remove()
         finally:
             self._attached = False
             self._safely(self._close_trailing_step)
@@ -436,19 +340,20 @@ class Monitor:
         validation pass in eval mode is not mistaken for training in eval mode, while
         statistics updated without grad or in frozen layers are still caught.
         """
-        if not self._calls:
+        calls = self._recorder.take_calls()
+        if not calls:
             return
-        trainable, frozen, reason = self._trainable_flags()
+        _, frozen, reason = self._trainable_flags()
         self._step += 1
         self._trailing_steps += 1
         snap = self._flat.snapshot() if self._flat.modules else None
-        calls, self._calls = self._calls, []
-        self._pending.append((self._step, snap, calls, ((False,) * len(trainable), frozen, reason)))
+        self._note_update_kinds(self._recorder.finish_step())
+        self._pending.append((self._step, snap, calls, ((False,) * len(frozen), frozen, reason)))
         self._skipped.append(0)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
-        # A deep copy of the watched model copies its hooks, and with them this Monitor (the
-        # hooks are bound methods). The copy is not watched: its hooks remove themselves.
+        # A Monitor is not copied along with something that holds it: the copy would watch
+        # the same model twice.
         return self
 
     def __enter__(self) -> Monitor:
@@ -458,7 +363,7 @@ class Monitor:
         if exc_type is None:
             self.detach()
             return
-        self._remove_hooks()  # on exception: no checks that could raise over the user's error
+        self._recorder.remove()  # on exception: no checks that could raise over the user's error
         self._attached = False
 
     @property
@@ -470,30 +375,7 @@ class Monitor:
         """Steps observed so far (optimizer steps, or train-mode forwards without optimizer)."""
         return self._step - self._trailing_steps
 
-    # ---- hooks (the hot path) -------------------------------------------------------------
-    def _make_layer_hook(self, idx: int) -> Any:
-        """A forward hook that only appends one small tuple (no tensor is kept)."""
-
-        target = self.layers[idx].module
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if module is not target:  # a deep copy of the model (EMA/SWA, "best model")
-                _drop_hook(module, hook)
-                return
-            grad = torch.is_grad_enabled()
-            x = args[0] if args else None
-            self._calls.append(
-                (
-                    idx,
-                    module.training,
-                    grad,
-                    not grad and torch.is_inference_mode_enabled(),
-                    x.shape if isinstance(x, torch.Tensor) else None,
-                )
-            )
-
-        return hook
-
+    # ---- step bookkeeping (called from the hooks) --------------------------------------------
     def _safely(self, work: Any) -> None:
         """Run the Monitor's own work in a hook; if it fails, stop watching, not training."""
         if self._failure is not None:
@@ -506,26 +388,10 @@ class Monitor:
             self._failure = f"the Monitor stopped watching at step {self._step}: {first_line(exc)}"
             warnings.warn(BNCheckWarning(self._failure), stacklevel=_user_stacklevel())
 
-    def _optimizer_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._safely(self._end_step)
-
-    def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module is not self._inner:
-            _drop_hook(module, self._model_post_hook)
-            return
-        if module.training and torch.is_grad_enabled():
-            self._safely(self._end_step)
-
-    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if module is not self._inner:
-            _drop_hook(module, self._model_pre_hook)
-            return
-        if (
-            self._dist is not None
-            and self._sync_due
-            and module.training
-            and torch.is_grad_enabled()
-        ):
+    def _before_train_forward(self) -> None:
+        """At the start of a train-mode forward with grad: the cross-rank comparison, if due
+        (every rank runs this forward, so the collective cannot hang)."""
+        if self._dist is not None and self._sync_due:
             self._sync_due = False
             self._safely(self._compare_ranks)
 
@@ -556,13 +422,18 @@ class Monitor:
     def _end_step(self) -> None:
         self._step += 1
         snap = self._flat.snapshot() if self._flat.modules else None
-        calls, self._calls = self._calls, []
+        calls = self._recorder.take_calls()
+        self._note_update_kinds(self._recorder.finish_step())
         self._pending.append((self._step, snap, calls, self._trainable_flags()))
         self._skipped.append(self._scaler_skips())
         if self._dist is not None and self._step % self.sync_every == 0:
             self._sync_due = True
         if self.warn or len(self._pending) >= self.flush_every:
             self._flush()
+
+    def _note_update_kinds(self, kinds: dict[int, str]) -> None:
+        for idx, kind in kinds.items():
+            self._run.update_kinds.setdefault(idx, Counter())[kind] += 1
 
     def _scaler_skips(self) -> int:
         """Iterations the GradScaler skipped since the last step: each skip multiplies the
@@ -576,35 +447,6 @@ class Monitor:
         if last is None or not scale < last or not 0.0 < backoff < 1.0 or scale <= 0.0:
             return 0
         return max(0, round(math.log(scale / last) / math.log(backoff)))
-
-    def _count_calls(self, pending: Sequence[tuple[int, Any, list[Any], Any]]) -> np.ndarray:
-        """``[S, L, len(COUNT_COLUMNS)]`` from the calls the BN hooks recorded in each step."""
-        counts = np.zeros((len(pending), len(self.layers), len(COUNT_COLUMNS)), dtype=np.int64)
-        counts[..., C_MINBATCH : C_MINSAMPLES + 1] = _BIG
-        tracks = self._tracks
-        for s, (_, _, calls, _) in enumerate(pending):
-            block = counts[s]
-            for idx, training, grad, inference, shape in calls:
-                row = block[idx]
-                if not training:
-                    row[C_EVAL] += 1
-                    continue
-                row[C_TRAIN] += 1
-                if not grad and tracks[idx]:
-                    row[C_NOGRAD] += 1
-                    if inference:
-                        row[C_INFER] += 1
-                if shape is not None and len(shape) >= 1:
-                    n = int(shape[0])
-                    samples = (
-                        math.prod(shape) // int(shape[1]) if len(shape) >= 2 and shape[1] else n
-                    )
-                    row[C_MINBATCH] = min(row[C_MINBATCH], n)
-                    row[C_MINSAMPLES] = min(row[C_MINSAMPLES], samples)
-        no_train = counts[..., C_TRAIN] == 0
-        counts[..., C_MINBATCH][no_train] = 0
-        counts[..., C_MINSAMPLES][no_train] = 0
-        return counts
 
     # ---- checks ----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -627,27 +469,35 @@ class Monitor:
                 for j in range(keep):
                     step = int(steps[have[len(have) - keep + j]])
                     self._channels.append((step, per_channel[j]))
-        counts = self._count_calls(pending)
+        counts = count_calls([p[2] for p in pending], n_layers, self._tracks)
         trainable = np.array([p[3][0] for p in pending], dtype=bool).reshape(len(pending), -1)
         frozen = np.array([p[3][1] for p in pending], dtype=bool).reshape(len(pending), -1)
         reasons = pending[-1][3][2]
-        conditions = step_conditions(
+        block = StepBlock(
             stats,
             counts,
             trainable,
             frozen,
             self._ctx.tolerances,
-            tracks_stats=self._tracks,
-            drift_warmup=self._drift_warmup,
+            self._tracks,
+            self._drift_warmup,
             distributed=self._dist is not None,
             sync_bn=self._sync_bn,
             expected_updates=1 + np.array(skipped, dtype=np.int64),
+            frozen_reason=reasons or ("",) * n_layers,
         )
+        if self._compiled and not self._hooks_silent:
+            # statistics updated with no BN call seen: dynamo compiled the model before the
+            # Monitor's hooks existed and does not re-trace for them
+            with np.errstate(invalid="ignore"):
+                silent = (np.nan_to_num(block.updates) > 0) & (counts[..., C_TRAIN] == 0)
+            self._hooks_silent = bool(silent.any())
+        masks = conditions(block)
         assert self._run.drift_judged is not None
-        self._run.drift_judged += conditions["_drift_judged"].sum(axis=0)
-        record_episodes(
-            self._run.episodes, conditions, steps, stats, counts, reasons or ("",) * n_layers
-        )
+        self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
+        recal_steps = steps[masks["_recalibration"].any(axis=1)].tolist()
+        self._run.recalibrations.extend(int(s) for s in recal_steps)
+        record_episodes(self._run.episodes, masks, steps, block)
         self._run.steps = self._step - self._trailing_steps
         self._chunks.append((steps, stats.astype(np.float32), counts, trainable))
         self._history_steps += len(steps)
@@ -662,7 +512,7 @@ class Monitor:
             if key in self._warned or ep.rule not in wanted:
                 continue
             finding = episode_finding(self._ctx, self._run, ep)
-            if finding is None:
+            if finding is None or finding.severity.value == "info":
                 continue
             self._warned.add(key)
             warnings.warn(
@@ -678,6 +528,9 @@ class Monitor:
             device = torch.device("cuda", torch.cuda.current_device())
         local = layer_checksums([lyr.module for lyr in self.layers], device)
         gathered = gather_checksums(local, self._dist).cpu().numpy()
+        if self._last_rank_check == self._step:
+            return  # this state was compared already (a final comparison right after one)
+        self._last_rank_check = self._step
         rel = rank_divergence(gathered)
         self._run.rank_checks += 1
         new = record_rank_check(
@@ -697,50 +550,52 @@ class Monitor:
         The model rules (settings, buffers, optimizer) judge the model as it is now; the
         training-run rules judge what happened at each step, and each of their findings names
         the step where the problem started (``details["step"]``). Under ``torch.distributed``
-        with ``merge=True`` this is a collective (call it on every rank): rank 0 gets one
-        report merged over all ranks, the other ranks their own.
+        with ``merge=True`` this is a collective (call it on every rank): the running
+        statistics are compared across ranks once more (so a run shorter than ``sync_every``
+        or a divergence in the last interval is caught; not under a DDP that broadcasts
+        buffers at each forward, whose ranks differ after the last step by design), and
+        rank 0 gets one report merged
+        over all ranks, the other ranks their own.
         """
         self._flush()
-        ctx = prepare(
+        if self._dist is not None and merge:
+            from .distributed import syncs_buffers_at_forward
+
+            if not syncs_buffers_at_forward(self.model):  # same answer on every rank
+                self._safely(self._compare_ranks)
+        report = run_report(
             self._inner,
+            self._run,
+            optimizer=self.optimizer,
             select=self._select,
             ignore=self._ignore,
             tolerances=self._tolerances,
             source=self.source,
+            notes=self._notes(),
+            settings={"steps": self._step},
         )
-        ctx.optimizer = self.optimizer
-        ctx.run = self._run
-        available = {"model", "buffers", "training run"}
-        if self.optimizer is not None:
-            available.add("optimizer")
-        if self._run.distributed:
-            available.add("distributed")
-        else:
-            for rid in _DISTRIBUTED_RULES:
-                if rid in ctx.rule_ids:
-                    ctx.skipped[rid] = (
-                        "needs torch.distributed with more than one rank while "
-                        "the Monitor was attached"
-                    )
-        with preserved(ctx.model):
-            findings = run_rules(ctx, available)
-        own: list[Finding] = []
-        for rid in _OWN_FINDINGS:
-            if rid not in ctx.rule_ids:
-                continue
-            ctx.skipped.pop(rid, None)
-            own.extend(run_findings(ctx, rid))
-        # the run's nonfinite finding (with its step) replaces the end-of-run one of the same
-        # layer; the channels the end-of-run check lists are kept in its details
-        run_nonfinite = {f.layer: f for f in own if f.rule == "nonfinite-stats"}
-        kept: list[Finding] = []
-        for f in findings:
-            if f.rule == "nonfinite-stats" and f.layer in run_nonfinite:
-                run_nonfinite[f.layer].details["at_end"] = dict(f.details)
-            else:
-                kept.append(f)
-        findings = kept
-        notes = list(ctx.notes)
+        if self._dist is not None and merge:
+            from .distributed import gather_reports
+
+            texts = gather_reports(report.to_json(indent=None), self._dist)
+            if texts is not None:
+                parts = [Report.from_json(t) for t in texts]
+                for part in parts:
+                    part.settings = report.settings
+                merged = Report.merge(parts, source=self.source)
+                return Report(
+                    merged.findings,
+                    source=self.source,
+                    skipped=report.skipped,
+                    notes=merged.notes,
+                    settings=report.settings,
+                    layers=report.layers,
+                )
+        return report
+
+    def _notes(self) -> list[str]:
+        """What the report should say about how the run was watched."""
+        notes: list[str] = []
         steps = self._step - self._trailing_steps
         if self._trailing_steps:
             notes.append(
@@ -753,6 +608,32 @@ class Monitor:
                 f"monitored {steps} step(s); without an optimizer a step is a "
                 "top-level train-mode forward with grad enabled, so 'stats-not-"
                 "updating' cannot see training that runs in eval mode"
+            )
+        recal = self._run.recalibrations
+        if recal:
+            where = ", ".join(str(s) for s in recal[:5]) + (" ..." if len(recal) > 5 else "")
+            notes.append(
+                f"recalibration pass(es) of the running statistics recognised at step(s) "
+                f"{where} (no grad with momentum None, reset statistics or BN alone in train "
+                "mode, as torch.optim.swa_utils.update_bn): not judged as validation"
+            )
+        views = sorted(
+            self.layers[i].name
+            for i, kinds in self._run.update_kinds.items()
+            if kinds and max(kinds, key=lambda k: kinds[k]) == "views"
+        )
+        if views:
+            notes.append(
+                f"{len(views)} BN layer(s) ran several times per step on batches of one "
+                "distribution trained by one backward (two views, ghost BN, a siamese "
+                f"encoder; e.g. {views[0]}): intended, not reported"
+            )
+        if self._hooks_silent:
+            notes.append(
+                "the compiled model was compiled before the Monitor attached, and dynamo does "
+                "not re-trace for new hooks: the BN calls were not seen (only the running "
+                "buffers), so the rules that count calls could not judge the run; attach the "
+                "Monitor before the model's first call, or call torch.compiler.reset() first"
             )
         if self._failure is not None:
             notes.append(self._failure)
@@ -769,40 +650,9 @@ class Monitor:
                 f"lazy layers not initialised at attach ({', '.join(skipped_lazy)}) "
                 "are not watched: run one forward before attaching"
             )
-        rules_run = [r for r in ctx.rule_ids if r not in ctx.skipped]
-        report = Report(
-            findings + own,
-            source=self.source,
-            skipped=ctx.skipped,
-            notes=notes,
-            settings={
-                "select": ctx.rule_ids,
-                "tolerances": ctx.tolerances,
-                "rules": rules_run,
-                "steps": self._step,
-            },
-            layers=[lyr.name for lyr in ctx.layers],
-        )
-        if self._dist is not None and merge:
-            from .distributed import gather_reports
+        return notes
 
-            texts = gather_reports(report.to_json(indent=None), self._dist)
-            if texts is not None:
-                parts = [Report.from_json(t) for t in texts]
-                for part in parts:
-                    part.settings = report.settings
-                merged = Report.merge(parts, source=self.source)
-                merged.layers = report.layers
-                return Report(
-                    merged.findings,
-                    source=self.source,
-                    skipped=report.skipped,
-                    notes=merged.notes,
-                    settings=report.settings,
-                    layers=report.layers,
-                )
-        return report
-
+    # ---- views (bncheck.monitor_views) -------------------------------------------------------
     @property
     def history(self) -> pd.DataFrame:
         """One row per step and BN layer, built from the compact per-step records.
@@ -813,49 +663,7 @@ class Monitor:
         ``updates`` (Δnum_batches_tracked), then the per-layer summaries of
         :data:`bncheck.checks.training.STAT_COLUMNS` (means over channels).
         """
-        import pandas as pd
-
-        self._flush()
-        columns = [
-            "step",
-            "layer",
-            "mode",
-            "grad_enabled",
-            "batch_size",
-            "samples_per_channel",
-            "train_calls",
-            "eval_calls",
-            "updates_without_grad",
-            *STAT_COLUMNS,
-        ]
-        if not self._chunks:
-            return pd.DataFrame(columns=columns)
-        steps = np.concatenate([c[0] for c in self._chunks])
-        stats = np.concatenate([c[1] for c in self._chunks])
-        counts = np.concatenate([c[2] for c in self._chunks])
-        n_steps, n_layers = stats.shape[:2]
-        train, evals = counts[..., C_TRAIN], counts[..., C_EVAL]
-        mode = np.where(
-            train > 0,
-            np.where(evals > 0, "train+eval", "train"),
-            np.where(evals > 0, "eval", "unused"),
-        )
-        nograd = counts[..., C_NOGRAD]
-        grad = np.where(train > 0, (nograd < train).astype(object), np.array(None))
-        data: dict[str, Any] = {
-            "step": np.repeat(steps, n_layers),
-            "layer": np.tile(np.array([lyr.name for lyr in self.layers], dtype=object), n_steps),
-            "mode": mode.reshape(-1),
-            "grad_enabled": grad.reshape(-1),
-            "batch_size": counts[..., C_MINBATCH].reshape(-1),
-            "samples_per_channel": counts[..., C_MINSAMPLES].reshape(-1),
-            "train_calls": train.reshape(-1),
-            "eval_calls": evals.reshape(-1),
-            "updates_without_grad": nograd.reshape(-1),
-        }
-        for j, name in enumerate(STAT_COLUMNS):
-            data[name] = stats[..., j].reshape(-1).astype(np.float64)
-        return pd.DataFrame(data, columns=columns)
+        return monitor_views.history(self)
 
     def channels(self, layer: str) -> pd.DataFrame:
         """Per-channel values of one layer for the last ``channel_history`` steps.
@@ -864,42 +672,7 @@ class Monitor:
         ``batch_var`` (the unbiased batch variance recovered from the update; NaN when the
         layer did not update exactly once in that step).
         """
-        import pandas as pd
-
-        self._flush()
-        names = [self.layers[i].name for i in self._flat.indices] if self._flat.modules else []
-        if layer not in names:
-            known = [lyr.name for lyr in self.layers]
-            from .errors import did_you_mean
-
-            raise UsageError(
-                f"no watched BN layer named {layer!r}{did_you_mean(layer, known)}; "
-                f"watched: {', '.join(names) or 'none'}"
-            )
-        t = names.index(layer)
-        seg = self._flat.segment
-        mask = seg == t
-        rows = []
-        for step, values in self._channels:
-            block = values[:, mask].T.cpu().numpy()
-            frame = pd.DataFrame(
-                block, columns=["running_mean", "running_var", "batch_mean", "batch_var"]
-            )
-            frame.insert(0, "channel", np.arange(len(block)))
-            frame.insert(0, "step", step)
-            rows.append(frame)
-        if not rows:
-            return pd.DataFrame(
-                columns=[
-                    "step",
-                    "channel",
-                    "running_mean",
-                    "running_var",
-                    "batch_mean",
-                    "batch_var",
-                ]
-            )
-        return pd.concat(rows, ignore_index=True)
+        return monitor_views.channels(self, layer)
 
     def plot(self, path: str | Path, layers: Sequence[str] | None = None) -> Path:
         """Write a PNG of per-layer statistics over the steps; returns the path.
@@ -907,52 +680,7 @@ class Monitor:
         Four panels: mean |batch mean|, mean batch variance, mean |running_mean| and mean
         running_var, one line per layer. Needs matplotlib (``pip install 'bncheck[plot]'``).
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError(
-                "Monitor.plot needs matplotlib, which is not installed; install it with "
-                "pip install 'bncheck[plot]'"
-            ) from None
-        frame = self.history
-        names = list(layers) if layers is not None else [lyr.name for lyr in self.layers]
-        unknown = [n for n in names if n not in {lyr.name for lyr in self.layers}]
-        if unknown:
-            raise UsageError(
-                f"Monitor.plot: no BN layer named {unknown[0]!r}; layers: "
-                f"{', '.join(lyr.name for lyr in self.layers)}"
-            )
-        panels = [
-            ("batch_mean_abs", "mean |batch mean|"),
-            ("batch_var", "mean batch var"),
-            ("running_mean_abs", "mean |running_mean|"),
-            ("running_var", "mean running_var"),
-        ]
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-        try:
-            for ax, (col, title) in zip(axes.flat, panels):
-                for name in names:
-                    part = frame[frame["layer"] == name]
-                    ax.plot(
-                        part["step"].to_numpy(),
-                        part[col].to_numpy(dtype=float),
-                        label=name,
-                        linewidth=1,
-                    )
-                ax.set_title(title)
-                ax.set_xlabel("step")
-            if names and len(names) <= 20:
-                axes.flat[0].legend(fontsize=6, ncol=2)
-            fig.suptitle(f"bncheck Monitor: {len(names)} BN layer(s), {self._step} step(s)")
-            fig.tight_layout()
-            out = Path(path)
-            fig.savefig(out, format="png", dpi=100)
-        finally:
-            plt.close(fig)
-        return out
+        return monitor_views.plot(self, path, layers)
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"

@@ -4,7 +4,9 @@
 
 Scenarios: ``divergent`` (broadcast_buffers=False, different data per rank, per-rank batch
 4), ``synced`` (broadcast_buffers=True, different data per rank, per-rank batch 40), ``raise``
-(rank 1 raises inside the monitored loop; rank 0 must fail by timeout, not hang).
+(rank 1 raises inside the monitored loop; rank 0 must fail by timeout, not hang), ``short``
+(as ``divergent`` with per-rank batch 40, but 3 steps with the default ``sync_every=50``: only
+the final comparison in ``report()`` sees the divergence).
 Rank 0 writes each scenario's merged report as JSON to OUT_PREFIX.SCENARIO.json.
 """
 
@@ -32,12 +34,13 @@ def train(rank: int, scenario: str) -> bncheck.Report:
     model = ConvBNReLU()
     with warnings.catch_warnings():  # newer torch renames broadcast_buffers
         warnings.simplefilter("ignore", FutureWarning)
-        ddp = DDP(model, broadcast_buffers=scenario != "divergent")
+        ddp = DDP(model, broadcast_buffers=scenario == "synced")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     batch = 4 if scenario == "divergent" else 40
+    sync_every, steps = (50, 3) if scenario == "short" else (1, 4)
     gen = torch.Generator().manual_seed(100 + rank)
-    with bncheck.Monitor(ddp, optimizer=opt, sync_every=1) as monitor:
-        for step in range(4):
+    with bncheck.Monitor(ddp, optimizer=opt, sync_every=sync_every) as monitor:
+        for step in range(steps):
             x = torch.randn(batch, 3, 8, 8, generator=gen) * (1 + rank) + rank
             y = torch.randint(0, 4, (batch,), generator=gen)
             if scenario == "raise" and rank == 1 and step == 2:

@@ -350,7 +350,10 @@ def oracle_multiple_updates(updates, nograd, has_counter, train_calls, tracks):
         for layer in range(updates.shape[1]):
             if not tracks[layer]:
                 continue
-            total = updates[s, layer] if has_counter[layer] else train_calls[s, layer]
+            # a counter that grew less than the train-mode calls was reset (a recalibration):
+            # the train-mode calls with grad are counted from the hooks instead
+            reset = has_counter[layer] and updates[s, layer] < train_calls[s, layer]
+            total = updates[s, layer] if has_counter[layer] and not reset else train_calls[s, layer]
             out[s, layer] = total - nograd[s, layer] >= 2
     return out
 

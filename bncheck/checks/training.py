@@ -2,11 +2,16 @@
 
 The Monitor records, at every step, one row of numbers per BN layer (``STAT_COLUMNS``, from
 the running-statistics buffers) and one row of call counters (``COUNT_COLUMNS``, from a
-forward hook on each BN layer). The functions here are pure: :func:`step_conditions` turns a
-block of those rows into one boolean mask per rule (which layer has the problem at which
-step), :func:`record_episodes` keeps, for every (rule, layer), the step where the problem
-started and the numbers at that step, and the registered check functions turn those episodes
-into findings. ``ctx.run`` is a :class:`RunObservations`.
+forward hook on each BN layer). Each training-run rule below is one class with, side by side:
+
+- ``when(block)``: a boolean mask ``[steps, layers]``, where the problem holds;
+- ``first(block, i, layer)``: the numbers of the step where it started (kept in the episode);
+- ``says(ctx, run, ep)``: the finding's text, hint and extra details (or None: not a problem).
+
+:func:`step_conditions` evaluates every rule's ``when`` over a block of steps,
+:func:`record_episodes` keeps, for every (rule, layer), the step where the problem started and
+the numbers at that step, and each rule's check function (registered by :func:`run_rule`)
+turns those episodes into findings. ``ctx.run`` is a :class:`RunObservations`.
 
 What "a step" is: an ``optimizer.step()`` call when the Monitor has an optimizer; otherwise a
 top-level forward call in train mode with grad enabled. Steps count from 1, and what happens
@@ -17,30 +22,33 @@ cross-rank comparison runs at the start of a forward and belongs to the last com
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..context import AuditContext
 from ..discovery import BNLayer
 from ..report import Finding
-from .catalogue import CATALOGUE
 from .registry import check
 
 __all__ = [
     "STAT_COLUMNS",
     "COUNT_COLUMNS",
+    "UPDATE_KINDS",
     "Episode",
     "RunObservations",
+    "StepBlock",
+    "TRAINING_RULES",
     "step_conditions",
     "record_episodes",
     "record_rank_check",
     "run_findings",
-    "MONITOR_RULES",
+    "episode_finding",
 ]
 
 #: Per-step, per-layer numbers derived from the running-statistics buffers (float64).
@@ -73,9 +81,14 @@ S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S
 #:
 #: ``train_calls``: calls in train mode; ``eval_calls``: calls in eval mode;
 #: ``nograd_updates``: train-mode calls with grad disabled (``no_grad`` or ``inference_mode``)
-#: of a layer that tracks running statistics; ``inference_updates``: those under
-#: ``inference_mode``; ``min_batch`` / ``min_samples``: smallest batch size and smallest
-#: per-channel sample count (N x spatial size) of the train-mode calls (0 when none).
+#: of a layer that tracks running statistics, other than recalibration; ``inference_updates``:
+#: those under ``inference_mode``; ``min_batch`` / ``min_samples``: smallest batch size and
+#: smallest per-channel sample count (N x spatial size) of the train-mode calls (0 when none);
+#: ``backward_calls``: train-mode calls made while autograd ran a backward pass (a recomputed
+#: forward: reentrant activation checkpointing); ``recalibration_updates``: train-mode calls
+#: without grad recognised as a deliberate recalibration of the statistics (the layer's
+#: momentum set to None, as ``torch.optim.swa_utils.update_bn`` does, or BN switched to train
+#: mode inside a model in eval mode, as AdaBN-style recalibration does).
 COUNT_COLUMNS: tuple[str, ...] = (
     "train_calls",
     "eval_calls",
@@ -83,20 +96,29 @@ COUNT_COLUMNS: tuple[str, ...] = (
     "inference_updates",
     "min_batch",
     "min_samples",
+    "backward_calls",
+    "recalibration_updates",
 )
-C_TRAIN, C_EVAL, C_NOGRAD, C_INFER, C_MINBATCH, C_MINSAMPLES = range(6)
+C_TRAIN, C_EVAL, C_NOGRAD, C_INFER, C_MINBATCH, C_MINSAMPLES, C_BACKWARD, C_RECAL = range(8)
 
-#: Rules whose findings the Monitor builds from its observations.
-MONITOR_RULES: tuple[str, ...] = (
-    "frozen-bn-drift",
-    "stats-not-updating",
-    "stats-updated-without-grad",
-    "multiple-updates-per-step",
-    "nonfinite-stats",
-    "small-batch",
-    "stat-drift",
-    "unsynced-small-batch",
-    "rank-divergent-stats",
+#: How the several updates of one step came about, judged by the Monitor on a few steps of a
+#: layer that updated more than once (see ``Monitor`` and ``multiple-updates-per-step``):
+#: ``recompute``: a forward re-run during backward (activation checkpointing);
+#: ``extra``: a train-mode forward whose output no backward used (validation, a probe);
+#: ``accumulation``: forward/backward pairs on batches of one distribution (micro-batches);
+#: ``sources``: forward/backward pairs on batches whose statistics differ beyond sampling
+#: noise (a GAN discriminator's real and fake batches);
+#: ``reused``: several forwards trained by one backward on batches whose statistics differ (one
+#: BN across the time steps of a recurrent loop, or across scales);
+#: ``views``: several forwards trained by one backward on batches of one distribution (two
+#: augmented views of a self-supervised encoder, ghost BN chunks, a siamese encoder).
+UPDATE_KINDS: tuple[str, ...] = (
+    "recompute",
+    "extra",
+    "reused",
+    "accumulation",
+    "sources",
+    "views",
 )
 
 #: A stat-drift episode becomes a finding when at least this many judged steps exceed the
@@ -137,12 +159,461 @@ class RunObservations:
     world_size: int = 1
     rank: int = 0
     rank_checks: int = 0
+    #: per layer: how the steps with several updates came about (counts of UPDATE_KINDS)
+    update_kinds: dict[int, Counter[str]] = field(default_factory=dict)
+    #: steps with a recalibration pass (update_bn and the like), in order
+    recalibrations: list[int] = field(default_factory=list)
 
     @property
     def step_word(self) -> str:
         return "optimizer step" if self.step_kind == "optimizer" else "step"
 
 
+@dataclass
+class StepBlock:
+    """A block of consecutive steps as the rules see it (arrays ``[S, L]`` unless noted)."""
+
+    stats: np.ndarray  # [S, L, len(STAT_COLUMNS)]
+    counts: np.ndarray  # [S, L, len(COUNT_COLUMNS)]
+    trainable: np.ndarray  # gamma/beta optimized
+    frozen: np.ndarray  # has gamma/beta, none optimized
+    tolerances: Mapping[str, float | int]
+    tracks_stats: np.ndarray  # [L]
+    drift_warmup: np.ndarray  # [L] counter value before which stat-drift is not judged
+    distributed: bool = False
+    sync_bn: np.ndarray | None = None  # [L]
+    expected_updates: np.ndarray | None = None  # [S]: 1 + iterations a GradScaler skipped
+    frozen_reason: Sequence[str] = ()
+
+    @cached_property
+    def updates(self) -> np.ndarray:
+        return self.stats[..., S_UPDATES]
+
+    @cached_property
+    def has_counter(self) -> np.ndarray:
+        return ~np.isnan(self.updates)
+
+    @cached_property
+    def tracks(self) -> np.ndarray:
+        return np.broadcast_to(self.tracks_stats[None, :], self.updates.shape)
+
+    @cached_property
+    def moved(self) -> np.ndarray:
+        return self.stats[..., S_MOVED] > 0
+
+    @cached_property
+    def reset(self) -> np.ndarray:
+        """The counter grew less than the train-mode calls: the statistics were reset."""
+        return self.has_counter & (np.nan_to_num(self.updates) < self.counts[..., C_TRAIN])
+
+    @cached_property
+    def nograd_unexplained(self) -> np.ndarray:
+        """Updates without grad that are neither recalibration nor a checkpointed forward
+        (reentrant checkpointing runs the forward under no_grad and again in backward)."""
+        c = self.counts
+        left = np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD], 0)
+        return np.where(self.reset, 0, left)
+
+    @cached_property
+    def grad_updates(self) -> np.ndarray:
+        """Updates that belong to training: all updates but validation/recalibration ones
+        (counted from the hooks in a step whose statistics were reset)."""
+        c = self.counts
+        no_grad = np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD], 0) + c[..., C_RECAL]
+        counted = np.where(self.has_counter & ~self.reset, self.updates, c[..., C_TRAIN])
+        hooks_only = c[..., C_TRAIN] - c[..., C_NOGRAD] - c[..., C_RECAL]
+        return np.where(self.reset, hooks_only, np.nan_to_num(counted) - no_grad)
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+# ---- the rules, one class each ----------------------------------------------------------------
+@dataclass
+class Said:
+    """What a rule says about one episode: the finding's text, hint and extra details."""
+
+    text: str
+    hint: str
+    details: dict[str, Any] = field(default_factory=dict)
+    severity: str | None = None  # None: the catalogue's
+
+
+class TrainingRule:
+    """Base of the training-run rules: ``when``, ``first`` and ``says`` side by side."""
+
+    id: ClassVar[str]
+
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        """Where the problem holds, ``[S, L]``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        """The numbers of step ``i`` of the block for ``layer`` (kept in the episode)."""
+        return {}
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        """The finding of one episode (None: not a problem after all)."""
+        raise NotImplementedError
+
+
+#: The training-run rules by id, in the order they are evaluated.
+TRAINING_RULES: dict[str, type[TrainingRule]] = {}
+
+
+def run_rule(
+    rule_id: str, *, check_function: bool = True
+) -> Callable[[type[TrainingRule]], type[TrainingRule]]:
+    """Register a training-run rule class and, with ``check_function``, its check function
+    (like ``@check``). Rules whose check function judges something else in an audit (the
+    buffers, a batch, data) pass ``check_function=False``: the Monitor's report adds their
+    run findings itself (:data:`bncheck.monitor_report.RUN_JUDGED`)."""
+
+    def decorate(cls: type[TrainingRule]) -> type[TrainingRule]:
+        cls.id = rule_id
+        TRAINING_RULES[rule_id] = cls
+        if not check_function:
+            return cls
+
+        def check_fn(ctx: AuditContext) -> Iterator[Finding]:
+            return run_findings(ctx, rule_id)
+
+        check_fn.__name__ = check_fn.__qualname__ = rule_id.replace("-", "_")
+        check(rule_id)(check_fn)
+        return cls
+
+    return decorate
+
+
+# ---- frozen-bn-drift -------------------------------------------------------------------------
+@run_rule("frozen-bn-drift")
+class FrozenBNDrift(TrainingRule):
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        return b.frozen & b.tracks & b.moved
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        s = b.stats[i, layer]
+        reason = b.frozen_reason[layer] if b.frozen_reason else ""
+        return {"updates": _num(s[S_UPDATES]), "moved": float(s[S_MOVED]), "reason": reason}
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f = ep.first
+        return Said(
+            f"{f['reason']} but its running statistics changed {_span(run, ep)} "
+            f"(sum |delta| = {f['moved']:.3g}, expected 0)",
+            "re-apply .eval() to frozen BN layers after every model.train() (or use a "
+            "FrozenBatchNorm layer)",
+        )
+
+
+# ---- stats-not-updating ----------------------------------------------------------------------
+@run_rule("stats-not-updating")
+class StatsNotUpdating(TrainingRule):
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        no_update = np.where(b.has_counter, np.nan_to_num(b.updates) == 0, ~b.moved)
+        c = b.counts
+        return b.trainable & b.tracks & (c[..., C_EVAL] > 0) & (c[..., C_TRAIN] == 0) & no_update
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        return {
+            "updates": _num(b.stats[i, layer, S_UPDATES]),
+            "eval_calls": int(b.counts[i, layer, C_EVAL]),
+        }
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        return Said(
+            f"gamma/beta are being optimized but the layer ran only in eval mode "
+            f"{_span(run, ep)}: num_batches_tracked did not change (delta 0, expected 1 per "
+            "step)",
+            "call model.train() after validation (model.eval()) and before training resumes",
+        )
+
+
+# ---- stats-updated-without-grad --------------------------------------------------------------
+@run_rule("stats-updated-without-grad")
+class StatsUpdatedWithoutGrad(TrainingRule):
+    """Train-mode forwards without grad, less recalibration passes (momentum None, statistics
+    reset, or BN alone in train mode) and the no-grad forward of reentrant checkpointing."""
+
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        return b.tracks & (b.nograd_unexplained > 0)
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        c = b.counts[i, layer]
+        return {
+            "updates_without_grad": int(b.nograd_unexplained[i, layer]),
+            "inference_mode": int(c[C_INFER]),
+        }
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f = ep.first
+        how = "torch.inference_mode()" if f["inference_mode"] else "torch.no_grad()"
+        return Said(
+            f"running statistics updated by {f['updates_without_grad']} train-mode "
+            f"forward(s) under {how} {_span(run, ep)} (expected 0: forwards without grad are "
+            "usually validation)",
+            "call model.eval() before validation and model.train() after; to recalibrate "
+            "the statistics on purpose use torch.optim.swa_utils.update_bn (recognised)",
+        )
+
+
+# ---- multiple-updates-per-step ---------------------------------------------------------------
+_KIND_WORDS = {
+    "recompute": (
+        "the forward is re-run during backward (activation checkpointing), so every batch "
+        "updates the statistics twice and the effective momentum grows",
+        "divide the BN momentum by the number of forwards per step (2 with checkpointing), or "
+        "keep BN layers out of the checkpointed segments",
+    ),
+    "extra": (
+        "a train-mode forward that no backward used (a validation or probe pass in train "
+        "mode) updated the statistics with batches the model does not train on",
+        "run such passes in eval mode: model.eval(), then model.train() before training",
+    ),
+    "reused": (
+        "one forward/backward runs it on batches whose statistics differ beyond sampling "
+        "noise (one BN across time steps or scales): the running statistics blend them and "
+        "eval mode uses the blend for all",
+        "give each call site its own BN module (nn.ModuleList for time steps)",
+    ),
+    "accumulation": (
+        "forward/backward pairs on batches of one distribution (gradient accumulation): BN "
+        "normalises and averages the micro-batches, not the batch the optimizer steps on",
+        "make each micro-batch large enough for BN, use SyncBatchNorm across devices or "
+        "GroupNorm; ignore 'multiple-updates-per-step' if the micro-batches are large; "
+        "with AMP, pass scaler= to the Monitor so iterations the GradScaler skipped are not "
+        "counted",
+    ),
+    "sources": (
+        "forward/backward pairs on batches whose statistics differ beyond sampling noise (as "
+        "a GAN discriminator's real and fake batches): the running statistics blend them and "
+        "eval mode uses the blend for both",
+        "fine for a network used only in train mode (a GAN discriminator); otherwise give "
+        "each source its own BN layer",
+    ),
+}
+_GENERIC = (
+    "",
+    "gradient accumulation feeds BN micro-batches; activation checkpointing and extra "
+    "train-mode forwards update twice; for checkpointing divide momentum by the recompute "
+    "count, else ignore 'multiple-updates-per-step' if intended; with AMP, pass scaler= to "
+    "the Monitor so steps the GradScaler skipped are not counted",
+)
+
+
+def update_kind(run: RunObservations, ep: Episode) -> str | None:
+    """The cause of an episode of several updates per step (None: not observed)."""
+    if ep.first.get("recomputed"):
+        return "recompute"
+    kinds = run.update_kinds.get(ep.layer)
+    if not kinds:
+        return None
+    order = {k: i for i, k in enumerate(UPDATE_KINDS)}
+    # the most frequent cause over the judged steps; a tie goes to the more harmful one
+    return min(kinds, key=lambda k: (-kinds[k], order[k]))
+
+
+@run_rule("multiple-updates-per-step")
+class MultipleUpdatesPerStep(TrainingRule):
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        # one update per step, plus one for each iteration a GradScaler skipped before it
+        allowed = 1 if b.expected_updates is None else b.expected_updates[:, None]
+        return b.tracks & (b.grad_updates > allowed)
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        c = b.counts[i, layer]
+        ups = b.updates[i, layer]
+        # updates the forward hooks never saw: a recomputation hidden from them
+        # (non-reentrant checkpointing), or calls made during backward (reentrant)
+        hidden = not math.isnan(ups) and ups > c[C_TRAIN]
+        return {
+            "updates": int(b.grad_updates[i, layer]),
+            "train_calls": int(c[C_TRAIN]),
+            "recomputed": int(c[C_BACKWARD]) or (int(ups - c[C_TRAIN]) if hidden else 0),
+        }
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f = ep.first
+        kind = update_kind(run, ep)
+        head = f"{f['updates']} running-statistics updates per {run.step_word} {_span(run, ep)}"
+        if kind == "views":
+            return None  # several inputs trained by one backward: two views, ghost BN
+        if kind is None:
+            return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None})
+        why, hint = _KIND_WORDS[kind]
+        severity = "info" if kind == "sources" else None
+        return Said(f"{head} (expected 1): {why}", hint, {"cause": kind}, severity)
+
+
+# ---- nonfinite-stats -------------------------------------------------------------------------
+@run_rule("nonfinite-stats", check_function=False)  # audit check: checks/static.py
+class NonfiniteStats(TrainingRule):
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        return b.stats[..., S_NONFINITE] > 0
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        return {"channels": int(b.stats[i, layer, S_NONFINITE])}
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        name = run.layer_names[ep.layer]
+        return Said(
+            f"running statistics became NaN/Inf {_span(run, ep).replace('from', 'at', 1)} "
+            f"({ep.first['channels']} of {_channels(ctx, name)} channels); every output of "
+            "those channels is NaN from then on",
+            f"look for NaN/Inf in the batch or loss of {run.step_word} {ep.first_step}, "
+            "fp16 overflow or a too-high learning rate; reload or recompute the statistics",
+        )
+
+
+# ---- small-batch -----------------------------------------------------------------------------
+def _batch_numbers(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+    c = b.counts[i, layer]
+    return {"batch_size": int(c[C_MINBATCH]), "samples_per_channel": int(c[C_MINSAMPLES])}
+
+
+@run_rule("small-batch", check_function=False)  # audit check: checks/forward.py
+class SmallBatch(TrainingRule):
+    first = staticmethod(_batch_numbers)
+
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        c, tol = b.counts, b.tolerances
+        return (c[..., C_TRAIN] > 0) & (
+            (c[..., C_MINBATCH] < float(tol["min_batch_size"]))
+            | (c[..., C_MINSAMPLES] < float(tol["min_samples_per_channel"]))
+        )
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f = ep.first
+        need_b = int(ctx.tol("min_batch_size"))
+        need_s = int(ctx.tol("min_samples_per_channel"))
+        return Said(
+            f"train-mode batch of {f['batch_size']} sample(s), {f['samples_per_channel']} "
+            f"value(s) per channel {_span(run, ep)} (expected >= {need_b} samples and >= "
+            f"{need_s} values per channel): batch statistics are noisy",
+            "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm; "
+            "drop the last partial batch (drop_last=True)",
+            {"min_batch_size": need_b, "min_samples_per_channel": need_s},
+        )
+
+
+# ---- stat-drift ------------------------------------------------------------------------------
+def drift_judged(b: StepBlock) -> np.ndarray:
+    """Steps where stat-drift can be judged: one exact update, after the warm-up."""
+    nbt_before = b.stats[..., S_NBT] - np.nan_to_num(b.updates)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(b.stats[..., S_Z]) & (nbt_before >= b.drift_warmup[None, :])
+
+
+@run_rule("stat-drift", check_function=False)  # audit check: checks/forward.py
+class StatDrift(TrainingRule):
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        tol = b.tolerances
+        with np.errstate(invalid="ignore"):
+            exceeds = (b.stats[..., S_Z] > float(tol["drift_mean_z"])) | (
+                b.stats[..., S_VR] > float(tol["drift_var_ratio"])
+            )
+        return drift_judged(b) & exceeds
+
+    @staticmethod
+    def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        s = b.stats[i, layer]
+        return {"drift_z": float(s[S_Z]), "drift_var_ratio": float(s[S_VR])}
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        judged = int(run.drift_judged[ep.layer]) if run.drift_judged is not None else ep.steps
+        if ep.steps < DRIFT_MIN_STEPS or ep.steps < DRIFT_MIN_FRACTION * max(judged, 1):
+            return None
+        f = ep.first
+        tz, tv = ctx.tol("drift_mean_z"), ctx.tol("drift_var_ratio")
+        return Said(
+            f"train batches far from the running statistics {_span(run, ep)} ({ep.steps} of "
+            f"{judged} judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std "
+            f"(tol {tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})",
+            "the running statistics lag the data: momentum too small, statistics loaded "
+            "from other data, or the input distribution changed; recompute them "
+            "(torch.optim.swa_utils.update_bn)",
+            {"judged_steps": judged, "drift_mean_z_tol": tz, "drift_var_ratio_tol": tv},
+        )
+
+
+# ---- unsynced-small-batch --------------------------------------------------------------------
+@run_rule("unsynced-small-batch")
+class UnsyncedSmallBatch(TrainingRule):
+    first = staticmethod(_batch_numbers)
+
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        if not b.distributed:
+            return np.zeros(b.updates.shape, dtype=bool)
+        n_layers = b.updates.shape[1]
+        plain = ~b.sync_bn if b.sync_bn is not None else np.ones(n_layers, dtype=bool)
+        c = b.counts
+        return (
+            (c[..., C_TRAIN] > 0)
+            & b.tracks
+            & plain[None, :]
+            & (c[..., C_MINBATCH] < float(b.tolerances["sync_bn_min_batch"]))
+        )
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f, world = ep.first, run.world_size
+        return Said(
+            f"per-rank batch of {f['batch_size']} with plain {run.layer_kinds[ep.layer]} "
+            f"across {world} ranks {_span(run, ep)}: statistics come from {f['batch_size']} "
+            f"samples, not the global {f['batch_size'] * world}",
+            "convert with nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping "
+            "in DDP, or raise the per-rank batch",
+            {"world_size": world, "sync_bn_min_batch": int(ctx.tol("sync_bn_min_batch"))},
+        )
+
+
+# ---- rank-divergent-stats --------------------------------------------------------------------
+@run_rule("rank-divergent-stats")
+class RankDivergentStats(TrainingRule):
+    """Judged from cross-rank comparisons (:func:`record_rank_check`), not from steps."""
+
+    @staticmethod
+    def when(b: StepBlock) -> np.ndarray:
+        return np.zeros(b.updates.shape, dtype=bool)
+
+    @staticmethod
+    def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        f = ep.first
+        return Said(
+            f"running statistics differ across {f['world_size']} ranks {_span(run, ep)}: max "
+            f"relative difference {f['rel_diff']:.3g} > rank_rtol {f['rank_rtol']:g}",
+            "keep DDP's buffer sync on (broadcast_buffers=True, or forward_sync_buffers=True "
+            "on newer torch) or use SyncBatchNorm; "
+            "evaluate and save from one rank only after the buffers are synchronised",
+            {"rank": None},
+        )
+
+
+# ---- evaluating the rules over a run -----------------------------------------------------------
 def step_conditions(
     stats: np.ndarray,
     counts: np.ndarray,
@@ -155,6 +626,7 @@ def step_conditions(
     distributed: bool = False,
     sync_bn: np.ndarray | None = None,
     expected_updates: np.ndarray | None = None,
+    frozen_reason: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     """For each rule, a boolean mask ``[steps, layers]``: the problem holds at that step.
 
@@ -165,100 +637,54 @@ def step_conditions(
     statistics; ``drift_warmup`` ``[L]`` the counter value before which stat-drift is not
     judged (the running average has not yet forgotten its initial values);
     ``expected_updates`` ``[S]`` the statistics updates each step may make (1, plus the
-    iterations a GradScaler skipped before it; default 1).
+    iterations a GradScaler skipped before it; default 1). ``_drift_judged`` is the mask of
+    the steps where stat-drift was judged.
     """
-    updates = stats[..., S_UPDATES]
-    has_counter = ~np.isnan(updates)
-    moved = stats[..., S_MOVED] > 0
-    train_calls = counts[..., C_TRAIN]
-    eval_calls = counts[..., C_EVAL]
-    nograd = counts[..., C_NOGRAD]
-    tracks = np.broadcast_to(tracks_stats[None, :], updates.shape)
+    return conditions(
+        StepBlock(
+            stats,
+            counts,
+            trainable,
+            frozen,
+            tolerances,
+            tracks_stats,
+            drift_warmup,
+            distributed,
+            sync_bn,
+            expected_updates,
+            frozen_reason,
+        )
+    )
 
-    out: dict[str, np.ndarray] = {}
-    out["frozen-bn-drift"] = frozen & tracks & moved
-    no_update = np.where(has_counter, np.nan_to_num(updates) == 0, ~moved)
-    out["stats-not-updating"] = (
-        trainable & tracks & (eval_calls > 0) & (train_calls == 0) & no_update
+
+def conditions(block: StepBlock) -> dict[str, np.ndarray]:
+    """Every rule's ``when`` over ``block``, plus ``_drift_judged`` (the steps where stat-drift
+    was judged) and ``_recalibration`` (steps with a recognised recalibration pass)."""
+    out = {rid: rule.when(block) for rid, rule in TRAINING_RULES.items()}
+    out["_drift_judged"] = drift_judged(block)
+    c = block.counts
+    out["_recalibration"] = block.tracks & (
+        (c[..., C_RECAL] > 0) | (block.reset & (c[..., C_NOGRAD] > 0))
     )
-    out["stats-updated-without-grad"] = tracks & (nograd > 0)
-    grad_updates = np.where(has_counter, np.nan_to_num(updates) - nograd, train_calls - nograd)
-    # one update per step, plus one for each iteration a GradScaler skipped before it
-    allowed = 1 if expected_updates is None else expected_updates[:, None]
-    out["multiple-updates-per-step"] = tracks & (grad_updates > allowed)
-    out["nonfinite-stats"] = stats[..., S_NONFINITE] > 0
-    min_batch = counts[..., C_MINBATCH]
-    min_samples = counts[..., C_MINSAMPLES]
-    small = (train_calls > 0) & (
-        (min_batch < float(tolerances["min_batch_size"]))
-        | (min_samples < float(tolerances["min_samples_per_channel"]))
-    )
-    out["small-batch"] = small
-    nbt_before = stats[..., S_NBT] - np.nan_to_num(updates)
-    with np.errstate(invalid="ignore"):
-        judged = ~np.isnan(stats[..., S_Z]) & (nbt_before >= drift_warmup[None, :])
-        exceeds = (stats[..., S_Z] > float(tolerances["drift_mean_z"])) | (
-            stats[..., S_VR] > float(tolerances["drift_var_ratio"])
-        )
-    out["stat-drift"] = judged & exceeds
-    out["_drift_judged"] = judged
-    if distributed:
-        plain = ~sync_bn if sync_bn is not None else np.ones(updates.shape[1], dtype=bool)
-        out["unsynced-small-batch"] = (
-            (train_calls > 0)
-            & tracks
-            & plain[None, :]
-            & (min_batch < float(tolerances["sync_bn_min_batch"]))
-        )
     return out
-
-
-def _first_numbers(
-    rule: str, stats: np.ndarray, counts: np.ndarray, frozen_reason: str, i: int, layer: int
-) -> dict[str, Any]:
-    s, c = stats[i, layer], counts[i, layer]
-
-    def num(x: float) -> float | None:
-        return None if math.isnan(x) else float(x)
-
-    if rule == "frozen-bn-drift":
-        return {"updates": num(s[S_UPDATES]), "moved": float(s[S_MOVED]), "reason": frozen_reason}
-    if rule == "stats-not-updating":
-        return {"updates": num(s[S_UPDATES]), "eval_calls": int(c[C_EVAL])}
-    if rule == "stats-updated-without-grad":
-        return {"updates_without_grad": int(c[C_NOGRAD]), "inference_mode": int(c[C_INFER])}
-    if rule == "multiple-updates-per-step":
-        ups = s[S_UPDATES]
-        grad_ups = (ups if not math.isnan(ups) else c[C_TRAIN]) - c[C_NOGRAD]
-        return {"updates": int(grad_ups), "train_calls": int(c[C_TRAIN])}
-    if rule == "nonfinite-stats":
-        return {"channels": int(s[S_NONFINITE])}
-    if rule in ("small-batch", "unsynced-small-batch"):
-        return {"batch_size": int(c[C_MINBATCH]), "samples_per_channel": int(c[C_MINSAMPLES])}
-    if rule == "stat-drift":
-        return {"drift_z": float(s[S_Z]), "drift_var_ratio": float(s[S_VR])}
-    return {}
 
 
 def record_episodes(
     episodes: dict[tuple[str, int], Episode],
     conditions: Mapping[str, np.ndarray],
     steps: np.ndarray,
-    stats: np.ndarray,
-    counts: np.ndarray,
-    frozen_reason: Sequence[str],
+    block: StepBlock,
 ) -> list[Episode]:
     """Fold one block of steps into ``episodes``; return the episodes that are new."""
     new: list[Episode] = []
     for rule, mask in conditions.items():
         if rule.startswith("_") or not mask.any():
             continue
-        hit_layers = np.flatnonzero(mask.any(axis=0))
-        for layer in hit_layers.tolist():
-            col = mask[:, layer]
-            idx = np.flatnonzero(col)
+        first_numbers = TRAINING_RULES[rule].first
+        for layer in np.flatnonzero(mask.any(axis=0)).tolist():
+            idx = np.flatnonzero(mask[:, layer])
             i0, i1 = int(idx[0]), int(idx[-1])
-            first = _first_numbers(rule, stats, counts, frozen_reason[layer], i0, layer)
+            first = first_numbers(block, i0, layer)
             key = (rule, layer)
             if key in episodes:
                 episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first)
@@ -304,132 +730,36 @@ def _span(run: RunObservations, ep: Episode) -> str:
     return f"from {word} {ep.first_step} ({ep.steps} of {run.steps} {word}s, last {ep.last_step})"
 
 
-def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Finding | None:
-    """The finding of one episode, in the one message format (``None``: not reportable)."""
-    name = run.layer_names[ep.layer]
-    f = ep.first
-    base: dict[str, Any] = {
-        "step": ep.first_step,
-        "last_step": ep.last_step,
-        "steps_affected": ep.steps,
-        "steps_observed": run.steps,
-    }
-    if run.distributed:
-        base["rank"] = run.rank
-    span = _span(run, ep)
-    rule = ep.rule
-    if rule == "frozen-bn-drift":
-        text = (
-            f"{f['reason']} but its running statistics changed {span} "
-            f"(sum |delta| = {f['moved']:.3g}, expected 0)"
-        )
-        hint = (
-            "re-apply .eval() to frozen BN layers after every model.train() (or use a "
-            "FrozenBatchNorm layer)"
-        )
-    elif rule == "stats-not-updating":
-        text = (
-            f"gamma/beta are being optimized but the layer ran only in eval mode {span}: "
-            "num_batches_tracked did not change (delta 0, expected 1 per step)"
-        )
-        hint = "call model.train() after validation (model.eval()) and before training resumes"
-    elif rule == "stats-updated-without-grad":
-        how = "torch.inference_mode()" if f["inference_mode"] else "torch.no_grad()"
-        text = (
-            f"running statistics updated by {f['updates_without_grad']} train-mode "
-            f"forward(s) under {how} {span} (expected 0: forwards without grad are "
-            "usually validation)"
-        )
-        hint = (
-            "call model.eval() before validation and model.train() after; if this is "
-            "deliberate recalibration, ignore 'stats-updated-without-grad'"
-        )
-    elif rule == "multiple-updates-per-step":
-        text = f"{f['updates']} running-statistics updates per {run.step_word} {span} (expected 1)"
-        hint = (
-            "gradient accumulation feeds BN micro-batches; activation checkpointing and "
-            "extra train-mode forwards update twice; for checkpointing divide momentum by "
-            "the recompute count, else ignore 'multiple-updates-per-step' if intended; with "
-            "AMP, pass scaler= to the Monitor so steps the GradScaler skipped are not counted"
-        )
-    elif rule == "nonfinite-stats":
-        text = (
-            f"running statistics became NaN/Inf {span.replace('from', 'at', 1)} "
-            f"({f['channels']} of {_channels(ctx, name)} channels); every output of those "
-            "channels is NaN from then on"
-        )
-        hint = (
-            f"look for NaN/Inf in the batch or loss of {run.step_word} {ep.first_step}, "
-            "fp16 overflow or a too-high learning rate; reload or recompute the statistics"
-        )
-    elif rule == "small-batch":
-        need_b = int(ctx.tol("min_batch_size"))
-        need_s = int(ctx.tol("min_samples_per_channel"))
-        text = (
-            f"train-mode batch of {f['batch_size']} sample(s), {f['samples_per_channel']} "
-            f"value(s) per channel {span} (expected >= {need_b} samples and >= {need_s} "
-            "values per channel): batch statistics are noisy"
-        )
-        hint = (
-            "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm; "
-            "drop the last partial batch (drop_last=True)"
-        )
-        base.update(min_batch_size=need_b, min_samples_per_channel=need_s)
-    elif rule == "stat-drift":
-        judged = int(run.drift_judged[ep.layer]) if run.drift_judged is not None else ep.steps
-        if ep.steps < DRIFT_MIN_STEPS or ep.steps < DRIFT_MIN_FRACTION * max(judged, 1):
-            return None
-        tz, tv = ctx.tol("drift_mean_z"), ctx.tol("drift_var_ratio")
-        text = (
-            f"train batches far from the running statistics {span} ({ep.steps} of {judged} "
-            f"judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std (tol "
-            f"{tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})"
-        )
-        hint = (
-            "the running statistics lag the data: momentum too small, statistics loaded "
-            "from other data, or the input distribution changed; recompute them "
-            "(torch.optim.swa_utils.update_bn)"
-        )
-        base.update(judged_steps=judged, drift_mean_z_tol=tz, drift_var_ratio_tol=tv)
-    elif rule == "rank-divergent-stats":
-        rtol = f["rank_rtol"]
-        text = (
-            f"running statistics differ across {f['world_size']} ranks {span}: max "
-            f"relative difference {f['rel_diff']:.3g} > rank_rtol {rtol:g}"
-        )
-        hint = (
-            "keep DDP's buffer sync on (broadcast_buffers=True, or forward_sync_buffers=True "
-            "on newer torch) or use SyncBatchNorm; "
-            "evaluate and save from one rank only after the buffers are synchronised"
-        )
-        base.pop("rank", None)
-    elif rule == "unsynced-small-batch":
-        world = run.world_size
-        text = (
-            f"per-rank batch of {f['batch_size']} with plain {run.layer_kinds[ep.layer]} "
-            f"across {world} ranks {span}: statistics come from {f['batch_size']} samples, "
-            f"not the global {f['batch_size'] * world}"
-        )
-        hint = (
-            "convert with nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping "
-            "in DDP, or raise the per-rank batch"
-        )
-        base.update(world_size=world, sync_bn_min_batch=int(ctx.tol("sync_bn_min_batch")))
-    else:  # pragma: no cover - every monitor rule is handled above
-        return None
-    try:
-        where: BNLayer | str = ctx.layer(name)
-    except KeyError:
-        where = name
-    return ctx.finding(rule, where, text, hint=hint, **base, **f)
-
-
 def _channels(ctx: AuditContext, name: str) -> str:
     try:
         n = ctx.layer(name).num_features
     except KeyError:
         return "?"
     return str(n) if n is not None else "?"
+
+
+def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Finding | None:
+    """The finding of one episode, in the one message format (``None``: not reportable)."""
+    said = TRAINING_RULES[ep.rule].says(ctx, run, ep)
+    if said is None:
+        return None
+    details: dict[str, Any] = {
+        "step": ep.first_step,
+        "last_step": ep.last_step,
+        "steps_affected": ep.steps,
+        "steps_observed": run.steps,
+    }
+    if run.distributed:
+        details["rank"] = run.rank
+    details.update(said.details)
+    details.update(ep.first)
+    details = {k: v for k, v in details.items() if not (k == "rank" and v is None)}
+    name = run.layer_names[ep.layer]
+    try:
+        where: BNLayer | str = ctx.layer(name)
+    except KeyError:
+        where = name
+    return ctx.finding(ep.rule, where, said.text, hint=said.hint, severity=said.severity, **details)
 
 
 def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
@@ -442,9 +772,3 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
         finding = episode_finding(ctx, run, ep)
         if finding is not None:
             yield finding
-
-
-# The check function of every training-run and distributed rule reads the same episodes.
-for _info in CATALOGUE:
-    if _info.needs in ("training run", "distributed"):
-        check(_info.id)(functools.partial(run_findings, rule=_info.id))

@@ -1,0 +1,276 @@
+"""The Monitor's hooks: what each watched BN call was, recorded at almost no cost.
+
+The hooks are registered globally (``torch.nn.modules.module.register_module_forward_hook``
+and ``torch.optim.optimizer.register_optimizer_step_post_hook``) and pick the watched modules
+and optimizer by identity, so the user's model and optimizer carry nothing of the Monitor:
+``torch.save(model)``, ``copy.deepcopy(model)`` and ``torch.jit.script(model)`` work inside
+and after a ``with bncheck.Monitor(model)`` block, and a copy (an EMA model, a "best model")
+is never watched. The hooks hold the Monitor through a weak reference: a Monitor dropped
+without ``detach()`` stops watching and its hooks remove themselves at their next call.
+
+Per call of a watched BN layer the forward hook appends one tuple ``(layer, training,
+grad_enabled, flags, input shape)``; ``flags`` says whether a train-mode call ran inside a
+backward pass (a recomputed forward), under ``inference_mode``, or looks like a deliberate
+recalibration (no grad and momentum None while the layer has a momentum, or BN in train mode
+inside a model in eval mode). Calls made by bncheck's own audit passes on the model
+(:mod:`bncheck._audit_scope`) are not recorded.
+
+A layer that updates more than once in a step is *armed* for the next ``ARM_STEPS`` steps:
+its calls are then recorded in detail (per-channel input statistics, and when the output's
+gradient is computed) so that :func:`bncheck.monitor_numerics.classify_updates` can tell
+accumulation and recomputation from two views, ghost BN or real/fake batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ._audit_scope import _SCOPE
+from .discovery import BNLayer
+from .monitor_numerics import CallRecord, classify_updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .monitor import Monitor
+
+__all__ = ["Recorder", "BACKWARD", "INFERENCE", "RECALIBRATION", "ARM_STEPS"]
+
+BACKWARD, INFERENCE, RECALIBRATION = 1, 2, 4
+#: Steps a layer with several updates per step is recorded in detail.
+ARM_STEPS = 3
+
+_current_node: Callable[[], Any] = torch._C._current_autograd_node
+
+Call = tuple[int, bool, bool, int, "torch.Size | None"]
+
+
+class _BackwardMark:
+    """Tensor hook on a detailed call's output: notes when its gradient was computed."""
+
+    __slots__ = ("record", "seq")
+
+    def __init__(self, record: CallRecord, seq: itertools.count[int]) -> None:
+        self.record, self.seq = record, seq
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.record.mark_backward(next(self.seq))
+
+
+class _ModuleHook:
+    """A per-module hook that calls the Recorder through a weak reference.
+
+    Used only for a model wrapped by ``torch.compile``, where dynamo warns about process-wide
+    hooks. While dynamo traces, the hook records only what dynamo can trace into the graph
+    (:meth:`Recorder._forward_traced`), so the compiled graph has no break. A deep copy of the
+    module gets an inert hook (it watches nothing)."""
+
+    __slots__ = ("__weakref__", "method", "recorder")
+
+    def __init__(self, recorder: Recorder | None, method: str) -> None:
+        self.recorder = weakref.ref(recorder) if recorder is not None else None
+        self.method = method
+
+    def __call__(self, *args: Any) -> None:
+        recorder = self.recorder() if self.recorder is not None else None
+        if recorder is None:
+            return
+        if torch.compiler.is_compiling():  # traced into the graph: only what dynamo can trace
+            if self.method == "_forward":
+                recorder._forward_traced(*args)
+            return
+        getattr(recorder, self.method)(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ModuleHook:
+        return _ModuleHook(None, self.method)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ModuleHook, (None, self.method))
+
+
+class Recorder:
+    """Global hooks for one Monitor and what they recorded since the last step."""
+
+    def __init__(self, monitor: Monitor, layers: list[BNLayer], inner: nn.Module) -> None:
+        self._monitor = weakref.ref(monitor)
+        self.index = {id(lyr.module): i for i, lyr in enumerate(layers)}
+        self._modules = [lyr.module for lyr in layers]
+        self.inner = inner
+        self._inner_id = id(inner)
+        self._has_momentum = [lyr.momentum is not None for lyr in layers]
+        self.optimizer: Any = None
+        self.calls: list[Call] = []
+        self._handles: list[Any] = []
+        self._step = 0  # steps finished (for arming)
+        self._seen = [-1] * len(layers)  # last step with a train-mode call with grad
+        self._armed: dict[int, list[int]] = {}  # layer -> [first step to record, steps left]
+        self._details: dict[int, list[CallRecord]] = {}
+        self._seq = itertools.count()
+
+    # ---- registration ------------------------------------------------------------------------
+    def register(self, *, optimizer: Any, pre_hook: bool, per_module: bool = False) -> None:
+        """Register the hooks: process-wide ones, or with ``per_module`` (a compiled model,
+        where dynamo warns about process-wide module hooks) hooks on the watched modules."""
+        self.optimizer = optimizer
+        try:
+            if per_module:
+                modules = [*self._modules, self.inner]
+                hook = _ModuleHook(self, "_forward")
+                self._handles.extend(m.register_forward_hook(hook) for m in modules)
+                if pre_hook:
+                    pre = _ModuleHook(self, "_pre_forward")
+                    self._handles.append(self.inner.register_forward_pre_hook(pre))
+            else:
+                self._handles.append(register_module_forward_hook(self._forward))
+                if pre_hook:
+                    self._handles.append(register_module_forward_pre_hook(self._pre_forward))
+            if optimizer is not None:
+                self._handles.append(register_optimizer_step_post_hook(self._optimizer_step))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._handles)
+
+    def _alive(self) -> Monitor | None:
+        monitor = self._monitor()
+        if monitor is None:  # dropped without detach(): stop watching
+            self.remove()
+        return monitor
+
+    # ---- the hooks (the hot path) ---------------------------------------------------------------
+    def _forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        idx = self.index.get(id(module))
+        if idx is None:
+            if id(module) == self._inner_id and module is self.inner:
+                self._model_forward(module)
+            return
+        if self._monitor() is None:  # dropped without detach(): stop watching
+            self.remove()
+            return
+        scoped = _SCOPE.get()
+        if scoped and id(module) in scoped:
+            return  # bncheck's own audit pass on this model
+        training = module.training
+        grad = torch.is_grad_enabled()
+        flags = 0
+        if training:
+            if not grad:
+                if torch.is_inference_mode_enabled():
+                    flags = INFERENCE
+                if (module.momentum is None and self._has_momentum[idx]) or not self.inner.training:
+                    flags |= RECALIBRATION
+            elif _current_node() is not None:
+                flags = BACKWARD
+        x = args[0] if args else None
+        self.calls.append(
+            (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
+        )
+        if training and grad:
+            if self._seen[idx] == self._step:  # a second update in this step
+                if idx not in self._armed:
+                    self._armed[idx] = [self._step + 1, ARM_STEPS]
+            else:
+                self._seen[idx] = self._step
+            if self._armed:
+                arm = self._armed.get(idx)
+                if arm is not None and arm[0] <= self._step:
+                    self._detail(idx, x, output, flags)
+
+    def _forward_traced(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The forward hook as dynamo traces it into a compiled graph: the call's layer, mode,
+        grad mode and shape (appended when the graph runs), without the flags that need
+        autograd's state (recomputation, recalibration) and without detailed recording."""
+        idx = self.index.get(id(module))
+        if idx is None:
+            return
+        x = args[0] if args else None
+        shape = x.shape if isinstance(x, torch.Tensor) else None
+        self.calls.append((idx, module.training, torch.is_grad_enabled(), 0, shape))
+
+    def _model_forward(self, module: nn.Module) -> None:
+        if self.optimizer is not None or not (module.training and torch.is_grad_enabled()):
+            return
+        scoped = _SCOPE.get()
+        if scoped and id(module) in scoped:
+            return
+        monitor = self._alive()
+        if monitor is not None:
+            monitor._safely(monitor._end_step)
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if module is not self.inner or not (module.training and torch.is_grad_enabled()):
+            return
+        scoped = _SCOPE.get()
+        if scoped and id(module) in scoped:
+            return
+        monitor = self._alive()
+        if monitor is not None:
+            monitor._before_train_forward()
+
+    def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer is not self.optimizer:
+            return
+        monitor = self._alive()
+        if monitor is not None:
+            monitor._safely(monitor._end_step)
+
+    # ---- detailed calls (armed layers only) -----------------------------------------------------
+    def _detail(self, idx: int, x: Any, output: Any, flags: int) -> None:
+        in_backward = bool(flags & BACKWARD)
+        mean = var = None
+        n = 0
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point():
+            with torch.no_grad():
+                # per-sample channel means [N, C]: their spread is the sampling noise of the
+                # batch mean, spatial correlation included
+                per_sample = x.detach().float().flatten(2).mean(2) if x.dim() > 2 else x.detach()
+                var, mean = torch.var_mean(per_sample.float(), dim=0, correction=1)
+            n = int(x.shape[0])
+        hookable = isinstance(output, torch.Tensor) and output.requires_grad and not in_backward
+        record = CallRecord(next(self._seq), n, mean, var, hookable, in_backward)
+        if hookable:
+            output.register_hook(_BackwardMark(record, self._seq))
+        self._details.setdefault(idx, []).append(record)
+
+    # ---- step boundaries ------------------------------------------------------------------------
+    def take_calls(self) -> list[Call]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def finish_step(self) -> dict[int, str]:
+        """Close a step: how the armed layers' several updates came about (layer -> kind)."""
+        kinds: dict[int, str] = {}
+        for idx, records in self._details.items():
+            kind = classify_updates(records, backward_seen=self.optimizer is not None)
+            if kind is not None:
+                kinds[idx] = kind
+        self._details = {}
+        for idx, arm in list(self._armed.items()):
+            if arm[0] <= self._step:
+                arm[1] -= 1
+                if arm[1] <= 0:
+                    del self._armed[idx]
+        self._step += 1
+        return kinds
+
+    def reset_step(self) -> None:
+        """Forget what was recorded (attach: what happened while detached is not judged)."""
+        self.calls = []
+        self._details = {}

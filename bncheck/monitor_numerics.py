@@ -1,0 +1,216 @@
+"""The Monitor's numerics: running buffers as one flat vector, and what a step's calls were.
+
+:class:`FlatBuffers` is the only tensor work on the hot path (one snapshot per step) and turns
+blocks of snapshots into per-layer summaries (see :mod:`bncheck.monitor` for the maths).
+:func:`classify_updates` judges how the several updates of one layer in one step came about,
+from the few calls the Monitor recorded in detail (see :class:`CallRecord`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .discovery import BNLayer
+
+__all__ = ["FlatBuffers", "Snapshot", "CallRecord", "classify_updates", "batches_differ"]
+
+#: Per channel, a batch mean further than this many standard errors from another call's
+#: counts as a different distribution; ``DIFFER_FRACTION`` of the channels must be so.
+DIFFER_Z = 4.0
+DIFFER_FRACTION = 0.25
+
+
+Snapshot = tuple[torch.Tensor, torch.Tensor]
+
+
+class FlatBuffers:
+    """The running buffers of every BN layer that tracks statistics, as one flat vector.
+
+    ``snapshot`` is the only work on the hot path: one ``cat`` of every layer's running_mean
+    and running_var (float32, ``2 * sum(C)`` values) and one ``stack`` of the counters.
+    ``summarize`` turns a block of consecutive snapshots into the per-layer ``STAT_COLUMNS``
+    of each step, with a fixed number of tensor operations for the whole block, whatever the
+    number of layers and steps (one ``index_add_`` does every per-layer reduction).
+    """
+
+    def __init__(self, layers: Sequence[BNLayer]) -> None:
+        self.indices = [
+            i
+            for i, lyr in enumerate(layers)
+            if lyr.has_running_stats and not lyr.lazy_uninitialized
+        ]
+        self.modules = [layers[i].module for i in self.indices]
+        self.has_counter = [layers[i].num_batches_tracked is not None for i in self.indices]
+        if not self.modules:
+            return
+        first = layers[self.indices[0]].running_mean
+        assert first is not None
+        self.device = first.device
+        sizes = [int(layers[i].running_mean.numel()) for i in self.indices]  # type: ignore[union-attr]
+        self.channels = sum(sizes)
+        dev = self.device
+        self.sizes = torch.tensor(sizes, dtype=torch.float64, device=dev)
+        self.segment = torch.repeat_interleave(
+            torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
+        )
+        momenta = [layers[i].momentum for i in self.indices]
+        self.cumulative = torch.tensor([m is None for m in momenta], device=dev)
+        self.momentum = torch.tensor(
+            [0.0 if m is None else float(m) for m in momenta], dtype=torch.float64, device=dev
+        )
+        eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
+        self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
+        self.counter_mask = torch.tensor(self.has_counter, device=dev)
+        self._zero = torch.zeros((), dtype=torch.long, device=dev)
+        self.nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def snapshot(self) -> Snapshot:
+        """(running_mean then running_var of every layer, counters) as new tensors."""
+        bufs = [m._buffers for m in self.modules]
+        flat = torch.cat(
+            [b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
+            + [b["running_var"] for b in bufs]
+        )
+        nbt = torch.stack(
+            [
+                b["num_batches_tracked"] if has else self._zero  # type: ignore[misc]
+                for b, has in zip(bufs, self.has_counter)
+            ]
+        )
+        return flat, nbt
+
+    @torch.no_grad()
+    def summarize(
+        self, base: Snapshot, snaps: Sequence[Snapshot]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-step statistics of ``snaps`` (each compared with the one before, ``base`` first).
+
+        Returns ``summary [S, T, len(STAT_COLUMNS)]``, then per channel ``[S, C]``:
+        running_mean, running_var, batch mean and unbiased batch variance. The batch
+        statistics are recovered from the update (see the module docstring) and are NaN for
+        a layer that did not update exactly once in that step.
+        """
+        flats = torch.stack([base[0]] + [s[0] for s in snaps]).to(torch.float64)
+        nbts = torch.stack([base[1]] + [s[1] for s in snaps]).to(torch.float64)
+        c = self.channels
+        rm0, rm = flats[:-1, :c], flats[1:, :c]
+        rv0, rv = flats[:-1, c:], flats[1:, c:]
+        nbt0, nbt = nbts[:-1], nbts[1:]
+        seg = self.segment
+        updates = torch.where(self.counter_mask, nbt - nbt0, self.nan)
+        factor = torch.where(self.cumulative, 1.0 / nbt.clamp(min=1.0), self.momentum)
+        exact = (updates == 1) & (factor > 0)
+        f = torch.where(exact, factor, torch.ones_like(factor))[:, seg]
+        keep = 1.0 - f
+        batch_mean = (rm - keep * rm0) / f
+        batch_var = (rv - keep * rv0) / f
+        eps = self.eps
+        drift_z = (batch_mean - rm0).abs() / (batch_var.clamp(min=0.0) + eps).sqrt()
+        ratio = (batch_var.clamp(min=0.0) + eps) / (rv0.clamp(min=0.0) + eps)
+        drift_vr = torch.maximum(ratio, 1.0 / ratio)
+        moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
+        nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
+        cols = torch.stack(
+            [moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv, drift_z, drift_vr], dim=2
+        )
+        sums = torch.zeros(
+            cols.shape[0], len(self.modules), cols.shape[2], dtype=torch.float64, device=cols.device
+        ).index_add_(1, seg, cols)
+        means = sums / self.sizes[None, :, None]
+        exact3 = exact[..., None]
+        summary = torch.cat(
+            [
+                updates[..., None],
+                nbt[..., None],
+                sums[..., 0:2],
+                torch.where(exact3, means[..., 2:4], self.nan),
+                means[..., 4:6],
+                torch.where(exact3, means[..., 6:8], self.nan),
+            ],
+            dim=2,
+        )
+        exact_ch = exact[:, seg]
+        return (
+            summary,
+            rm,
+            rv,
+            torch.where(exact_ch, batch_mean, self.nan),
+            torch.where(exact_ch, batch_var, self.nan),
+        )
+
+
+@dataclass
+class CallRecord:
+    """One train-mode call of a BN layer with grad, recorded in detail.
+
+    ``seq`` orders forwards and backwards; ``backward_seq`` is when the gradient of the
+    call's output was computed (None: no backward reached it); ``hookable`` whether the
+    output required grad (only then can a backward be seen); ``in_backward`` whether the call
+    itself ran during a backward pass (a recomputed forward); ``n`` the batch size, ``mean``
+    the per-channel batch mean of the input and ``var`` the variance over the batch of the
+    per-sample channel means (its sampling noise times ``n``).
+    """
+
+    seq: int
+    n: int
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    hookable: bool
+    in_backward: bool
+    backward_seq: int | None = None
+
+    def mark_backward(self, seq: int) -> None:
+        if self.backward_seq is None:
+            self.backward_seq = seq
+
+
+def batches_differ(a: CallRecord, b: CallRecord) -> bool:
+    """Whether two calls' batch statistics come from different distributions, beyond noise.
+
+    A two-sample (Welch) test per channel of the batch means: ``|mean_a - mean_b|`` against
+    the standard error ``sqrt(var_a / n_a + var_b / n_b)``, with ``n`` the batch size and
+    ``var`` the variance over the batch of the per-sample channel means (so the spatial
+    correlation of a feature map does not understate the noise). Different when at least
+    ``DIFFER_FRACTION`` of the channels are more than ``DIFFER_Z`` standard errors apart.
+    """
+    if a.mean is None or b.mean is None or a.var is None or b.var is None:
+        return False
+    if a.mean.shape != b.mean.shape or a.n < 2 or b.n < 2:
+        return False
+    se = (a.var / a.n + b.var / b.n).clamp(min=1e-12).sqrt()
+    z = (a.mean - b.mean).abs() / se
+    return bool(((z > DIFFER_Z).double().mean() >= DIFFER_FRACTION).item())
+
+
+def classify_updates(calls: Sequence[CallRecord], *, backward_seen: bool = True) -> str | None:
+    """How several train-mode updates of one layer in one step came about.
+
+    One of :data:`bncheck.checks.training.UPDATE_KINDS` (None with fewer than two calls):
+    ``recompute`` if a call ran during backward; ``extra`` if a call's output required grad
+    but no backward reached it; with forwards that share one backward (a later forward
+    before an earlier call's backward): ``reused`` when their batches differ (one BN across
+    time steps or scales), else ``views`` (two augmented views, ghost-BN chunks); with
+    forward/backward pairs: ``sources`` when the batches differ (real and fake batches),
+    else ``accumulation``. Without ``backward_seen`` (a step ends at the forward, before its
+    backward) the calls count as sharing one backward.
+    """
+    if len(calls) < 2:
+        return None
+    if any(c.in_backward for c in calls):
+        return "recompute"
+    if backward_seen and any(c.hookable and c.backward_seq is None for c in calls):
+        return "extra"
+    ordered = sorted(calls, key=lambda c: c.seq)
+    shared = not backward_seen or any(
+        a.backward_seq is not None and b.seq < a.backward_seq
+        for a, b in itertools.pairwise(ordered)
+    )
+    differ = any(batches_differ(a, b) for a, b in itertools.combinations(ordered, 2))
+    if shared:
+        return "reused" if differ else "views"
+    return "sources" if differ else "accumulation"

@@ -1,0 +1,375 @@
+"""Training recipes under the Monitor: intended ones stay quiet, the real problems are caught.
+
+Each recipe is built here in a few lines, as its paper or the PyTorch example writes it:
+two-view self-supervised training, a siamese encoder, ghost batch norm, the DCGAN
+discriminator step, ``torch.optim.swa_utils.update_bn`` and AdaBN-style recalibration; and
+their harmful twins: gradient accumulation, activation checkpointing, a validation pass in
+train mode, one BN across the time steps of a recurrent loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from zoo import ConvBNReLU, TwoBlock
+
+import bncheck
+from bncheck.monitor_numerics import CallRecord, batches_differ, classify_updates
+
+
+def multi(report: bncheck.Report) -> list[bncheck.Finding]:
+    return report.filter(rules=["multiple-updates-per-step"])
+
+
+def warnings_of(report: bncheck.Report) -> list[bncheck.Finding]:
+    return [f for f in report.findings if f.severity is not bncheck.Severity.INFO]
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: int = 8, d: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c, d, bias=False),
+            nn.BatchNorm1d(d),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random flip and a small brightness jitter per sample (same images, another view)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, generator=gen) < 0.5
+    x = torch.where(flip, x.flip(3), x)
+    return x * (1 + 0.1 * torch.randn(x.shape[0], 1, 1, 1, generator=gen))
+
+
+# ---- intended: several calls per step trained by one backward ---------------------------------
+def test_two_view_self_supervised_training_is_not_flagged():
+    """SimSiam: one encoder on two augmented views of a batch, one loss, one backward."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    encoder, predictor = Encoder(), nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+    opt = torch.optim.SGD([*encoder.parameters(), *predictor.parameters()], lr=0.05)
+    model = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(6):
+            x = torch.randn(32, 3, 8, 8, generator=gen)
+            z1, z2 = encoder(augment(x, gen)), encoder(augment(x, gen))
+            p1, p2 = predictor(z1), predictor(z2)
+            loss = -(
+                F.cosine_similarity(p1, z2.detach()).mean()
+                + F.cosine_similarity(p2, z1.detach()).mean()
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    report = monitor.report()
+    assert multi(report) == []
+    assert any("two views, ghost BN" in n for n in report.notes)
+
+
+def test_siamese_encoder_on_pairs_is_not_flagged():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    encoder = Encoder()
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.05)
+    with bncheck.Monitor(encoder, optimizer=opt) as monitor:
+        for _ in range(5):
+            a, b = torch.randn(32, 3, 8, 8, generator=gen), torch.randn(32, 3, 8, 8, generator=gen)
+            same = torch.randint(0, 2, (32,), generator=gen).float()
+            dist = (encoder(a) - encoder(b)).square().sum(1)
+            loss = (same * dist + (1 - same) * F.relu(2 - dist)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert multi(monitor.report()) == []
+
+
+class GhostBN(nn.Module):
+    """Ghost (virtual) batch norm as in TabNet: one BN applied to chunks of the batch."""
+
+    def __init__(self, d: int, chunk: int) -> None:
+        super().__init__()
+        self.bn, self.chunk = nn.BatchNorm1d(d), chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.bn(part) for part in x.split(self.chunk)])
+
+
+def test_ghost_batch_norm_is_not_flagged():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), GhostBN(16, chunk=32), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x, y = torch.randn(128, 6, generator=gen), torch.randint(0, 2, (128,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert multi(monitor.report()) == []
+
+
+# ---- intended: the DCGAN discriminator --------------------------------------------------------
+def dcgan_run(steps: int = 6) -> bncheck.Report:
+    """The PyTorch DCGAN example's loop, scaled down: D sees a real and a fake batch per step
+    (and the generator's step runs D once more on the fake batch)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    net_g = nn.Sequential(
+        nn.ConvTranspose2d(8, 16, 4, 1, 0, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 3, 4, 2, 1, bias=False),
+        nn.Tanh(),
+    )
+    net_d = nn.Sequential(
+        nn.Conv2d(3, 16, 4, 2, 1, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(16, 32, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(32, 1, 4, 1, 0, bias=False),
+        nn.Flatten(),
+    )
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    loss = nn.BCEWithLogitsLoss()
+    with bncheck.Monitor(net_d, optimizer=opt_d) as monitor:
+        for _ in range(steps):
+            real = torch.rand(32, 3, 8, 8, generator=gen) * 2 - 1
+            ones, zeros = torch.ones(32, 1), torch.zeros(32, 1)
+            net_d.zero_grad()
+            loss(net_d(real), ones).backward()
+            fake = net_g(torch.randn(32, 8, 1, 1, generator=gen))
+            loss(net_d(fake.detach()), zeros).backward()
+            opt_d.step()
+            net_g.zero_grad()
+            loss(net_d(fake), ones).backward()
+            opt_g.step()
+    return monitor.report()
+
+
+def test_dcgan_discriminator_real_and_fake_batches_are_at_most_info():
+    report = dcgan_run()
+    assert warnings_of(report) == []
+    found = multi(report)
+    assert found, "the blend of real and fake statistics is still said, at info"
+    assert {f.severity for f in found} == {bncheck.Severity.INFO}
+    assert found[0].details["cause"] == "sources"
+    assert "GAN discriminator" in found[0].message
+
+
+# ---- intended: recalibration passes -----------------------------------------------------------
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(n):
+        x = torch.randn(16, 3, 8, 8, generator=gen)
+        y = torch.randint(0, 4, (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_swa_update_bn_is_a_recalibration_not_a_validation_leak():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        train_steps(model, opt, 3)
+        torch.optim.swa_utils.update_bn(loader, model)
+        train_steps(model, opt, 2, seed=1)
+        torch.optim.swa_utils.update_bn(loader, model)  # after the last step, too
+    report = monitor.report()
+    assert report.filter(rules=["stats-updated-without-grad"]) == []
+    assert multi(report) == []
+    assert any("recalibration" in n and "update_bn" in n for n in report.notes)
+
+
+def test_adabn_recalibration_with_only_bn_in_train_mode_is_not_flagged():
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            model(torch.randn(8, 3, 6, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 3, 6, 6) + 1.0)  # target-domain data
+    assert monitor.report().filter(rules=["stats-updated-without-grad"]) == []
+
+
+def test_validation_in_train_mode_is_still_found_next_to_update_bn():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        train_steps(model, opt, 3)
+        torch.optim.swa_utils.update_bn([torch.randn(16, 3, 8, 8)], model)
+        train_steps(model, opt, 2, seed=1)
+        with torch.no_grad():  # BUG: validation without model.eval()
+            model(torch.randn(16, 3, 8, 8))
+    [finding] = monitor.report().filter(rules=["stats-updated-without-grad"])
+    assert finding.details["step"] == 6
+
+
+# ---- harmful: caught, with the cause --------------------------------------------------------
+def test_gradient_accumulation_is_found_as_accumulation():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for i in range(16):
+            x = torch.randn(8, 3, 8, 8, generator=gen)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            (F.cross_entropy(model(x), y) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+    [finding] = multi(monitor.report())
+    assert finding.severity is bncheck.Severity.WARNING
+    assert finding.details["cause"] == "accumulation"
+    assert finding.details["updates"] == 4
+    assert "micro-batches" in finding.message
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc, self.reentrant = nn.Linear(8, 2), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.fc(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_found_as_recomputation(reentrant: bool):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            x = torch.randn(8, 3, 8, 8, requires_grad=reentrant)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
+            opt.step()
+    report = monitor.report()
+    [finding] = multi(report)
+    assert finding.details["cause"] == "recompute" and finding.details["updates"] == 2
+    assert "checkpointing" in finding.message
+    # reentrant checkpointing runs the first forward under no_grad: not a validation pass
+    assert report.filter(rules=["stats-updated-without-grad"]) == []
+
+
+def test_validation_in_train_mode_with_grad_is_found_as_an_extra_forward():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 4, (16,), generator=gen)).backward()
+            opt.step()
+            val_loss = F.cross_entropy(model(x + 3.0), torch.randint(0, 4, (16,)))  # BUG
+            del val_loss
+    [finding] = multi(monitor.report())
+    assert finding.details["cause"] == "extra"
+    assert finding.severity is bncheck.Severity.WARNING
+
+
+class RecurrentBN(nn.Module):
+    """One BN applied at every time step of a recurrent loop (the hidden state's statistics
+    change from step to step)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp, self.rec = nn.Linear(4, d), nn.Linear(d, d, bias=False)
+        self.bn = nn.BatchNorm1d(d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], self.rec.in_features)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.bn(self.inp(x[:, t]) * (t + 1) + self.rec(h)))
+        return self.out(h)
+
+
+def test_one_bn_across_rnn_time_steps_is_found_as_reused():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(7)
+    model = RecurrentBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(64, 4, 4, generator=gen) + 1.0
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 2, (64,), generator=gen)).backward()
+            opt.step()
+    [finding] = multi(monitor.report())
+    assert finding.details["cause"] == "reused"
+    assert finding.severity is bncheck.Severity.WARNING
+
+
+# ---- the classification on its own ------------------------------------------------------------
+def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> CallRecord:
+    return CallRecord(
+        seq,
+        n,
+        torch.full((4,), mean),
+        torch.ones(4),
+        hookable=True,
+        in_backward=kw.get("in_backward", False),
+        backward_seq=back,
+    )
+
+
+def test_classify_updates_by_the_order_of_forwards_and_backwards():
+    assert classify_updates([call(0, 1)]) is None
+    assert classify_updates([call(0, 1), call(2, 3)]) == "accumulation"
+    assert classify_updates([call(0, 1), call(2, 3, mean=5.0)]) == "sources"
+    assert classify_updates([call(0, 3), call(1, 2)]) == "views"
+    assert classify_updates([call(0, 3), call(1, 2, mean=5.0)]) == "reused"
+    assert classify_updates([call(0, 1), call(2, None)]) == "extra"
+    assert classify_updates([call(0, 1), call(2, None, in_backward=True)]) == "recompute"
+    # a step that ends at the forward (no optimizer): the calls share one backward
+    assert classify_updates([call(0, None), call(1, None)], backward_seen=False) == "views"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 64),
+    st.integers(2, 64),
+    st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+    st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+    st.lists(st.floats(0.01, 4), min_size=3, max_size=3),
+)
+def test_batches_differ_matches_a_per_channel_two_sample_test(n_a, n_b, m_a, m_b, var):
+    a = CallRecord(0, n_a, torch.tensor(m_a), torch.tensor(var), True, False)
+    b = CallRecord(1, n_b, torch.tensor(m_b), torch.tensor(var), True, False)
+    z = np.abs(np.subtract(m_a, m_b)) / np.sqrt(np.array(var) / n_a + np.array(var) / n_b)
+    assert batches_differ(a, b) == bool(np.mean(z > 4.0) >= 0.25)
