@@ -22,8 +22,8 @@ def observed_calls(model: nn.Module, x, layer: str, monkeypatch) -> list[probes.
     seen = {}
     collect = probes.collect
 
-    def keep(ctx):
-        seen["obs"] = obs = collect(ctx)
+    def keep(ctx, *args, **kwargs):
+        seen["obs"] = obs = collect(ctx, *args, **kwargs)
         return obs
 
     monkeypatch.setattr(probes, "collect", keep)
