@@ -124,7 +124,7 @@ class Recalibration:
                 [
                     name,
                     ", ".join(before.get(name, [])) or "ok",
-                    "yes" if row is not None else "no",
+                    f"yes: {row['reason']}" if row is not None else "no",
                     ", ".join(after.get(name, [])) or "ok",
                     _num(row["max_mean_shift"]) if row is not None else "",
                     _ratio_text(row) if row is not None else "",
@@ -912,9 +912,8 @@ def _run(
                     )
                     continue
                 mean, var = m.mean, m.m2 / (m.n - 1)
-                rows[layer.name] = _change_row(
-                    layer, reasons[layer.name], old[layer.name], mean, var, m
-                )
+                reason = reasons[layer.name] + (f" (pass {round_ + 1})" if round_ else "")
+                rows[layer.name] = _change_row(layer, reason, old[layer.name], mean, var, m)
                 _write(layer, mean, var, m.calls)
             after = audit_now()
         if not rows:
