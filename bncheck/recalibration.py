@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .discovery import BNLayer, find_bn_layers, unwrap_model
 from .errors import BNCheckError, NoBatchNormError, UsageError, did_you_mean
 from .report import Report, Severity
-from .state import ModelState, RNGState, preserved
+from .state import ModelState, RNGState
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -655,11 +655,30 @@ def _write(layer: BNLayer, mean: torch.Tensor, var: torch.Tensor, calls: int) ->
 
 
 # ---- evaluate --------------------------------------------------------------------------------
+def _restore(state: ModelState) -> None:
+    """Put back modes, buffers (values copied back unconditionally: a train-mode BN forward
+    updates its running statistics in the kernel without bumping version counters) and
+    ``requires_grad`` flags."""
+    state.restore()
+    with torch.no_grad():
+        for module, _name, original, saved, _ in state.buffers:
+            if original is not None and saved is not None and isinstance(module._buffers, dict):
+                original.copy_(saved)
+
+
 def _evaluate(evaluate: Callable[[nn.Module], Any] | None, model: nn.Module) -> float | None:
+    """``evaluate(model)`` as a float; the model's modes, buffers and the RNG are put back."""
     if evaluate is None:
         return None
-    with preserved(model):
+    state = ModelState.capture(model)
+    rng = RNGState.capture()
+    try:
         value = evaluate(model)
+    finally:
+        _restore(state)
+        rng.restore()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -922,7 +941,7 @@ def _run(
             module.training = flag
         metric_after = _evaluate(evaluate, work) if evaluate is not None else None
     except BaseException:
-        state.restore()
+        _restore(state)
         raise
     if world is not None:
         notes.append(
