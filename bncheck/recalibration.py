@@ -154,7 +154,11 @@ class Recalibration:
             return None
         b, a = self.metric_before, self.metric_after
         delta = f" ({a - b:+.4g})" if a is not None and b is not None else ""
-        return f"evaluate(model): {_num(b)} before, {_num(a)} after{delta}"
+
+        def text(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
+        return f"evaluate(model): {text(b)} before, {text(a)} after{delta}"
 
     def to_table(self, *, tablefmt: str = "simple") -> str:
         """The before/after table, the metric, and the notes, as text."""
