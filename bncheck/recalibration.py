@@ -422,10 +422,9 @@ def _audit(model: nn.Module, batches: _Batches, first: Any, source: str | None) 
 class _Moments:
     """Count, mean and sum of squared deviations per channel, merged batch by batch (float64).
 
-    Each batch's mean and biased variance come from one ``torch.var_mean`` in the input's
-    precision (float32 for half types); batches are combined with Chan et al.'s pairwise
-    update, ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``, which equals the sum of squared
-    deviations from the mean of all values without cancellation.
+    Batches are combined with Chan et al.'s pairwise update,
+    ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``, which gives the sum of squared deviations
+    from the mean of all values without the cancellation of ``sum(x^2) - n * mean^2``.
     """
 
     def __init__(self) -> None:
@@ -433,21 +432,47 @@ class _Moments:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
         self.calls = 0
+        # per call, kept until collapse(): (values per channel, batch index, mean, unbiased var)
+        self._calls: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, x: torch.Tensor) -> bool:
-        """Add one BN input (N, C, ...); False when its statistics are not finite."""
+    def add_batch(self, n: int, index: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Keep one call's batch mean and unbiased variance (copies; reduced later)."""
+        self._calls.append((n, index, mean.detach().clone(), var.detach().clone()))
+
+    def add_input(self, x: torch.Tensor, index: int) -> None:
+        """Keep the statistics of one BN input (N, C, ...), reduced here."""
         x = x.detach()
         if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        dims = [0, *range(2, x.dim())]
         n = x.numel() // max(1, x.shape[1])
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean, var = mean.double(), var.double()
-        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
-            return False
-        self.merge(n, mean, var * n)
-        self.calls += 1
-        return True
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=1)
+        self._calls.append((n, index, mean, var))
+
+    def collapse(self) -> int | None:
+        """Merge the kept calls into the totals; the batch index of a non-finite call, or None.
+
+        All calls at once, in float64: ``mean = sum(n_k m_k) / N`` and
+        ``M2 = sum((n_k - 1) v_k) + sum(n_k (m_k - mean)^2)`` (deviations only, no
+        cancellation), then merged into the running totals.
+        """
+        if not self._calls:
+            return None
+        counts = torch.tensor([c[0] for c in self._calls], dtype=torch.float64)
+        means = torch.stack([c[2] for c in self._calls]).double()
+        variances = torch.stack([c[3] for c in self._calls]).double()
+        finite = torch.isfinite(means).all(1) & torch.isfinite(variances).all(1)
+        if not bool(finite.all()):
+            return self._calls[int((~finite).nonzero()[0, 0])][1]
+        counts = counts.to(means.device)
+        total = float(counts.sum())
+        mean = (counts[:, None] * means).sum(0) / total
+        m2 = ((counts - 1)[:, None] * variances).sum(0)
+        m2 = m2 + (counts[:, None] * (means - mean) ** 2).sum(0)
+        calls = len(self._calls)
+        self._calls = []
+        self.merge(int(total), mean, m2)
+        self.calls += calls
+        return None
 
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if n == 0:
@@ -485,24 +510,73 @@ def _first_line(exc: BaseException) -> str:
 def _statistics_pass(
     model: nn.Module, selected: list[BNLayer], batches: _Batches
 ) -> tuple[dict[str, _Moments], int]:
-    """One forward pass per batch; returns the moments of each selected layer's input."""
+    """One forward pass per batch; returns the moments of each selected layer's input.
+
+    The batch statistics are those the layer computes itself: during the pass its momentum
+    is 1, so after each train-mode call ``running_mean`` is that batch's mean and
+    ``running_var`` its unbiased variance (C numbers read per call, no extra pass over the
+    activations). A layer whose call leaves ``num_batches_tracked`` alone (a subclass that
+    does not update its statistics) has its input reduced by a hook instead.
+    """
     moments = {layer.name: _Moments() for layer in selected}
-    bad: list[tuple[str, int]] = []
+    # layer -> (values per channel, num_batches_tracked before, the input while unchecked)
+    pending: dict[str, tuple[int, int, torch.Tensor | None]] = {}
+    direct: set[str] = set()  # layers whose inputs are reduced by the hook
+    checked: set[str] = set()  # layers seen to update their statistics
     index = 0
 
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            t = _first_tensor(args)
-            ok = not isinstance(t, torch.Tensor) or t.dim() < 2 or moments[name].add(t)
-            if not ok and not bad:
-                bad.append((name, index))
+    def pre_for(layer: BNLayer) -> Callable[..., None]:
+        name = layer.name
 
-        return hook
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            t = _first_tensor(args)
+            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+                return
+            if name in direct:
+                moments[name].add_input(t, index)
+            elif name in checked:
+                pending[name] = (t.numel() // max(1, t.shape[1]), 0, None)
+            else:
+                nbt = layer.num_batches_tracked
+                before = int(nbt) if isinstance(nbt, torch.Tensor) else -1
+                pending[name] = (t.numel() // max(1, t.shape[1]), before, t)
+
+        return pre
+
+    def post_for(layer: BNLayer) -> Callable[..., None]:
+        name = layer.name
+
+        def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if name not in pending:
+                return
+            n, before, first = pending.pop(name)
+            if first is not None:  # the first call: did the layer update its statistics?
+                nbt = layer.num_batches_tracked
+                if not isinstance(nbt, torch.Tensor) or before < 0 or int(nbt) != before + 1:
+                    direct.add(name)
+                    moments[name].add_input(first, index)
+                    return
+                checked.add(name)
+            rm, rv = layer.running_mean, layer.running_var
+            assert rm is not None and rv is not None
+            moments[name].add_batch(n, index, rm, rv)
+
+        return post
 
     model.eval()
+    momenta: dict[str, Any] = {}
     for layer in selected:
         layer.module.train()
-    handles = [layer.module.register_forward_pre_hook(hook_for(layer.name)) for layer in selected]
+        momenta[layer.name] = layer.module.momentum
+        layer.module.momentum = 1.0  # type: ignore[assignment]
+        with torch.no_grad():  # (1 - momentum) * NaN would still be NaN
+            for buf, value in ((layer.running_mean, 0.0), (layer.running_var, 1.0)):
+                if buf is not None:
+                    buf.fill_(value)
+    handles = []
+    for layer in selected:
+        handles.append(layer.module.register_forward_pre_hook(pre_for(layer)))
+        handles.append(layer.module.register_forward_hook(post_for(layer)))
     count = 0
     try:
         with torch.no_grad():
@@ -517,17 +591,20 @@ def _statistics_pass(
                         f"{_shape_of(x)}) with the recomputed layers in train mode: "
                         f"{_first_line(exc)}"
                     ) from exc
-                if bad:
-                    name, where = bad[0]
-                    raise UsageError(
-                        f"the input of {name} is not finite in batch {where} of data: a layer "
-                        "before it has non-finite weights or statistics; recalibrate that "
-                        "layer too (layers='broken' or 'all') or fix its weights"
-                    )
                 count += 1
     finally:
         for handle in handles:
             handle.remove()
+        for layer in selected:
+            layer.module.momentum = momenta[layer.name]
+    for layer in selected:  # in model order: the first non-finite layer is the cause
+        where = moments[layer.name].collapse()
+        if where is not None:
+            raise UsageError(
+                f"the input of {layer.name} is not finite in batch {where} of data: a layer "
+                "before it has non-finite weights or statistics; recalibrate that layer "
+                "too (layers='broken' or 'all') or fix its weights"
+            )
     return moments, count
 
 

@@ -166,6 +166,29 @@ def test_recomputed_buffers_equal_the_pooled_statistics_of_every_input(
     assert list(result.changes["values_per_channel"]) == [sum(sizes) * (12 if spatial else 1)] * 2
 
 
+class NoUpdateBN(nn.BatchNorm1d):
+    """Normalises with batch statistics in train mode but never updates its buffers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        return torch.nn.functional.batch_norm(
+            x, None, None, self.weight, self.bias, True, 0.0, self.eps
+        )
+
+
+def test_a_layer_that_does_not_update_its_buffers_is_reduced_from_its_input():
+    model = nn.Sequential(nn.Linear(3, 4), NoUpdateBN(4), nn.ReLU(), nn.BatchNorm1d(4)).eval()
+    data = [torch.randn(5, 3) * 4 + 2 for _ in range(3)]
+    expected = oracle(model, data, ["1", "3"])
+    result = bncheck.recalibrate(model, data, layers="all")
+    for name, (mean, var, calls) in expected.items():
+        bn = dict(result.model.named_modules())[name]
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-5)
+        assert int(bn.num_batches_tracked) == calls == 3
+
+
 # ---- what is recomputed ----------------------------------------------------------------------
 def test_broken_recomputes_only_the_nan_layer_and_leaves_the_others_bitwise():
     good = fitted(TwoBlock(), batches())
