@@ -311,12 +311,12 @@ def run(args: argparse.Namespace) -> int:
         inplace=True,  # the loaded model is ours; its mapped tensors are copy-on-write
     )
     written = write_recalibrated(path, fmt, output, result)
-    lines = [result.to_table()]
-    for note in loaded.notes:
-        lines.append(f"note: {note}")
+    lines = [result.to_table(), ""]
+    lines += [f"note: {note}" for note in loaded.notes]
+    layers = f"{len(result.layers)} layer{'s' if len(result.layers) != 1 else ''}"
     lines.append(
-        f"wrote {output} ({loading.FORMATS[fmt]}, {len(written)} buffers of "
-        f"{len(result.layers)} layers replaced, everything else as in {path.name})"
+        f"wrote {output} ({loading.FORMATS[fmt]}, {len(written)} buffers of {layers} "
+        f"replaced, everything else as in {path.name})"
     )
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()

@@ -801,27 +801,31 @@ def recalibrate(
         inplace: recompute in ``model`` itself instead of a copy.
 
     Estimator: for each recomputed layer, the exact population statistics of its input over
-    all the batches given: with per-channel counts ``n_i``, batch means ``m_i`` and sums of
-    squared deviations ``M2_i``, the mean is ``sum(n_i m_i) / sum(n_i)`` (the mean of the
-    batch means weighted by their value counts, i.e. the mean over all values) and the
-    variance ``M2 / (sum(n_i) - 1)`` with ``M2`` the pooled sum of squared deviations
-    (Chan's merge in float64), i.e. the unbiased variance over all values, as PyTorch keeps
-    ``running_var``. ``num_batches_tracked`` is set to the number of batches each layer saw,
-    ``momentum`` is left as it was: with ``momentum=None`` (PyTorch's cumulative average,
-    weight ``1 / num_batches_tracked``) further training continues the average as if these
-    batches had been its first ones.
+    all the batches given: with per-channel counts ``n_i``, batch means ``m_i`` and unbiased
+    batch variances ``v_i``, the mean is ``sum(n_i m_i) / N`` with ``N = sum(n_i)`` (the mean
+    of the batch means weighted by their value counts, i.e. the mean over all values) and the
+    variance ``M2 / (N - 1)`` with ``M2 = sum((n_i - 1) v_i) + sum(n_i (m_i - mean)^2)``, the
+    pooled sum of squared deviations (float64, no cancellation), i.e. the unbiased variance
+    over all values, as PyTorch keeps ``running_var``. ``num_batches_tracked`` is set to the
+    number of batches each layer saw; ``momentum`` is left as it was: with ``momentum=None``
+    (PyTorch's cumulative average, weight ``1 / num_batches_tracked``) further training
+    continues the average as if these batches had been its first ones.
 
     How the pass runs: under ``torch.no_grad()``, one forward per batch, with the model in
     eval mode (dropout off, BN layers not recomputed use their statistics) and the recomputed
-    layers in train mode, so they normalise each batch with its own statistics while hooks
-    record their inputs. A layer downstream of a recomputed one therefore sees activations
-    normalised with batch statistics, not with the final population statistics (the
-    procedure of ``torch.optim.swa_utils.update_bn`` and fvcore's precise BN). The
-    alternative, layer by layer in eval mode with the new statistics of the layers before,
-    is exact for inference but costs one pass over the data per layer; the difference is the
-    sampling noise of a batch's mean and variance (order ``1 / sqrt(values per channel in a
-    batch)``), which the ``stat-drift`` audit afterwards measures against the data in eval
-    mode. Parameters are never written.
+    layers in train mode; each call's batch statistics are read from the layer's own update
+    (its momentum is 1 during the pass and restored after), so no activation is reduced
+    twice. A recomputed layer normalises each batch with that batch's statistics, so a layer
+    downstream of it sees activations normalised with batch statistics, not with the final
+    population statistics: the procedure of ``torch.optim.swa_utils.update_bn`` and fvcore's
+    precise BN, one pass over the data in all. Recomputing layer by layer in eval mode with
+    the new statistics of the layers before would match inference exactly but cost one pass
+    per layer; the difference is the sampling noise of a batch's mean and variance (order
+    ``1 / sqrt(values per channel in a batch)``), and the ``stat-drift`` audit afterwards
+    measures what is left against the data in eval mode. With ``layers="broken"``, a layer
+    the first audit could not judge (its input was NaN behind a broken layer) is recomputed
+    in a further pass when the audit after flags it (at most three passes). Parameters are
+    never written.
 
     Under ``torch.distributed`` (initialised, more than one rank) the layers to recompute
     are the union over ranks, and the per-rank moments are all-gathered and merged in rank
