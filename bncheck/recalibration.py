@@ -822,10 +822,11 @@ def recalibrate(
     the new statistics of the layers before would match inference exactly but cost one pass
     per layer; the difference is the sampling noise of a batch's mean and variance (order
     ``1 / sqrt(values per channel in a batch)``), and the ``stat-drift`` audit afterwards
-    measures what is left against the data in eval mode. With ``layers="broken"``, a layer
-    the first audit could not judge (its input was NaN behind a broken layer) is recomputed
-    in a further pass when the audit after flags it (at most three passes). Parameters are
-    never written.
+    measures what is left against the data in eval mode. With ``layers="broken"`` the goal
+    is an audit that passes: a layer the first audit could not judge (its input was NaN
+    behind a broken layer) is recomputed in a further pass when the audit after flags it, and
+    a recomputed layer still flagged by ``stat-drift`` is recomputed again with the layers
+    before it now in eval mode (at most three passes). Parameters are never written.
 
     Under ``torch.distributed`` (initialised, more than one rank) the layers to recompute
     are the union over ranks, and the per-rank moments are all-gathered and merged in rank
@@ -888,9 +889,15 @@ def recalibrate(
         rng.restore()
 
 
-#: Rounds of ``layers="broken"``: a layer whose input was non-finite before (behind a NaN
-#: layer) can only be judged once the layers before it are repaired.
+#: Passes at most: a layer whose input was non-finite before (behind a NaN layer) can only be
+#: judged once the layers before it are repaired, and a layer recomputed while the layers
+#: before it normalised with batch statistics may need a second look (see ``_choose``).
 MAX_ROUNDS = 3
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    head = ", ".join(names[:limit])
+    return head + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _choose(
@@ -899,32 +906,45 @@ def _choose(
     mode: str | None,
     patterns: list[str] | None,
     done: set[str],
+    round_: int,
     notes: list[str],
 ) -> tuple[list[BNLayer], dict[str, str]]:
-    """The layers to recompute in this round and why."""
+    """The layers to recompute in this round and why.
+
+    The first round takes what ``layers=`` says. With ``"broken"``, later rounds take the
+    layers the audit after the previous round flags: a layer it could not judge before
+    (behind a NaN layer), or, flagged by ``stat-drift`` again, a layer recomputed while the
+    layers before it normalised with batch statistics (refined now that they use their new
+    statistics). ``"all"`` and named layers get the one pass the estimator describes.
+    """
     flagged = _flagged(report)
-    if mode == "all":
-        chosen = [layer for layer in all_layers if _ineligible(layer) is None]
-        return chosen, {layer.name: "all" for layer in chosen}
-    if mode == "broken":
-        chosen, reasons = [], {}
+    if patterns is not None:
+        allowed = _select_named(all_layers, patterns)
+    else:
+        allowed = []
         for layer in all_layers:
-            if layer.name not in flagged or layer.name in done:
-                continue
             why = _ineligible(layer)
             if why is None:
-                chosen.append(layer)
-                reasons[layer.name] = ", ".join(flagged[layer.name])
-            else:
+                allowed.append(layer)
+            elif layer.name in flagged and mode == "broken":
                 note = f"{layer.name} not recomputed: {layer.kind} {why}"
                 if note not in notes:
                     notes.append(note)
-        return chosen, reasons
-    assert patterns is not None
-    chosen = _select_named(all_layers, patterns)
-    return chosen, {
-        layer.name: ", ".join(flagged.get(layer.name, [])) or "requested" for layer in chosen
-    }
+    if round_ == 0 and mode != "broken":
+        reasons = {
+            layer.name: ", ".join(flagged.get(layer.name, [])) or ("all" if mode else "requested")
+            for layer in allowed
+        }
+        return allowed, reasons
+    chosen, reasons = [], {}
+    for layer in allowed:
+        rules = flagged.get(layer.name, [])
+        if layer.name in done:
+            rules = [r for r in rules if r == "stat-drift"]  # what another pass can improve
+        if rules:
+            chosen.append(layer)
+            reasons[layer.name] = ", ".join(rules)
+    return chosen, reasons
 
 
 def _run(
@@ -969,8 +989,9 @@ def _run(
         before = after = audit_now()
         rows: dict[str, dict[str, Any]] = {}
         total_batches = 0
+        first_old: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for round_ in range(MAX_ROUNDS if mode == "broken" else 1):
-            chosen, reasons = _choose(all_layers, after, mode, patterns, set(rows), notes)
+            chosen, reasons = _choose(all_layers, after, mode, patterns, set(rows), round_, notes)
             if world is not None:
                 names = set(_sync_selection([layer.name for layer in chosen], order))
                 chosen = [layer for layer in all_layers if layer.name in names]
@@ -978,11 +999,19 @@ def _run(
                     reasons.setdefault(layer.name, "flagged on another rank")
             if not chosen:
                 break
-            if round_ > 0:
+            new = [layer.name for layer in chosen if layer.name not in rows]
+            again = [layer.name for layer in chosen if layer.name in rows]
+            if round_ > 0 and new:
                 notes.append(
-                    f"recomputed {', '.join(layer.name for layer in chosen)} in a second "
-                    "pass: the audit could judge them only once the layers before them "
-                    "were repaired"
+                    f"pass {round_ + 1} recomputed {_listed(new)}: the audit could judge "
+                    f"{'them' if len(new) > 1 else 'it'} only once the layers before were "
+                    "repaired"
+                )
+            if again:
+                notes.append(
+                    f"pass {round_ + 1} refined {_listed(again)} (still off the data in "
+                    "eval mode after a pass in which the layers before normalised with "
+                    "batch statistics)"
                 )
             frozen = [layer.name for layer in chosen if layer.frozen_by_design]
             if frozen:
@@ -991,7 +1020,8 @@ def _run(
                     f"mode, parameters not trainable): {', '.join(frozen[:4])}; their old "
                     "statistics were part of the model (see docs/recalibrate.md)"
                 )
-            old = {layer.name: _old_stats(layer) for layer in chosen}
+            for layer in chosen:
+                first_old.setdefault(layer.name, _old_stats(layer))
             error = None
             moments: dict[str, _Moments] = {}
             count = 0
@@ -1016,8 +1046,13 @@ def _run(
                     )
                     continue
                 mean, var = m.mean, m.m2 / (m.n - 1)
-                reason = reasons[layer.name] + (f" (pass {round_ + 1})" if round_ else "")
-                rows[layer.name] = _change_row(layer, reason, old[layer.name], mean, var, m)
+                if layer.name in rows:
+                    reason = (
+                        rows[layer.name]["reason"].split(" (")[0] + f" (refined, pass {round_ + 1})"
+                    )
+                else:
+                    reason = reasons[layer.name] + (f" (pass {round_ + 1})" if round_ else "")
+                rows[layer.name] = _change_row(layer, reason, first_old[layer.name], mean, var, m)
                 _write(layer, mean, var, m.calls)
             after = audit_now()
         if not rows:

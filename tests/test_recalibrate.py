@@ -234,6 +234,22 @@ def test_a_layer_hidden_behind_a_nan_layer_is_found_in_a_second_pass():
     assert result.ok
 
 
+def test_broken_refines_layers_that_batch_statistics_upstream_left_off_the_data():
+    # batches of 2: in the one pass, each layer after the first sees activations normalised
+    # by two-sample statistics (about +-1), far from what it sees in eval mode
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[m for _ in range(4) for m in (nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU())]
+    ).eval()
+    data = [torch.randn(2, 6) * 3 + 1 for _ in range(16)]
+    one_pass = bncheck.recalibrate(model, data, layers="all")
+    assert "stat-drift" in one_pass.after.rules_found()  # the single pass leaves drift
+    result = bncheck.recalibrate(model, data)  # "broken": until the audit passes
+    assert result.ok
+    assert any("(refined, pass 2)" in reason for reason in result.changes["reason"])
+    assert any(note.startswith("pass 2 refined") for note in result.notes)
+
+
 def test_healthy_model_is_left_alone():
     good = fitted(TwoBlock(), batches())
     result = bncheck.recalibrate(good, batches())
