@@ -2,7 +2,8 @@
 
 ``bncheck.recalibrate(model, data)`` audits the model's statistics against ``data`` (the
 buffer rules and ``stat-drift``), recomputes the statistics of the layers that need it (or of
-the layers asked for) from one forward pass over the batches, audits again, and returns a
+the layers asked for) from a forward pass over the batches (with ``layers="broken"``, up to
+two more for layers the audit after still flags), audits again, and returns a
 :class:`Recalibration` with the repaired copy, both reports, a per-layer table of what changed
 and, when asked, a metric evaluated before and after.
 
