@@ -924,9 +924,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     details: list[str] = []
     worst_gap = 0.0
-    nan_text = ""
+    nan_text = wrong_text = ""
     for name, broken in corrupted_copies(base.model, data).items():
         result = bncheck.recalibrate(broken, calibration, evaluate=test_accuracy)
+        if "raw 0-255" in name and len(result.changes):
+            moved = result.changes[
+                (result.changes["max_mean_shift"] > 0.1)
+                | ((result.changes["max_var_ratio"] - 1).abs() > 0.1)
+                | ((result.changes["min_var_ratio"] - 1).abs() > 0.1)
+            ]
+            wrong_text = (
+                f"With the raw-pixel statistics, {len(moved)} of the "
+                f"{len(result.changes)} recomputed layers really changed "
+                f"({', '.join(f'`{n}`' for n in moved['layer'][:3])}): a constant input scale "
+                "is cancelled by the first BN layer in train mode, so the later layers got "
+                "the right statistics; the audit in eval mode still flags them, "
+                "because each sees the wrong normalisation of the layers before. "
+            )
         if NAN_LAYER in name:
             nan_text = (
                 f"The NaN corruption was repaired by recomputing only `{NAN_LAYER}`: the "
@@ -991,6 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         + nan_text
+        + wrong_text
         + "The before/after tables:"
     )
     md.append("")
