@@ -326,10 +326,7 @@ def _ineligible(layer: BNLayer) -> str | None:
     if layer.lazy_uninitialized:
         return "is an uninitialised lazy layer: run one forward pass first"
     if not isinstance(layer.module, _BatchNorm):
-        return (
-            f"is a {layer.kind}, which keeps its statistics on purpose (it never "
-            "normalises with batch statistics)"
-        )
+        return "keeps its statistics on purpose (it never normalises with batch statistics)"
     rm, rv = layer.running_mean, layer.running_var
     if rm is None or rv is None or rm.is_meta or rv.is_meta:
         return "has no values (meta device)"
@@ -923,14 +920,17 @@ def _choose(
         allowed = _select_named(all_layers, patterns)
     else:
         allowed = []
+        left: dict[str, list[str]] = {}
         for layer in all_layers:
             why = _ineligible(layer)
             if why is None:
                 allowed.append(layer)
-            elif layer.name in flagged and mode == "broken":
-                note = f"{layer.name} not recomputed: {layer.kind} {why}"
-                if note not in notes:
-                    notes.append(note)
+            elif mode == "all" or (layer.name in flagged and mode == "broken"):
+                left.setdefault(f"{layer.kind} {why}", []).append(layer.name)
+        for why, names in left.items():
+            note = f"not recomputed: {_listed(names)} ({why})"
+            if note not in notes:
+                notes.append(note)
     if round_ == 0 and mode != "broken":
         reasons = {
             layer.name: ", ".join(flagged.get(layer.name, [])) or ("all" if mode else "requested")
