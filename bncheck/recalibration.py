@@ -928,7 +928,7 @@ def _choose(
             elif mode == "all" or (layer.name in flagged and mode == "broken"):
                 left.setdefault(f"{layer.kind} {why}", []).append(layer.name)
         for why, names in left.items():
-            note = f"not recomputed: {_listed(names)} ({why})"
+            note = f"{_listed(names)} not recomputed: {why}"
             if note not in notes:
                 notes.append(note)
     if round_ == 0 and mode != "broken":
