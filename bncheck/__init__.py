@@ -1,8 +1,9 @@
 """bncheck: find what is wrong with the Batch Normalization in a PyTorch model.
 
 ``import bncheck`` is cheap: torch is imported only when something that needs it is used
-(``bncheck.audit``, ``bncheck.Monitor``, ``bncheck.models``, ...). The pytest plugin relies
-on this, since pytest loads it in every test session of the environment.
+(``bncheck.audit``, ``bncheck.Monitor``, ``bncheck.recalibrate``, ``bncheck.models``, ...).
+The pytest plugin relies on this, since pytest loads it in every test session of the
+environment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .discovery import BNLayer, find_bn_layers
     from .engine import audit
     from .monitor import Monitor
+    from .recalibration import Recalibration, recalibrate
 
 __all__ = [
     "__version__",
@@ -35,6 +37,8 @@ __all__ = [
     "Finding",
     "Severity",
     "Monitor",
+    "recalibrate",
+    "Recalibration",
     "rules",
     "explain",
     "find_bn_layers",
@@ -53,6 +57,8 @@ __all__ = [
 _LAZY = {
     "audit": ("engine", "audit"),
     "Monitor": ("monitor", "Monitor"),
+    "recalibrate": ("recalibration", "recalibrate"),
+    "Recalibration": ("recalibration", "Recalibration"),
     "find_bn_layers": ("discovery", "find_bn_layers"),
     "BNLayer": ("discovery", "BNLayer"),
     "models": ("models", None),

@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("rule", metavar="RULE", help="a rule id, e.g. ema-update")
     explain.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     explain.set_defaults(handler=run_explain)
+    from .recalibrate_cli import add_parser as add_recalibrate
+
+    add_recalibrate(commands)
     return parser
 
 

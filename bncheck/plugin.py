@@ -553,6 +553,13 @@ class BNCheckFixture:
             recorder(report)
         return report
 
+    def recalibrate(self, model: nn.Module, data: Any, **kwargs: Any) -> Any:
+        """:func:`bncheck.recalibrate`: a :class:`bncheck.Recalibration` whose ``ok`` says
+        whether the repaired model passes its audit."""
+        from .recalibration import recalibrate
+
+        return recalibrate(model, data, **kwargs)
+
     def assert_ok(
         self,
         model: nn.Module,

@@ -56,6 +56,7 @@ def test_seed_walkthrough_writes_markdown_and_plot(tmp_path: Path) -> None:
         "## 3. Batch size: noisy statistics",
         "## 4. BN before vs after the ReLU",
         "## 5. Running (EMA) statistics vs batch statistics at inference",
+        "## 6. Repairing broken statistics: `bncheck.recalibrate`",
     ):
         assert section in markdown
     lines = markdown.splitlines()
@@ -75,6 +76,14 @@ def test_seed_walkthrough_writes_markdown_and_plot(tmp_path: Path) -> None:
     assert "**info**" in after_row  # bn-after-activation
     batch2_row = next(line for line in lines if line.startswith("| 2 | "))
     assert "**warning**" in batch2_row  # small-batch at batch size 2
+    for bs in (2, 8, 64):  # values per channel in features.1: N x 32 x 32, never 0
+        row = next(line for line in lines if line.startswith(f"| {bs} | "))
+        assert row.split(" | ")[2] == str(bs * 32 * 32), row
+    nan_row = next(line for line in lines if line.startswith("| NaN in half the channels"))
+    assert "`nonfinite-stats`" in nan_row and nan_row.endswith("| none |")  # repaired
+    ema_row = next(line for line in lines if line.startswith("| EMA copy"))
+    assert "`untrained-stats`" in ema_row and "13 of 13" in ema_row
+    assert "bncheck recalibrate: " in markdown  # the before/after tables
     for png in ("walkthrough.png", "monitor_batch64.png", "monitor_batch2.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
