@@ -93,6 +93,7 @@ from .errors import BNCheckWarning, UsageError
 from .monitor_hooks import BACKWARD, INFERENCE, RECALIBRATION, Call, Recorder
 from .monitor_numerics import FlatBuffers, Snapshot
 from .monitor_report import run_report
+from .render import visible
 from .report import Report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -386,7 +387,7 @@ class Monitor:
             raise  # a BNCheckWarning turned into an error by the user's warning filters
         except Exception as exc:
             self._failure = f"the Monitor stopped watching at step {self._step}: {first_line(exc)}"
-            warnings.warn(BNCheckWarning(self._failure), stacklevel=_user_stacklevel())
+            warnings.warn(BNCheckWarning(visible(self._failure)), stacklevel=_user_stacklevel())
 
     def _before_train_forward(self) -> None:
         """At the start of a train-mode forward with grad: the cross-rank comparison, if due
@@ -516,7 +517,8 @@ class Monitor:
                 continue
             self._warned.add(key)
             warnings.warn(
-                BNCheckWarning(f"[{finding.rule}] {finding.message}"), stacklevel=_user_stacklevel()
+                BNCheckWarning(visible(f"[{finding.rule}] {finding.message}")),
+                stacklevel=_user_stacklevel(),
             )
 
     def _compare_ranks(self) -> None:
