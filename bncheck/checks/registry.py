@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, did_you_mean
+from ..options import split_ids
 from ..report import Severity
 from .catalogue import CATALOGUE, NEEDS, TOLERANCES, RuleInfo, Tolerance
 
@@ -115,14 +116,8 @@ def get_rule(rule_id: str) -> Rule:
 
 
 def _split_ids(ids: str | Iterable[str] | None) -> list[str] | None:
-    if ids is None:
-        return None
-    if isinstance(ids, str):
-        ids = [ids]
-    out: list[str] = []
-    for item in ids:
-        out.extend(part.strip() for part in str(item).split(",") if part.strip())
-    return out
+    """``None`` (no choice made) or the rule ids, split as every front end splits them."""
+    return None if ids is None else split_ids(ids)
 
 
 def resolve_rule_ids(
