@@ -104,11 +104,14 @@ class AuditContext:
         *,
         hint: str | None = None,
         severity: Severity | str | None = None,
-        cause: str | None = None,
+        severity_cause: str | None = None,
         **details: Any,
     ) -> Finding:
         """Build a finding of ``rule_id`` in the one message format, at ``severity`` or else
-        the catalogue's severity for ``cause`` (``RuleInfo.severity_for``)."""
-        sev = Severity(severity if severity is not None else info_for(rule_id).severity_for(cause))
+        the catalogue's severity for ``severity_cause`` (``RuleInfo.severity_for``; a
+        ``cause=`` keyword stays a detail, which groups findings and keys baselines)."""
+        sev = Severity(
+            severity if severity is not None else info_for(rule_id).severity_for(severity_cause)
+        )
         name = layer.name if isinstance(layer, BNLayer) else layer
         return Finding(rule_id, sev, name, format_message(layer, text, hint), dict(details))

@@ -300,7 +300,7 @@ def _missing_stats(ctx: AuditContext, missing: Any) -> Iterator[Finding]:
             f"{len(keys)} BN buffers missing from the checkpoint ({shown}): the running "
             f"statistics of all {len(missing)} BN layers were not saved, {harm}",
             hint=hint,
-            cause="missing-buffers",
+            severity_cause="missing-buffers",
             layers=sorted(missing),
             missing=keys,
         )
@@ -313,7 +313,7 @@ def _missing_stats(ctx: AuditContext, missing: Any) -> Iterator[Finding]:
             f"{' and '.join(leaves)} missing from the checkpoint: the running statistics "
             f"were not saved, {harm}",
             hint=hint,
-            cause="missing-buffers",
+            severity_cause="missing-buffers",
             missing=[f"{name}.{leaf}" for leaf in leaves],
         )
 
