@@ -5,7 +5,9 @@ finding at or above it; **2** a usage error, or the file could not be read or lo
 are one line on stderr starting with ``bncheck: error:``; ``--debug`` adds the traceback.
 
 The front end is thin: it parses options, loads the file (:mod:`bncheck.loading`), makes up an
-input when none is given, calls :func:`bncheck.engine.audit` and renders the report. torch is
+input when none is given, passes what loading found to :func:`bncheck.engine.audit` as
+:class:`~bncheck.context.AuditFacts` (the engine words every skip reason, reports missing BN
+buffers and decides when a failed forward is the input's fault) and renders the report. torch is
 imported only by ``audit``, so ``bncheck rules`` and ``--help`` are quick.
 """
 
