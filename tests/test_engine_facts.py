@@ -7,6 +7,7 @@ the engine, with no CLI involved.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -265,3 +266,38 @@ def test_the_check_run_leaves_the_model_as_it_was():
         audit(model, batch(2, 3, 8, 8), synthetic_input=True, facts=AuditFacts(bad_input_hint=HINT))
     assert model.training is False
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- the CLI passes facts and decides nothing --------------------------------------------------
+def test_the_cli_passes_what_loading_found_as_facts(tmp_path, monkeypatch, capsys):
+    import bncheck.engine
+    from bncheck.cli import main
+
+    (tmp_path / "h8_block_factory.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), "
+        "torch.nn.BatchNorm2d(4), torch.nn.ReLU())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = trained(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    state = {k: v for k, v in model.state_dict().items() if "running" not in k}
+    torch.save(state, tmp_path / "m.pt")
+    seen = []
+    real = bncheck.engine.audit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("facts"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bncheck.engine, "audit", spy)
+    argv = ["audit", str(tmp_path / "m.pt"), "--arch", "h8_block_factory:make", "--no-config"]
+    try:
+        code = main([*argv, "--format", "json"])
+    finally:
+        sys.modules.pop("h8_block_factory", None)
+    out = capsys.readouterr().out
+    (facts,) = seen
+    assert facts.missing_buffers == {"1": ("running_mean", "running_var")}
+    assert facts.cannot_run is None and facts.bad_input_hint is not None
+    assert set(facts.cannot_give) == {"optimizer", "data", "user batch"}
+    assert any("BN buffers missing" in n for n in facts.notes)
+    assert code == 1 and '"severity": "error"' in out and '"untrained-stats"' in out
