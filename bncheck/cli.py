@@ -5,7 +5,9 @@ finding at or above it; **2** a usage error, or the file could not be read or lo
 are one line on stderr starting with ``bncheck: error:``; ``--debug`` adds the traceback.
 
 The front end is thin: it parses options, loads the file (:mod:`bncheck.loading`), makes up an
-input when none is given, calls :func:`bncheck.engine.audit` and renders the report. torch is
+input when none is given, passes what loading found to :func:`bncheck.engine.audit` as
+:class:`~bncheck.context.AuditFacts` (the engine words every skip reason, reports missing BN
+buffers and decides when a failed forward is the input's fault) and renders the report. torch is
 imported only by ``audit``, so ``bncheck rules`` and ``--help`` are quick.
 """
 
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import options
 from ._version import __version__
-from .errors import BNCheckError, InputError, UsageError, did_you_mean
+from .errors import BNCheckError, UsageError, did_you_mean
 from .report import FAIL_ON_CHOICES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -603,26 +605,6 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
-def _own_forward_error(model: nn.Module, x: Any) -> str | None:
-    """Run the model once, unhooked, to tell whether its own forward fails on ``x``."""
-    import torch
-
-    from .engine import first_line
-    from .state import preserved
-
-    try:
-        with preserved(model), torch.no_grad():
-            if isinstance(x, dict):
-                model(**x)
-            elif isinstance(x, tuple):
-                model(*x)
-            else:
-                model(x)
-    except Exception as exc:
-        return first_line(exc)
-    return None
-
-
 # ---- audit ----------------------------------------------------------------------------------
 def effective_settings(args: argparse.Namespace) -> argparse.Namespace:
     """Flags over ``[tool.bncheck]`` over defaults, validated: fills in ``args`` (``select``,
@@ -780,8 +762,8 @@ def _warn(message: str) -> None:
 def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progress) -> Report:
     """Load or build the model, choose the input, audit, and finish the report."""
     from . import loading
-    from .checks.catalogue import info_for
-    from .engine import FORWARD_NEEDS, audit
+    from .context import AuditFacts
+    from .engine import audit
 
     notes: list[str] = []
     loaded: loading.LoadedModel | None = None
@@ -844,12 +826,17 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
             f"{where}"
         )
 
-    run_ids = rule_ids
-    unknown_settings: list[str] = []
-    if loaded is not None and loaded.static_unknown:
-        unknown_settings = [r for r in rule_ids if info_for(r).needs == "model"]
-        run_ids = [r for r in rule_ids if r not in unknown_settings]
-
+    # facts for the engine, in the command line's words; the engine decides with them
+    facts = AuditFacts(
+        missing_buffers={
+            k: tuple(v) for k, v in (loaded.missing_bn_stats if loaded else {}).items()
+        },
+        cannot_run=None if runnable or loaded is None else loaded.not_runnable_reason,
+        settings_unknown=loaded.static_unknown if loaded is not None else None,
+        cannot_give=_CANNOT_GIVE if synthetic else _CANNOT_GIVE_GIVEN_BATCH,
+        notes=(*(loaded.notes if loaded is not None else ()), *notes),
+        bad_input_hint="pass --input-shape with the shape the model expects",
+    )
     progress(
         "running the audit"
         + (f" (forward passes on {_shape_text(x.shape)})" if hasattr(x, "shape") else "")
@@ -858,140 +845,24 @@ def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progr
     report = audit(
         model,
         x,
-        select=run_ids,
+        select=rule_ids,
         synthetic_input=synthetic,
         training_batch=None if synthetic else True,
         source=source,
+        facts=facts,
         **args.tolerances,
     )
-
-    skipped = dict(report.skipped)
-    unknown_reason = loaded.static_unknown if loaded is not None else None
-    for rid in unknown_settings:
-        skipped[rid] = unknown_reason or ""
-    for rid in list(skipped):
-        cli_reason = _CLI_SKIP_REASONS.get(info_for(rid).needs)
-        if cli_reason is not None and rid not in unknown_settings:
-            skipped[rid] = cli_reason
-    if not runnable and loaded is not None and loaded.not_runnable_reason:
-        for rid in list(skipped):
-            if info_for(rid).needs in FORWARD_NEEDS:
-                skipped[rid] = loaded.not_runnable_reason
-    findings = list(report.findings)
-    if loaded is not None and loaded.missing_bn_stats and "untrained-stats" in rule_ids:
-        findings = _with_missing_stats(findings, loaded.missing_bn_stats, model)
-
-    if report.forward_error is not None and x is not None:
-        own = _own_forward_error(model, x)
-        explained = any(
-            f.severity.value == "error" and info_for(f.rule).needs in ("model", "buffers")
-            for f in findings
-        )
-        if own is not None and not explained:
-            shape_text = _shape_text(x.shape) if hasattr(x, "shape") else "the given input"
-            raise InputError(
-                f"{source}: the model's forward failed on an input of shape {shape_text}: "
-                f"{own}; pass --input-shape with the shape the model expects"
-            )
-
-    from .report import Report
-
-    all_notes = (loaded.notes if loaded is not None else []) + notes + report.notes
     progress("done")
-    return Report(
-        findings,
-        source=source,
-        skipped=skipped,
-        notes=all_notes,
-        settings=report.settings,
-        layers=report.layers,
-        forward_error=report.forward_error,
-        incomplete=report.incomplete,
-    )
+    return report
 
 
-#: Skip reasons worded for the command line, where no optimizer or data loader can be given.
-_CLI_SKIP_REASONS = {
-    "optimizer": "needs the optimizer, which a file does not hold: in Python, "
-    "bncheck.audit(model, x, optimizer=opt)",
-    "data": "needs batches of real data: in Python, bncheck.audit(model, x, data=loader)",
-    "user batch": "judges only the batch you train with: give its size with --batch-size N "
-    "(--input-shape alone is a shape); a synthetic input is not judged",
+#: What the command line cannot give (engine.skip_reason words the reasons): a file holds no
+#: optimizer and no data loader, and a made-up input is not the batch the user trains with.
+_CANNOT_GIVE_GIVEN_BATCH = {"optimizer": "which a file does not hold", "data": ""}
+_CANNOT_GIVE = {
+    **_CANNOT_GIVE_GIVEN_BATCH,
+    "user batch": "give its size with --batch-size N (--input-shape alone is a shape)",
 }
-
-
-def _with_missing_stats(
-    findings: list[Any], missing: dict[str, list[str]], model: nn.Module
-) -> list[Any]:
-    """Replace ``untrained-stats`` findings on layers whose statistics were not saved.
-
-    Those layers hold the initial values only because the checkpoint lacks them, which is
-    worse than statistics that were saved untrained: an error, naming the missing buffers.
-    """
-    from .context import format_message
-    from .report import Finding, Severity
-
-    layers = set(missing)
-    kept = []
-    for f in findings:
-        if f.rule == "untrained-stats":
-            covered = [f.layer] if f.layer is not None else f.details.get("layers", [])
-            if set(covered) <= layers:
-                continue
-        kept.append(f)
-    modules = dict(model.named_modules())
-    hint = (
-        "save model.state_dict() with its buffers (not only named_parameters()), or "
-        "recompute the statistics with torch.optim.swa_utils.update_bn"
-    )
-    keys = [f"{name}.{leaf}" for name, leaves in missing.items() for leaf in leaves]
-    if len(missing) > 1 and len(missing) == sum(1 for _ in _bn_modules(model)):
-        kept.append(
-            Finding(
-                "untrained-stats",
-                Severity.ERROR,
-                None,
-                format_message(
-                    None,
-                    f"{len(keys)} BN buffers missing from the checkpoint "
-                    f"({_shown(keys, 3)}): the running statistics of all "
-                    f"{len(missing)} BN layers were not saved, so inference would "
-                    "normalise with the initial values (mean 0, var 1)",
-                    hint,
-                ),
-                {"layers": sorted(layers), "missing": keys},
-            )
-        )
-        return kept
-    for name, leaves in missing.items():
-        label = f"{name} ({type(modules[name]).__name__})"
-        kept.append(
-            Finding(
-                "untrained-stats",
-                Severity.ERROR,
-                name,
-                format_message(
-                    label,
-                    f"{' and '.join(leaves)} missing from the checkpoint: the "
-                    "running statistics were not saved, so inference would normalise "
-                    "with the initial values (mean 0, var 1)",
-                    hint,
-                ),
-                {"missing": [f"{name}.{leaf}" for leaf in leaves]},
-            )
-        )
-    return kept
-
-
-def _shown(names: list[str], limit: int) -> str:
-    head = ", ".join(names[:limit])
-    return head + (f", +{len(names) - limit} more" if len(names) > limit else "")
-
-
-def _bn_modules(model: nn.Module) -> list[Any]:
-    from .discovery import iter_bn_modules
-
-    return list(iter_bn_modules(model))
 
 
 # ---- entry point -----------------------------------------------------------------------------

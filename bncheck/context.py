@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from .checks.catalogue import info_for
 from .discovery import BNLayer
 from .report import Finding, Severity
 
-__all__ = ["AuditContext", "format_message"]
+__all__ = ["AuditContext", "AuditFacts", "format_message"]
 
 
 def format_message(layer: BNLayer | str | None, text: str, hint: str | None = None) -> str:
@@ -24,6 +24,40 @@ def format_message(layer: BNLayer | str | None, text: str, hint: str | None = No
     else:
         where = ""
     return f"{where}{text}" + (f" - {hint}" if hint else "")
+
+
+@dataclass(frozen=True)
+class AuditFacts:
+    """What a front end (the CLI, a loader) knows about the model before the audit, passed to
+    :func:`bncheck.engine.audit` as ``facts=``. Facts only: the engine decides which rules run,
+    words every skip reason and assembles the report; the rules turn facts into findings.
+
+    ``missing_buffers``: BN layer name -> the running-statistics buffers the checkpoint did not
+    hold (the layer now has the initial values); ``untrained-stats`` reports them.
+
+    ``cannot_run``: why the model cannot run forward (a TorchScript archive, a state dict
+    without its architecture); the rules that need a forward pass are skipped with it.
+
+    ``settings_unknown``: why the model's settings cannot be judged (a state dict stores no
+    eps or momentum); the rules that need "model" are skipped with it.
+
+    ``cannot_give``: needs (catalogue ``needs``) this front end cannot give, each with the
+    front end's own words for where it is missing or how to give it there (``""`` for none);
+    the engine words the skip reason (:data:`bncheck.engine.CANNOT_GIVE`).
+
+    ``notes``: notes from loading and input selection, shown before the engine's own.
+
+    ``bad_input_hint``: set when the front end made the example input up (its shape is a
+    guess): a forward failure that no model or buffer finding explains is then the input's
+    fault, raised as :class:`~bncheck.errors.InputError` ending with this hint.
+    """
+
+    missing_buffers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cannot_run: str | None = None
+    settings_unknown: str | None = None
+    cannot_give: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    bad_input_hint: str | None = None
 
 
 @dataclass
@@ -50,6 +84,8 @@ class AuditContext:
     source: str | None = None
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: what the front end found before the audit (missing buffers, ...)
+    facts: AuditFacts = field(default_factory=AuditFacts)
 
     def tol(self, name: str) -> float:
         return float(self.tolerances[name])
@@ -68,9 +104,14 @@ class AuditContext:
         *,
         hint: str | None = None,
         severity: Severity | str | None = None,
+        severity_cause: str | None = None,
         **details: Any,
     ) -> Finding:
-        """Build a finding of ``rule_id`` in the one message format."""
-        sev = Severity(severity) if severity is not None else Severity(info_for(rule_id).severity)
+        """Build a finding of ``rule_id`` in the one message format, at ``severity`` or else
+        the catalogue's severity for ``severity_cause`` (``RuleInfo.severity_for``; a
+        ``cause=`` keyword stays a detail, which groups findings and keys baselines)."""
+        sev = Severity(
+            severity if severity is not None else info_for(rule_id).severity_for(severity_cause)
+        )
         name = layer.name if isinstance(layer, BNLayer) else layer
         return Finding(rule_id, sev, name, format_message(layer, text, hint), dict(details))

@@ -13,15 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks.catalogue import info_for
+from .checks.catalogue import NEEDS, info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
-from .context import AuditContext
+from .context import AuditContext, AuditFacts
 from .discovery import find_bn_layers, unwrap_model
-from .errors import BNCheckError, NoBatchNormError, UsageError, first_line
+from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, first_line
 from .report import Finding, Report
 from .state import Snapshot, audit_lock, audit_pass, preserved
 
-__all__ = ["audit", "prepare", "run_rules", "forward_stages", "FORWARD_NEEDS", "first_line"]
+__all__ = [
+    "audit",
+    "prepare",
+    "run_rules",
+    "forward_stages",
+    "skip_reason",
+    "AuditFacts",
+    "CANNOT_GIVE",
+    "FORWARD_NEEDS",
+    "first_line",
+]
 
 #: Rule needs that are met by the audit's forward passes.
 FORWARD_NEEDS = frozenset({"forward", "user batch", "data"})
@@ -30,6 +40,31 @@ _NOT_IN_AUDIT = {
     "training run": "needs a training run: watch one with bncheck.Monitor",
     "distributed": "needs a distributed training run: watch one with bncheck.Monitor",
 }
+
+#: Skip reasons for the needs a front end cannot give (``AuditFacts.cannot_give``); ``{0}``
+#: takes the front end's words (where the thing is missing, or how to give it there).
+CANNOT_GIVE = {
+    "optimizer": "needs the optimizer{0}: in Python, bncheck.audit(model, x, optimizer=opt)",
+    "data": "needs batches of real data{0}: in Python, bncheck.audit(model, x, data=loader)",
+    "user batch": "judges only the batch you train with{0}; a synthetic input is not judged",
+}
+
+
+def skip_reason(need: str, facts: AuditFacts | None = None) -> str:
+    """Why a rule with ``need`` did not run when the audit could not provide it: the one
+    wording of every skip reason, from the catalogue and the front end's ``facts``."""
+    facts = facts or AuditFacts()
+    if facts.cannot_run is not None and need in FORWARD_NEEDS:
+        return facts.cannot_run
+    if facts.settings_unknown is not None and need == "model":
+        return facts.settings_unknown
+    if need in facts.cannot_give:
+        words = facts.cannot_give[need]
+        template = CANNOT_GIVE.get(need, "needs {1}{0}")
+        glue = ": " if need == "user batch" else ", "
+        return template.format(f"{glue}{words}" if words else "", NEEDS.get(need, need))
+    return _NOT_IN_AUDIT.get(need, f"needs {NEEDS.get(need, need)}")
+
 
 #: ``first_line`` moved to :mod:`bncheck.errors`; importing it from here keeps working.
 
@@ -85,19 +120,32 @@ def prepare(
 
 
 def run_rules(ctx: AuditContext, available: set[str]) -> list[Finding]:
-    """Run every selected rule whose needs are in ``available``; record why the rest did not."""
+    """Run every selected rule whose needs are in ``available``; record why the rest did not
+    (:func:`skip_reason`, with the front end's ``ctx.facts``)."""
+    facts = ctx.facts
     findings: list[Finding] = []
+    unknown: dict[str, str] = {}  # the model's settings are not known: listed last
     for rid in ctx.rule_ids:
         rule = get_rule(rid)
         if rid in ctx.skipped:
             continue
+        if facts.settings_unknown is not None and rule.needs == "model":
+            unknown[rid] = facts.settings_unknown
+            continue
         if rule.needs not in available:
-            ctx.skipped[rid] = _NOT_IN_AUDIT.get(rule.needs, f"needs {rule.needs_description}")
+            ctx.skipped[rid] = skip_reason(rule.needs, facts)
             continue
         if rule.check is None:
             ctx.skipped[rid] = "not implemented in this version"
             continue
         findings.extend(rule.check(ctx))
+    # what the user must change comes first: a front end that cannot run the model, or
+    # cannot give what a rule needs, says so over the audit's own reason (a failed pass)
+    for rid in ctx.skipped:
+        need = get_rule(rid).needs
+        if need in facts.cannot_give or (facts.cannot_run is not None and need in FORWARD_NEEDS):
+            ctx.skipped[rid] = skip_reason(need, facts)
+    ctx.skipped.update(unknown)
     return findings
 
 
@@ -113,6 +161,7 @@ def audit(
     training_batch: bool | None = None,
     source: str | None = None,
     config: Any = None,
+    facts: AuditFacts | None = None,
     **tolerances: Any,
 ) -> Report:
     """Check the BatchNorm layers of ``model`` and return a :class:`~bncheck.Report`.
@@ -138,6 +187,12 @@ def audit(
             :class:`bncheck.config.Config`): its ``select``/``ignore``/tolerances apply under
             the explicit arguments, and its per-layer ignores filter the report. ``audit``
             never reads a file itself: load one with :func:`bncheck.config.load`.
+        facts: for front ends (the CLI): what loading found, as an
+            :class:`~bncheck.context.AuditFacts` (missing BN buffers, why the model cannot run
+            forward, needs the front end cannot give, notes). The engine decides with them:
+            it skips and words the reasons, ``untrained-stats`` reports the missing buffers,
+            and a forward failure on an input the front end made up that no model or buffer
+            finding explains raises :class:`~bncheck.errors.InputError`.
         **tolerances: overrides of the rules' tolerances (``bncheck.rules()`` lists them).
 
     The model is left exactly as it was, whatever happens (``KeyboardInterrupt`` included):
@@ -158,11 +213,25 @@ def audit(
         select, ignore = merged.pop("select", None), merged.pop("ignore", None)
         tolerances = merged
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
+    if facts is not None:
+        if not isinstance(facts, AuditFacts):
+            raise UsageError(
+                f"facts= must be a bncheck.context.AuditFacts, got {type(facts).__name__}"
+            )
+        ctx.facts = facts
+        ctx.notes.extend(facts.notes)
     with audit_lock(ctx.model), audit_pass(model, ctx.model):
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
         with preserved(ctx.model, optimizers) as snapshot:
             report = _audit(
-                ctx, snapshot, example_input, optimizer, data, synthetic_input, training_batch, source
+                ctx,
+                snapshot,
+                example_input,
+                optimizer,
+                data,
+                synthetic_input,
+                training_batch,
+                source,
             )
     if config is not None:
         from .config import finish_report
@@ -218,6 +287,8 @@ def _audit(
     ctx.optimizer = optimizer
     ctx.data = data
     inner = ctx.model
+    if ctx.facts.cannot_run is not None:
+        example_input = None  # the forward rules are skipped with the front end's reason
     available = {"model", "buffers"}
     if any(
         t.is_meta
@@ -303,6 +374,8 @@ def _audit(
                 if data is not None:
                     available.add("data")
     findings = run_rules(ctx, available)
+    if forward_error is not None and ctx.facts.bad_input_hint is not None:
+        _raise_if_input_fault(ctx, findings, inner, example_input, source)
     return Report(
         findings,
         source=source,
@@ -316,3 +389,47 @@ def _audit(
         layers=[layer.name for layer in ctx.layers],
         forward_error=forward_error,
     )
+
+
+def _raise_if_input_fault(
+    ctx: AuditContext, findings: list[Finding], model: nn.Module, x: Any, source: str | None
+) -> None:
+    """The front end made the input up and the forward failed: unless a model or buffer
+    error explains the failure, run the model once more, unhooked and in its own modes, and
+    when that fails too the input's shape is at fault (an :class:`InputError`)."""
+    if x is None or any(
+        f.severity.value == "error" and info_for(f.rule).needs in ("model", "buffers")
+        for f in findings
+    ):
+        return
+    own = _own_forward_error(model, x)
+    if own is None:  # only bncheck's passes failed: the report says so (incomplete)
+        return
+    shape = getattr(x, "shape", None)
+    on = (
+        "an input of shape (" + ", ".join(str(s) for s in shape) + ")"
+        if shape is not None
+        else "the given input"
+    )
+    where = f"{source}: " if source else ""
+    raise InputError(
+        f"{where}the model's forward failed on {on}: {own}; {ctx.facts.bad_input_hint}"
+    )
+
+
+def _own_forward_error(model: nn.Module, x: Any) -> str | None:
+    """Run ``model`` once on ``x`` as the user would (no hooks; restored after)."""
+    grad_mode = torch.inference_mode() if _inference_tensors(model) else torch.no_grad()
+    try:
+        with preserved(model), grad_mode:
+            if isinstance(x, dict):
+                model(**x)
+            elif isinstance(x, tuple):
+                model(*x)
+            else:
+                model(x)
+    except BNCheckError:
+        raise
+    except Exception as exc:
+        return first_line(exc)
+    return None

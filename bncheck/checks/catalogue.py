@@ -49,7 +49,8 @@ class Tolerance:
 class RuleInfo:
     """Metadata of one rule. ``severity`` is the default severity of its findings.
     ``stage`` is the audit pass the rule reads (a key of :data:`STAGES`); ``None`` for rules
-    that need no forward pass."""
+    that need no forward pass. ``causes`` pairs a cause of the rule's findings with its own
+    severity where that cause deserves another than the default (see :meth:`severity_for`)."""
 
     id: str
     severity: str
@@ -57,6 +58,11 @@ class RuleInfo:
     summary: str
     tolerances: tuple[Tolerance, ...] = field(default=())
     stage: str | None = None
+    causes: tuple[tuple[str, str], ...] = field(default=())
+
+    def severity_for(self, cause: str | None = None) -> str:
+        """The severity of a finding with ``cause`` (the default severity for any other)."""
+        return dict(self.causes).get(cause, self.severity) if cause else self.severity
 
 
 def _t(name: str, default: float | int, doc: str) -> Tolerance:
@@ -129,6 +135,8 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "warning",
         "buffers",
         "Running statistics still at their initial values (0 and 1) in a model used for inference.",
+        # statistics a checkpoint did not hold (the loader's fact): not saved, an error
+        causes=(("missing-buffers", "error"),),
     ),
     RuleInfo(
         "dead-channels",

@@ -237,9 +237,12 @@ def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("untrained-stats")
 def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
+    missing = ctx.facts.missing_buffers  # statistics the checkpoint did not hold
+    if missing:
+        yield from _missing_stats(ctx, missing)
     hits = []
     for layer in _usable(ctx.layers):
-        if not layer.has_running_stats or not stats_at_init(layer):
+        if layer.name in missing or not layer.has_running_stats or not stats_at_init(layer):
             continue
         # Only a layer used for inference (eval mode) is judged: in train mode initial
         # statistics are expected, whatever gamma/beta hold (zero_init_residual, custom init).
@@ -276,6 +279,42 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
             hint=hint,
             eval_mode=in_eval,
             trained_affine=trained_affine,
+        )
+
+
+def _missing_stats(ctx: AuditContext, missing: Any) -> Iterator[Finding]:
+    """``untrained-stats``'s "missing-buffers" cause: the layers hold the initial values only
+    because the checkpoint lacks their statistics, which is worse than statistics saved
+    untrained (the catalogue gives this cause its own severity), in any mode."""
+    hint = (
+        "save model.state_dict() with its buffers (not only named_parameters()), or "
+        "recompute the statistics with torch.optim.swa_utils.update_bn"
+    )
+    harm = "so inference would normalise with the initial values (mean 0, var 1)"
+    keys = [f"{name}.{leaf}" for name, leaves in missing.items() for leaf in leaves]
+    if len(missing) > 1 and len(missing) == len(ctx.layers):
+        shown = ", ".join(keys[:3]) + (f", +{len(keys) - 3} more" if len(keys) > 3 else "")
+        yield ctx.finding(
+            "untrained-stats",
+            None,
+            f"{len(keys)} BN buffers missing from the checkpoint ({shown}): the running "
+            f"statistics of all {len(missing)} BN layers were not saved, {harm}",
+            hint=hint,
+            severity_cause="missing-buffers",
+            layers=sorted(missing),
+            missing=keys,
+        )
+        return
+    known = {layer.name: layer for layer in ctx.layers}
+    for name, leaves in missing.items():
+        yield ctx.finding(
+            "untrained-stats",
+            known.get(name, name),
+            f"{' and '.join(leaves)} missing from the checkpoint: the running statistics "
+            f"were not saved, {harm}",
+            hint=hint,
+            severity_cause="missing-buffers",
+            missing=[f"{name}.{leaf}" for leaf in leaves],
         )
 
 
