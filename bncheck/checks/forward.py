@@ -33,7 +33,7 @@ __all__ = ["normalization_errors", "ema_errors", "NORM_SAFETY", "EMA_SAFETY"]
 #: channel): the largest error seen was 0.84 of the bound with factor 1, so 16 leaves a
 #: margin of about 19.
 NORM_SAFETY = 16.0
-EMA_SAFETY = 16.0
+EMA_SAFETY = 8.0
 #: |gamma| below this (relative to 1 + |beta|) makes a channel's pre-affine output unrecoverable.
 GAMMA_FLOOR = 1e-6
 
@@ -343,10 +343,23 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     With batch mean mu, biased batch variance v and n values per channel, PyTorch sets
     running_mean = (1 - m) * old + m * mu and running_var = (1 - m) * old + m * v * n / (n - 1)
     (the unbiased variance), num_batches_tracked += 1; m = momentum, or
-    1 / num_batches_tracked (after the increment) when momentum is None. Tolerance per channel,
-    with u = finfo(dtype).eps and g = 1 + log2(n), times ``EMA_SAFETY * rtol``:
-    mean u*g*((1 - m)|old| + m(|mu| + sqrt(v))); var
-    u*g*((1 - m)|old| + m * v_unbiased * (1 + |mu| / sqrt(v))).
+    1 / num_batches_tracked (after the increment) when momentum is None.
+
+    The tolerance is the round-off of the two quantities compared, per channel, with
+    u = finfo(dtype).eps and g = 1 + log2(n), times ``EMA_SAFETY * rtol``:
+
+    * the update itself (two products and a sum in the buffer's dtype):
+      ``2 * u * ((1 - m) * |old| + m * |batch|)``;
+    * the batch statistic, estimated by the layer and by bncheck from the same n values
+      (summation error ``u * g`` relative to the values summed, at most linear in the
+      conditioning ``1 + |mu| / sqrt(v)`` for Welford/pairwise variance):
+      ``m * u * g * (|mu| + sqrt(v))`` for the mean and
+      ``m * u * g * v_unbiased * min(1 + |mu| / sqrt(v), 1 + mu^2 / v)`` for the variance.
+
+    Only the batch term carries g: the old value is copied, not summed. A biased-variance
+    update differs from the unbiased one by ``m * v / (n - 1)``, so it is caught while that
+    exceeds the tolerance (up to n of about 30000 with momentum 0.1, old ~ v and |mu| ~ sqrt(v)
+    in float32; the rule page has the table).
     """
     st = call.input_stats
     before, after = call.before, call.after
@@ -383,7 +396,8 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     v_unb = biased * n / (n - 1)
     sd = np.sqrt(np.maximum(biased, 0.0))
     u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
-    k = EMA_SAFETY * rtol * u * (1 + math.log2(n))
+    k = EMA_SAFETY * rtol * u
+    g = 1 + math.log2(n)
     if m is None:  # infer the momentum from the mean update
         delta = mu - old_m
         ok = np.abs(delta) > 1e-3 * (np.abs(old_m) + sd + 1e-12)
@@ -391,10 +405,21 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
             return None
         m = float(np.median((new_m - old_m)[ok] / delta[ok]))
         how = f"inferred momentum {m:.3g}"
-    tol_m = k * ((1 - m) * np.abs(old_m) + m * (np.abs(mu) + sd)) + 1e-30
+    m_abs = abs(m)
+    keep = abs(1 - m)
+    # the batch mean: a sum of n values; an offset mu accumulates sequentially in sums over
+    # an outer dim (random-walk error u * sqrt(n) * |mu|), the spread sd pairwise
+    root_n = math.sqrt(n)
+    tol_m = k * (
+        2 * (keep * np.abs(old_m) + m_abs * np.abs(mu)) + m_abs * g * (sd + root_n * np.abs(mu))
+    )
     spread = np.minimum(np.abs(mu) / np.maximum(sd, 1e-30), 1e6)
-    tol_v = k * ((1 - m) * np.abs(old_v) + m * v_unb * (1 + spread)) + 1e-30
-    tol_v = np.minimum(tol_v, k * ((1 - m) * np.abs(old_v) + m * (v_unb + mu**2)) + 1e-30)
+    conditioning = np.minimum(1 + spread, 1 + spread**2)
+    # a mean off by delta adds delta^2 to a two-pass variance
+    mean_off = u * g * (1 + root_n * spread)
+    tol_v = k * (2 * (keep * np.abs(old_v) + m_abs * v_unb) + m_abs * g * v_unb * conditioning)
+    tol_v = tol_v + EMA_SAFETY * rtol * m_abs * v_unb * mean_off**2
+    tol_m, tol_v = tol_m + 1e-30, tol_v + 1e-30
     exp_m = (1 - m) * old_m + m * mu
     exp_v = (1 - m) * old_v + m * v_unb
     problems: list[dict[str, Any]] = []
