@@ -24,7 +24,14 @@ from ..probes import ForwardObservations, TrainCall, first_difference
 from ..report import Finding
 from ..tracing import OpRecord, upstream
 from .registry import check
-from .static import channel_list
+from .static import (
+    batch_stats_in_eval,
+    channel_list,
+    no_running_stats_note,
+    statistics_never_move,
+    stats_at_init,
+    stats_at_initial_values,
+)
 
 __all__ = ["normalization_errors", "ema_errors", "NORM_SAFETY", "EMA_SAFETY"]
 
@@ -662,6 +669,9 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
         )
         return
     bn = ctx.layer(layer)
+    if not upstream_too and batch_stats_in_eval(bn):  # one setting, one finding (h3b)
+        ctx.notes.append(no_running_stats_note(bn, "eval-batch-dependence"))
+        return
     if upstream_too:
         yield ctx.finding(
             "eval-batch-dependence",
@@ -836,26 +846,102 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- stat-drift ------------------------------------------------------------------------------
+#: Below this share of the initial values (0 and 1) left in the running statistics, a layer
+#: counts as converged: (1 - momentum) ** num_batches_tracked.
+UNCONVERGED_SHARE = 0.05
+#: The first BN layer "agrees with the data" while its drift is below this fraction of the
+#: tolerances (in units of drift_mean_z and of log(drift_var_ratio)).
+ENTRY_AGREES = 0.5
+
+
+def _drift_measure(
+    rm: torch.Tensor, rv: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: |running_mean - mean| in data std, and |log((running_var + eps) / (var +
+    eps))|."""
+    z = (rm - mean).abs() / (var + eps).sqrt()
+    log_ratio = ((rv.clamp_min(0) + eps) / (var + eps)).log().abs()
+    return z, log_ratio
+
+
+def _initial_share(layer: BNLayer) -> float:
+    """(1 - momentum) ** num_batches_tracked: the weight the initial values (0 and 1) still
+    have in the running statistics; 0 for momentum=None (the first update replaces them)."""
+    nbt = layer.num_batches_tracked
+    m = layer.momentum
+    if nbt is None or m is None or not 0 < m <= 1:
+        return 0.0
+    return float((1 - m) ** int(nbt.reshape(-1)[0]))
+
+
+def _never_trained(layer: BNLayer) -> bool:
+    return stats_at_init(layer) or (statistics_never_move(layer) and stats_at_initial_values(layer))
+
+
 @check("stat-drift")
 def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
+    """Running statistics against the statistics of ``data=``, with the cause that fits.
+
+    * never trained: statistics at their initial values (counter 0, or momentum=0);
+    * too few updates: (1 - momentum) ** num_batches_tracked >= ``UNCONVERGED_SHARE`` and the
+      first BN layer's statistics match that mix of initial values and data (info);
+    * data shift: the first BN layer (in call order) already sees data unlike its statistics
+      (by ``ENTRY_AGREES`` of the tolerances or more) - the data differs from what the
+      statistics were collected on (warning);
+    * lag: the first layer agrees and deeper layers drift - the running averages trail the
+      last weight updates, as after a training run with a large final learning rate; fixed
+      by recalibrating (info).
+    """
     obs = _obs(ctx)
     if obs is None or obs.drift is None:
         return
     z_max = ctx.tol("drift_mean_z")
-    ratio_max = ctx.tol("drift_var_ratio")
-    for layer in ctx.layers:
-        stats = obs.drift.get(layer.name)
+    log_ratio_max = math.log(max(ctx.tol("drift_var_ratio"), 1.0 + 1e-12))
+    layers = _layers(ctx)
+    measured: list[tuple[BNLayer, Any, torch.Tensor, torch.Tensor, float]] = []
+    for name, stats in obs.drift.items():  # in the order the data pass called the layers
+        layer = layers.get(name)
+        if layer is None:
+            continue
         rm, rv = layer.running_mean, layer.running_var
-        if stats is None or rm is None or rv is None or rm.shape != stats.mean.shape:
+        if rm is None or rv is None or rm.shape != stats.mean.shape:
             continue
         eps = layer.eps if layer.eps is not None and layer.eps > 0 else 1e-5
         with torch.no_grad():
             rm_d, rv_d = rm.detach().double().cpu(), rv.detach().double().cpu()
-            z = (rm_d - stats.mean).abs() / (stats.var + eps).sqrt()
-            ratio = (rv_d.clamp_min(0) + eps) / (stats.var + eps)
-            log_ratio = ratio.log().abs()
+        z, log_ratio = _drift_measure(rm_d, rv_d, stats.mean, stats.var, eps)
+        measured.append((layer, stats, z, log_ratio, eps))
+    if not measured:
+        return
+
+    def relative(z: torch.Tensor, log_ratio: torch.Tensor) -> float:
+        return max(float(z.max()) / z_max, float(log_ratio.max()) / log_ratio_max)
+
+    # the model-wide cause, judged on the first layer with statistics from training
+    entry = next((m for m in measured if not _never_trained(m[0])), None)
+    cause = "lag"
+    if entry is not None:
+        layer, stats, z, log_ratio, eps = entry
+        share = _initial_share(layer)
+        if share >= UNCONVERGED_SHARE:
+            # what the running statistics would hold after those updates on this data
+            mixed_mean = (1 - share) * stats.mean
+            mixed_var = share + (1 - share) * stats.var
+            z_mix, lr_mix = _drift_measure(
+                layer.running_mean.detach().double().cpu(),  # type: ignore[union-attr]
+                layer.running_var.detach().double().cpu(),  # type: ignore[union-attr]
+                mixed_mean,
+                mixed_var,
+                eps,
+            )
+            if relative(z_mix, lr_mix) < ENTRY_AGREES:
+                cause = "few updates"
+        if cause != "few updates" and relative(z, log_ratio) >= ENTRY_AGREES:
+            cause = "data shift"
+    untrained_reported = "untrained-stats" in ctx.rule_ids
+    for layer, stats, z, log_ratio, _eps in measured:
         bad_mean = z > z_max
-        bad_var = log_ratio > math.log(max(ratio_max, 1.0 + 1e-12))
+        bad_var = log_ratio > log_ratio_max
         bad = bad_mean | bad_var
         if not bool(bad.any()):
             continue
@@ -867,21 +953,79 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
         if bool(bad_var.any()):
             worst = float(torch.where(bad_var, log_ratio, torch.zeros_like(log_ratio)).max())
             parts.append(
-                f"running_var / data var off by up to x{math.exp(worst):.3g} > x{ratio_max:g}"
+                f"running_var / data var off by up to x{math.exp(worst):.3g} > "
+                f"x{math.exp(log_ratio_max):g}"
             )
+        measured_text = (
+            f"({stats.batches} batches, {stats.count} values per channel): "
+            + "; ".join(parts)
+            + f" ({channel_list(bad)} of {bad.numel()})"
+        )
+        recalibrate = (
+            "recalibrate on representative data: bncheck.recalibrate(model, data) or "
+            "torch.optim.swa_utils.update_bn(loader, model)"
+        )
+        share = _initial_share(layer)
+        severity: str | None = None
+        if _never_trained(layer):
+            if untrained_reported and (statistics_never_move(layer) or not layer.module.training):
+                continue  # untrained-stats reports this layer (one cause, one finding)
+            layer_cause = "never trained"
+            text = (
+                "running statistics were never trained (still mean 0, var 1"
+                + (", momentum=0" if statistics_never_move(layer) else ", num_batches_tracked 0")
+                + f"), so they are far from the statistics of the given data {measured_text}"
+            )
+            hint = recalibrate
+        elif cause == "few updates" and share >= UNCONVERGED_SHARE:
+            layer_cause = "few updates"
+            nbt = int(layer.num_batches_tracked.reshape(-1)[0])  # type: ignore[union-attr]
+            text = (
+                f"running statistics have had only {nbt} update{'s' if nbt != 1 else ''} at "
+                f"momentum {layer.momentum:g}, so {share:.0%} of their initial values (0 and 1) "
+                f"remain; they are far from the statistics of the given data {measured_text}"
+            )
+            hint = "run more train-mode batches before evaluating, or " + recalibrate
+            severity = "info"
+        elif cause == "data shift":
+            layer_cause = "data shift"
+            assert entry is not None
+            first = (
+                "this is the first BN layer, and its input"
+                if layer is entry[0]
+                else f"the first BN layer ({entry[0].name}) already"
+            )
+            text = (
+                f"running statistics are far from the statistics of the given data "
+                f"{measured_text}; {first} differs from the data the statistics were "
+                "collected on"
+            )
+            hint = (
+                "check the preprocessing (scale, mean/std, channel order, resolution) against "
+                "training; if this data is the new target domain, " + recalibrate
+            )
+        else:
+            layer_cause = "lag"
+            first = entry[0].name if entry is not None else "the first BN layer"
+            text = (
+                f"running statistics lag the weights: far from the statistics of the given "
+                f"data {measured_text}, while the first BN layer ({first}) agrees with the "
+                "data; the running averages still mix statistics of earlier weights (large "
+                "final learning rate, averaged or fine-tuned weights)"
+            )
+            hint = recalibrate + " after training"
+            severity = "info"
         yield ctx.finding(
             "stat-drift",
             layer,
-            f"running statistics are far from the statistics of the given data "
-            f"({stats.batches} batches, {stats.count} values per channel): "
-            + "; ".join(parts)
-            + f" ({channel_list(bad)} of {bad.numel()})",
-            hint="recompute the statistics on representative data "
-            "(torch.optim.swa_utils.update_bn) or check the input preprocessing",
+            text,
+            hint=hint,
+            severity=severity,
+            cause=layer_cause,
             max_mean_z=float(z.max()),
-            max_var_ratio=float(ratio.max()),
-            min_var_ratio=float(ratio.min()),
+            max_var_ratio=float(math.exp(float(log_ratio.max()))),
             channels=_indices(bad),
             fraction=float(bad.double().mean()),
             batches=stats.batches,
+            initial_share=share,
         )
