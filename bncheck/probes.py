@@ -239,6 +239,9 @@ class DriftStats:
     var: torch.Tensor
     count: int
     batches: int
+    #: (batches, C): each batch's mean and biased variance (the batch-to-batch spread)
+    batch_means: torch.Tensor | None = None
+    batch_vars: torch.Tensor | None = None
 
 
 @dataclass
@@ -865,7 +868,7 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
         w = (counts / counts.sum()).unsqueeze(1)
         mean = (w * means).sum(0)
         var = (w * variances).sum(0) + (w * (means - mean) ** 2).sum(0)
-        result[name] = DriftStats(mean, var, int(counts.sum()), batches)
+        result[name] = DriftStats(mean, var, int(counts.sum()), batches, means, variances)
     return result, batches
 
 

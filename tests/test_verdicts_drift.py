@@ -92,3 +92,23 @@ def test_never_trained_layers_in_eval_mode_are_left_to_untrained_stats() -> None
     x = [3 * x + 1 for x in data()]
     report = bncheck.audit(model, x[0], data=x, select=["stat-drift", "untrained-stats"])
     assert report.rules_found() == {"untrained-stats"}
+
+
+def _bn_with_stats(mean: float) -> nn.Module:
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_mean.fill_(mean)
+        bn.num_batches_tracked.fill_(100)
+    return nn.Sequential(bn).eval()
+
+
+def test_drift_within_the_batch_to_batch_spread_is_not_evidence() -> None:
+    g = torch.Generator().manual_seed(0)
+    steady = [torch.randn(64, 4, generator=g) for _ in range(4)]
+    # batches whose means scatter by about one std (e.g. class-sorted): same pooled statistics
+    centres = [0.9, -0.9, 0.9, -0.9]
+    scattered = [c + 0.5 * torch.randn(64, 4, generator=g) for c in centres]
+    (finding,) = drift(_bn_with_stats(0.8), steady)
+    assert finding.details["cause"] == "data shift"
+    assert drift(_bn_with_stats(0.8), scattered) == []
+    assert drift(_bn_with_stats(4.0), scattered)  # far beyond the spread: still found

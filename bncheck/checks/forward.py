@@ -852,6 +852,8 @@ UNCONVERGED_SHARE = 0.05
 #: The first BN layer "agrees with the data" while its drift is below this fraction of the
 #: tolerances (in units of drift_mean_z and of log(drift_var_ratio)).
 ENTRY_AGREES = 0.5
+#: Drift within this many standard errors of the batch-to-batch spread is sampling noise.
+NOISE_SIGMAS = 3.0
 
 
 def _drift_measure(
@@ -862,6 +864,25 @@ def _drift_measure(
     z = (rm - mean).abs() / (var + eps).sqrt()
     log_ratio = ((rv.clamp_min(0) + eps) / (var + eps)).log().abs()
     return z, log_ratio
+
+
+def _sampling_noise(stats: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per channel, how far running statistics may sit from the data's by sampling alone:
+    ``NOISE_SIGMAS * spread * sqrt(1 / batches + 1 / 4)``, with ``spread`` the batch-to-batch
+    standard deviation of the batch means (in data std) and of the log batch variances (at
+    least the layer's median over channels). The
+    1/4 stands for running statistics averaged over at least four batches (an EMA with
+    momentum 0.1 averages about 19). ``None`` with fewer than two batches."""
+    means, variances = getattr(stats, "batch_means", None), getattr(stats, "batch_vars", None)
+    if means is None or variances is None or means.shape[0] < 2:
+        return None
+    scale = NOISE_SIGMAS * math.sqrt(1.0 / means.shape[0] + 0.25)
+    z_spread = means.std(0) / (stats.var + eps).sqrt()
+    log_spread = (variances.clamp_min(0) + eps).log().std(0)
+    # a spread from a few batches is itself noisy: no channel gets less than the layer's median
+    z_spread = z_spread.clamp_min(float(z_spread.median()))
+    log_spread = log_spread.clamp_min(float(log_spread.median()))
+    return scale * z_spread, scale * log_spread
 
 
 def _initial_share(layer: BNLayer) -> float:
@@ -910,6 +931,10 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
         with torch.no_grad():
             rm_d, rv_d = rm.detach().double().cpu(), rv.detach().double().cpu()
         z, log_ratio = _drift_measure(rm_d, rv_d, stats.mean, stats.var, eps)
+        noise = _sampling_noise(stats, eps)
+        if noise is not None:  # only drift beyond sampling noise is evidence
+            z = torch.where(z > noise[0], z, torch.zeros_like(z))
+            log_ratio = torch.where(log_ratio > noise[1], log_ratio, torch.zeros_like(log_ratio))
         measured.append((layer, stats, z, log_ratio, eps))
     if not measured:
         return
@@ -1010,10 +1035,11 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
             text = (
                 f"running statistics lag the weights: far from the statistics of the given "
                 f"data {measured_text}, while the first BN layer ({first}) agrees with the "
-                "data; the running averages still mix statistics of earlier weights (large "
-                "final learning rate, averaged or fine-tuned weights)"
+                "data, so the drift builds up inside the network: the running averages mix "
+                "statistics of earlier weights (large final learning rate, averaged or "
+                "fine-tuned weights) or of noisy small-batch statistics upstream"
             )
-            hint = recalibrate + " after training"
+            hint = recalibrate + " after training (with large batches)"
             severity = "info"
         yield ctx.finding(
             "stat-drift",
