@@ -360,13 +360,15 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     * the batch statistic, estimated by the layer and by bncheck from the same n values
       (summation error ``u * g`` relative to the values summed, at most linear in the
       conditioning ``1 + |mu| / sqrt(v)`` for Welford/pairwise variance):
-      ``m * u * g * (|mu| + sqrt(v))`` for the mean and
-      ``m * u * g * v_unbiased * min(1 + |mu| / sqrt(v), 1 + mu^2 / v)`` for the variance.
+      ``m * u * g * (sqrt(v) + sqrt(n) * |mu|)`` for the mean (an offset accumulates
+      sequentially in sums over an outer dim) and
+      ``m * u * g * v_unbiased * min(1 + |mu| / sqrt(v), 1 + mu^2 / v)`` for the variance,
+      plus the square of the mean's own round-off (a two-pass variance grows by delta^2).
 
     Only the batch term carries g: the old value is copied, not summed. A biased-variance
     update differs from the unbiased one by ``m * v / (n - 1)``, so it is caught while that
-    exceeds the tolerance (up to n of about 30000 with momentum 0.1, old ~ v and |mu| ~ sqrt(v)
-    in float32; the rule page has the table).
+    exceeds the tolerance (up to n = 16384 with momentum 0.1, old ~ v and |mu| <= sqrt(v) in
+    float32; the rule page has the table).
     """
     st = call.input_stats
     before, after = call.before, call.after
@@ -870,9 +872,9 @@ def _sampling_noise(stats: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor]
     """Per channel, how far running statistics may sit from the data's by sampling alone:
     ``NOISE_SIGMAS * spread * sqrt(1 / batches + 1 / 4)``, with ``spread`` the batch-to-batch
     standard deviation of the batch means (in data std) and of the log batch variances (at
-    least the layer's median over channels). The
-    1/4 stands for running statistics averaged over at least four batches (an EMA with
-    momentum 0.1 averages about 19). ``None`` with fewer than two batches."""
+    least the layer's median over channels). The 1/4 stands for running statistics averaged
+    over at least four batches (an EMA with momentum 0.1 averages about 19). ``None`` with
+    fewer than two batches."""
     means, variances = getattr(stats, "batch_means", None), getattr(stats, "batch_vars", None)
     if means is None or variances is None or means.shape[0] < 2:
         return None
@@ -912,6 +914,9 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
     * lag: the first layer agrees and deeper layers drift - the running averages trail the
       last weight updates, as after a training run with a large final learning rate; fixed
       by recalibrating (info).
+
+    Channels whose drift is within the sampling noise of the batches (``_sampling_noise``)
+    are not counted.
     """
     obs = _obs(ctx)
     if obs is None or obs.drift is None:
