@@ -13,9 +13,9 @@ Per model it runs, at batch 8 and the model's smallest comfortable input size:
   untouched: "after one forward and no optimizer step"), audited in train and in eval mode,
   in eval mode also with ``data=`` (a few batches of the same random distribution), so
   ``stat-drift`` is judged on statistics that have not converged yet;
-* with ``--calibrated``, only this instead: statistics recomputed exactly on random batches (cumulative
-  average), then eval mode with ``data=`` of the same distribution: ``stat-drift`` must say
-  nothing.
+* with ``--calibrated``, only this instead: statistics recomputed exactly on random batches
+  (cumulative average), then eval mode with ``data=`` of the same distribution: no
+  ``stat-drift`` warning is expected.
 
 It prints the number of warnings and errors per rule (info counted apart), and with ``--json``
 writes every finding (model, scenario, rule, severity, layer, message) for inspection.
