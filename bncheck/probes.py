@@ -76,6 +76,12 @@ class ChannelStats:
     mean: torch.Tensor
     var: torch.Tensor
     count: int
+    #: the variance over the batch (unbiased) of each sample's channel mean, the sampling
+    #: noise of a batch mean (``bn-reused`` compares calls with it); ``None`` for one sample
+    sample_var: torch.Tensor | None = None
+    #: the same for the variance: the variance over the batch (unbiased) of each sample's mean
+    #: squared deviation from the channel mean, the sampling noise of ``var``
+    sample_sq_var: torch.Tensor | None = None
 
 
 @dataclass
@@ -223,6 +229,9 @@ class DriftStats:
     var: torch.Tensor
     count: int
     batches: int
+    #: (batches, C): each batch's mean and biased variance (the batch-to-batch spread)
+    batch_means: torch.Tensor | None = None
+    batch_vars: torch.Tensor | None = None
 
 
 @dataclass
@@ -583,30 +592,43 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     if n == 0:
         return None
     if x.is_contiguous():
-        mean, var = _blocked_moments(x, n)
+        mean, var, per_sample, per_sample_sq = _blocked_moments(x, n)
     else:
-        dims = [0, *range(2, x.dim())]
-        mean = x.sum(dims) / n
+        spatial = list(range(2, x.dim()))
+        per_sample = x.mean(spatial) if spatial else x
+        mean = per_sample.mean(0)
         shape = [1, -1] + [1] * (x.dim() - 2)
         dev = x - mean.reshape(shape)
         dev.square_()
-        var = dev.sum(dims) / n
+        per_sample_sq = dev.mean(spatial) if spatial else dev
+        var = per_sample_sq.mean(0)
         del dev
-    return ChannelStats(mean.double().cpu(), var.double().cpu(), n)
+    if x.shape[0] > 1:
+        sample_var = per_sample.double().var(0).cpu()
+        sample_sq_var = per_sample_sq.double().var(0).cpu()
+    else:
+        sample_var = sample_sq_var = None
+    return ChannelStats(mean.double().cpu(), var.double().cpu(), n, sample_var, sample_sq_var)
 
 
-def _blocked_moments(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _blocked_moments(
+    x: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of a contiguous (N, C, ...) tensor with ``n``
-    values per channel (see :func:`channel_stats`)."""
+    values per channel (see :func:`channel_stats`), and the (N, C) per-sample channel means
+    and mean squared deviations (by-products of the two passes' first stage)."""
     batch, c = x.shape[0], x.shape[1]
     rows = x.reshape(batch * c, -1)  # one row per (sample, channel), contiguous
     length = rows.shape[1]
-    mean = rows.sum(1).reshape(batch, c).sum(0) / n
+    sample_sums = rows.sum(1).reshape(batch, c)
+    mean = sample_sums.sum(0) / n
+    per_sample = sample_sums / max(1, length)
     per = max(1, _STATS_BLOCK // max(1, length))
     if per >= rows.shape[0]:
         dev = rows.reshape(batch, c, length) - mean[:, None]
         dev.square_()
-        return mean, dev.sum((0, 2)) / n
+        sq_sums = dev.sum(2)
+        return mean, sq_sums.sum(0) / n, per_sample, sq_sums / max(1, length)
     row_mean = mean.repeat(batch)[:, None]
     sums = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
     buf = torch.empty(per, length, dtype=x.dtype, device=x.device)
@@ -616,7 +638,8 @@ def _blocked_moments(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
         torch.sub(part, row_mean[start : start + per], out=dev)
         dev.square_()
         torch.sum(dev, 1, out=sums[start : start + per])
-    return mean, sums.reshape(batch, c).sum(0) / n
+    sq_sums = sums.reshape(batch, c)
+    return mean, sq_sums.sum(0) / n, per_sample, sq_sums / max(1, length)
 
 
 _GRID_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -1063,7 +1086,7 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
         w = (counts / counts.sum()).unsqueeze(1)
         mean = (w * means).sum(0)
         var = (w * variances).sum(0) + (w * (means - mean) ** 2).sum(0)
-        result[name] = DriftStats(mean, var, int(counts.sum()), batches)
+        result[name] = DriftStats(mean, var, int(counts.sum()), batches, means, variances)
     return result, batches
 
 

@@ -180,10 +180,23 @@ def test_correct_eval_is_batch_independent() -> None:
     assert _found(report, "eval-batch-dependence") == []
 
 
-def test_no_running_stats_is_batch_dependent_in_eval() -> None:
-    report = _audit_norm(nn.BatchNorm2d(8, track_running_stats=False))
+def test_track_running_stats_false_is_one_finding_of_no_running_stats() -> None:
+    """The deliberate setting is reported once (no-running-stats), not also as an
+    eval-batch-dependence error; ignoring no-running-stats leaves nothing behind."""
+    torch.manual_seed(0)
+    model = Net(nn.BatchNorm2d(8, track_running_stats=False))
+    report = bncheck.audit(model, image_batch(8), select=[*NUMERIC, "no-running-stats"])
+    assert [f.rule for f in report.findings] == ["no-running-stats"]
+    note = "eval-batch-dependence: bn normalises with batch statistics"
+    assert any(note in n for n in report.notes)
+    quiet = bncheck.audit(model, image_batch(8), ignore=["no-running-stats"])
+    assert quiet.ok and quiet.findings == [], quiet.findings
+
+
+def test_batch_dependence_of_a_custom_layer_without_running_stats_is_still_an_error() -> None:
+    report = _audit_norm(BatchStatsInEvalBN(8))
     (finding,) = _found(report, "eval-batch-dependence")
-    assert "track_running_stats=True" in finding.message
+    assert finding.severity == "error"
 
 
 def test_batch_dependence_with_a_batch_of_one_or_two() -> None:

@@ -8,7 +8,7 @@ put BN right after a bias-free conv/linear (or after an add / a concat).
 from __future__ import annotations
 
 import pytest
-from zoo_families import FAMILIES, batch, build, train_steps
+from zoo_families import FAMILIES, batch, build, populate, train_steps
 
 import bncheck
 
@@ -28,12 +28,14 @@ QUIET = {
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+@pytest.mark.parametrize("state", ["fresh", "populated", "trained"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_correct_family_has_no_error(family: str, trained: bool, mode: str) -> None:
+def test_correct_family_has_no_error(family: str, state: str, mode: str) -> None:
     model = build(family)
     x = batch(family)
-    if trained:
+    if state == "populated":  # forwards without an optimizer step
+        populate(model, x)
+    elif state == "trained":
         train_steps(model, x)
     model.train(mode == "train")
     report = bncheck.audit(model, x)

@@ -172,3 +172,62 @@ def test_pair_z_is_the_two_sample_statistic(n_a, n_b, m_a, m_b, var):
     expected = np.abs(np.subtract(m_a, m_b)) / np.sqrt(v / n_a + v / n_b)
     np.testing.assert_allclose(z, expected, rtol=1e-12)
     assert DIFFER_Z > 3 and 0 < DIFFER_FRACTION < 1
+
+
+def _bn_reused(model: nn.Module, x) -> list[bncheck.Finding]:
+    torch.manual_seed(0)
+    return bncheck.audit(model, x, select=["bn-reused"]).filter(rules=["bn-reused"])
+
+
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [
+        (TwoViews(), torch.randn(32, 3, 8, 8)),
+        (Siamese(), (torch.randn(64, 6), torch.randn(64, 6))),
+        (Ghost(), torch.randn(128, 6)),
+    ],
+    ids=["two-views", "siamese", "ghost-bn"],
+)
+def test_audit_reports_intended_reuse_as_info_only(model, x):
+    [finding] = _bn_reused(model, x)
+    assert finding.severity == "info"
+    assert finding.details["cause"] == "one-distribution"
+
+
+class SameConvTwice(nn.Module):
+    """One conv + BN applied again to its own output (a recurrent block): one producer, but
+    the second call sees another scale, so the blend is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = torch.relu(self.bn(self.conv(x)))
+        return x
+
+
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [
+        (TwoConvs(), torch.randn(32, 3, 8, 8)),
+        (Recurrent(), torch.randn(64, 5, 4) + 2.0),
+        (SameConvTwice(), torch.randn(4, 3, 6, 6)),
+    ],
+    ids=["two-convolutions", "rnn-time-steps", "same-conv-at-two-depths"],
+)
+def test_audit_keeps_warning_on_harmful_reuse(model, x):
+    [finding] = _bn_reused(model, x)
+    assert finding.severity == "warning"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_small_batch_at_two_depths_is_never_taken_for_one_distribution(seed):
+    """Sampling noise at batch 4 can hide a difference from the z-test alone: the effect-size
+    condition keeps the warning whatever the seed."""
+    torch.manual_seed(seed)
+    model = SameConvTwice()
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    [finding] = bncheck.audit(model, x, select=["bn-reused"]).filter(rules=["bn-reused"])
+    assert finding.severity == "warning"

@@ -341,6 +341,168 @@ class MLPHead(nn.Module):
         return self.out(self.drop(x))
 
 
+# ---- selective-kernel / split attention (BN on 1x1 pooled maps) --------------------------------
+class SKAttention(nn.Module):
+    """timm's SelectiveKernel / ResNeSt split attention: two branches, their sum pooled to
+    (N, C, 1, 1), a 1x1 conv + BN + ReLU on that 1x1 map, softmax weights per branch."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.paths = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(c, c, 3, padding=d, dilation=d, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                )
+                for d in (1, 2)
+            ]
+        )
+        self.fc_reduce = nn.Conv2d(c, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.fc_select = nn.Conv2d(8, 2 * c, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = torch.stack([p(x) for p in self.paths], 1)  # (N, 2, C, H, W)
+        attn = self.act(self.bn(self.fc_reduce(paths.sum(1).mean((2, 3), keepdim=True))))
+        attn = self.fc_select(attn).view(x.shape[0], 2, -1, 1, 1).softmax(1)
+        return (paths * attn).sum(1)
+
+
+class SKNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        )
+        self.sk = SKAttention(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc((x + self.sk(x)).mean((2, 3)))
+
+
+# ---- ShuffleNetV2 (channel split, depthwise conv + BN without activation, shuffle) ------------
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        half = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),  # depthwise
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((a, self.branch(b)), 1), 2)
+
+
+class ShuffleNetLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        )
+        self.stage = nn.Sequential(ShuffleUnit(8), ShuffleUnit(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage(self.conv1(x)).mean((2, 3)))
+
+
+# ---- DeepLabV3 ASPP head (image-pooling branch: BN on a 1x1 map) -----------------------------
+class ASPP(nn.Module):
+    def __init__(self, c_in: int, c: int = 8) -> None:
+        super().__init__()
+
+        def branch(k: int, d: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c, k, padding=d * (k // 2), dilation=d, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+            )
+
+        self.convs = nn.ModuleList([branch(1, 1), branch(3, 2), branch(3, 3)])
+        self.pooling = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(4 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.Dropout(0.5)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [conv(x) for conv in self.convs]
+        outs.append(F.interpolate(self.pooling(x), size=x.shape[-2:], mode="bilinear"))
+        return self.project(torch.cat(outs, 1))
+
+
+class SegmentationLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        )
+        self.aspp = ASPP(8)
+        self.classifier = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.aspp(self.backbone(x)))
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear")
+
+
+# ---- LeViT-style tokens with BatchNorm1d over (B * tokens, C), and a BN1d head ---------------
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d on flattened tokens."""
+
+    def __init__(self, c_in: int, c: int) -> None:
+        super().__init__()
+        self.c = nn.Linear(c_in, c, bias=False)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(3, 8, 4, 4, bias=False), nn.BatchNorm2d(8), nn.Hardswish()
+        )
+        self.mlp = nn.Sequential(LinearNorm(8, 16), nn.Hardswish(), LinearNorm(16, 8))
+        self.head_bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, tokens, C)
+        x = x + self.mlp(x)
+        return self.head(self.head_bn(x.mean(1)))
+
+
+# ---- timm-style zero_init_last on bottleneck blocks ------------------------------------------
+def zero_init_last_resnet() -> nn.Module:
+    """timm's ``zero_init_last``: the last BN of every bottleneck starts with gamma = 0."""
+    model = ResNet("bottleneck")
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+    return model
+
+
 IMAGE = (3, 16, 16)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet_basic": (lambda: ResNet("basic"), IMAGE),
@@ -354,6 +516,11 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "frozen_bn_resnet": (frozen_resnet, IMAGE),
     "bn_act": (BNActNet, IMAGE),
     "mlp_head": (MLPHead, (12,)),
+    "sk_attention": (SKNet, IMAGE),
+    "shufflenet": (ShuffleNetLike, IMAGE),
+    "aspp_segmentation": (SegmentationLike, IMAGE),
+    "levit_bn1d": (LeViTLike, IMAGE),
+    "zero_init_last_bottleneck": (zero_init_last_resnet, IMAGE),
 }
 
 
@@ -367,6 +534,16 @@ def batch(name: str, n: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
+def populate(model: nn.Module, x: torch.Tensor, forwards: int = 3) -> nn.Module:
+    """Train-mode forwards and no optimizer step: the statistics move, the weights do not
+    (zero-initialised gamma stays exactly zero)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(forwards):
+            model(x)
+    return model
+
+
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
     """A few SGD steps in train mode on random targets (moves weights and statistics)."""
     model.train()
@@ -375,7 +552,9 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
     target = torch.arange(x.shape[0]) % 3
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.cross_entropy(model(x)[:, :3], target)
+        out = model(x)
+        out = out.flatten(2).mean(2) if out.dim() > 2 else out  # segmentation: pooled logits
+        loss = F.cross_entropy(out[:, :3], target)
         loss.backward()
         opt.step()
     return model

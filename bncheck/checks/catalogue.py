@@ -170,9 +170,9 @@ CATALOGUE: tuple[RuleInfo, ...] = (
             _t(
                 "ema_rtol",
                 1.0,
-                "multiplier on the per-channel float round-off bound of the update (u * "
-                "(1 + log2 n) times the sizes of the old value and the batch statistic, x16) "
-                "used as tolerance; raise to loosen",
+                "multiplier on the per-channel float round-off bound of the quantities compared "
+                "(u times the old value and the batch statistic, u * (1 + log2 n) on the batch "
+                "statistic only, x8) used as tolerance; raise to loosen",
             ),
         ),
         stage="train",

@@ -24,7 +24,15 @@ from ..probes import ForwardObservations, TrainCall, first_difference
 from ..report import Finding
 from ..tracing import OpRecord, upstream
 from .registry import check
-from .static import channel_list
+from .reuse import calls_alike
+from .static import (
+    batch_stats_in_eval,
+    channel_list,
+    no_running_stats_note,
+    statistics_never_move,
+    stats_at_init,
+    stats_at_initial_values,
+)
 
 __all__ = ["normalization_errors", "ema_errors", "NORM_SAFETY", "EMA_SAFETY"]
 
@@ -33,7 +41,7 @@ __all__ = ["normalization_errors", "ema_errors", "NORM_SAFETY", "EMA_SAFETY"]
 #: channel): the largest error seen was 0.84 of the bound with factor 1, so 16 leaves a
 #: margin of about 19.
 NORM_SAFETY = 16.0
-EMA_SAFETY = 16.0
+EMA_SAFETY = 8.0
 #: |gamma| below this (relative to 1 + |beta|) makes a channel's pre-affine output unrecoverable.
 GAMMA_FLOOR = 1e-6
 
@@ -150,6 +158,21 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
             src = upstream(call.trace.producer) if call.trace else None
             if src is not None and src.label not in producers:
                 producers.append(src.label)
+        if len(producers) <= 1 and calls_alike([c for c in obs.calls_of(name) if c.training]):
+            # one producer (two views, a siamese encoder, ghost BN) and batches of one
+            # distribution within sampling noise: averaging them is what the recipe wants
+            yield ctx.finding(
+                "bn-reused",
+                layers.get(name, name),
+                f"called {count} times in one forward on inputs of one distribution (batch "
+                "means within sampling noise): its running statistics average them, as "
+                "intended for two views, a siamese encoder or ghost BN",
+                severity="info",
+                calls=count,
+                inputs_from=producers,
+                cause="one-distribution",
+            )
+            continue
         yield ctx.finding(
             "bn-reused",
             layers.get(name, name),
@@ -343,10 +366,25 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     With batch mean mu, biased batch variance v and n values per channel, PyTorch sets
     running_mean = (1 - m) * old + m * mu and running_var = (1 - m) * old + m * v * n / (n - 1)
     (the unbiased variance), num_batches_tracked += 1; m = momentum, or
-    1 / num_batches_tracked (after the increment) when momentum is None. Tolerance per channel,
-    with u = finfo(dtype).eps and g = 1 + log2(n), times ``EMA_SAFETY * rtol``:
-    mean u*g*((1 - m)|old| + m(|mu| + sqrt(v))); var
-    u*g*((1 - m)|old| + m * v_unbiased * (1 + |mu| / sqrt(v))).
+    1 / num_batches_tracked (after the increment) when momentum is None.
+
+    The tolerance is the round-off of the two quantities compared, per channel, with
+    u = finfo(dtype).eps and g = 1 + log2(n), times ``EMA_SAFETY * rtol``:
+
+    * the update itself (two products and a sum in the buffer's dtype):
+      ``2 * u * ((1 - m) * |old| + m * |batch|)``;
+    * the batch statistic, estimated by the layer and by bncheck from the same n values
+      (summation error ``u * g`` relative to the values summed, at most linear in the
+      conditioning ``1 + |mu| / sqrt(v)`` for Welford/pairwise variance):
+      ``m * u * g * (sqrt(v) + sqrt(n) * |mu|)`` for the mean (an offset accumulates
+      sequentially in sums over an outer dim) and
+      ``m * u * g * v_unbiased * min(1 + |mu| / sqrt(v), 1 + mu^2 / v)`` for the variance,
+      plus the square of the mean's own round-off (a two-pass variance grows by delta^2).
+
+    Only the batch term carries g: the old value is copied, not summed. A biased-variance
+    update differs from the unbiased one by ``m * v / (n - 1)``, so it is caught while that
+    exceeds the tolerance (up to n = 16384 with momentum 0.1, old ~ v and |mu| <= sqrt(v) in
+    float32; the rule page has the table).
     """
     st = call.input_stats
     before, after = call.before, call.after
@@ -383,7 +421,8 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     v_unb = biased * n / (n - 1)
     sd = np.sqrt(np.maximum(biased, 0.0))
     u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
-    k = EMA_SAFETY * rtol * u * (1 + math.log2(n))
+    k = EMA_SAFETY * rtol * u
+    g = 1 + math.log2(n)
     if m is None:  # infer the momentum from the mean update
         delta = mu - old_m
         ok = np.abs(delta) > 1e-3 * (np.abs(old_m) + sd + 1e-12)
@@ -391,10 +430,21 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
             return None
         m = float(np.median((new_m - old_m)[ok] / delta[ok]))
         how = f"inferred momentum {m:.3g}"
-    tol_m = k * ((1 - m) * np.abs(old_m) + m * (np.abs(mu) + sd)) + 1e-30
+    m_abs = abs(m)
+    keep = abs(1 - m)
+    # the batch mean: a sum of n values; an offset mu accumulates sequentially in sums over
+    # an outer dim (random-walk error u * sqrt(n) * |mu|), the spread sd pairwise
+    root_n = math.sqrt(n)
+    tol_m = k * (
+        2 * (keep * np.abs(old_m) + m_abs * np.abs(mu)) + m_abs * g * (sd + root_n * np.abs(mu))
+    )
     spread = np.minimum(np.abs(mu) / np.maximum(sd, 1e-30), 1e6)
-    tol_v = k * ((1 - m) * np.abs(old_v) + m * v_unb * (1 + spread)) + 1e-30
-    tol_v = np.minimum(tol_v, k * ((1 - m) * np.abs(old_v) + m * (v_unb + mu**2)) + 1e-30)
+    conditioning = np.minimum(1 + spread, 1 + spread**2)
+    # a mean off by delta adds delta^2 to a two-pass variance
+    mean_off = u * g * (1 + root_n * spread)
+    tol_v = k * (2 * (keep * np.abs(old_v) + m_abs * v_unb) + m_abs * g * v_unb * conditioning)
+    tol_v = tol_v + EMA_SAFETY * rtol * m_abs * v_unb * mean_off**2
+    tol_m, tol_v = tol_m + 1e-30, tol_v + 1e-30
     exp_m = (1 - m) * old_m + m * mu
     exp_v = (1 - m) * old_v + m * v_unb
     problems: list[dict[str, Any]] = []
@@ -637,6 +687,9 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
         )
         return
     bn = ctx.layer(layer)
+    if not upstream_too and batch_stats_in_eval(bn):  # one setting, one finding (h3b)
+        ctx.notes.append(no_running_stats_note(bn, "eval-batch-dependence"))
+        return
     if upstream_too:
         yield ctx.finding(
             "eval-batch-dependence",
@@ -870,26 +923,130 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- stat-drift ------------------------------------------------------------------------------
+#: Below this share of the initial values (0 and 1) left in the running statistics, a layer
+#: counts as converged: (1 - momentum) ** num_batches_tracked.
+UNCONVERGED_SHARE = 0.05
+#: The first BN layer "agrees with the data" while its drift is below this fraction of the
+#: tolerances (in units of drift_mean_z and of log(drift_var_ratio)).
+ENTRY_AGREES = 0.5
+#: Drift within this many standard errors of the batch-to-batch spread is sampling noise.
+NOISE_SIGMAS = 3.0
+
+
+def _drift_measure(
+    rm: torch.Tensor, rv: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: |running_mean - mean| in data std, and |log((running_var + eps) / (var +
+    eps))|."""
+    z = (rm - mean).abs() / (var + eps).sqrt()
+    log_ratio = ((rv.clamp_min(0) + eps) / (var + eps)).log().abs()
+    return z, log_ratio
+
+
+def _sampling_noise(stats: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per channel, how far running statistics may sit from the data's by sampling alone:
+    ``NOISE_SIGMAS * spread * sqrt(1 / batches + 1 / 4)``, with ``spread`` the batch-to-batch
+    standard deviation of the batch means (in data std) and of the log batch variances (at
+    least the layer's median over channels). The 1/4 stands for running statistics averaged
+    over at least four batches (an EMA with momentum 0.1 averages about 19). ``None`` with
+    fewer than two batches."""
+    means, variances = getattr(stats, "batch_means", None), getattr(stats, "batch_vars", None)
+    if means is None or variances is None or means.shape[0] < 2:
+        return None
+    scale = NOISE_SIGMAS * math.sqrt(1.0 / means.shape[0] + 0.25)
+    z_spread = means.std(0) / (stats.var + eps).sqrt()
+    log_spread = (variances.clamp_min(0) + eps).log().std(0)
+    # a spread from a few batches is itself noisy: no channel gets less than the layer's median
+    z_spread = z_spread.clamp_min(float(z_spread.median()))
+    log_spread = log_spread.clamp_min(float(log_spread.median()))
+    return scale * z_spread, scale * log_spread
+
+
+def _initial_share(layer: BNLayer) -> float:
+    """(1 - momentum) ** num_batches_tracked: the weight the initial values (0 and 1) still
+    have in the running statistics; 0 for momentum=None (the first update replaces them)."""
+    nbt = layer.num_batches_tracked
+    m = layer.momentum
+    if nbt is None or m is None or not 0 < m <= 1:
+        return 0.0
+    return float((1 - m) ** int(nbt.reshape(-1)[0]))
+
+
+def _never_trained(layer: BNLayer) -> bool:
+    return stats_at_init(layer) or (statistics_never_move(layer) and stats_at_initial_values(layer))
+
+
 @check("stat-drift")
 def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
+    """Running statistics against the statistics of ``data=``, with the cause that fits.
+
+    * never trained: statistics at their initial values (counter 0, or momentum=0);
+    * too few updates: (1 - momentum) ** num_batches_tracked >= ``UNCONVERGED_SHARE`` and the
+      first BN layer's statistics match that mix of initial values and data (info);
+    * data shift: the first BN layer (in call order) already sees data unlike its statistics
+      (by ``ENTRY_AGREES`` of the tolerances or more) - the data differs from what the
+      statistics were collected on (warning);
+    * lag: the first layer agrees and deeper layers drift - the running averages trail the
+      last weight updates, as after a training run with a large final learning rate; fixed
+      by recalibrating (info).
+
+    Channels whose drift is within the sampling noise of the batches (``_sampling_noise``)
+    are not counted.
+    """
     obs = _obs(ctx)
     if obs is None or obs.drift is None:
         return
     z_max = ctx.tol("drift_mean_z")
-    ratio_max = ctx.tol("drift_var_ratio")
-    for layer in ctx.layers:
-        stats = obs.drift.get(layer.name)
+    log_ratio_max = math.log(max(ctx.tol("drift_var_ratio"), 1.0 + 1e-12))
+    layers = _layers(ctx)
+    measured: list[tuple[BNLayer, Any, torch.Tensor, torch.Tensor, float]] = []
+    for name, stats in obs.drift.items():  # in the order the data pass called the layers
+        layer = layers.get(name)
+        if layer is None:
+            continue
         rm, rv = layer.running_mean, layer.running_var
-        if stats is None or rm is None or rv is None or rm.shape != stats.mean.shape:
+        if rm is None or rv is None or rm.shape != stats.mean.shape:
             continue
         eps = layer.eps if layer.eps is not None and layer.eps > 0 else 1e-5
         with torch.no_grad():
             rm_d, rv_d = rm.detach().double().cpu(), rv.detach().double().cpu()
-            z = (rm_d - stats.mean).abs() / (stats.var + eps).sqrt()
-            ratio = (rv_d.clamp_min(0) + eps) / (stats.var + eps)
-            log_ratio = ratio.log().abs()
+        z, log_ratio = _drift_measure(rm_d, rv_d, stats.mean, stats.var, eps)
+        noise = _sampling_noise(stats, eps)
+        if noise is not None:  # only drift beyond sampling noise is evidence
+            z = torch.where(z > noise[0], z, torch.zeros_like(z))
+            log_ratio = torch.where(log_ratio > noise[1], log_ratio, torch.zeros_like(log_ratio))
+        measured.append((layer, stats, z, log_ratio, eps))
+    if not measured:
+        return
+
+    def relative(z: torch.Tensor, log_ratio: torch.Tensor) -> float:
+        return max(float(z.max()) / z_max, float(log_ratio.max()) / log_ratio_max)
+
+    # the model-wide cause, judged on the first layer with statistics from training
+    entry = next((m for m in measured if not _never_trained(m[0])), None)
+    cause = "lag"
+    if entry is not None:
+        layer, stats, z, log_ratio, eps = entry
+        share = _initial_share(layer)
+        if share >= UNCONVERGED_SHARE:
+            # what the running statistics would hold after those updates on this data
+            mixed_mean = (1 - share) * stats.mean
+            mixed_var = share + (1 - share) * stats.var
+            z_mix, lr_mix = _drift_measure(
+                layer.running_mean.detach().double().cpu(),  # type: ignore[union-attr]
+                layer.running_var.detach().double().cpu(),  # type: ignore[union-attr]
+                mixed_mean,
+                mixed_var,
+                eps,
+            )
+            if relative(z_mix, lr_mix) < ENTRY_AGREES:
+                cause = "few updates"
+        if cause != "few updates" and relative(z, log_ratio) >= ENTRY_AGREES:
+            cause = "data shift"
+    untrained_reported = "untrained-stats" in ctx.rule_ids
+    for layer, stats, z, log_ratio, _eps in measured:
         bad_mean = z > z_max
-        bad_var = log_ratio > math.log(max(ratio_max, 1.0 + 1e-12))
+        bad_var = log_ratio > log_ratio_max
         bad = bad_mean | bad_var
         if not bool(bad.any()):
             continue
@@ -901,21 +1058,80 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
         if bool(bad_var.any()):
             worst = float(torch.where(bad_var, log_ratio, torch.zeros_like(log_ratio)).max())
             parts.append(
-                f"running_var / data var off by up to x{math.exp(worst):.3g} > x{ratio_max:g}"
+                f"running_var / data var off by up to x{math.exp(worst):.3g} > "
+                f"x{math.exp(log_ratio_max):g}"
             )
+        measured_text = (
+            f"({stats.batches} batches, {stats.count} values per channel): "
+            + "; ".join(parts)
+            + f" ({channel_list(bad)} of {bad.numel()})"
+        )
+        recalibrate = (
+            "recalibrate on representative data: bncheck.recalibrate(model, data) or "
+            "torch.optim.swa_utils.update_bn(loader, model)"
+        )
+        share = _initial_share(layer)
+        severity: str | None = None
+        if _never_trained(layer):
+            if untrained_reported and (statistics_never_move(layer) or not layer.module.training):
+                continue  # untrained-stats reports this layer (one cause, one finding)
+            layer_cause = "never trained"
+            text = (
+                "running statistics were never trained (still mean 0, var 1"
+                + (", momentum=0" if statistics_never_move(layer) else ", num_batches_tracked 0")
+                + f"), so they are far from the statistics of the given data {measured_text}"
+            )
+            hint = recalibrate
+        elif cause == "few updates" and share >= UNCONVERGED_SHARE:
+            layer_cause = "few updates"
+            nbt = int(layer.num_batches_tracked.reshape(-1)[0])  # type: ignore[union-attr]
+            text = (
+                f"running statistics have had only {nbt} update{'s' if nbt != 1 else ''} at "
+                f"momentum {layer.momentum:g}, so {share:.0%} of their initial values (0 and 1) "
+                f"remain; they are far from the statistics of the given data {measured_text}"
+            )
+            hint = "run more train-mode batches before evaluating, or " + recalibrate
+            severity = "info"
+        elif cause == "data shift":
+            layer_cause = "data shift"
+            assert entry is not None
+            first = (
+                "this is the first BN layer, and its input"
+                if layer is entry[0]
+                else f"the first BN layer ({entry[0].name}) already"
+            )
+            text = (
+                f"running statistics are far from the statistics of the given data "
+                f"{measured_text}; {first} differs from the data the statistics were "
+                "collected on"
+            )
+            hint = (
+                "check the preprocessing (scale, mean/std, channel order, resolution) against "
+                "training; if this data is the new target domain, " + recalibrate
+            )
+        else:
+            layer_cause = "lag"
+            first = entry[0].name if entry is not None else "the first BN layer"
+            text = (
+                f"running statistics lag the weights: far from the statistics of the given "
+                f"data {measured_text}, while the first BN layer ({first}) agrees with the "
+                "data, so the drift builds up inside the network: the running averages mix "
+                "statistics of earlier weights (large final learning rate, averaged or "
+                "fine-tuned weights) or of noisy small-batch statistics upstream"
+            )
+            hint = recalibrate + " after training (with large batches)"
+            severity = "info"
         yield ctx.finding(
             "stat-drift",
             layer,
-            f"running statistics are far from the statistics of the given data "
-            f"({stats.batches} batches, {stats.count} values per channel): "
-            + "; ".join(parts)
-            + f" ({channel_list(bad)} of {bad.numel()})",
-            hint="recompute the statistics on representative data "
-            "(torch.optim.swa_utils.update_bn) or check the input preprocessing",
+            text,
+            hint=hint,
+            severity=severity,
+            cause=layer_cause,
             max_mean_z=float(z.max()),
-            max_var_ratio=float(ratio.max()),
-            min_var_ratio=float(ratio.min()),
+            max_var_ratio=float(math.exp(float(log_ratio.max()))),
             channels=_indices(bad),
             fraction=float(bad.double().mean()),
             batches=stats.batches,
+            initial_share=share,
         )

@@ -6,7 +6,7 @@ two different convolutions; it does not for one encoder applied to two augmented
 (SimSiam, BYOL), a siamese encoder, or ghost / virtual batch norm (TabNet: one BN applied to
 chunks of one batch), where every call sees the same distribution and the blend is the
 right statistic. :func:`calls_differ` tells the two apart from the per-channel statistics of
-each call's input, beyond sampling noise.
+each call's input (means and variances), beyond sampling noise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["calls_differ", "pair_z", "DIFFER_Z", "DIFFER_FRACTION"]
+__all__ = ["calls_differ", "calls_alike", "pair_z", "DIFFER_Z", "DIFFER_FRACTION"]
 
 #: A channel whose batch means are further apart than this many standard errors differs;
 #: the calls differ when at least ``DIFFER_FRACTION`` of the channels do.
@@ -75,4 +75,44 @@ def calls_differ(calls: Sequence[Any]) -> bool | None:
         z = pair_z(sa.mean, va, a.batch_size, sb.mean, vb, b.batch_size)
         if float((z > DIFFER_Z).double().mean()) >= DIFFER_FRACTION:
             return True
+        # the variances too: a running_var blended from two scales is as wrong as a blended
+        # mean (the same conv applied again at another depth often keeps the mean near 0)
+        qa = getattr(sa, "sample_sq_var", None)
+        qb = getattr(sb, "sample_sq_var", None)
+        if qa is not None and qb is not None:
+            zv = pair_z(sa.var, qa, a.batch_size, sb.var, qb, b.batch_size)
+            if float((zv > DIFFER_Z).double().mean()) >= DIFFER_FRACTION:
+                return True
     return False
+
+
+#: Calls are "alike" when, in at least this fraction of the channels, their means are within
+#: ``ALIKE_MEAN`` standard deviations and their variances within a factor ``ALIKE_VAR``.
+ALIKE_FRACTION = 0.75
+ALIKE_MEAN = 0.5
+ALIKE_VAR = 2.0
+
+
+def calls_alike(calls: Sequence[Any]) -> bool:
+    """Positive evidence that ``calls`` see one distribution: no difference beyond sampling
+    noise (:func:`calls_differ` is False) *and* small effect sizes (means within half a
+    standard deviation, variances within a factor 2: what batch-to-batch noise of a BN1d layer at
+    batch 32 reaches) in most channels. A small batch whose noise hides a real difference (one
+    conv applied again at another depth, with 3x the variance) is therefore not taken as "one
+    distribution"."""
+    if calls_differ(calls) is not False:
+        return False
+    usable = [c for c in calls if getattr(c, "input_stats", None) is not None]
+    for a, b in itertools.combinations(usable, 2):
+        sa, sb = a.input_stats, b.input_stats
+        va = torch.as_tensor(sa.var, dtype=torch.float64).clamp(min=1e-300)
+        vb = torch.as_tensor(sb.var, dtype=torch.float64).clamp(min=1e-300)
+        diff = (
+            torch.as_tensor(sa.mean, dtype=torch.float64)
+            - torch.as_tensor(sb.mean, dtype=torch.float64)
+        ).abs()
+        close_mean = diff <= ALIKE_MEAN * torch.maximum(va, vb).sqrt()
+        close_var = torch.maximum(va, vb) / torch.minimum(va, vb) <= ALIKE_VAR
+        if float((close_mean & close_var).double().mean()) < ALIKE_FRACTION:
+            return False
+    return True

@@ -13,7 +13,15 @@ from ..discovery import BNLayer
 from ..report import Finding
 from .registry import check
 
-__all__ = ["channel_list", "stats_at_init", "is_trained"]
+__all__ = [
+    "channel_list",
+    "stats_at_init",
+    "stats_at_initial_values",
+    "is_trained",
+    "batch_stats_in_eval",
+    "statistics_never_move",
+    "no_running_stats_note",
+]
 
 
 def channel_list(mask: torch.Tensor, limit: int = 3) -> str:
@@ -34,16 +42,47 @@ def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
             yield layer
 
 
-def stats_at_init(layer: BNLayer) -> bool:
-    """Running statistics exactly at PyTorch's initial values (mean 0, var 1, counter 0)."""
-    rm, rv, nbt = layer.running_mean, layer.running_var, layer.num_batches_tracked
+def stats_at_initial_values(layer: BNLayer) -> bool:
+    """running_mean all 0 and running_var all 1 (PyTorch's initial values), whatever the
+    counter says."""
+    rm, rv = layer.running_mean, layer.running_var
     if rm is None or rv is None:
         return False
     with torch.no_grad():
-        at_init = bool((rm == 0).all()) and bool((rv == 1).all())
+        return bool((rm == 0).all()) and bool((rv == 1).all())
+
+
+def stats_at_init(layer: BNLayer) -> bool:
+    """Running statistics exactly at PyTorch's initial values (mean 0, var 1, counter 0)."""
+    nbt = layer.num_batches_tracked
     if nbt is not None and int(nbt.reshape(-1)[0]) != 0:
         return False
-    return at_init
+    return stats_at_initial_values(layer)
+
+
+def statistics_never_move(layer: BNLayer) -> bool:
+    """``momentum == 0`` on a layer that tracks running statistics: train-mode forwards count
+    (num_batches_tracked) but never change running_mean/running_var."""
+    return layer.momentum == 0 and layer.has_running_stats and layer.track_running_stats
+
+
+def batch_stats_in_eval(layer: BNLayer) -> bool:
+    """A standard BN layer built with ``track_running_stats=False``: it has no running
+    statistics, so eval mode normalises with the batch's statistics by design.
+
+    ``no-running-stats`` reports that setting; ``eval-batch-dependence`` calls this to leave
+    the batch dependence it causes to it (one setting, one finding).
+    """
+    return layer.standard and not layer.has_running_stats
+
+
+def no_running_stats_note(layer: BNLayer, rule_id: str) -> str:
+    """The note a rule leaves when it does not report what ``no-running-stats`` explains."""
+    return (
+        f"{rule_id}: {layer.name} normalises with batch statistics in eval mode because it was "
+        "built with track_running_stats=False; reported once, as no-running-stats (layers "
+        "after it were not judged)"
+    )
 
 
 def _affine_at_init(layer: BNLayer) -> bool:
@@ -241,14 +280,36 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
     if missing:
         yield from _missing_stats(ctx, missing)
     hits = []
+    frozen_at_init = []
     for layer in _usable(ctx.layers):
-        if layer.name in missing or not layer.has_running_stats or not stats_at_init(layer):
+        if layer.name in missing or not layer.has_running_stats:
+            continue
+        if statistics_never_move(layer) and stats_at_initial_values(layer):
+            # momentum=0: they will never leave 0 and 1, in train mode or eval mode
+            frozen_at_init.append(layer)
+            continue
+        if not stats_at_init(layer):
             continue
         # Only a layer used for inference (eval mode) is judged: in train mode initial
         # statistics are expected, whatever gamma/beta hold (zero_init_residual, custom init).
         if layer.module.training:
             continue
         hits.append((layer, True, not _affine_at_init(layer)))
+    for layer in frozen_at_init:
+        nbt = layer.num_batches_tracked
+        count = int(nbt.reshape(-1)[0]) if nbt is not None else 0
+        seen = f" after {count} train-mode forward{'s' if count != 1 else ''}" if count else ""
+        yield ctx.finding(
+            "untrained-stats",
+            layer,
+            f"momentum=0: running_mean/running_var never move, and they are still the initial "
+            f"values (mean 0, var 1){seen}; eval normalises with statistics no data produced",
+            hint="use momentum=0.1 (PyTorch's default) or momentum=None (cumulative average); "
+            "for batch statistics at inference, use track_running_stats=False",
+            momentum=0.0,
+            num_batches_tracked=count,
+            eval_mode=not layer.module.training,
+        )
     if not hits:
         return
     hint = (
@@ -318,6 +379,15 @@ def _missing_stats(ctx: AuditContext, missing: Any) -> Iterator[Finding]:
         )
 
 
+def zero_initialised(weight: torch.Tensor) -> bool:
+    """gamma exactly 0 in every channel: a deliberate initialisation (``zero_init_residual``,
+    timm's ``zero_init_last``, skip-init), not something an optimizer learned. One step of
+    any optimizer moves such a gamma off exact zero (its gradient is the sum of
+    ``grad_out * x_hat``, zero only for a dead branch)."""
+    with torch.no_grad():
+        return bool((weight.detach() == 0).all())
+
+
 @check("dead-channels")
 def dead_channels(ctx: AuditContext) -> Iterator[Finding]:
     atol = ctx.tol("dead_gamma_atol")
@@ -325,9 +395,11 @@ def dead_channels(ctx: AuditContext) -> Iterator[Finding]:
         w = layer.weight
         if w is None or not w.is_floating_point() or not is_trained(layer):
             continue
+        if zero_initialised(w):
+            continue  # judged only on learned gamma: a whole layer at exactly 0 is an init
         with torch.no_grad():
             dead = w.detach().abs() <= atol
-        if not bool(dead.any()) or bool(dead.all()) and stats_at_init(layer):
+        if not bool(dead.any()):
             continue
         yield ctx.finding(
             "dead-channels",

@@ -1,0 +1,114 @@
+"""stat-drift names the cause: never trained, too few updates, lag behind the weights, or a
+shift of the data; lag and too few updates are info with a recalibration hint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from zoo import TwoBlock, image_batch, trained
+
+import bncheck
+
+
+def drift(model: nn.Module, data: list[torch.Tensor], **kw) -> list[bncheck.Finding]:
+    return bncheck.audit(model, data[0], data=data, select=["stat-drift"], **kw).findings
+
+
+def data(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
+    return [image_batch(16, seed=seed + s) for s in range(n)]
+
+
+def converged() -> TwoBlock:
+    """Statistics collected on the data distribution at the current weights."""
+    torch.manual_seed(0)
+    model = TwoBlock()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: exact statistics of the batches seen
+    trained(model, torch.cat(data(seed=100, n=8)), steps=1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1
+            m.num_batches_tracked.fill_(500)
+    return model.eval()
+
+
+def test_converged_statistics_on_the_same_data_are_quiet() -> None:
+    assert drift(converged(), data()) == []
+
+
+def test_weights_that_moved_after_the_statistics_is_lag_at_info() -> None:
+    model = converged()
+    with torch.no_grad():  # the last updates of the deeper conv, not yet in the averages
+        model.block2[0].weight.mul_(3.0)
+    (finding,) = drift(model, data())
+    assert finding.layer == "block2.1"
+    assert finding.severity == "info" and finding.details["cause"] == "lag"
+    assert "lag the weights" in finding.message and "(block1.1) agrees" in finding.message
+    assert "bncheck.recalibrate" in finding.message and "update_bn" in finding.message
+    assert "preprocessing" not in finding.message
+    update_bn(data(seed=50), model)  # the fix it suggests
+    assert drift(model.eval(), data()) == []
+
+
+def test_shifted_data_is_a_warning_that_blames_the_data() -> None:
+    model = converged()
+    shifted = [3 * x + 2 for x in data()]
+    findings = drift(model, shifted)
+    assert [f.layer for f in findings][0] == "block1.1"
+    assert {f.severity for f in findings} == {"warning"}
+    assert {f.details["cause"] for f in findings} == {"data shift"}
+    assert "this is the first BN layer" in findings[0].message
+    assert "preprocessing" in findings[0].message
+
+
+def test_statistics_with_few_updates_are_info_and_say_how_many() -> None:
+    torch.manual_seed(0)
+    model = trained(TwoBlock(), data(seed=100, n=1)[0], steps=3)
+    findings = drift(model, data())
+    assert findings and {f.severity for f in findings} == {"info"}
+    assert {f.details["cause"] for f in findings} == {"few updates"}
+    assert "only 3 updates at momentum 0.1, so 73% of their initial values" in findings[0].message
+
+
+def test_shift_on_statistics_with_few_updates_is_still_a_shift() -> None:
+    torch.manual_seed(0)
+    model = trained(TwoBlock(), data(seed=100, n=1)[0], steps=3)
+    findings = drift(model, [10 * x + 5 for x in data()])
+    assert findings[0].layer == "block1.1" and findings[0].details["cause"] == "data shift"
+    assert findings[0].severity == "warning"
+
+
+def test_never_trained_statistics_say_so() -> None:
+    model = TwoBlock().train()  # statistics at 0 and 1, counter 0; train mode
+    findings = drift(model, [3 * x + 1 for x in data()])
+    assert findings and {f.details["cause"] for f in findings} == {"never trained"}
+    assert "never trained" in findings[0].message and findings[0].severity == "warning"
+
+
+def test_never_trained_layers_in_eval_mode_are_left_to_untrained_stats() -> None:
+    model = TwoBlock().eval()
+    x = [3 * x + 1 for x in data()]
+    report = bncheck.audit(model, x[0], data=x, select=["stat-drift", "untrained-stats"])
+    assert report.rules_found() == {"untrained-stats"}
+
+
+def _bn_with_stats(mean: float) -> nn.Module:
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_mean.fill_(mean)
+        bn.num_batches_tracked.fill_(100)
+    return nn.Sequential(bn).eval()
+
+
+def test_drift_within_the_batch_to_batch_spread_is_not_evidence() -> None:
+    g = torch.Generator().manual_seed(0)
+    steady = [torch.randn(64, 4, generator=g) for _ in range(4)]
+    # batches whose means scatter by about one std (e.g. class-sorted): same pooled statistics
+    centres = [0.9, -0.9, 0.9, -0.9]
+    scattered = [c + 0.5 * torch.randn(64, 4, generator=g) for c in centres]
+    (finding,) = drift(_bn_with_stats(0.8), steady)
+    assert finding.details["cause"] == "data shift"
+    assert drift(_bn_with_stats(0.8), scattered) == []
+    assert drift(_bn_with_stats(4.0), scattered)  # far beyond the spread: still found
