@@ -165,9 +165,7 @@ def _with_facts(ctx: AuditContext, facts: AuditFacts | None) -> None:
     if facts is None:
         return
     if not isinstance(facts, AuditFacts):
-        raise UsageError(
-            f"facts= must be a bncheck.context.AuditFacts, got {type(facts).__name__}"
-        )
+        raise UsageError(f"facts= must be a bncheck.context.AuditFacts, got {type(facts).__name__}")
     ctx.facts = facts
     ctx.notes.extend(facts.notes)
 
@@ -294,8 +292,7 @@ def run_report(
     """
     if not isinstance(run, RunObservations):
         raise UsageError(
-            f"run_report needs a bncheck.checks.training.RunObservations, got "
-            f"{type(run).__name__}"
+            f"run_report needs a bncheck.checks.training.RunObservations, got {type(run).__name__}"
         )
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
     _with_facts(ctx, facts)
@@ -331,19 +328,7 @@ def run_report(
             run_nonfinite[f.layer].details["at_end"] = dict(f.details)
         else:
             kept.append(f)
-    return Report(
-        kept + judged,
-        source=source,
-        skipped=ctx.skipped,
-        notes=ctx.notes,
-        settings={
-            "select": ctx.rule_ids,
-            "tolerances": ctx.tolerances,
-            "rules": [r for r in ctx.rule_ids if r not in ctx.skipped],
-            **(settings or {}),
-        },
-        layers=[lyr.name for lyr in ctx.layers],
-    )
+    return _report(ctx, kept + judged, source, settings=settings)
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -482,6 +467,18 @@ def _audit(
     findings = run_rules(ctx, available)
     if forward_error is not None and ctx.facts.bad_input_hint is not None:
         _raise_if_input_fault(ctx, findings, inner, example_input, source)
+    return _report(ctx, findings, source, forward_error=forward_error)
+
+
+def _report(
+    ctx: AuditContext,
+    findings: list[Finding],
+    source: str | None,
+    *,
+    forward_error: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Report:
+    """The Report of an audit or a run: findings, skip reasons and notes from ``ctx``."""
     return Report(
         findings,
         source=source,
@@ -491,6 +488,7 @@ def _audit(
             "select": ctx.rule_ids,
             "tolerances": ctx.tolerances,
             "rules": [r for r in ctx.rule_ids if r not in ctx.skipped],
+            **(settings or {}),
         },
         layers=[layer.name for layer in ctx.layers],
         forward_error=forward_error,
