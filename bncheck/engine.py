@@ -7,7 +7,8 @@ them. The engine never changes the user's model: see :mod:`bncheck.state`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .checks.catalogue import NEEDS, info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
+from .checks.training import TRAINING_RULES, RunObservations, run_findings
 from .context import AuditContext, AuditFacts
 from .discovery import find_bn_layers, unwrap_model
 from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, first_line
@@ -23,6 +25,7 @@ from .state import Snapshot, audit_lock, audit_pass, preserved
 
 __all__ = [
     "audit",
+    "run_report",
     "prepare",
     "run_rules",
     "forward_stages",
@@ -30,11 +33,16 @@ __all__ = [
     "AuditFacts",
     "CANNOT_GIVE",
     "FORWARD_NEEDS",
+    "RUN_NEEDS",
+    "run_judged",
     "first_line",
 ]
 
 #: Rule needs that are met by the audit's forward passes.
 FORWARD_NEEDS = frozenset({"forward", "user batch", "data"})
+
+#: Rule needs that only a training run watched by a Monitor meets.
+RUN_NEEDS = frozenset({"training run", "distributed"})
 
 _NOT_IN_AUDIT = {
     "training run": "needs a training run: watch one with bncheck.Monitor",
@@ -47,6 +55,9 @@ CANNOT_GIVE = {
     "optimizer": "needs the optimizer{0}: in Python, bncheck.audit(model, x, optimizer=opt)",
     "data": "needs batches of real data{0}: in Python, bncheck.audit(model, x, data=loader)",
     "user batch": "judges only the batch you train with{0}; a synthetic input is not judged",
+    # a Monitor's run that was not under torch.distributed (run_report decides it)
+    "distributed": "needs torch.distributed with more than one rank while the Monitor was "
+    "attached{0}",
 }
 
 
@@ -95,7 +106,7 @@ def prepare(
     *,
     select: str | Iterable[str] | None = None,
     ignore: str | Iterable[str] | None = None,
-    tolerances: dict[str, Any] | None = None,
+    tolerances: Mapping[str, Any] | None = None,
     source: str | None = None,
 ) -> AuditContext:
     """Validate the arguments, find the BN layers and build the context the rules read."""
@@ -147,6 +158,16 @@ def run_rules(ctx: AuditContext, available: set[str]) -> list[Finding]:
             ctx.skipped[rid] = skip_reason(need, facts)
     ctx.skipped.update(unknown)
     return findings
+
+
+def _with_facts(ctx: AuditContext, facts: AuditFacts | None) -> None:
+    """Hand the front end's facts to the context; their notes come first."""
+    if facts is None:
+        return
+    if not isinstance(facts, AuditFacts):
+        raise UsageError(f"facts= must be a bncheck.context.AuditFacts, got {type(facts).__name__}")
+    ctx.facts = facts
+    ctx.notes.extend(facts.notes)
 
 
 def audit(
@@ -213,13 +234,7 @@ def audit(
         select, ignore = merged.pop("select", None), merged.pop("ignore", None)
         tolerances = merged
     ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
-    if facts is not None:
-        if not isinstance(facts, AuditFacts):
-            raise UsageError(
-                f"facts= must be a bncheck.context.AuditFacts, got {type(facts).__name__}"
-            )
-        ctx.facts = facts
-        ctx.notes.extend(facts.notes)
+    _with_facts(ctx, facts)
     with audit_lock(ctx.model), audit_pass(model, ctx.model):
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
         with preserved(ctx.model, optimizers) as snapshot:
@@ -238,6 +253,82 @@ def audit(
 
         report = finish_report(report, config)
     return report
+
+
+def run_judged() -> tuple[str, ...]:
+    """The training-run rules whose catalogue need is not a run (``nonfinite-stats`` needs
+    the buffers, ``small-batch`` the user's batch, ``stat-drift`` data): their check function
+    judges something else in an audit, and a run report adds what the run showed, with the
+    step (in the order the training-run rules are evaluated)."""
+    return tuple(rid for rid in TRAINING_RULES if info_for(rid).needs not in RUN_NEEDS)
+
+
+def run_report(
+    model: nn.Module,
+    run: RunObservations,
+    *,
+    optimizer: Any = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    tolerances: Mapping[str, Any] | None = None,
+    source: str | None = None,
+    facts: AuditFacts | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Report:
+    """The Report of a training run, the counterpart of :func:`audit` for
+    :class:`bncheck.Monitor`: the rules that need the model, its buffers or the optimizer
+    judge the model as it is now, the training-run rules judge ``run`` (the
+    :class:`~bncheck.checks.training.RunObservations` a Monitor gathered, a fact like any
+    other). The engine decides which rules run and words every skip reason
+    (:func:`skip_reason`): the forward-pass rules are skipped (a run has no example input),
+    the distributed rules when ``run`` was not under ``torch.distributed`` with more than one
+    rank (:data:`CANNOT_GIVE`). The rules of :func:`run_judged` are never skipped: their
+    findings come from the run and carry the step; a run's ``nonfinite-stats`` finding
+    replaces the end-of-run one of its layer, which is kept in ``details["at_end"]``.
+
+    ``facts``: the front end's :class:`~bncheck.context.AuditFacts` (its notes come first);
+    ``settings``: extra entries of ``Report.settings`` (the Monitor's step count). The model
+    is left as it was. Never runs the model.
+    """
+    if not isinstance(run, RunObservations):
+        raise UsageError(
+            f"run_report needs a bncheck.checks.training.RunObservations, got {type(run).__name__}"
+        )
+    ctx = prepare(model, select=select, ignore=ignore, tolerances=tolerances, source=source)
+    _with_facts(ctx, facts)
+    ctx.optimizer = optimizer
+    ctx.run = run
+    available = {"model", "buffers", "training run"}
+    if optimizer is not None:
+        available.add("optimizer")
+    if run.distributed:
+        available.add("distributed")
+    elif "distributed" not in ctx.facts.cannot_give:
+        ctx.facts = dataclasses.replace(
+            ctx.facts, cannot_give={**ctx.facts.cannot_give, "distributed": ""}
+        )
+    # what the run cannot give is listed first
+    for rid in ctx.rule_ids:
+        need = get_rule(rid).needs
+        if need not in available and need in ctx.facts.cannot_give:
+            ctx.skipped[rid] = skip_reason(need, ctx.facts)
+    with preserved(ctx.model):
+        findings = run_rules(ctx, available)
+    judged: list[Finding] = []
+    for rid in run_judged():
+        if rid in ctx.rule_ids:
+            ctx.skipped.pop(rid, None)
+            judged.extend(run_findings(ctx, rid))
+    # the run's nonfinite finding (with its step) replaces the end-of-run one of the same
+    # layer; the channels the end-of-run check lists are kept in its details
+    run_nonfinite = {f.layer: f for f in judged if f.rule == "nonfinite-stats"}
+    kept: list[Finding] = []
+    for f in findings:
+        if f.rule == "nonfinite-stats" and f.layer in run_nonfinite:
+            run_nonfinite[f.layer].details["at_end"] = dict(f.details)
+        else:
+            kept.append(f)
+    return _report(ctx, kept + judged, source, settings=settings)
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -376,6 +467,18 @@ def _audit(
     findings = run_rules(ctx, available)
     if forward_error is not None and ctx.facts.bad_input_hint is not None:
         _raise_if_input_fault(ctx, findings, inner, example_input, source)
+    return _report(ctx, findings, source, forward_error=forward_error)
+
+
+def _report(
+    ctx: AuditContext,
+    findings: list[Finding],
+    source: str | None,
+    *,
+    forward_error: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Report:
+    """The Report of an audit or a run: findings, skip reasons and notes from ``ctx``."""
     return Report(
         findings,
         source=source,
@@ -385,6 +488,7 @@ def _audit(
             "select": ctx.rule_ids,
             "tolerances": ctx.tolerances,
             "rules": [r for r in ctx.rule_ids if r not in ctx.skipped],
+            **(settings or {}),
         },
         layers=[layer.name for layer in ctx.layers],
         forward_error=forward_error,

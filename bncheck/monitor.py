@@ -38,8 +38,9 @@ vectorised over the block.
 
 The code is split by job: :mod:`bncheck.monitor_hooks` (the hooks),
 :mod:`bncheck.monitor_numerics` (the flat buffers and the classification of several updates),
-this module (step bookkeeping), :mod:`bncheck.monitor_report` (the report) and
-:mod:`bncheck.monitor_views` (pandas and matplotlib).
+this module (step bookkeeping and the notes; the report itself is
+:func:`bncheck.engine.run_report` over the run's observations) and :mod:`bncheck.monitor_views`
+(pandas and matplotlib).
 
 What is kept (bounded memory)
 -----------------------------
@@ -86,13 +87,12 @@ from .checks.training import (
     record_episodes,
     record_rank_check,
 )
-from .context import AuditContext
+from .context import AuditContext, AuditFacts
 from .discovery import BNLayer, is_compiled, unwrap_model
-from .engine import first_line, prepare
+from .engine import first_line, prepare, run_report
 from .errors import BNCheckWarning, UsageError
 from .monitor_hooks import BACKWARD, INFERENCE, RECALIBRATION, Call, Recorder
 from .monitor_numerics import FlatBuffers, Snapshot
-from .monitor_report import run_report
 from .render import visible
 from .report import Report
 
@@ -558,6 +558,10 @@ class Monitor:
         buffers at each forward, whose ranks differ after the last step by design), and
         rank 0 gets one report merged
         over all ranks, the other ranks their own.
+
+        The Monitor only gathers: the run's observations and its notes go to
+        :func:`bncheck.engine.run_report`, which decides which rules run and why the others
+        were skipped, and assembles the report.
         """
         self._flush()
         if self._dist is not None and merge:
@@ -573,7 +577,7 @@ class Monitor:
             ignore=self._ignore,
             tolerances=self._tolerances,
             source=self.source,
-            notes=self._notes(),
+            facts=AuditFacts(notes=tuple(self._notes())),
             settings={"steps": self._step},
         )
         if self._dist is not None and merge:

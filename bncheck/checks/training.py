@@ -271,7 +271,7 @@ def run_rule(
     """Register a training-run rule class and, with ``check_function``, its check function
     (like ``@check``). Rules whose check function judges something else in an audit (the
     buffers, a batch, data) pass ``check_function=False``: the Monitor's report adds their
-    run findings itself (:data:`bncheck.monitor_report.RUN_JUDGED`)."""
+    run findings itself (:func:`bncheck.engine.run_judged`)."""
 
     def decorate(cls: type[TrainingRule]) -> type[TrainingRule]:
         cls.id = rule_id
