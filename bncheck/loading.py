@@ -872,6 +872,35 @@ def _fit_to_arch(
     return model, missing_stats
 
 
+@contextlib.contextmanager
+def _quiet_export_log() -> Iterator[list[str]]:
+    """Keep ``torch.export.load``'s logged traceback off stderr (the CLI prints one line);
+    yields the last line of each record it logged (the error it hit)."""
+    import logging
+
+    logger = logging.getLogger("torch.export")
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                text = record.getMessage()
+                if record.exc_info and record.exc_info[1] is not None:
+                    exc = record.exc_info[1]
+                    text = f"{type(exc).__name__}: {_first_line(exc)}"
+                tail = [t for t in text.strip().splitlines() if t.strip()]
+                if tail:
+                    lines.append(tail[-1].strip())
+
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers = [_Keep()]
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
 def _sample_input(saved: Any) -> Any:
     """An exported program's ``(args, kwargs)`` as the engine's input: tensor, tuple or dict."""
     if not isinstance(saved, tuple) or len(saved) != 2:
@@ -1140,9 +1169,13 @@ def load_model(
         if not trust_pickle:
             check_exported_program(path, path.stat().st_size)
         try:
-            with path.open("rb") as fh:  # a file object: any extension, no warning
+            with path.open("rb") as fh, _quiet_export_log() as logged:  # any extension
                 program = torch.export.load(fh)
         except Exception as exc:
+            if logged:  # torch logs the error it hit, then raises a vaguer one
+                raise LoadError(
+                    f"{path}: cannot load the torch.export archive ({logged[-1]})"
+                ) from exc
             raise _load_failure(path, fmt, exc) from exc
         obj = dict(program.state_dict)
         example_input = _sample_input(program.example_inputs)

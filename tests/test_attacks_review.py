@@ -205,3 +205,23 @@ def test_restore_may_run_twice_after_structure_changes():
         assert "added" not in model._buffers and not hasattr(model, "tag")
         model.register_buffer("added", torch.zeros(1))
     assert "added" not in model._buffers
+
+
+# ---- torch.export archives: torch's own logged traceback stays off stderr ---------------------
+def test_export_archive_torch_rejects_is_one_line_naming_the_cause(capfd, tmp_path):
+    import zipfile
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), clean)
+    path = tmp_path / "two_roots.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr("other/data/extra.bin", b"x")  # a second root: torch's reader refuses it
+    code = main(["audit", str(path)])
+    out, err = capfd.readouterr()
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "warnings above" not in err, err
+    assert re.search(r"not in a subdirectory", err), err
