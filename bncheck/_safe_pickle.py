@@ -736,6 +736,11 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
                 for key, value in state.items():
                     if not isinstance(key, str):
                         raise pickle.UnpicklingError("a non-string attribute name")
+                    if hasattr(type(inst), key):  # e.g. an OrderedDict whose items() is not
+                        raise pickle.UnpicklingError(
+                            f"BUILD sets {key!r} on a {type(inst).__name__}, hiding its own "
+                            "attribute of that name"
+                        )
                     inst.__dict__[key] = value
                 return
         hook = getattr(inst, "_bncheck_build", None)

@@ -212,7 +212,9 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
             f"--arch {spec}: importing {module_name!r} called sys.exit({exc.code!r}); an "
             "--arch module must import without exiting"
         ) from None
-    except Exception as exc:  # ImportError, or an error raised while importing
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # ImportError, or anything raised while importing
         raise UsageError(
             f"--arch {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
             f"{_first_line(exc)}); check the module is importable from the current directory "
@@ -224,9 +226,17 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
                 sys.path.remove(cwd)
     target: Any = module
     for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise UsageError(f"--arch {spec}: {module_name} has no attribute {attr_path!r}")
-        target = getattr(target, part)
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(
+                f"--arch {spec}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+        except Exception as exc:  # a module __getattr__ or a property that raises
+            raise UsageError(
+                f"--arch {spec}: looking up {attr_path!r} in {module_name} raised "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
     if not callable(target):
         raise UsageError(
             f"--arch {spec}: {attr_path} is a {type(target).__name__}, not a "
@@ -240,8 +250,11 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def build_arch(arch: ArchSpec, *, meta: bool = False) -> nn.Module:
-    """Call the architecture's factory (seeded, global RNG untouched); on ``meta`` if asked."""
+def build_arch(arch: ArchSpec, *, meta: bool = False, values: bool = True) -> nn.Module:
+    """Call the architecture's factory (seeded, global RNG untouched); on ``meta`` if asked.
+
+    ``values`` (off the meta device): the model must hold values, not meta tensors; off when a
+    checkpoint's tensors will be assigned to it (checked after that)."""
     try:
         with isolated_rng(0):
             if meta:
@@ -256,8 +269,10 @@ def build_arch(arch: ArchSpec, *, meta: bool = False) -> nn.Module:
             f"--arch {arch.label} called sys.exit({exc.code!r}) instead of returning a "
             "model; the factory must return a torch.nn.Module"
         ) from None
-    except Exception as exc:
-        if meta:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # GeneratorExit and other BaseExceptions too: one line
+        if meta and isinstance(exc, Exception):
             raise _MetaBuildFailed(exc) from exc
         raise UsageError(
             f"--arch {arch.label} raised {type(exc).__name__}: {_first_line(exc)} "
@@ -267,7 +282,20 @@ def build_arch(arch: ArchSpec, *, meta: bool = False) -> nn.Module:
         raise UsageError(
             f"--arch {arch.label} returned a {type(model).__name__}, not a torch.nn.Module"
         )
+    if not meta and values:
+        _require_values(model, f"--arch {arch.label}")
     return model
+
+
+def _require_values(model: nn.Module, what: str) -> None:
+    """Refuse a model with tensors on the meta device (shapes only): nothing to audit."""
+    empty = _leftover_meta(model)
+    if empty:
+        more = f", +{len(empty) - 3} more" if len(empty) > 3 else ""
+        raise UsageError(
+            f"{what} holds no values: {len(empty)} of its tensors are on the meta device "
+            f"({', '.join(empty[:3])}{more}); build the model on the CPU"
+        )
 
 
 class _MetaBuildFailed(Exception):
@@ -826,7 +854,7 @@ def _fit_to_arch(
         model = build_arch(arch, meta=True)
         on_meta = True
     except _MetaBuildFailed:
-        model = build_arch(arch, meta=False)
+        model = build_arch(arch, meta=False, values=False)
         on_meta = False
         notes.append(
             f"--arch {arch.label} cannot be built on the meta device; built it on the "
@@ -838,9 +866,39 @@ def _fit_to_arch(
     leftover = _leftover_meta(model) if on_meta else []
     if leftover:
         # Non-persistent buffers are not in a state dict: build for real and assign again.
-        model = build_arch(arch, meta=False)
+        model = build_arch(arch, meta=False, values=False)
         missing_stats = fit_state_dict(model, sd, arch.label, path, [])
+    _require_values(model, f"{path}: --arch {arch.label}")
     return model, missing_stats
+
+
+@contextlib.contextmanager
+def _quiet_export_log() -> Iterator[list[str]]:
+    """Keep ``torch.export.load``'s logged traceback off stderr (the CLI prints one line);
+    yields the last line of each record it logged (the error it hit)."""
+    import logging
+
+    logger = logging.getLogger("torch.export")
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                text = record.getMessage()
+                if record.exc_info and record.exc_info[1] is not None:
+                    exc = record.exc_info[1]
+                    text = f"{type(exc).__name__}: {_first_line(exc)}"
+                tail = [t for t in text.strip().splitlines() if t.strip()]
+                if tail:
+                    lines.append(tail[-1].strip())
+
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers = [_Keep()]
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.handlers, logger.propagate = saved
 
 
 def _sample_input(saved: Any) -> Any:
@@ -1111,9 +1169,13 @@ def load_model(
         if not trust_pickle:
             check_exported_program(path, path.stat().st_size)
         try:
-            with path.open("rb") as fh:  # a file object: any extension, no warning
+            with path.open("rb") as fh, _quiet_export_log() as logged:  # any extension
                 program = torch.export.load(fh)
         except Exception as exc:
+            if logged:  # torch logs the error it hit, then raises a vaguer one
+                raise LoadError(
+                    f"{path}: cannot load the torch.export archive ({logged[-1]})"
+                ) from exc
             raise _load_failure(path, fmt, exc) from exc
         obj = dict(program.state_dict)
         example_input = _sample_input(program.example_inputs)

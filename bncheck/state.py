@@ -12,6 +12,12 @@
   counter moves and an autograd graph the user holds stays valid;
 - every ``.grad`` (its value, and whether it was ``None``) and ``requires_grad`` flag;
 - every submodule's ``training`` flag;
+- every submodule's structure: parameters, buffers and submodules added, removed or replaced
+  during the block (a hook that registers a buffer, a forward that assigns a new submodule)
+  are put back, and so are its plain attributes (added ones removed, rebound ones rebound:
+  a counter a hook of yours increments);
+- the state of every learning-rate scheduler held as a module attribute (its step count and
+  last learning rates);
 - the state of the optimizers given and of every ``torch.optim.Optimizer`` held as a module
   attribute: its per-parameter state tensors by value, its other state entries and its
   param-group settings (``lr``, ``momentum``, ...);
@@ -171,6 +177,91 @@ def held_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
     return found
 
 
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _put_dict(live: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Make ``live`` hold exactly ``saved``'s entries (the same objects), in place."""
+    for key in [k for k in live if k not in saved]:
+        del live[key]
+    for key, value in saved.items():
+        if key not in live or live[key] is not value:
+            live[key] = value
+
+
+@dataclass
+class StructureState:
+    """One module's attribute dictionary and its parameter/buffer/submodule tables, shallow:
+    what was added, removed or rebound is put back (values are ModelState's business)."""
+
+    module: nn.Module
+    attrs: dict[str, Any]
+    tables: dict[str, dict[str, Any]]
+    non_persistent: set[str] | None
+
+    @classmethod
+    def capture(cls, module: nn.Module) -> StructureState | None:
+        attrs = vars(module)
+        if not all(isinstance(attrs.get(kind), dict) for kind in _TABLES):
+            return None  # TorchScript: its attributes live in the compiled module
+        tables = {kind: dict(attrs[kind]) for kind in _TABLES}
+        persistent = attrs.get("_non_persistent_buffers_set")
+        return cls(
+            module,
+            dict(attrs),
+            tables,
+            set(persistent) if isinstance(persistent, set) else None,
+        )
+
+    def restore(self) -> None:
+        attrs = vars(self.module)
+        _put_dict(attrs, self.attrs)
+        for kind, saved in self.tables.items():
+            _put_dict(attrs[kind], saved)
+        live = attrs.get("_non_persistent_buffers_set")
+        if (
+            self.non_persistent is not None
+            and isinstance(live, set)
+            and live != self.non_persistent
+        ):
+            live.clear()
+            live.update(self.non_persistent)
+
+
+def held_schedulers(model: nn.Module) -> list[Any]:
+    """Every learning-rate scheduler held as an attribute of a submodule of ``model``."""
+    kinds = tuple(
+        k
+        for k in (
+            getattr(torch.optim.lr_scheduler, "LRScheduler", None),
+            getattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", None),
+        )
+        if isinstance(k, type)
+    )
+    found: list[Any] = []
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, kinds) and all(value is not s for s in found):
+                found.append(value)
+    return found
+
+
+def _scheduler_state(scheduler: Any) -> dict[str, Any]:
+    # lists (last_lr, base_lrs) are copied: a step rebinds or rewrites them
+    return {
+        k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+        for k, v in vars(scheduler).items()
+    }
+
+
+def _scheduler_state_copy(saved: dict[str, Any]) -> dict[str, Any]:
+    # a fresh copy of the lists each time: restore() may run more than once
+    return {
+        k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+        for k, v in saved.items()
+    }
+
+
 @dataclass
 class ModelState:
     training: list[tuple[nn.Module, bool]]
@@ -179,6 +270,9 @@ class ModelState:
     #: per distinct parameter: (parameter, requires_grad, grad object, copy of the grad)
     grads: list[tuple[torch.Tensor, bool, torch.Tensor | None, torch.Tensor | None]]
     optimizers: list[OptimizerState] = field(default_factory=list)
+    structure: list[StructureState] = field(default_factory=list)
+    #: (scheduler, its attributes, shallow, lists and dicts copied)
+    schedulers: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def capture(
@@ -211,9 +305,17 @@ class ModelState:
         for opt in [*optimizers, *held_optimizers(model)]:
             if isinstance(opt, torch.optim.Optimizer) and all(o.optimizer is not opt for o in opts):
                 opts.append(OptimizerState.capture(opt))
-        return cls(training, parameters, buffers, grads, opts)
+        structure = [
+            st for st in (StructureState.capture(m) for m in model.modules()) if st is not None
+        ]
+        schedulers = [(sch, _scheduler_state(sch)) for sch in held_schedulers(model)]
+        return cls(training, parameters, buffers, grads, opts, structure, schedulers)
 
     def restore(self) -> None:
+        for st in self.structure:
+            st.restore()
+        for sch, saved in self.schedulers:
+            _put_dict(vars(sch), _scheduler_state_copy(saved))
         for module, flag in self.training:
             module.training = flag
         for kind, slots in (("_parameters", self.parameters), ("_buffers", self.buffers)):
