@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from . import options
 from ._version import __version__
 from .errors import BNCheckError, UsageError, did_you_mean
+from .render import visible
 from .report import FAIL_ON_CHOICES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -752,11 +753,11 @@ def _shown_path(path: str) -> str:
 
 
 def _info(message: str) -> None:
-    print(f"bncheck: {message}", file=sys.stderr, flush=True)
+    print(f"bncheck: {visible(message)}", file=sys.stderr, flush=True)
 
 
 def _warn(message: str) -> None:
-    print(f"bncheck: warning: {message}", file=sys.stderr, flush=True)
+    print(f"bncheck: warning: {visible(message)}", file=sys.stderr, flush=True)
 
 
 def audit_command(args: argparse.Namespace, rule_ids: list[str], progress: Progress) -> Report:
@@ -867,7 +868,8 @@ _CANNOT_GIVE = {
 
 # ---- entry point -----------------------------------------------------------------------------
 def _error(message: str) -> None:
-    print(f"bncheck: error: {message}", file=sys.stderr, flush=True)
+    # paths and names in the message come from the user's files: shown, never interpreted
+    print(f"bncheck: error: {visible(message)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

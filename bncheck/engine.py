@@ -381,6 +381,7 @@ def _audit(
     if ctx.facts.cannot_run is not None:
         example_input = None  # the forward rules are skipped with the front end's reason
     available = {"model", "buffers"}
+    incomplete: list[str] = []
     if any(
         t.is_meta
         for layer in ctx.layers
@@ -388,7 +389,12 @@ def _audit(
         if isinstance(t, torch.Tensor)
     ):
         available.discard("buffers")
-        ctx.notes.append("the model is on the meta device (structure only): no values to check")
+        reason = (
+            "the model is on the meta device (structure only): its statistics and forward "
+            "could not be checked; load its weights (e.g. load_state_dict(..., assign=True))"
+        )
+        ctx.notes.append(reason)
+        incomplete.append(reason)
         example_input = None
     if optimizer is not None:
         available.add("optimizer")
@@ -439,6 +445,11 @@ def _audit(
                 raise
             except Exception as exc:  # the model's own forward failed
                 forward_error = first_line(exc)
+            except (SystemExit, GeneratorExit) as exc:  # a forward that tries to end the run
+                code = getattr(exc, "code", None)
+                forward_error = f"the model's forward raised {type(exc).__name__}" + (
+                    f" ({code!r})" if code is not None else ""
+                )
             finally:
                 snapshot.restore()
                 ctx.model, ctx.layers = inner, layers  # the rules judge the user's model
@@ -459,6 +470,24 @@ def _audit(
                 partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
                 if partial is not None:
                     forward_error = partial
+                elif obs.train_ran and not obs.calls:
+                    # the forward returned, but through no BN layer (it caught its own error,
+                    # or took a path around them): nothing the forward rules read was observed
+                    incomplete.append(
+                        "the train-mode forward pass ran through no BN layer (the forward "
+                        "caught an error or took a path around them), so the forward rules "
+                        "observed nothing"
+                    )
+                elif obs.train_ran:
+                    missed = [lyr.name for lyr in ctx.layers if lyr.name not in obs.call_counts]
+                    if missed:
+                        shown = ", ".join(missed[:5]) + (
+                            f" and {len(missed) - 5} more" if len(missed) > 5 else ""
+                        )
+                        ctx.notes.append(
+                            f"{len(missed)} BN layer(s) were not called by the forward pass "
+                            f"({shown}): the forward rules did not observe them"
+                        )
                 available.add("forward")
                 if ctx.user_batch:
                     available.add("user batch")
@@ -467,7 +496,7 @@ def _audit(
     findings = run_rules(ctx, available)
     if forward_error is not None and ctx.facts.bad_input_hint is not None:
         _raise_if_input_fault(ctx, findings, inner, example_input, source)
-    return _report(ctx, findings, source, forward_error=forward_error)
+    return _report(ctx, findings, source, forward_error=forward_error, incomplete=incomplete)
 
 
 def _report(
@@ -477,6 +506,7 @@ def _report(
     *,
     forward_error: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    incomplete: Sequence[str] = (),
 ) -> Report:
     """The Report of an audit or a run: findings, skip reasons and notes from ``ctx``."""
     return Report(
@@ -492,6 +522,7 @@ def _report(
         },
         layers=[layer.name for layer in ctx.layers],
         forward_error=forward_error,
+        incomplete=incomplete,
     )
 
 
