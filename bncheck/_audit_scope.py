@@ -6,8 +6,9 @@ take those passes for the user's training: while :func:`scope` is active for a m
 :func:`active` is True for that model and each of its submodules, and the Monitor ignores
 their calls.
 
-The scope is :func:`bncheck.state.audit_pass`'s :class:`contextvars.ContextVar`, so it holds for the thread (or task) that
-runs the audit: another thread training the same model meanwhile is still watched.
+The scope is :func:`bncheck.state.audit_pass`'s :class:`contextvars.ContextVar`, so it holds
+for the thread (or task) that runs the audit: another thread training the same model
+meanwhile is still watched.
 """
 
 from __future__ import annotations

@@ -389,12 +389,12 @@ def _audit(
         if isinstance(t, torch.Tensor)
     ):
         available.discard("buffers")
-        reason = (
+        meta = (
             "the model is on the meta device (structure only): its statistics and forward "
             "could not be checked; load its weights (e.g. load_state_dict(..., assign=True))"
         )
-        ctx.notes.append(reason)
-        incomplete.append(reason)
+        ctx.notes.append(meta)
+        incomplete.append(meta)
         example_input = None
     if optimizer is not None:
         available.add("optimizer")

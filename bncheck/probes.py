@@ -603,11 +603,11 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
         per_sample_sq = dev.mean(spatial) if spatial else dev
         var = per_sample_sq.mean(0)
         del dev
+    sample_var: torch.Tensor | None = None
+    sample_sq_var: torch.Tensor | None = None
     if x.shape[0] > 1:
         sample_var = per_sample.double().var(0).cpu()
         sample_sq_var = per_sample_sq.double().var(0).cpu()
-    else:
-        sample_var = sample_sq_var = None
     return ChannelStats(mean.double().cpu(), var.double().cpu(), n, sample_var, sample_sq_var)
 
 

@@ -22,11 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# run as a script: its folder (tests/) is sys.path[0], so the helper modules import by name
+from zoo import ConvBNReLU
 
-from zoo import ConvBNReLU  # noqa: E402
-
-import bncheck  # noqa: E402
+import bncheck
 
 
 def train(rank: int, scenario: str) -> bncheck.Report:

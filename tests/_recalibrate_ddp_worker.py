@@ -17,12 +17,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# run as a script: its folder (tests/) is sys.path[0], so the helper modules import by name
+from recalibrate_data import batches
+from zoo import TwoBlock, trained
 
-from recalibrate_data import batches  # noqa: E402
-from zoo import TwoBlock, trained  # noqa: E402
-
-import bncheck  # noqa: E402
+import bncheck
 
 
 def main() -> None:

@@ -1,15 +1,12 @@
-"""Shared test configuration. Tiny models live in ``tests/zoo.py``."""
+"""Shared test configuration. Tiny models live in ``tests/zoo.py``; ``tests/`` is on
+``sys.path`` through pytest's ``pythonpath`` setting (pyproject.toml), so helper modules are
+imported by name and no test file imports another."""
 
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 
 pytest_plugins = ["pytester"]
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(autouse=True)

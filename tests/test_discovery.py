@@ -6,27 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from zoo import ConvBNReLU, NoBN, TwoBlock
+from zoo import ConvBNReLU, FrozenBN2d, NoBN, TwoBlock
 
 import bncheck
 from bncheck.discovery import find_bn_layers, is_bn_like
-
-
-class FrozenBN2d(nn.Module):
-    """FrozenBatchNorm2d look-alike: every tensor is a buffer, no num_batches_tracked."""
-
-    def __init__(self, c: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(c))
-        self.register_buffer("bias", torch.zeros(c))
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
 class BNAct2d(nn.BatchNorm2d):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_discovery import FrozenBN2d
 from torch import nn
-from zoo import ConvBNReLU, TwoBlock, image_batch, trained
+from zoo import ConvBNReLU, FrozenBN2d, TwoBlock, image_batch, trained
 
 import bncheck
 

@@ -78,3 +78,20 @@ def trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
 
 def image_batch(n: int = 8, c: int = 3, hw: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, c, hw, hw, generator=seeded(seed))
+
+
+class FrozenBN2d(nn.Module):
+    """FrozenBatchNorm2d look-alike: every tensor is a buffer, no num_batches_tracked."""
+
+    def __init__(self, c: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(c))
+        self.register_buffer("bias", torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]

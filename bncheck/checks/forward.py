@@ -687,7 +687,7 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
         )
         return
     bn = ctx.layer(layer)
-    if not upstream_too and batch_stats_in_eval(bn):  # one setting, one finding (h3b)
+    if not upstream_too and batch_stats_in_eval(bn):  # one setting, one finding
         ctx.notes.append(no_running_stats_note(bn, "eval-batch-dependence"))
         return
     if upstream_too:

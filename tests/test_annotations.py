@@ -33,13 +33,28 @@ def unescape_property(text: str) -> str:
     return unescape_data(text.replace("%3A", ":").replace("%2C", ","))
 
 
-@given(st.text())
-def test_escaping_round_trips_and_leaves_no_command_syntax(text):
+_PRINTABLE_OR_NEWLINE = st.text(
+    st.one_of(
+        st.just("\n"),
+        st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")),
+    )
+)
+
+
+@given(_PRINTABLE_OR_NEWLINE)
+def test_escaping_round_trips_printable_text(text):
     data, prop = escape_data(text), escape_property(text)
     assert unescape_data(data) == text
     assert unescape_property(prop) == text
+
+
+@given(st.text())
+def test_escaping_leaves_no_command_syntax_and_no_control_character(text):
+    data, prop = escape_data(text), escape_property(text)
     assert "\n" not in data and "\r" not in data
     assert not {",", ":", "\n", "\r"} & set(prop)
+    # control and invisible format characters (ESC, bidi overrides, NEL) are shown as escapes
+    assert data.isprintable() and prop.isprintable()
 
 
 def test_github_commands_per_severity_with_file_and_title(tmp_path, monkeypatch):
