@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import unicodedata
 
 import pytest
 from hypothesis import given
@@ -53,8 +54,10 @@ def test_escaping_leaves_no_command_syntax_and_no_control_character(text):
     data, prop = escape_data(text), escape_property(text)
     assert "\n" not in data and "\r" not in data
     assert not {",", ":", "\n", "\r"} & set(prop)
-    # control and invisible format characters (ESC, bidi overrides, NEL) are shown as escapes
-    assert data.isprintable() and prop.isprintable()
+    # control and invisible format characters (ESC, bidi overrides, NEL, line and paragraph
+    # separators) are shown as escapes; a no-break space may stay (it prints as a space)
+    hidden = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+    assert not any(unicodedata.category(c) in hidden for c in data + prop)
 
 
 def test_github_commands_per_severity_with_file_and_title(tmp_path, monkeypatch):
