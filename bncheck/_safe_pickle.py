@@ -602,6 +602,26 @@ def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
+def numpy_scalar_kinds() -> tuple[Any, ...]:
+    """The numpy scalar types whose dtypes a checkpoint may hold (numpy arrays saved beside
+    the tensors: plain numbers, never objects)."""
+    import numpy as np
+
+    return (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.complex64,
+        np.complex128,
+    )
+
+
 def _safe_names() -> dict[str, Any]:
     import argparse
 
@@ -654,20 +674,7 @@ def _safe_names() -> dict[str, Any]:
         names[f"{module}._reconstruct"] = _np_reconstruct
         if scalar is not None:
             names[f"{module}.scalar"] = scalar
-    kinds: tuple[Any, ...] = (
-        np.bool_,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.float16,
-        np.float32,
-        np.float64,
-        np.complex64,
-        np.complex128,
-    )
-    for kind in kinds:
+    for kind in numpy_scalar_kinds():
         cls = type(np.dtype(kind))
         names[f"numpy.dtypes.{cls.__name__}"] = cls
     return names

@@ -72,7 +72,7 @@ from ._readers import (
     read_torchscript,
     regular_file_size,
 )
-from ._safe_pickle import BadTensor, scan_pickle
+from ._safe_pickle import BadTensor, numpy_scalar_kinds, scan_pickle
 from .errors import BNCheckError, LoadError, UsageError
 from .models import ARCHS, INPUT_SHAPES, get_arch
 
@@ -396,19 +396,7 @@ def data_globals() -> list[Any]:
             allowed.append(func)
             allowed.append((func, f"numpy.core.multiarray.{name}"))  # saved by numpy 1.x
     allowed += [np.ndarray, np.dtype]
-    for kind in (
-        np.bool_,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.float16,
-        np.float32,
-        np.float64,
-        np.complex64,
-        np.complex128,
-    ):
+    for kind in numpy_scalar_kinds():
         allowed.append(type(np.dtype(kind)))
     return allowed
 

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .discovery import BNLayer, find_bn_layers, unwrap_model
 from .errors import BNCheckError, NoBatchNormError, UsageError, did_you_mean
+from .probes import _tensors_in
 from .report import Report, Severity
 from .state import ModelState, RNGState
 
@@ -215,17 +216,6 @@ def _ratio_text(row: dict[str, Any]) -> str:
 
 
 # ---- data ------------------------------------------------------------------------------------
-def _tensors_in(value: Any, where: str = "input") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(value, torch.Tensor):
-        yield where, value
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _tensors_in(v, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _tensors_in(v, f"{where}[{k!r}]")
-
-
 def _shape_of(x: Any) -> str:
     shapes = [tuple(t.shape) for _, t in _tensors_in(x)]
     return ", ".join(str(s) for s in shapes) or "no tensor"
