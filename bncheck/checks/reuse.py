@@ -12,6 +12,7 @@ each call's input (means and variances), beyond sampling noise.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,33 +87,60 @@ def calls_differ(calls: Sequence[Any]) -> bool | None:
     return False
 
 
-#: Calls are "alike" when, in at least this fraction of the channels, their means are within
-#: ``ALIKE_MEAN`` standard deviations and their variances within a factor ``ALIKE_VAR``.
+#: Calls are "alike" when, in at least ``ALIKE_FRACTION`` of the channels, their means are
+#: within ``ALIKE_MEAN`` standard deviations and their variances within a factor
+#: ``ALIKE_VAR``, widened to ``ALIKE_NOISE`` standard errors of the difference where sampling
+#: noise is larger; a channel whose noise would need more than ``ALIKE_MEAN_CAP`` standard
+#: deviations or a factor ``ALIKE_VAR_CAP`` cannot tell, and does not count as alike.
 ALIKE_FRACTION = 0.75
 ALIKE_MEAN = 0.5
 ALIKE_VAR = 2.0
+ALIKE_NOISE = 3.0
+ALIKE_MEAN_CAP = 1.0
+ALIKE_VAR_CAP = 4.0
+
+
+def _t(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
+def _alike_channels(a: Any, b: Any) -> torch.Tensor:
+    """Per channel, whether calls ``a`` and ``b`` agree in mean and variance (see above)."""
+    sa, sb = a.input_stats, b.input_stats
+    na, nb = max(getattr(a, "batch_size", 1) or 1, 1), max(getattr(b, "batch_size", 1) or 1, 1)
+    va, vb = _t(sa.var).clamp(min=1e-300), _t(sb.var).clamp(min=1e-300)
+    std = torch.maximum(va, vb).sqrt()
+    # the noise of the means: the spread of the per-sample means (else the variance bounds it)
+    ma_noise = _t(getattr(sa, "sample_var", None) if sa.sample_var is not None else sa.var)
+    mb_noise = _t(getattr(sb, "sample_var", None) if sb.sample_var is not None else sb.var)
+    se_mean = (ma_noise.clamp(min=0) / na + mb_noise.clamp(min=0) / nb).sqrt()
+    mean_bound = torch.maximum(ALIKE_MEAN * std, ALIKE_NOISE * se_mean)
+    close_mean = ((_t(sa.mean) - _t(sb.mean)).abs() <= mean_bound) & (
+        ALIKE_NOISE * se_mean <= ALIKE_MEAN_CAP * std
+    )
+    # the noise of the variances, as the standard error of log(var_a / var_b)
+    qa, qb = getattr(sa, "sample_sq_var", None), getattr(sb, "sample_sq_var", None)
+    if qa is not None and qb is not None:
+        rel = (_t(qa).clamp(min=0) / na / va**2 + _t(qb).clamp(min=0) / nb / vb**2).sqrt()
+    else:  # normal data: var(log s^2) is about 2 / (n - 1) with n the batch size
+        rel = torch.full_like(va, (2 / max(na - 1, 1) + 2 / max(nb - 1, 1)) ** 0.5)
+    log_ratio = (va / vb).log().abs()
+    var_bound = torch.maximum(torch.full_like(rel, math.log(ALIKE_VAR)), ALIKE_NOISE * rel)
+    close_var = (log_ratio <= var_bound) & (ALIKE_NOISE * rel <= math.log(ALIKE_VAR_CAP))
+    return close_mean & close_var
 
 
 def calls_alike(calls: Sequence[Any]) -> bool:
     """Positive evidence that ``calls`` see one distribution: no difference beyond sampling
-    noise (:func:`calls_differ` is False) *and* small effect sizes (means within half a
-    standard deviation, variances within a factor 2: what batch-to-batch noise of a BN1d layer at
-    batch 32 reaches) in most channels. A small batch whose noise hides a real difference (one
-    conv applied again at another depth, with 3x the variance) is therefore not taken as "one
-    distribution"."""
+    noise (:func:`calls_differ` is False) *and* small effect sizes in most channels: means
+    within half a standard deviation and variances within a factor 2, or within three
+    standard errors where the batch is too small for those bounds. A batch whose noise is so
+    large that a real difference could hide in it (one conv applied again at another depth,
+    with 3x the variance, at batch 4) is not taken as "one distribution"."""
     if calls_differ(calls) is not False:
         return False
     usable = [c for c in calls if getattr(c, "input_stats", None) is not None]
     for a, b in itertools.combinations(usable, 2):
-        sa, sb = a.input_stats, b.input_stats
-        va = torch.as_tensor(sa.var, dtype=torch.float64).clamp(min=1e-300)
-        vb = torch.as_tensor(sb.var, dtype=torch.float64).clamp(min=1e-300)
-        diff = (
-            torch.as_tensor(sa.mean, dtype=torch.float64)
-            - torch.as_tensor(sb.mean, dtype=torch.float64)
-        ).abs()
-        close_mean = diff <= ALIKE_MEAN * torch.maximum(va, vb).sqrt()
-        close_var = torch.maximum(va, vb) / torch.minimum(va, vb) <= ALIKE_VAR
-        if float((close_mean & close_var).double().mean()) < ALIKE_FRACTION:
+        if float(_alike_channels(a, b).double().mean()) < ALIKE_FRACTION:
             return False
     return True
