@@ -604,19 +604,28 @@ def input_origin(record: OpRecord | None) -> InputOrigin | None:
     through the model's own ops to the network input it derives from. ``None`` when a layer
     (conv/linear or BN) comes first, or where the chain is lost (an op whose first tensor
     argument is a parameter or a tensor the model made)."""
+    return _trace_back(record)[1]
+
+
+def _trace_back(record: OpRecord | None) -> tuple[str, InputOrigin | None]:
+    """:func:`input_origin`, with why there is none: ``("input", origin)``, ``("layer",
+    None)`` when a conv/linear or BN layer comes first, ``("lost", None)`` otherwise (the
+    partial walk's ``preprocessed`` and ``lookup`` in an origin named ``""``)."""
     preprocessed = lookup = False
     for _ in range(256):
-        if record is None or record.category in ("linear", "bn"):
-            return None
+        if record is None:
+            break
+        if record.category in ("linear", "bn"):
+            return "layer", None
         if record.category == "input":
-            return InputOrigin(record.name, preprocessed, lookup)
+            return "input", InputOrigin(record.name, preprocessed, lookup)
         name = record.name.lower()
         if record.category != "transparent" and name not in _CASTS:
             preprocessed = True
         if name in _LOOKUPS:
             lookup = True
         record = record.source
-    return None
+    return "lost", InputOrigin("", preprocessed, lookup)
 
 
 @contextmanager
@@ -643,18 +652,30 @@ def _input_entries(
             names[where] = (where, (), str(value.dtype))
     wanted = {entry[0] for entry in names.values()}
     found: dict[str, InputSummary] = {}
+    calls = [0]
 
     def hook_for(qualname: str, module: nn.Module) -> Callable[..., None]:
         label = f"{qualname or '(model)'} ({type(module).__name__})"
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[0] += 1
             if len(found) == len(wanted):
                 return
             t = _first_tensor(args)
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
                 return
             with tracer.paused():
-                origin = input_origin(tracer.producer(t))
+                kind, origin = _trace_back(tracer.producer(t))
+                sole = next(iter(names.values())) if len(wanted) == 1 else None
+                if kind == "lost" and origin is not None and sole is not None:
+                    # the chain is lost (the input indexed, ``image[None]``, as a detector's
+                    # resize does): the model's first layer call, before any BN call,
+                    # receives its only network input
+                    # (integer inputs other than uint8 pixels may be indices: not judged)
+                    pixels = sole[2].startswith(("torch.float", "torch.bfloat", "torch.uint8"))
+                    if calls[0] > 1 or obs.calls or origin.lookup or not pixels:
+                        return
+                    origin = InputOrigin(next(iter(names)), True, False)
                 if origin is None or origin.lookup or origin.name not in names:
                     return
                 where, parts, dtype = names[origin.name]

@@ -163,3 +163,61 @@ def test_list_of_uint8_images_stacked_in_forward_is_one_finding() -> None:
     (finding,) = bncheck.audit(Stacks(), images, select=RULE).findings
     assert finding.details["where"] == "input"
     assert "(4, 3, 16, 16)" in finding.message
+
+
+class RCNNTransform(nn.Module):
+    """Built like torchvision's GeneralizedRCNNTransform: normalise each image with the
+    model's own mean and std, resize it through ``image[None]`` (indexing, which the tracer
+    does not follow), pad into one batch."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for image in images:
+            mean = torch.as_tensor(self.mean, dtype=image.dtype)
+            std = torch.as_tensor(self.std, dtype=image.dtype)
+            image = (image - mean[:, None, None]) / std[:, None, None]
+            out.append(F.interpolate(image[None], scale_factor=1.5, mode="bilinear")[0])
+        h = max(i.shape[1] for i in out)
+        w = max(i.shape[2] for i in out)
+        batch = out[0].new_full((len(out), 3, h, w), 0.0)
+        for img, pad in zip(out, batch):
+            pad[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return batch
+
+
+class Detector(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.transform = RCNNTransform(mean, std)
+        self.backbone = _body()
+
+    def forward(self, images: list[torch.Tensor], targets: object = None) -> torch.Tensor:
+        return self.backbone(self.transform(images))
+
+
+def _targets(n: int) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.tensor([[10.0, 20.0, 120.0, 160.0]]), "labels": torch.tensor([1])}] * n
+
+
+def test_a_detector_that_normalises_0_255_pixels_itself_is_not_flagged() -> None:
+    """Caffe-style statistics in the model's transform: 0-255 pixels are what it expects."""
+    model = Detector(tuple(m * 255 for m in MEAN), tuple(s * 255 for s in STD))
+    images = [t.float() for t in _pixels(2)]
+    assert bncheck.audit(model, (images, _targets(2)), select=RULE).findings == []
+
+
+def test_a_detector_fed_0_255_pixels_for_0_1_statistics_is_flagged_as_received() -> None:
+    model = Detector(MEAN, STD)
+    images = [t.float() for t in _pixels(2)]
+    (finding,) = bncheck.audit(model, (images, _targets(2)), select=RULE).findings
+    assert finding.details["where"] == "input[0]"
+    assert finding.details["first_layer"] == "backbone.0 (Conv2d)"
+    assert finding.details["mean"] > 100  # (128 - 0.45) / 0.225, not the raw 128
+    assert "(2, 3, 24, 24)" in finding.message  # the resized batch the backbone received
+    assert (
+        bncheck.audit(model, ([i / 255 for i in images], _targets(2)), select=RULE).findings == []
+    )
