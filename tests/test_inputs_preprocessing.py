@@ -221,3 +221,20 @@ def test_a_detector_fed_0_255_pixels_for_0_1_statistics_is_flagged_as_received()
     assert (
         bncheck.audit(model, ([i / 255 for i in images], _targets(2)), select=RULE).findings == []
     )
+
+
+def test_token_ids_indexing_a_table_are_not_judged() -> None:
+    """Indexing loses the trail from the input; an int64 input is then not taken to be what
+    the first layer receives (uint8 pixels would be)."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(1000, 16) * 100)
+            self.head = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.table[ids].mean(1))
+
+    ids = torch.randint(0, 1000, (8, 12))
+    assert bncheck.audit(Table(), ids, select=RULE).findings == []
