@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .context import AuditContext
 from .discovery import BNLayer
 from .errors import BNCheckError, InputError
-from .tracing import BNCall, Tracer
+from .tracing import BNCall, OpRecord, Tracer
 
 __all__ = [
     "collect",
@@ -247,6 +247,14 @@ class InputSummary:
     integer_valued: bool
     #: for a list of tensors summarised as one input, the names of its elements
     parts: tuple[str, ...] = ()
+    #: the first weight layer (conv/linear, e.g. ``conv (Conv2d)``) this input reached, when
+    #: the summary is of the tensor that layer received (after the model's own preprocessing)
+    #: rather than of the raw input; ``None`` for a summary of the raw input
+    layer: str | None = None
+    #: ops other than shape-only ones and dtype casts ran between the raw input and ``layer``
+    preprocessed: bool = False
+    #: the raw input's dtype (``torch.uint8`` for raw pixels cast to float in the model)
+    dtype: str = ""
 
 
 @dataclass
@@ -531,6 +539,7 @@ def summarize_inputs(x: Any) -> list[InputSummary]:
             items = [t for t in value if t.is_floating_point() and t.numel()]
             if not items:
                 continue
+            dtype = items[0].dtype
             parts = tuple(f"{where}[{i}]" for i in range(len(value)))
             shape = (
                 (len(value), *items[0].shape)
@@ -543,24 +552,160 @@ def summarize_inputs(x: Any) -> list[InputSummary]:
             if not value.is_floating_point() or value.numel() == 0:
                 continue
             shape = tuple(value.shape)
+            dtype = value.dtype
             with torch.no_grad():
                 d = _float(value.detach())
-        with torch.no_grad():
-            std, mean = torch.std_mean(d, correction=0)
-            low, high = torch.aminmax(d)
-            out.append(
-                InputSummary(
-                    where,
-                    shape,
-                    float(mean),
-                    float(std),
-                    float(low),
-                    float(high),
-                    torch.equal(d, d.round()),
-                    parts,
-                )
-            )
+        out.append(_summary(where, shape, d, parts, dtype=str(dtype)))
     return out
+
+
+def _summary(
+    where: str, shape: tuple[int, ...], d: torch.Tensor, parts: tuple[str, ...] = (), **extra: Any
+) -> InputSummary:
+    with torch.no_grad():
+        std, mean = torch.std_mean(d, correction=0)
+        low, high = torch.aminmax(d)
+        return InputSummary(
+            where,
+            shape,
+            float(mean),
+            float(std),
+            float(low),
+            float(high),
+            torch.equal(d, d.round()),
+            parts,
+            **extra,
+        )
+
+
+#: Weight layers whose input is judged as what the network receives.
+_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
+#: Ops and modules (lower-cased) that look values up by index: an integer input that reaches
+#: a layer through one is an index (token ids), not a measurement.
+_LOOKUPS = frozenset({"embedding", "embeddingbag", "embedding_bag", "one_hot"})
+#: Shape-only ops and dtype casts: a tensor reached through these alone is the raw input.
+_CASTS = frozenset({"type", "half", "double", "bfloat16", "to", "float"})
+
+
+@dataclass
+class InputOrigin:
+    """The network input a tensor derives from (see :func:`input_origin`)."""
+
+    #: the tracer's name of the input (``input``, ``input[0][1]``, ``input['x']``)
+    name: str
+    #: ops other than shape-only ones and casts lie between the input and the tensor
+    preprocessed: bool
+    #: an index lookup (embedding, one_hot) lies between them
+    lookup: bool
+
+
+def input_origin(record: OpRecord | None) -> InputOrigin | None:
+    """Walk back from the record of a tensor's producer (each op's first tensor argument)
+    through the model's own ops to the network input it derives from. ``None`` when a layer
+    (conv/linear or BN) comes first, or where the chain is lost (an op whose first tensor
+    argument is a parameter or a tensor the model made)."""
+    return _trace_back(record)[1]
+
+
+def _trace_back(record: OpRecord | None) -> tuple[str, InputOrigin | None]:
+    """:func:`input_origin`, with why there is none: ``("input", origin)``, ``("layer",
+    None)`` when a conv/linear or BN layer comes first, ``("lost", None)`` otherwise (the
+    partial walk's ``preprocessed`` and ``lookup`` in an origin named ``""``)."""
+    preprocessed = lookup = False
+    for _ in range(256):
+        if record is None:
+            break
+        if record.category in ("linear", "bn"):
+            return "layer", None
+        if record.category == "input":
+            return "input", InputOrigin(record.name, preprocessed, lookup)
+        name = record.name.lower()
+        if record.category != "transparent" and name not in _CASTS:
+            preprocessed = True
+        if name in _LOOKUPS:
+            lookup = True
+        record = record.source
+    return "lost", InputOrigin("", preprocessed, lookup)
+
+
+@contextmanager
+def _input_entries(
+    ctx: AuditContext, tracer: Tracer, x: Any, obs: ForwardObservations
+) -> Iterator[None]:
+    """During the train pass, summarise once per network input the tensor that the first
+    weight layer (conv/linear module) fed by it receives, after the model's own
+    preprocessing (a cast, ``/ 255``, ``(x - mean) / std``, a normalisation module);
+    afterwards these summaries replace the raw inputs' ones in ``obs.inputs`` (integer inputs,
+    not summarised raw, are added). Inputs that reach no weight layer module keep the raw
+    summary."""
+    if not ctx.user_batch:
+        yield
+        return
+    names: dict[str, tuple[str, tuple[str, ...], str]] = {}
+    for where, value in _network_inputs(x):
+        if isinstance(value, list):
+            parts = tuple(f"{where}[{i}]" for i in range(len(value)))
+            dtype = str(value[0].dtype)
+            for part in parts:
+                names[part] = (where, parts, dtype)
+        else:
+            names[where] = (where, (), str(value.dtype))
+    wanted = {entry[0] for entry in names.values()}
+    found: dict[str, InputSummary] = {}
+    calls = [0]
+
+    def hook_for(qualname: str, module: nn.Module) -> Callable[..., None]:
+        label = f"{qualname or '(model)'} ({type(module).__name__})"
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[0] += 1
+            if len(found) == len(wanted):
+                return
+            t = _first_tensor(args)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+                return
+            with tracer.paused():
+                kind, origin = _trace_back(tracer.producer(t))
+                sole = next(iter(names.values())) if len(wanted) == 1 else None
+                if kind == "lost" and origin is not None and sole is not None:
+                    # the chain is lost (the input indexed, ``image[None]``, as a detector's
+                    # resize does): the model's first layer call, before any BN call,
+                    # receives its only network input
+                    # (integer inputs other than uint8 pixels may be indices: not judged)
+                    pixels = sole[2].startswith(("torch.float", "torch.bfloat", "torch.uint8"))
+                    if calls[0] > 1 or obs.calls or origin.lookup or not pixels:
+                        return
+                    origin = InputOrigin(next(iter(names)), True, False)
+                if origin is None or origin.lookup or origin.name not in names:
+                    return
+                where, parts, dtype = names[origin.name]
+                if where in found:
+                    return
+                found[where] = _summary(
+                    where,
+                    tuple(t.shape),
+                    _float(t.detach()),
+                    parts,
+                    layer=label,
+                    preprocessed=origin.preprocessed,
+                    dtype=dtype,
+                )
+
+        return hook
+
+    with ExitStack() as stack:
+        for qualname, module in ctx.model.named_modules():
+            if isinstance(module, _WEIGHT_LAYERS):
+                handle = module.register_forward_pre_hook(hook_for(qualname, module))
+                stack.callback(handle.remove)
+        try:
+            yield
+        finally:
+            if found:
+                merged = [found.pop(s.where, s) for s in obs.inputs]
+                order = list(dict.fromkeys(entry[0] for entry in names.values()))
+                merged += sorted(found.values(), key=lambda s: order.index(s.where))
+                obs.inputs = merged
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -851,7 +996,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
 
         return hook
 
-    with _hooks(ctx.layers, pre, post), tracer:
+    with _hooks(ctx.layers, pre, post), tracer, _input_entries(ctx, tracer, x, obs):
         tracer.mark_inputs(x)
         try:
             _call(model, x)

@@ -20,7 +20,7 @@ import torch
 
 from ..context import AuditContext
 from ..discovery import BNLayer
-from ..probes import ForwardObservations, TrainCall, first_difference
+from ..probes import ForwardObservations, InputSummary, TrainCall, first_difference, input_origin
 from ..report import Finding
 from ..tracing import OpRecord, upstream
 from .registry import check
@@ -883,17 +883,20 @@ def small_batch(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("input-not-normalized")
 def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
+    """Each network input as the first weight layer fed by it receives it (after the model's
+    own preprocessing: a cast, ``/ 255``, ``(x - mean) / std``); the raw input where no
+    conv/linear module is reached (see :func:`bncheck.probes._input_entries`)."""
     obs = _obs(ctx)
     if obs is None or not ctx.user_batch:
         return
     limit = ctx.tol("input_abs_max")
-    # An input that goes straight into a BN layer is normalised by it (tabular features,
-    # a spectrogram's bn0): not a finding.
+    # An input that reaches a BN layer before any weight layer is normalised by it (tabular
+    # features, a spectrogram's bn0): not a finding.
     into_bn = set()
     for call in obs.calls:
-        src = upstream(call.trace.producer) if call.trace else None
-        if src is not None and src.category == "input":
-            into_bn.add(src.name)
+        origin = input_origin(call.trace.producer) if call.trace else None
+        if origin is not None:
+            into_bn.add(origin.name)
     for s in obs.inputs:
         if s.where in into_bn or any(part in into_bn for part in s.parts):
             continue
@@ -909,7 +912,7 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
         yield ctx.finding(
             "input-not-normalized",
             None,
-            f"the network {s.where} {tuple(s.shape)} looks unnormalized: " + "; ".join(reasons),
+            f"the network {_input_label(s)} looks unnormalized: " + "; ".join(reasons),
             hint="scale to [0, 1] and standardise per channel (x / 255, then (x - mean) / std) "
             "as in training; tune with input_abs_max=",
             where=s.where,
@@ -919,7 +922,20 @@ def input_not_normalized(ctx: AuditContext) -> Iterator[Finding]:
             max=s.max,
             integer_valued=s.integer_valued,
             limit=limit,
+            first_layer=s.layer,
+            preprocessed=s.preprocessed,
+            dtype=s.dtype,
         )
+
+
+def _input_label(s: InputSummary) -> str:
+    """``input (16, 3, 8, 8)``, with what the model did to it before its first layer."""
+    text = f"{s.where} {tuple(s.shape)}"
+    if s.layer is not None and s.preprocessed:
+        return f"{text}, as {s.layer} receives it after the model's own preprocessing,"
+    if s.layer is not None and not s.dtype.startswith(("torch.float", "torch.bfloat")):
+        return f"{text} ({s.dtype.removeprefix('torch.')}, cast to float inside the model)"
+    return text
 
 
 # ---- stat-drift ------------------------------------------------------------------------------
