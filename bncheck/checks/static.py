@@ -252,6 +252,12 @@ def negative_running_var(ctx: AuditContext) -> Iterator[Finding]:
             )
 
 
+#: ``tiny-running-var`` flags a channel whose running_var is at most eps and also at most this
+#: fraction of eps (a constant feature) or of the layer's median running_var (a collapsed one).
+TINY_VAR_ABS = 0.01
+TINY_VAR_REL = 0.01
+
+
 @check("tiny-running-var")
 def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
     for layer in _usable(ctx.layers):
@@ -259,7 +265,14 @@ def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
         if rv is None or layer.eps is None or layer.eps <= 0:
             continue
         with torch.no_grad():
-            tiny = (rv.detach() >= 0) & (rv.detach() <= layer.eps)
+            var = rv.detach().double()
+            below = (var >= 0) & (var <= layer.eps)
+            # below eps is harmful only for a channel that is (nearly) constant or collapsed
+            # next to its siblings: a whole layer spread smoothly below eps (small depthwise
+            # weights from the init) is normalised by the same sqrt(var + eps) in training
+            finite = var[torch.isfinite(var)]
+            median = float(finite.median()) if finite.numel() else 0.0
+            tiny = below & ((var <= TINY_VAR_ABS * layer.eps) | (var <= TINY_VAR_REL * median))
         if bool(tiny.any()):
             yield ctx.finding(
                 "tiny-running-var",
