@@ -17,6 +17,13 @@ Per model it runs, at batch 8 and the model's smallest comfortable input size:
   (cumulative average), then eval mode with ``data=`` of the same distribution: no
   ``stat-drift`` warning is expected.
 
+torchvision detectors are audited with ``(images, targets)`` in train mode (a list of
+``(3, H, W)`` images and one target dict per image) and in eval mode both with the images only
+(the train-mode pass cannot run: the report is incomplete and says to pass targets, recorded
+as ``(incomplete)``) and with ``(images, targets)``; their ``data=`` batches are
+``(images, targets)`` pairs, as a detection loader yields them. ``--batch`` sets the batch
+size (default 8); the batch-size rules judge it as the training batch.
+
 It prints the number of warnings and errors per rule (info counted apart), and with ``--json``
 writes every finding (model, scenario, rule, severity, layer, message) for inspection.
 """
