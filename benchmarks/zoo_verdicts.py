@@ -17,6 +17,13 @@ Per model it runs, at batch 8 and the model's smallest comfortable input size:
   (cumulative average), then eval mode with ``data=`` of the same distribution: no
   ``stat-drift`` warning is expected.
 
+torchvision detectors are audited with ``(images, targets)`` in train mode (a list of
+``(3, H, W)`` images and one target dict per image) and in eval mode both with the images only
+(the train-mode pass cannot run: the report is incomplete and says to pass targets, recorded
+as ``(incomplete)``) and with ``(images, targets)``; their ``data=`` batches are
+``(images, targets)`` pairs, as a detection loader yields them. ``--batch`` sets the batch
+size (default 8); the batch-size rules judge it as the training batch.
+
 It prints the number of warnings and errors per rule (info counted apart), and with ``--json``
 writes every finding (model, scenario, rule, severity, layer, message) for inspection.
 """
@@ -109,6 +116,19 @@ TV_SEGMENTATION = [
     "lraspp_mobilenet_v3_large",
 ]
 TV_VIDEO = ["r3d_18"]  # s3d needs 16 frames of 224x224
+#: detectors: a list of (3, H, W) images, plus a list of target dicts in train mode. Built
+#: without weights, so their backbones use nn.BatchNorm2d (FrozenBatchNorm2d only with weights).
+TV_DETECTION = [
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "retinanet_resnet50_fpn",
+    "fcos_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+]
+#: the detectors' own resize (GeneralizedRCNNTransform): small images keep the CPU time low
+DET_SIZE = 160
 TIMM = [
     "resnet18",
     "resnet26d",
@@ -207,6 +227,41 @@ def _tv_models(
         yield f"tv:{name}", lambda n=name: models.get_model(n, weights=None), (3, 8, 32, 32)
 
 
+def _tv_detection(
+    names: set[str] | None, fast: bool
+) -> Iterator[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
+    try:
+        import torchvision
+    except ImportError:
+        return
+    models = torchvision.models
+    for name in TV_DETECTION[:1] if fast else TV_DETECTION:
+        if names and f"tv:{name}" not in names:
+            continue
+        kw: dict[str, Any] = {"weights": None, "weights_backbone": None}
+        if not name.startswith("ssd"):  # SSD resizes to its fixed 320x320
+            kw.update(min_size=DET_SIZE, max_size=DET_SIZE)
+        # the marker 0 as first dimension: detection input (images, targets)
+        yield f"tv:{name}", lambda n=name, k=kw: models.get_model(n, **k), (0, DET_SIZE, DET_SIZE)
+
+
+def _det_batch(g: torch.Generator, n: int, size: int, masks: bool) -> tuple[list, list]:
+    """``n`` images of (3, size, size) in [0, 1] and one target dict per image (two boxes)."""
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        xy = torch.rand(2, 2, generator=g) * size / 2
+        wh = size / 8 + torch.rand(2, 2, generator=g) * size / 3
+        target: dict[str, torch.Tensor] = {
+            "boxes": torch.cat([xy, xy + wh], dim=1),
+            "labels": torch.randint(1, 91, (2,), generator=g),
+        }
+        if masks:
+            target["masks"] = (torch.rand(2, size, size, generator=g) > 0.5).to(torch.uint8)
+        targets.append(target)
+    return images, targets
+
+
 def _timm_models(
     names: set[str] | None, fast: bool
 ) -> Iterator[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
@@ -243,16 +298,16 @@ def _timm_models(
         yield f"timm:{name}", lambda n=name: timm.create_model(n, pretrained=False), (3, size, size)
 
 
-def _populate(model: nn.Module, shape: tuple[int, ...], steps: int = 3) -> None:
+def _populate(model: nn.Module, shape: tuple[int, ...], steps: int = 3, batch: int = 8) -> None:
     """A few train-mode forwards on random data: statistics move, weights do not."""
     model.train()
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for _ in range(steps):
-            model(torch.randn(8, *shape, generator=g))
+            model(torch.randn(batch, *shape, generator=g))
 
 
-def _calibrate(model: nn.Module, shape: tuple[int, ...], batches: int = 4) -> None:
+def _calibrate(model: nn.Module, shape: tuple[int, ...], batches: int = 4, batch: int = 8) -> None:
     """Exact statistics of a few random batches at the current weights (cumulative average,
     as ``torch.optim.swa_utils.update_bn`` does), then the model's momentum back."""
     saved = {}
@@ -261,9 +316,53 @@ def _calibrate(model: nn.Module, shape: tuple[int, ...], batches: int = 4) -> No
             saved[m] = m.momentum
             m.reset_running_stats()
             m.momentum = None
-    _populate(model, shape, batches)
+    _populate(model, shape, batches, batch)
     for m, momentum in saved.items():
         m.momentum = momentum
+
+
+def _audit_detector(
+    name: str, model: nn.Module, size: int, calibrated: bool, batch: int
+) -> list[dict[str, Any]]:
+    """A detector: train mode with ``(images, targets)``, eval mode with the images only."""
+    rows: list[dict[str, Any]] = []
+    masks = "maskrcnn" in name
+    g = torch.Generator().manual_seed(7)
+    x = _det_batch(g, batch, size, masks)
+    # a detection loader yields (images, targets): data= feeds the first item to the model
+    data = [_det_batch(g, batch, size, masks) for _ in range(3)]
+
+    def populate(steps: int) -> None:
+        model.train()
+        pg = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for _ in range(steps):
+                model(*_det_batch(pg, batch, size, masks))
+
+    if calibrated:
+        saved = {}
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                saved[m] = m.momentum
+                m.reset_running_stats()
+                m.momentum = None
+        populate(4)
+        for m, momentum in saved.items():
+            m.momentum = momentum
+        model.eval()
+        _record(rows, name, "calibrated/eval", bncheck.audit(model, x, data=data))
+        return rows
+    model.train()
+    _record(rows, name, "fresh/train", bncheck.audit(model, x))
+    populate(3)
+    model.train()
+    _record(rows, name, "populated/train", bncheck.audit(model, x))
+    model.eval()
+    # images only, as the model is called in eval mode: the train-mode pass cannot run (the
+    # report is incomplete and says to pass targets); with (images, targets) it can
+    _record(rows, name, "populated/eval", bncheck.audit(model, x[0], data=data))
+    _record(rows, name, "populated/eval+targets", bncheck.audit(model, x, data=data))
+    return rows
 
 
 def _record(rows: list[dict[str, Any]], model: str, scenario: str, report: Any) -> None:
@@ -289,25 +388,42 @@ def _record(rows: list[dict[str, Any]], model: str, scenario: str, report: Any) 
                 "message": report.forward_error,
             }
         )
+    for reason in getattr(report, "incomplete", []) or []:
+        rows.append(
+            {
+                "model": model,
+                "scenario": scenario,
+                "rule": "(incomplete)",
+                "severity": "note",
+                "layer": None,
+                "message": reason,
+            }
+        )
 
 
 def audit_model(
-    name: str, factory: Callable[[], nn.Module], shape: tuple[int, ...], calibrated: bool = False
+    name: str,
+    factory: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    calibrated: bool = False,
+    batch: int = 8,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     torch.manual_seed(0)
     model = factory()
+    if shape[0] == 0:
+        return _audit_detector(name, model, shape[-1], calibrated, batch)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(8, *shape, generator=g)
-    data = [torch.randn(8, *shape, generator=g) for _ in range(3)]
+    x = torch.randn(batch, *shape, generator=g)
+    data = [torch.randn(batch, *shape, generator=g) for _ in range(3)]
     if calibrated:  # statistics of this distribution at these weights: stat-drift must be quiet
-        _calibrate(model, shape)
+        _calibrate(model, shape, batch=batch)
         model.eval()
         _record(rows, name, "calibrated/eval", bncheck.audit(model, x, data=data))
         return rows
     model.train()
     _record(rows, name, "fresh/train", bncheck.audit(model, x))
-    _populate(model, shape)
+    _populate(model, shape, batch=batch)
     model.train()
     _record(rows, name, "populated/train", bncheck.audit(model, x))
     model.eval()
@@ -325,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only: exact statistics of random data, then eval mode with data= of the same kind",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="samples per batch (default 8; the batch-size rules judge it as a training batch)",
+    )
     args = parser.parse_args(argv)
     names = set(args.models.split(",")) if args.models else None
     warnings.filterwarnings("ignore")
@@ -332,10 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     audited, failed = 0, []
     start = time.perf_counter()
-    for name, factory, shape in [*_tv_models(names, args.fast), *_timm_models(names, args.fast)]:
+    for name, factory, shape in [
+        *_tv_models(names, args.fast),
+        *_tv_detection(names, args.fast),
+        *_timm_models(names, args.fast),
+    ]:
         t0 = time.perf_counter()
         try:
-            found = audit_model(name, factory, shape, args.calibrated)
+            found = audit_model(name, factory, shape, args.calibrated, args.batch)
         except bncheck.NoBatchNormError:
             continue
         except Exception as exc:  # a model this script cannot build or run at that size
