@@ -64,7 +64,10 @@ FAIL_ON_CHOICES = ("error", "warning", "info", "never")
 
 def forward_failure_reason(forward_error: str) -> str:
     """The ``incomplete`` reason of a report whose forward pass raised ``forward_error``."""
-    return f"the model's forward pass failed ({forward_error}), so the forward rules did not run"
+    return (
+        f"the model's forward pass failed ({forward_error}), so the forward rules that read "
+        "that pass did not run (skipped lists them)"
+    )
 
 
 def _jsonable(value: Any) -> Any:

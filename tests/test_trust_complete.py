@@ -29,7 +29,8 @@ def test_a_report_with_a_forward_error_is_incomplete_and_not_ok() -> None:
     report = Report(forward_error="RuntimeError: boom")
     assert not report.complete and not report.ok
     assert report.incomplete == [
-        "the model's forward pass failed (RuntimeError: boom), so the forward rules did not run"
+        "the model's forward pass failed (RuntimeError: boom), so the forward rules that read "
+        "that pass did not run (skipped lists them)"
     ]
     for fail_on in ("error", "warning", "info"):
         assert report.failed(fail_on)
