@@ -47,7 +47,7 @@ from ._safe_pickle import (
     is_dangerous,
     scan_pickle,
 )
-from .errors import LoadError
+from .errors import LoadError, message_line
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: Most names a refusal lists before "and N more" (names that act outside the process are
@@ -341,13 +341,8 @@ def _restricted_load(
     except Exception as exc:
         raise LoadError(
             f"{label}: the pickle is truncated, corrupt or crafted "
-            f"({type(exc).__name__}: {_first_line(exc)}); save or download it again"
+            f"({type(exc).__name__}: {message_line(exc, 200)}); save or download it again"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _trusted_torch_load(source: Path | bytes, label: Path) -> Any:
@@ -358,7 +353,7 @@ def _trusted_torch_load(source: Path | bytes, label: Path) -> Any:
     except Exception as exc:
         raise LoadError(
             f"{label}: unpickling with --trust-pickle failed "
-            f"({type(exc).__name__}: {_first_line(exc)}); the classes it needs "
+            f"({type(exc).__name__}: {message_line(exc, 200)}); the classes it needs "
             "must be importable (run from the project directory)"
         ) from exc
 
@@ -433,8 +428,8 @@ def read_legacy(path: Path, size: int, trust: bool, data: bytes | None = None) -
                     raise EOFError("the file ends inside a storage")
         except Exception as exc:
             raise LoadError(
-                f"{path}: the legacy checkpoint is truncated or corrupt ({_first_line(exc)}); "
-                "save or download it again"
+                f"{path}: the legacy checkpoint is truncated or corrupt "
+                f"({message_line(exc, 200)}); save or download it again"
             ) from exc
         return obj, True
 
@@ -476,7 +471,7 @@ def _read_plain_pickle(path: Path, fh: Any, size: int, trust: bool) -> Any:
         except Exception as exc:
             raise LoadError(
                 f"{path}: unpickling with --trust-pickle failed "
-                f"({type(exc).__name__}: {_first_line(exc)})"
+                f"({type(exc).__name__}: {message_line(exc, 200)})"
             ) from exc
     fh.seek(0)
 
@@ -685,7 +680,7 @@ def _module_from_script(
     except (KeyError, TypeError, AttributeError) as exc:
         raise LoadError(
             f"{path}: the TorchScript archive has an attribute bncheck cannot rebuild "
-            f"({_first_line(exc)})"
+            f"({message_line(exc, 200)})"
         ) from exc
     return module
 

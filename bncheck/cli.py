@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import options
 from ._version import __version__
-from .errors import BNCheckError, UsageError, did_you_mean
+from .errors import BNCheckError, UsageError, did_you_mean, message_line
 from .render import visible
 from .report import FAIL_ON_CHOICES
 
@@ -892,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BNCheckError as exc:
         if debug:
             traceback.print_exc()
-        _error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        _error(message_line(exc))
         return 2
     except KeyboardInterrupt:
         _error("interrupted")

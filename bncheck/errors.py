@@ -82,3 +82,10 @@ def first_line(exc: BaseException) -> str:
     """An exception as one line: ``Type: first line of its message``."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def message_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's
+    name when the message is empty: for texts that name the type themselves."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

@@ -73,7 +73,7 @@ from ._readers import (
     regular_file_size,
 )
 from ._safe_pickle import BadTensor, numpy_scalar_kinds, scan_pickle
-from .errors import BNCheckError, LoadError, UsageError
+from .errors import BNCheckError, LoadError, UsageError, message_line
 from .models import ARCHS, INPUT_SHAPES, get_arch
 
 __all__ = [
@@ -217,7 +217,7 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
     except BaseException as exc:  # ImportError, or anything raised while importing
         raise UsageError(
             f"--arch {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); check the module is importable from the current directory "
+            f"{message_line(exc)}); check the module is importable from the current directory "
             "or installed"
         ) from exc
     finally:
@@ -235,7 +235,7 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
         except Exception as exc:  # a module __getattr__ or a property that raises
             raise UsageError(
                 f"--arch {spec}: looking up {attr_path!r} in {module_name} raised "
-                f"{type(exc).__name__}: {_first_line(exc)}"
+                f"{type(exc).__name__}: {message_line(exc)}"
             ) from exc
     if not callable(target):
         raise UsageError(
@@ -243,11 +243,6 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
             "callable that returns an nn.Module"
         )
     return ArchSpec(spec, functools.partial(target, **kwargs) if kwargs else target, False, None)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def build_arch(arch: ArchSpec, *, meta: bool = False, values: bool = True) -> nn.Module:
@@ -275,7 +270,7 @@ def build_arch(arch: ArchSpec, *, meta: bool = False, values: bool = True) -> nn
         if meta and isinstance(exc, Exception):
             raise _MetaBuildFailed(exc) from exc
         raise UsageError(
-            f"--arch {arch.label} raised {type(exc).__name__}: {_first_line(exc)} "
+            f"--arch {arch.label} raised {type(exc).__name__}: {message_line(exc)} "
             "(run it in Python, or pass --debug, for the traceback)"
         ) from exc
     if not isinstance(model, nn.Module):
@@ -412,7 +407,7 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
 
 
 def _load_failure(path: Path, fmt: str, exc: Exception) -> LoadError:
-    text = _first_line(exc)
+    text = message_line(exc)
     lowered = text.lower()
     if fmt == "torch_legacy" and (
         "magic number" in lowered
@@ -875,7 +870,7 @@ def _quiet_export_log() -> Iterator[list[str]]:
                 text = record.getMessage()
                 if record.exc_info and record.exc_info[1] is not None:
                     exc = record.exc_info[1]
-                    text = f"{type(exc).__name__}: {_first_line(exc)}"
+                    text = f"{type(exc).__name__}: {message_line(exc)}"
                 tail = [t for t in text.strip().splitlines() if t.strip()]
                 if tail:
                     lines.append(tail[-1].strip())
@@ -917,7 +912,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise LoadError(
             f"{path}: the safetensors file is truncated or corrupt "
-            f"({_first_line(exc)}); save or download it again"
+            f"({message_line(exc)}); save or download it again"
         ) from exc
 
 

@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .context import AuditContext
 from .discovery import BNLayer
-from .errors import BNCheckError, InputError
+from .errors import BNCheckError, InputError, first_line
 from .tracing import BNCall, OpRecord, Tracer
 
 __all__ = [
@@ -1240,11 +1240,6 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
 ALL_STAGES = frozenset({"train", "eval", "data"})
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _needs_targets(exc: BaseException, x: Any) -> bool:
     """Whether a train-mode forward failed for want of targets (a torchvision detector's
     "targets should not be none when in training mode"): the message names targets and the
@@ -1298,7 +1293,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
                 raise
             except Exception as exc:
                 failures.append(exc)
-                obs.train_error = _one_line(exc)
+                obs.train_error = first_line(exc)
                 if _needs_targets(exc, x):
                     obs.needs_targets = True
             restore()
@@ -1330,7 +1325,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
                 raise
             except Exception as exc:
                 failures.append(exc)
-                obs.eval_error = _one_line(exc)
+                obs.eval_error = first_line(exc)
             else:
                 obs.eval.buffer_changes = {k: v for k, v in changes.items() if v}
             restore()
@@ -1364,7 +1359,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             except BNCheckError:
                 raise
             except Exception as exc:
-                obs.stage_errors["data"] = f"the forward pass on data= failed ({_one_line(exc)})"
+                obs.stage_errors["data"] = f"the forward pass on data= failed ({first_line(exc)})"
             restore()
     if obs.stopped_at is not None:
         ctx.notes.append(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BNCheckError, UsageError
+from .errors import BNCheckError, UsageError, message_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from .recalibration import Recalibration
@@ -130,7 +130,7 @@ def resolve_callable(spec: str, option: str) -> Callable[..., Any]:
     except Exception as exc:
         raise UsageError(
             f"{option} {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); check the module is importable from the current directory"
+            f"{message_line(exc)}); check the module is importable from the current directory"
         ) from exc
     finally:
         if added:
@@ -144,11 +144,6 @@ def resolve_callable(spec: str, option: str) -> Callable[..., Any]:
     if not callable(target):
         raise UsageError(f"{option} {spec}: {attr_path} is a {type(target).__name__}, not callable")
     return target  # type: ignore[no-any-return]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -300,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:
         raise UsageError(
-            f"--data {args.data} raised {type(exc).__name__}: {_first_line(exc)}"
+            f"--data {args.data} raised {type(exc).__name__}: {message_line(exc)}"
         ) from exc
     result = recalibrate(
         loaded.model,
