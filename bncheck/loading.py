@@ -174,6 +174,59 @@ def isolated_rng(seed: int = 0) -> Iterator[None]:
 
 
 # ---- architectures ---------------------------------------------------------------------------
+def import_callable(
+    spec: str, option: str, *, expected: str = "callable", installed: bool = False
+) -> Callable[..., Any]:
+    """The callable ``pkg.module:attr.path`` names, imported from the current directory too
+    (as ``python -m`` does). Anything going wrong, including a module or lookup that calls
+    ``sys.exit()`` or raises, is a one-line :class:`UsageError` that starts with ``option``;
+    ``expected`` words what the callable should be."""
+    module_name, _, attr_path = spec.strip().partition(":")
+    if not module_name or not attr_path:
+        raise UsageError(f"{option} {spec!r}: expected pkg.module:callable")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        raise UsageError(
+            f"{option} {spec}: importing {module_name!r} called sys.exit({exc.code!r}); an "
+            f"{option} module must import without exiting"
+        ) from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # ImportError, or anything raised while importing
+        raise UsageError(
+            f"{option} {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
+            f"{message_line(exc)}); check the module is importable from the current directory"
+            + (" or installed" if installed else "")
+        ) from exc
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(
+                f"{option} {spec}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+        except Exception as exc:  # a module __getattr__ or a property that raises
+            raise UsageError(
+                f"{option} {spec}: looking up {attr_path!r} in {module_name} raised "
+                f"{type(exc).__name__}: {message_line(exc)}"
+            ) from exc
+    if not callable(target):
+        raise UsageError(
+            f"{option} {spec}: {attr_path} is a {type(target).__name__}, not {expected}"
+        )
+    return target  # type: ignore[no-any-return]
+
+
 def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec:
     """``vgg16_bn`` (built in: ``bncheck.models.ARCHS``), ``pkg.module:callable``, or a zoo
     model ``torchvision:NAME`` / ``timm:NAME`` (:mod:`bncheck.zoo`).
@@ -201,47 +254,9 @@ def resolve_arch(spec: str, arch_args: dict[str, Any] | None = None) -> ArchSpec
         raise UsageError(
             f"--arch {spec!r}: expected pkg.module:callable or one of {', '.join(ARCHS)}"
         )
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except SystemExit as exc:
-        raise UsageError(
-            f"--arch {spec}: importing {module_name!r} called sys.exit({exc.code!r}); an "
-            "--arch module must import without exiting"
-        ) from None
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # ImportError, or anything raised while importing
-        raise UsageError(
-            f"--arch {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
-            f"{message_line(exc)}); check the module is importable from the current directory "
-            "or installed"
-        ) from exc
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    target: Any = module
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise UsageError(
-                f"--arch {spec}: {module_name} has no attribute {attr_path!r}"
-            ) from None
-        except Exception as exc:  # a module __getattr__ or a property that raises
-            raise UsageError(
-                f"--arch {spec}: looking up {attr_path!r} in {module_name} raised "
-                f"{type(exc).__name__}: {message_line(exc)}"
-            ) from exc
-    if not callable(target):
-        raise UsageError(
-            f"--arch {spec}: {attr_path} is a {type(target).__name__}, not a "
-            "callable that returns an nn.Module"
-        )
+    target = import_callable(
+        spec, "--arch", expected="a callable that returns an nn.Module", installed=True
+    )
     return ArchSpec(spec, functools.partial(target, **kwargs) if kwargs else target, False, None)
 
 
@@ -1081,19 +1096,6 @@ def check_input_size(shape: tuple[int, ...], flag: str = "--input-shape") -> Non
         )
 
 
-def check_output_path(output: str, audited: str | os.PathLike[str]) -> None:
-    """Refuse ``-o`` naming the audited file (same path, a symlink or a hard link to it)."""
-    try:
-        same = os.path.samefile(output, audited)
-    except OSError:  # the output does not exist yet (or cannot be read): not the same file
-        same = os.path.abspath(output) == os.path.abspath(audited)
-    if same:
-        raise UsageError(
-            f"--output {output} is the file being audited; writing the report there would "
-            "replace the checkpoint: give another file"
-        )
-
-
 def load_model(
     path: str | os.PathLike[str], arch: str | ArchSpec | None = None, trust_pickle: bool = False
 ) -> LoadedModel:
@@ -1209,5 +1211,4 @@ __all__ += [
     "data_globals",
     "validate_state_dict",
     "check_input_size",
-    "check_output_path",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import _positive_int, _same_file
 from .errors import BNCheckError, UsageError, message_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,16 +50,6 @@ exit codes: 0 the repaired model passes the audit, 1 findings remain,
 #: Formats whose layout ``recalibrate`` can write back.
 WRITABLE = ("torch_zip", "torch_legacy", "safetensors")
 _LEAVES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -117,45 +107,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 # ---- user callables --------------------------------------------------------------------------
 def resolve_callable(spec: str, option: str) -> Callable[..., Any]:
-    """``pkg.module:callable`` imported (from the current directory too, like ``python -m``)."""
-    module_name, _, attr_path = spec.strip().partition(":")
-    if not module_name or not attr_path:
-        raise UsageError(f"{option} {spec!r}: expected pkg.module:callable")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UsageError(
-            f"{option} {spec}: cannot import {module_name!r} ({type(exc).__name__}: "
-            f"{message_line(exc)}); check the module is importable from the current directory"
-        ) from exc
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    target: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise UsageError(f"{option} {spec}: {module_name} has no attribute {attr_path!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UsageError(f"{option} {spec}: {attr_path} is a {type(target).__name__}, not callable")
-    return target  # type: ignore[no-any-return]
+    """``pkg.module:callable`` imported (from the current directory too, like ``python -m``),
+    as ``--arch`` factories are (:func:`bncheck.loading.import_callable`)."""
+    from .loading import import_callable
+
+    return import_callable(spec, option)
 
 
 # ---- files -----------------------------------------------------------------------------------
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _container(obj: Any) -> MutableMapping[str, Any]:
     """The mapping that holds the state dict's tensors, inside the same wrappers the loader
     looks through (:data:`bncheck.loading._WRAPPER_KEYS`)."""
@@ -274,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     path, output = Path(args.path), Path(args.output)
     if output.exists() and output.is_dir():
         raise UsageError(f"-o {output} is a folder; give the file to write")
-    if path.exists() and _same_file(path, output):
+    if path.exists() and _same_file(str(path), str(output)):
         raise UsageError(
             f"-o {args.output} is the input checkpoint {args.path}; recalibrate never "
             "overwrites its input: give a new file name"

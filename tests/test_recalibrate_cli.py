@@ -196,3 +196,13 @@ def test_entry_point_end_to_end(tmp_path):
     fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
     assert list(fixed) == ["model"]
     assert torch.isfinite(fixed["model"]["block1.1.running_var"]).all()
+
+
+def test_a_data_module_that_exits_at_import_is_one_line(capsys, ckpt, tmp_path, monkeypatch):
+    """--data is imported as --arch is: sys.exit() at import is a usage error, not an exit."""
+    (tmp_path / "exiting_data_mod.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    fixed = tmp_path / "fixed.pt"
+    fails(capsys, str(ckpt), "--arch", ARCH, "--data", "exiting_data_mod:f", "-o", str(fixed),
+          match="called sys.exit")  # fmt: skip
+    assert not fixed.exists()
