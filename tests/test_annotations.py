@@ -8,21 +8,13 @@ import sys
 import unicodedata
 
 import pytest
+from cli_run import ARCH, SELECT, run
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bncheck.annotate import escape_data, escape_property, to_github, to_gitlab
-from bncheck.cli import colorize, main, use_color
+from bncheck.cli import colorize, use_color
 from bncheck.report import Finding, Report, Severity
-
-ARCH = "cli_factories:static_findings"
-SELECT = "invalid-eps,keras-momentum"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def unescape_data(text: str) -> str:

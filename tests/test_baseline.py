@@ -8,21 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from cli_run import ARCH, SELECT, run
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bncheck import baseline
-from bncheck.cli import main
 from bncheck.report import Finding, Severity
-
-ARCH = "cli_factories:static_findings"
-SELECT = "invalid-eps,keras-momentum"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- fingerprints ------------------------------------------------------------------------------

@@ -8,20 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_run import ARCH, SELECT, run
 
 from bncheck import config, options
-from bncheck.cli import main
 from bncheck.errors import UsageError
 from bncheck.report import Finding, Report, Severity
-
-ARCH = "cli_factories:static_findings"
-SELECT = "invalid-eps,keras-momentum"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def audit_json(capsys, *argv: str) -> tuple[int, dict, str]:
