@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -493,28 +493,41 @@ def _new_file_mode(target: Path) -> int:
     return 0o666 & ~umask
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    target = Path(path)
+def replace_atomically(target: Path, save: Callable[[str], None], what: str) -> None:
+    """Write ``target`` by ``save(tmp)`` to a temporary file in the same folder, then a rename
+    (a reader never sees half a file); the temporary file is removed whatever happens, and an
+    ``OSError`` is a one-line :class:`UsageError` about ``what``."""
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise UsageError(
-            f"cannot write the report to {path}: {exc.strerror or exc}; check "
-            "that the folder exists and is writable"
+            f"cannot write {what}: {exc.strerror or exc}; check that the folder exists and "
+            "is writable"
         ) from exc
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        save(tmp)
+        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes it 0600
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot write {what}: {exc.strerror or exc}") from exc
+        raise
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+
+    def save(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes it 0600
-        os.replace(tmp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
+
+    replace_atomically(Path(path), save, f"the report to {path}")
 
 
 # ---- inputs ----------------------------------------------------------------------------------

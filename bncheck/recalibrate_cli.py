@@ -17,15 +17,12 @@ This module imports no torch at import time: ``bncheck --help`` stays quick.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import _positive_int, _same_file
+from .cli import _positive_int, _same_file, replace_atomically
 from .errors import BNCheckError, UsageError, message_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -176,31 +173,6 @@ def _update(sd: MutableMapping[str, Any], result: Recalibration) -> list[str]:
     return written
 
 
-def _write_new(target: Path, save: Callable[[str], None]) -> None:
-    """Write ``target`` through a temporary file in the same folder and a rename."""
-    folder = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write {target}: {exc.strerror or exc}; check that the folder exists "
-            "and is writable"
-        ) from exc
-    os.close(fd)
-    try:
-        save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
-
-
 def write_recalibrated(path: Path, fmt: str, output: Path, result: Recalibration) -> list[str]:
     """Write ``output``: ``path``'s content in its layout, with the recomputed buffers."""
     import torch
@@ -215,12 +187,18 @@ def write_recalibrated(path: Path, fmt: str, output: Path, result: Recalibration
             metadata = fh.metadata()
         sd: MutableMapping[str, Any] = dict(_read_safetensors(path))
         written = _update(sd, result)
-        _write_new(output, lambda tmp: save_file(dict(sd), tmp, metadata=metadata))
+        replace_atomically(
+            output, lambda tmp: save_file(dict(sd), tmp, metadata=metadata), str(output)
+        )
         return written
     obj, _ = _torch_load(path, fmt, trust_pickle=False)
     written = _update(_container(obj), result)
     legacy = fmt == "torch_legacy"
-    _write_new(output, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy))
+    replace_atomically(
+        output,
+        lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy),
+        str(output),
+    )
     return written
 
 
