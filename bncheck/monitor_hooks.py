@@ -13,7 +13,7 @@ grad_enabled, flags, input shape)``; ``flags`` says whether a train-mode call ra
 backward pass (a recomputed forward), under ``inference_mode``, or looks like a deliberate
 recalibration (no grad and momentum None while the layer has a momentum, or BN in train mode
 inside a model in eval mode). Calls made by bncheck's own audit passes on the model
-(:mod:`bncheck._audit_scope`) are not recorded.
+(:func:`bncheck.state.auditing`) are not recorded.
 
 A layer that updates more than once in a step is *armed* for the next ``ARM_STEPS`` steps:
 its calls are then recorded in detail (per-channel input statistics, and when the output's
@@ -36,9 +36,9 @@ from torch.nn.modules.module import (
 )
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._audit_scope import _SCOPE
 from .discovery import BNLayer
 from .monitor_numerics import CallRecord, classify_updates
+from .state import auditing
 
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import Monitor
@@ -164,8 +164,7 @@ class Recorder:
         if self._monitor() is None:  # dropped without detach(): stop watching
             self.remove()
             return
-        scoped = _SCOPE.get()
-        if scoped and id(module) in scoped:
+        if auditing(module):
             return  # bncheck's own audit pass on this model
         training = module.training
         grad = torch.is_grad_enabled()
@@ -207,8 +206,7 @@ class Recorder:
     def _model_forward(self, module: nn.Module) -> None:
         if self.optimizer is not None or not (module.training and torch.is_grad_enabled()):
             return
-        scoped = _SCOPE.get()
-        if scoped and id(module) in scoped:
+        if auditing(module):
             return
         monitor = self._alive()
         if monitor is not None:
@@ -217,8 +215,7 @@ class Recorder:
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.inner or not (module.training and torch.is_grad_enabled()):
             return
-        scoped = _SCOPE.get()
-        if scoped and id(module) in scoped:
+        if auditing(module):
             return
         monitor = self._alive()
         if monitor is not None:

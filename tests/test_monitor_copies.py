@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from zoo import ConvBNReLU, TwoBlock
 
 import bncheck
-from bncheck import _audit_scope
+from bncheck.state import audit_pass, auditing
 
 
 def model_hooks(model: torch.nn.Module) -> int:
@@ -106,7 +106,7 @@ def test_without_the_scope_the_same_passes_would_be_counted():
         step(model, opt)
         with torch.no_grad():
             model(torch.randn(8, 3, 8, 8))  # a train-mode pass without grad, outside any scope
-        with _audit_scope.scope(model), torch.no_grad():
+        with audit_pass(model), torch.no_grad():
             model(torch.randn(8, 3, 8, 8))  # the same pass inside the scope
         step(model, opt, seed=1)
     [finding] = monitor.report().filter(rules=["stats-updated-without-grad"])
@@ -115,11 +115,11 @@ def test_without_the_scope_the_same_passes_would_be_counted():
 
 def test_audit_scope_covers_submodules_and_ends():
     model = TwoBlock()
-    assert not _audit_scope.active(model)
-    with _audit_scope.scope(model):
-        assert _audit_scope.active(model) and _audit_scope.active(model.block1[1])
-        assert not _audit_scope.active(ConvBNReLU())
-    assert not _audit_scope.active(model.block1[1])
+    assert not auditing(model)
+    with audit_pass(model):
+        assert auditing(model) and auditing(model.block1[1])
+        assert not auditing(ConvBNReLU())
+    assert not auditing(model.block1[1])
 
 
 def test_a_monitor_dropped_without_detach_stops_watching():
