@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .render import visible
+from .render import visible_lines
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Report
@@ -40,7 +40,7 @@ def escape_data(text: str) -> str:
     """Escape a workflow command's message (GitHub's ``escapeData``), after showing control
     and invisible format characters (ESC, bidi overrides, NEL, U+2028) as escapes, line by
     line, so a name read from a file cannot reach the log raw or fake a line."""
-    text = "\n".join(visible(line) for line in text.split("\n"))
+    text = visible_lines(text)
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 

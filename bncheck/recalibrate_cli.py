@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli import _positive_int, _same_file, replace_atomically
 from .errors import BNCheckError, UsageError, message_line
+from .render import visible_lines
 
 if TYPE_CHECKING:  # pragma: no cover
     from .recalibration import Recalibration
@@ -250,6 +251,6 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {output} ({loading.FORMATS[fmt]}, {len(written)} buffers of {layers} "
         f"replaced, everything else as in {path.name})"
     )
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(visible_lines("\n".join(lines)) + "\n")  # paths and names from files
     sys.stdout.flush()
     return 0 if result.ok else 1

@@ -166,11 +166,13 @@ class Recalibration:
         """The before/after table, the metric, and the notes, as text."""
         from tabulate import tabulate
 
+        from .render import visible, visible_lines
+
         lines = [self.headline()]
         metric = self.metric_line()
         if metric:
             lines.append(metric)
-        rows = self.table_rows()
+        rows = [[visible(cell) for cell in row] for row in self.table_rows()]  # before widths
         if rows:
             lines.append("")
             lines.append(
@@ -192,7 +194,8 @@ class Recalibration:
         if self.notes:
             lines.append("")
             lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
+        # layer names come from the model (or a file): shown, never interpreted
+        return visible_lines("\n".join(lines))
 
     def __str__(self) -> str:
         return self.to_table()

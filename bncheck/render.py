@@ -73,6 +73,12 @@ def visible(text: object) -> str:
     )
 
 
+def visible_lines(text: str) -> str:
+    """:func:`visible` line by line: the line breaks of a multi-line text stay line breaks,
+    every other control or invisible format character is shown as an escape."""
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
 def markdown_text(text: object) -> str:
     """``text`` for a Markdown (GitHub) document: controls shown visibly, HTML special
     characters as entities, Markdown punctuation backslash-escaped (renders as itself)."""

@@ -442,3 +442,15 @@ def test_the_fixture_exposes_recalibrate(pytester: pytest.Pytester):
         """
     )
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_table_shows_control_characters_in_layer_names_as_escapes():
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3, bias=False))
+    model.add_module("bn\x1b[2J\u202eX", nn.BatchNorm2d(4))
+    model.eval()
+    getattr(model, "bn\x1b[2J\u202eX").running_var[0] = float("nan")
+    torch.manual_seed(0)
+    text = str(bncheck.recalibrate(model, [torch.randn(4, 3, 8, 8) for _ in range(4)]))
+    assert "\x1b" not in text and "\u202e" not in text
+    assert "bn\\x1b[2J\\u202eX" in text
