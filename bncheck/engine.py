@@ -451,7 +451,8 @@ def _audit(
                     f" ({code!r})" if code is not None else ""
                 )
             finally:
-                snapshot.restore()
+                # for good: from here on the audit only reads the model (its rules)
+                snapshot.restore(final=True)
                 ctx.model, ctx.layers = inner, layers  # the rules judge the user's model
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"

@@ -28,6 +28,7 @@ inputs are drawn from a local ``torch.Generator``, never the global RNG.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -118,6 +120,28 @@ class BufferState:
             nbt = module._buffers.get("num_batches_tracked")
             if isinstance(nbt, torch.Tensor) and self.num_batches_tracked is not None:
                 nbt.fill_(self.num_batches_tracked)
+
+    def changed_in(self, module: nn.Module) -> list[str]:
+        """:meth:`changed` against the module's live buffers (no copies taken)."""
+        names = []
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(self, name), module._buffers.get(name)
+            if a is None or not isinstance(b, torch.Tensor):
+                continue
+            b = b.detach()
+            if (
+                a.shape != b.shape
+                or a.dtype != b.dtype
+                or a.device != b.device
+                or not torch.equal(a, b)
+                and not torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+            ):
+                names.append(name)
+        nbt = module._buffers.get("num_batches_tracked")
+        now = int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel() else None
+        if self.num_batches_tracked != now:
+            names.append("num_batches_tracked")
+        return names
 
     def changed(self, other: BufferState) -> list[str]:
         """Names of the buffers whose values differ between ``self`` and ``other``."""
@@ -563,7 +587,9 @@ def _summary(
     where: str, shape: tuple[int, ...], d: torch.Tensor, parts: tuple[str, ...] = (), **extra: Any
 ) -> InputSummary:
     with torch.no_grad():
-        std, mean = torch.std_mean(d, correction=0)
+        # two passes (the library's std_mean takes a slow scalar path on CPU)
+        mean = d.mean()
+        std = (d - mean).square_().mean().sqrt()
         low, high = torch.aminmax(d)
         return InputSummary(
             where,
@@ -652,6 +678,13 @@ def _input_entries(
             names[where] = (where, (), str(value.dtype))
     wanted = {entry[0] for entry in names.values()}
     found: dict[str, InputSummary] = {}
+    # the raw inputs' own summaries, reused when a layer receives such a tensor unchanged
+    summaries = {summary.where: summary for summary in obs.inputs if not summary.parts}
+    raw = {
+        where: (value, value._version, summaries[where])
+        for where, value in _network_inputs(x)
+        if isinstance(value, torch.Tensor) and where in summaries
+    }
     calls = [0]
 
     def hook_for(qualname: str, module: nn.Module) -> Callable[..., None]:
@@ -680,6 +713,13 @@ def _input_entries(
                     return
                 where, parts, dtype = names[origin.name]
                 if where in found:
+                    return
+                known = raw.get(where)
+                if known is not None and known[0] is t and t._version == known[1]:
+                    # the layer receives the raw input itself, unchanged: same summary
+                    found[where] = dataclasses.replace(
+                        known[2], layer=label, preprocessed=origin.preprocessed
+                    )
                     return
                 found[where] = _summary(
                     where,
@@ -713,129 +753,163 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-#: elements per block of the variance pass (512 KiB of float32: stays in a core's cache)
+#: elements per block of the statistics sweep (512 KiB of float32: stays in a core's cache);
+#: tensors of up to 4 blocks are summed whole
 _STATS_BLOCK = 1 << 17
 
 
-def channel_stats(t: torch.Tensor) -> ChannelStats | None:
+def channel_stats(t: torch.Tensor, picked: torch.Tensor | None = None) -> ChannelStats | None:
     """:class:`ChannelStats` of an (N, C, ...) tensor; ``None`` for fewer than 2 dims.
 
-    Two passes in the tensor's precision (float32 for half types): ``mean = sum(x) / n``,
-    then ``var = sum((x - mean)^2) / n`` (biased), both with PyTorch's cascade summation
-    (error about u * log2(n) relative to the values summed). A contiguous tensor is read as
-    rows of (sample, channel): the mean from the rows' sums, the variance block by block of
-    rows through one small buffer that stays in cache (the deviations of a whole activation
-    are never held at once); per-row sums are added up per channel at the end, so the
-    summation stays a cascade (rows, then samples). Other layouts take the same two passes
-    over the whole tensor.
+    Sums in the tensor's precision (float32 for half types) with PyTorch's cascade summation
+    (error about u * log2(n) relative to the values summed), around a per-channel shift
+    ``k``: per row of (sample, channel), ``s1 = sum(x - k)`` and ``s2 = sum((x - k)^2)``;
+    then, in float64, ``mean = k + S1 / n`` and ``var = (S2 - S1 * (mean - k)) / n``
+    (biased). With ``d = mean - k`` the variance's relative round-off is that of a two-pass
+    variance times ``1 + d^2 / var``.
+
+    * Tensors of up to four blocks, and other layouts than contiguous: ``k`` is the exact
+      channel mean (a first pass of row sums): the two-pass variance.
+    * Larger contiguous tensors: one sweep, block by block of rows through one small buffer
+      that stays in cache (the deviations of a whole activation are never held at once),
+      around the mean of the :func:`grid` elements (pass ``picked``, the grid, when it is at
+      hand); when a channel's shift missed by more than half a standard deviation (a factor
+      over 1.25), a second sweep around the means.
     """
     if t.dim() < 2 or not (t.is_floating_point()):
         return None
     x = _float(t.detach())
-    c = x.shape[1]
+    batch, c = x.shape[0], x.shape[1]
     n = x.numel() // max(1, c)
     if n == 0:
         return None
+    length = n // max(1, batch)  # values per (sample, channel) row
+    # float64 arithmetic on (N, C) sums in numpy: short vectors, where torch's per-op
+    # overhead would dominate
+    with np.errstate(all="ignore"):
+        if x.is_contiguous() and x.numel() > 4 * _STATS_BLOCK:
+            if picked is None or picked.shape[0] != c:
+                picked = grid(x)
+            shift = picked.numpy().mean(1)
+            shift[~np.isfinite(shift)] = 0.0
+            for _ in range(2):
+                k_x = torch.from_numpy(shift).to(device=x.device, dtype=x.dtype)
+                s1, s2 = _blocked_sums(x, k_x)
+                k = k_x.cpu().double().numpy()
+                d, mean, var = _moments(s1, s2, k, n)
+                missed = d * d > var / 4
+                if not missed.any() or not np.isfinite(mean[missed]).all():
+                    break
+                shift = np.where(missed, mean, k)  # once more around the means
+        else:
+            s1, s2, k = _two_pass_sums(x, length)
+            d, mean, var = _moments(s1, s2, k, n)
+        per_sample = k + s1 / max(1, length)
+        # each sample's mean squared deviation from the channel mean: (x - k - d)^2 summed
+        per_sample_sq = (s2 - 2 * d * s1) / max(1, length) + d * d
+        sample_var: torch.Tensor | None = None
+        sample_sq_var: torch.Tensor | None = None
+        if batch > 1:
+            sample_var = torch.from_numpy(_batch_var(per_sample))
+            sample_sq_var = torch.from_numpy(_batch_var(per_sample_sq))
+    return ChannelStats(torch.from_numpy(mean), torch.from_numpy(var), n, sample_var, sample_sq_var)
+
+
+def _moments(
+    s1: np.ndarray, s2: np.ndarray, k: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean - k, mean, biased var)`` per channel from (N, C) float64 shifted sums."""
+    total1 = s1.sum(0)
+    d = total1 / n
+    return d, k + d, np.maximum((s2.sum(0) - total1 * d) / n, 0.0)
+
+
+def _batch_var(v: np.ndarray) -> np.ndarray:
+    """The unbiased variance over dim 0 of an (N, C) array (two passes)."""
+    dev = v - v.mean(0)
+    return (dev * dev).sum(0) / (v.shape[0] - 1)
+
+
+def _row_sums(dev: torch.Tensor) -> torch.Tensor:
+    """Sums over the last dim of an (N, C, L) tensor (a product with a vector of ones for
+    short rows: much faster than the reduction kernel there)."""
+    if dev.shape[2] >= 64:
+        return dev.sum(2)
+    return dev @ torch.ones(dev.shape[2], dtype=dev.dtype, device=dev.device)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def _two_pass_sums(x: torch.Tensor, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shifted sums (float64 (N, C)) of a small or non-contiguous tensor around the exact
+    channel means, and those means as the shift (in ``x``'s dtype, as float64)."""
+    batch, c = x.shape[0], x.shape[1]
+    if length == 1:  # (N, C): each row is one value
+        v = _as_numpy(x.reshape(batch, c))
+        k = v.mean(0)
+        dev = v - k
+        return dev, dev * dev, k
     if x.is_contiguous():
-        mean, var, per_sample, per_sample_sq = _blocked_moments(x, n)
+        rows = x.reshape(batch, c, length)
+        k_x = torch.from_numpy(_as_numpy(_row_sums(rows)).sum(0) / (batch * length))
+        k_x = k_x.to(device=x.device, dtype=x.dtype)
+        # subtract along contiguous memory (a broadcast over short rows is slow)
+        dev = (x.reshape(batch, c * length) - k_x.repeat_interleave(length)).reshape(rows.shape)
+        s1 = _row_sums(dev)
+        dev.square_()
+        s2 = _row_sums(dev)
     else:
         spatial = list(range(2, x.dim()))
-        per_sample = x.mean(spatial) if spatial else x
-        mean = per_sample.mean(0)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        dev = x - mean.reshape(shape)
+        k_x = torch.from_numpy(_as_numpy(x.sum(spatial)).sum(0) / (batch * length))
+        k_x = k_x.to(device=x.device, dtype=x.dtype)
+        dev = x - k_x.reshape([1, -1] + [1] * (x.dim() - 2))
+        s1 = dev.sum(spatial)
         dev.square_()
-        per_sample_sq = dev.mean(spatial) if spatial else dev
-        var = per_sample_sq.mean(0)
-        del dev
-    sample_var: torch.Tensor | None = None
-    sample_sq_var: torch.Tensor | None = None
-    if x.shape[0] > 1:
-        sample_var = per_sample.double().var(0).cpu()
-        sample_sq_var = per_sample_sq.double().var(0).cpu()
-    return ChannelStats(mean.double().cpu(), var.double().cpu(), n, sample_var, sample_sq_var)
+        s2 = dev.sum(spatial)
+    return _as_numpy(s1), _as_numpy(s2), _as_numpy(k_x)
 
 
-def _blocked_moments(
-    x: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a contiguous (N, C, ...) tensor with ``n``
-    values per channel (see :func:`channel_stats`), and the (N, C) per-sample channel means
-    and mean squared deviations (by-products of the two passes' first stage)."""
+def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per (sample, channel) of a contiguous (N, C, ...) tensor: ``sum(x - shift)`` and
+    ``sum((x - shift)^2)`` over the other dims, as two float64 (N, C) arrays, block by block
+    of rows through one buffer."""
     batch, c = x.shape[0], x.shape[1]
     rows = x.reshape(batch * c, -1)  # one row per (sample, channel), contiguous
     length = rows.shape[1]
-    sample_sums = rows.sum(1).reshape(batch, c)
-    mean = sample_sums.sum(0) / n
-    per_sample = sample_sums / max(1, length)
     per = max(1, _STATS_BLOCK // max(1, length))
-    if per >= rows.shape[0]:
-        dev = rows.reshape(batch, c, length) - mean[:, None]
-        dev.square_()
-        sq_sums = dev.sum(2)
-        return mean, sq_sums.sum(0) / n, per_sample, sq_sums / max(1, length)
-    row_mean = mean.repeat(batch)[:, None]
-    sums = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    row_shift = shift.repeat(batch)[:, None]
+    s1 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    s2 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
     buf = torch.empty(per, length, dtype=x.dtype, device=x.device)
     for start in range(0, rows.shape[0], per):
         part = rows[start : start + per]
         dev = buf[: part.shape[0]]
-        torch.sub(part, row_mean[start : start + per], out=dev)
+        torch.sub(part, row_shift[start : start + per], out=dev)
+        torch.sum(dev, 1, out=s1[start : start + per])
         dev.square_()
-        torch.sum(dev, 1, out=sums[start : start + per])
-    sq_sums = sums.reshape(batch, c)
-    return mean, sq_sums.sum(0) / n, per_sample, sq_sums / max(1, length)
-
-
-_GRID_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
-def _grid_indices(size: int, k: int, device: torch.device) -> torch.Tensor:
-    key = (size, k, str(device))
-    idx = _GRID_CACHE.get(key)
-    if idx is None:
-        k = max(1, min(size, k))
-        picks = sorted({round(i * (size - 1) / max(1, k - 1)) for i in range(k)})
-        idx = _GRID_CACHE[key] = torch.tensor(picks, dtype=torch.long, device=device)
-    return idx
-
-
-_OFFSET_CACHE: dict[tuple[Any, ...], tuple[torch.Tensor, int]] = {}
-
-
-def _grid_offsets(t: torch.Tensor, k_batch: int, k_space: int) -> tuple[torch.Tensor, int]:
-    """Storage offsets (C, K) of the grid elements of a tensor with ``t``'s shape and strides,
-    and the length of storage they span; cached per (shape, strides, device)."""
-    key = (t.shape, t.stride(), t.device, k_batch, k_space)
-    hit = _OFFSET_CACHE.get(key)
-    if hit is not None:
-        return hit
-    offsets = torch.zeros(1, dtype=torch.long)
-    for d in [0, *range(2, t.dim())]:
-        picks = _grid_indices(t.shape[d], k_batch if d == 0 else k_space, torch.device("cpu"))
-        offsets = (offsets[:, None] + picks[None, :] * t.stride(d)).reshape(-1)
-    channel = torch.arange(t.shape[1], dtype=torch.long) * t.stride(1)
-    table = channel[:, None] + offsets[None, :]
-    span = int(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))) + 1
-    if len(_OFFSET_CACHE) > 256:
-        _OFFSET_CACHE.clear()
-    hit = _OFFSET_CACHE[key] = (table.to(t.device), span)
-    return hit
+        torch.sum(dev, 1, out=s2[start : start + per])
+    return _as_numpy(s1.reshape(batch, c)), _as_numpy(s2.reshape(batch, c))
 
 
 def grid(t: torch.Tensor, k_batch: int = 8, k_space: int = 4) -> torch.Tensor:
     """The same few elements per channel of an (N, C, ...) tensor as a (C, K) float64 tensor.
 
-    Picks up to ``k_batch`` evenly spaced samples and ``k_space`` evenly spaced positions per
-    spatial dim (the same positions for every tensor of that shape), with one gather.
+    Every ``ceil(N / k_batch)``-th sample and every ``ceil(size / k_space)``-th position of
+    each spatial dim, from 0 (at most ``k_batch`` samples and ``k_space`` positions per dim,
+    evenly spread; the same elements for every tensor of that shape), read through one
+    strided view, in (sample, position) order.
     """
     t = t.detach()
-    if any(stride < 0 for stride in t.stride()) or t.numel() == 0:
-        t = t.contiguous()
-    table, span = _grid_offsets(t, k_batch, k_space)
-    storage = t.as_strided((span,), (1,), t.storage_offset())
-    picked = storage.index_select(0, table.reshape(-1)).reshape(table.shape)
-    return picked.to(dtype=torch.float64, device="cpu")
+    if t.numel() == 0:
+        return torch.zeros(t.shape[1] if t.dim() > 1 else 0, 0, dtype=torch.float64)
+    steps = [max(1, -(-t.shape[0] // k_batch))] + [max(1, -(-s // k_space)) for s in t.shape[2:]]
+    index = (slice(None, None, steps[0]), slice(None)) + tuple(
+        slice(None, None, s) for s in steps[1:]
+    )
+    view = t[index]
+    return view.transpose(0, 1).reshape(t.shape[1], -1).to(dtype=torch.float64, device="cpu")
 
 
 def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -1015,13 +1089,13 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
 def _measure(rec: TrainCall, inp: torch.Tensor, out: torch.Tensor) -> None:
     if inp.dim() < 2 or out.shape != inp.shape or not out.is_floating_point():
         return
-    rec.input_stats = channel_stats(inp)
-    # PyTorch's own forward: its output's per-channel moments follow from the element grid
-    # checked against the input's statistics; custom layers get their output measured too
-    rec.output_stats = None if rec.stock else channel_stats(out)
-    rec.dtype = out.dtype
     rec.grid_in = grid(inp)
     rec.grid_out = grid(out)
+    rec.input_stats = channel_stats(inp, rec.grid_in)
+    # PyTorch's own forward: its output's per-channel moments follow from the element grid
+    # checked against the input's statistics; custom layers get their output measured too
+    rec.output_stats = None if rec.stock else channel_stats(out, rec.grid_out)
+    rec.dtype = out.dtype
 
 
 # ---- comparing eval passes -------------------------------------------------------------------
@@ -1307,7 +1381,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
                 for layer in ctx.layers:
                     if id(layer.module) in snapshot:
                         state = snapshot[id(layer.module)][1]
-                        changed = state.changed(BufferState.capture(layer.module))
+                        changed = state.changed_in(layer.module)
                         if changed:
                             state.restore(layer.module)
                         for name in changed:

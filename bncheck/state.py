@@ -349,10 +349,18 @@ class Snapshot:
     def __init__(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()):
         self.rng = RNGState.capture()
         self.model = ModelState.capture(model, optimizers)
+        #: the model's state was put back for good (``restore(final=True)`` completed): the
+        #: exit of :func:`preserved` restores only the RNG states
+        self.settled = False
 
-    def restore(self) -> None:
+    def restore(self, final: bool = False) -> None:
+        """Put everything back. ``final=True``: the caller runs nothing on the model after
+        this (the audit's rules only read it), so comparing every tensor again at the exit of
+        :func:`preserved` would find nothing to do; an interrupted restore is not final."""
         try:
-            self.model.restore()
+            if not self.settled:
+                self.model.restore()
+                self.settled = final
         finally:
             self.rng.restore()
 

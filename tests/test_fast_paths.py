@@ -1,0 +1,148 @@
+"""The audit's fast paths decide as the slow computations they replace.
+
+* ``normalization_errors`` on a grid-only call (PyTorch's own BN forward) returns early when
+  every element is within its tolerance: it must flag exactly the calls an element-by-element
+  evaluation of the documented tolerance flags.
+* ``BufferState.changed_in`` compares with the live buffers (no copies): it must name the
+  same buffers as comparing two captures.
+* ``Snapshot.restore(final=True)``: the exit of ``preserved`` then skips the model's second
+  comparison, but still restores the RNG states; a restore that is not final is repeated.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bncheck.checks.forward import GAMMA_FLOOR, NORM_SAFETY, normalization_errors
+from bncheck.probes import BufferState, TrainCall, channel_stats, grid
+from bncheck.state import preserved
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+
+
+def _oracle_flags(x: torch.Tensor, y: torch.Tensor, gamma, beta, eps: float) -> set[int]:
+    """Channels whose grid elements break the tolerance of ``normalization_errors``'s
+    docstring, evaluated element by element in plain Python floats."""
+    stats = channel_stats(x)
+    assert stats is not None
+    gi, go = grid(x), grid(y)
+    u = torch.finfo(x.dtype).eps
+    g = 1 + math.log2(max(2, stats.count))
+    k = NORM_SAFETY * u * g
+    flagged = set()
+    for c in range(x.shape[1]):
+        gm, bt = float(gamma[c]), float(beta[c])
+        if not abs(gm) > GAMMA_FLOOR * (1 + abs(bt)):
+            continue
+        mu, var = float(stats.mean[c]), max(float(stats.var[c]), 0.0)
+        root = math.sqrt(var + eps)
+        a = (abs(mu) + math.sqrt(var)) / root
+        b = (abs(bt) + abs(gm)) / abs(gm)
+        for xi, yi in zip(gi[c].tolist(), go[c].tolist()):
+            z = (xi - mu) / root
+            z_obs = (yi - bt) / gm
+            if abs(z_obs - z) > k * (a * (1 + abs(z)) + b + abs(z)):
+                flagged.add(c)
+                break
+    return flagged
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**16),
+    channels=st.integers(1, 6),
+    offset=st.sampled_from([0.0, 3.0, -50.0]),
+    bump=st.sampled_from([0.0, 1e-7, 1e-5, 1e-3, 0.5]),
+    where=st.integers(0, 5),
+)
+def test_grid_only_normalization_flags_what_the_elementwise_oracle_flags(
+    seed: int, channels: int, offset: float, bump: float, where: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, channels, 5, 5, generator=gen) * 2 + offset
+    gamma = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    beta = torch.randn(channels, generator=gen, dtype=torch.float64)
+    eps = 1e-5
+    y = torch.nn.functional.batch_norm(
+        x, None, None, gamma.float(), beta.float(), training=True, eps=eps
+    )
+    c = where % channels
+    y[0, c, 0, 0] += bump * (1 + float(y[0, c, 0, 0].abs()))  # a grid element (sample 0, 0, 0)
+    stats = channel_stats(x)
+    call = TrainCall(
+        layer="bn",
+        index=0,
+        occurrence=0,
+        training=True,
+        standard=True,
+        shape=tuple(x.shape),
+        batch_size=8,
+        samples_per_channel=stats.count if stats else 0,
+        eps=eps,
+        dtype=x.dtype,
+        input_stats=stats,
+        output_stats=None,
+        grid_in=grid(x),
+        grid_out=grid(y),
+        gamma=gamma,
+        beta=beta,
+        stock=True,
+    )
+    expected = _oracle_flags(x, y, gamma, beta, eps)
+    err = normalization_errors(call)
+    assert (err is not None) == bool(expected), (expected, err)
+    if err is not None:
+        assert err["channel"] in expected
+        assert set(np.flatnonzero(err["bad"].numpy())) == expected
+
+
+def test_changed_in_names_the_buffers_a_second_capture_would() -> None:
+    bn = nn.BatchNorm2d(3)
+    bn.running_var[1] = float("nan")  # NaN left alone: not a change
+    saved = BufferState.capture(bn)
+    assert saved.changed_in(bn) == [] == saved.changed(BufferState.capture(bn))
+    with torch.no_grad():
+        bn.running_mean[0] += 1e-7
+        bn.num_batches_tracked += 1
+    assert saved.changed_in(bn) == ["running_mean", "num_batches_tracked"]
+    assert saved.changed_in(bn) == saved.changed(BufferState.capture(bn))
+    with torch.no_grad():
+        bn.running_var.data = bn.running_var.double()  # a dtype change is a change
+    assert "running_var" in saved.changed_in(bn)
+
+
+def test_a_final_restore_skips_the_model_but_not_the_rngs_at_exit() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(5)
+    random.seed(5)
+    rng = torch.get_rng_state()
+    py_rng = random.getstate()
+    with preserved(model) as snapshot:
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        snapshot.restore(final=True)
+        assert snapshot.settled
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        torch.rand(3)
+        random.random()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert random.getstate() == py_rng
+
+
+def test_a_restore_that_is_not_final_is_repeated_at_exit() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with preserved(model) as snapshot:
+        snapshot.restore()  # e.g. between stages: more passes may follow
+        assert not snapshot.settled
+        with torch.no_grad():
+            model[0].weight.mul_(3.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
