@@ -166,11 +166,14 @@ class OptimizerState:
             group.update(settings)
 
 
-def held_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+def held_optimizers(
+    model: nn.Module, modules: Iterable[nn.Module] | None = None
+) -> list[torch.optim.Optimizer]:
     """Every ``torch.optim.Optimizer`` held as an attribute of a submodule of ``model``
-    (e.g. a test-time-adaptation wrapper that steps its own optimizer in forward)."""
+    (e.g. a test-time-adaptation wrapper that steps its own optimizer in forward);
+    ``modules``: ``model.modules()`` when the caller has them listed already."""
     found: list[torch.optim.Optimizer] = []
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         for value in vars(module).values():
             if isinstance(value, torch.optim.Optimizer) and all(value is not o for o in found):
                 found.append(value)
@@ -228,8 +231,9 @@ class StructureState:
             live.update(self.non_persistent)
 
 
-def held_schedulers(model: nn.Module) -> list[Any]:
-    """Every learning-rate scheduler held as an attribute of a submodule of ``model``."""
+def held_schedulers(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[Any]:
+    """Every learning-rate scheduler held as an attribute of a submodule of ``model``
+    (``modules`` as for :func:`held_optimizers`)."""
     kinds = tuple(
         k
         for k in (
@@ -239,7 +243,7 @@ def held_schedulers(model: nn.Module) -> list[Any]:
         if isinstance(k, type)
     )
     found: list[Any] = []
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         for value in vars(module).values():
             if isinstance(value, kinds) and all(value is not s for s in found):
                 found.append(value)
@@ -278,7 +282,8 @@ class ModelState:
     def capture(
         cls, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
     ) -> ModelState:
-        training = [(m, m.training) for m in model.modules()]
+        modules = list(model.modules())  # one walk of the module tree for every part
+        training = [(m, m.training) for m in modules]
         copies: dict[int, torch.Tensor | None] = {}  # one clone per distinct tensor
 
         def copy_of(t: Any) -> torch.Tensor | None:
@@ -290,7 +295,7 @@ class ModelState:
 
         parameters: list[_Slot] = []
         buffers: list[_Slot] = []
-        for module in model.modules():
+        for module in modules:
             for name, param in _slots(module, "_parameters"):
                 parameters.append((module, name, param, copy_of(param)))
             for name, buf in _slots(module, "_buffers"):
@@ -302,13 +307,11 @@ class ModelState:
                 seen.add(id(param))
                 grads.append((param, param.requires_grad, param.grad, _snapshot(param.grad)))
         opts: list[OptimizerState] = []
-        for opt in [*optimizers, *held_optimizers(model)]:
+        for opt in [*optimizers, *held_optimizers(model, modules)]:
             if isinstance(opt, torch.optim.Optimizer) and all(o.optimizer is not opt for o in opts):
                 opts.append(OptimizerState.capture(opt))
-        structure = [
-            st for st in (StructureState.capture(m) for m in model.modules()) if st is not None
-        ]
-        schedulers = [(sch, _scheduler_state(sch)) for sch in held_schedulers(model)]
+        structure = [st for st in (StructureState.capture(m) for m in modules) if st is not None]
+        schedulers = [(sch, _scheduler_state(sch)) for sch in held_schedulers(model, modules)]
         return cls(training, parameters, buffers, grads, opts, structure, schedulers)
 
     def restore(self) -> None:

@@ -146,3 +146,42 @@ def test_a_restore_that_is_not_final_is_repeated_at_exit() -> None:
         with torch.no_grad():
             model[0].weight.mul_(3.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _Pooled(nn.Module):
+    """A model whose output has no row per sample (a scalar): the eval passes cannot screen
+    on it and must record every BN call."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)).sum()
+
+
+def test_eval_batch_dependence_is_found_when_outputs_cannot_be_screened() -> None:
+    from bn_mutants import BatchStatsInEvalBN
+
+    import bncheck
+
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = bncheck.audit(_Pooled(BatchStatsInEvalBN(4)), x, select=["eval-batch-dependence"])
+    assert [(f.rule, f.layer) for f in report.findings] == [("eval-batch-dependence", "norm")]
+
+
+def test_eval_batch_dependence_is_localised_after_the_screen_finds_a_difference() -> None:
+    from bn_mutants import BatchStatsInEvalBN
+
+    import bncheck
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), BatchStatsInEvalBN(4), nn.Flatten()
+    )
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    report = bncheck.audit(model, x, select=["eval-batch-dependence"])
+    assert [(f.rule, f.layer) for f in report.findings] == [("eval-batch-dependence", "1")]
+    # a healthy model: the screen alone decides, and nothing is found
+    healthy = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    assert not bncheck.audit(healthy, x, select=["eval-batch-dependence"]).findings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,30 @@ def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
     for layer in layers:
         if not layer.lazy_uninitialized:
             yield layer
+
+
+def layers_where(
+    layers: Sequence[BNLayer], name: str, test: Callable[[torch.Tensor], torch.Tensor]
+) -> set[str]:
+    """Names of the layers whose tensor ``name`` (``running_var``, ``weight``...) has an
+    element where the elementwise ``test`` holds: one evaluation over the tensors of all
+    layers at once (per device and dtype), so that rules that usually find nothing cost a few
+    ops, not a few per layer."""
+    groups: dict[tuple[Any, Any], list[tuple[str, torch.Tensor]]] = {}
+    for layer in layers:
+        t = getattr(layer, name)
+        if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
+            groups.setdefault((t.device, t.dtype), []).append((layer.name, t.detach().reshape(-1)))
+    hits: set[str] = set()
+    with torch.no_grad():
+        for members in groups.values():
+            mask = test(torch.cat([t for _, t in members]))
+            if not bool(mask.any()):
+                continue
+            for (layer_name, _), part in zip(members, mask.split([t.numel() for _, t in members])):
+                if bool(part.any()):
+                    hits.add(layer_name)
+    return hits
 
 
 def stats_at_initial_values(layer: BNLayer) -> bool:
@@ -213,7 +237,21 @@ def _nonfinite(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @check("nonfinite-stats")
 def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
-    for layer in _usable(ctx.layers):
+    usable = list(_usable(ctx.layers))
+    suspects: set[str] = set()
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        suspects |= layers_where(
+            usable,
+            name,
+            lambda t: (
+                ~torch.isfinite(t)
+                if t.is_floating_point()
+                else torch.zeros_like(t, dtype=torch.bool)
+            ),
+        )
+    for layer in usable:
+        if layer.name not in suspects:
+            continue
         parts = []
         details: dict[str, Any] = {}
         for name in ("running_mean", "running_var", "weight", "bias"):
@@ -234,7 +272,11 @@ def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("negative-running-var")
 def negative_running_var(ctx: AuditContext) -> Iterator[Finding]:
-    for layer in _usable(ctx.layers):
+    usable = list(_usable(ctx.layers))
+    suspects = layers_where(usable, "running_var", lambda t: t < 0)
+    for layer in usable:
+        if layer.name not in suspects:
+            continue
         rv = layer.running_var
         if rv is None:
             continue
@@ -260,7 +302,13 @@ TINY_VAR_REL = 0.01
 
 @check("tiny-running-var")
 def tiny_running_var(ctx: AuditContext) -> Iterator[Finding]:
-    for layer in _usable(ctx.layers):
+    usable = list(_usable(ctx.layers))
+    largest_eps = max((lyr.eps for lyr in usable if lyr.eps is not None), default=0.0)
+    # a channel can be tiny only if its running_var is at most some layer's eps
+    suspects = layers_where(usable, "running_var", lambda t: t <= largest_eps)
+    for layer in usable:
+        if layer.name not in suspects:
+            continue
         rv = layer.running_var
         if rv is None or layer.eps is None or layer.eps <= 0:
             continue
@@ -294,8 +342,13 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
         yield from _missing_stats(ctx, missing)
     hits = []
     frozen_at_init = []
-    for layer in _usable(ctx.layers):
-        if layer.name in missing or not layer.has_running_stats:
+    usable = list(_usable(ctx.layers))
+    # both cases below need statistics at their initial values (mean 0, var 1)
+    moved = layers_where(usable, "running_mean", lambda t: t != 0) | layers_where(
+        usable, "running_var", lambda t: t != 1
+    )
+    for layer in usable:
+        if layer.name in missing or not layer.has_running_stats or layer.name in moved:
             continue
         if statistics_never_move(layer) and stats_at_initial_values(layer):
             # momentum=0: they will never leave 0 and 1, in train mode or eval mode
