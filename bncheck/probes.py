@@ -500,7 +500,13 @@ def validate_input(x: Any, what: str = EXAMPLE) -> None:
     if not tensors:
         raise InputError(f"{what} holds no tensor; pass the batch the model takes")
     for where, t in tensors:
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        # a finite sum means every value is finite (NaN and Inf propagate); only a sum that
+        # is not (which a large finite batch can also overflow to) needs the full check
+        with torch.no_grad():
+            finite_sum = bool(torch.isfinite(t.detach().sum()))
+        if not finite_sum and not bool(torch.isfinite(t).all()):
             raise InputError(
                 f"{what} has NaN/Inf values ({where}, shape {tuple(t.shape)}); pass a finite batch"
             )
@@ -633,17 +639,17 @@ def _summary(
         # two passes (the library's std_mean takes a slow scalar path on CPU)
         mean = d.mean()
         std = (d - mean).square_().mean().sqrt()
-        low, high = torch.aminmax(d)
+        low, high = (float(v) for v in torch.aminmax(d))
+        # integer-valued needs integral extremes first (the full check reads every value)
+        integral = (
+            math.isfinite(low)
+            and math.isfinite(high)
+            and low.is_integer()
+            and high.is_integer()
+            and torch.equal(d, d.round())
+        )
         return InputSummary(
-            where,
-            shape,
-            float(mean),
-            float(std),
-            float(low),
-            float(high),
-            torch.equal(d, d.round()),
-            parts,
-            **extra,
+            where, shape, float(mean), float(std), low, high, integral, parts, **extra
         )
 
 

@@ -89,8 +89,7 @@ def _snapshot(t: torch.Tensor | None) -> torch.Tensor | None:
         return None
     if t.is_meta:
         return None
-    with torch.no_grad():
-        return t.detach().clone()
+    return t.detach().clone()  # detached: no autograd record, no grad-mode switch needed
 
 
 def _put_back(target: torch.Tensor, copy: torch.Tensor | None) -> None:

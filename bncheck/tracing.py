@@ -30,6 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["OpRecord", "BNCall", "Tracer", "op_name", "upstream", "ACTIVATIONS"]
@@ -348,6 +352,8 @@ class Tracer:
         self._guards: list[Any] = []
         self._call_by_record: dict[OpRecord, BNCall] = {}
         self._module_kinds: dict[int, OpRecord] = {}
+        #: id(leaf module) -> (module, qualified name, label)
+        self._leaves: dict[int, tuple[nn.Module, str, str]] = {}
 
     # ---- producer map --------------------------------------------------------------
     def producer(self, tensor: torch.Tensor) -> OpRecord | None:
@@ -428,45 +434,52 @@ class Tracer:
             self.paused_depth -= 1
 
     # ---- module hooks ------------------------------------------------------------------
-    def _leaf_pre(self, qualname: str, module: nn.Module) -> Callable[..., None]:
-        label = f"{qualname or '(model)'} ({type(module).__name__})"
+    # Two process-wide module hooks (``register_module_forward_pre_hook``) serve every leaf
+    # module of the model through a lookup by identity: registering a hook pair per module
+    # costs more than the calls themselves on models with hundreds of small layers.
+    def _leaf(self, module: nn.Module) -> tuple[str, str] | None:
+        entry = self._leaves.get(id(module))
+        if entry is None or entry[0] is not module:
+            return None
+        return entry[1], entry[2]
 
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if self.paused_depth:
-                return
-            first = _first_tensor(args)
-            self._leaf_sources.append(self.producer(first) if first is not None else None)
-            if self._leaf_depth == 0:
-                self._note_consumers(args, {}, label)
-            self._leaf_depth += 1
-            # the module's own record replaces what its ops produce: let them bypass the
-            # recording mode (undone in the post hook, or in __exit__ if the module raises)
-            guard = torch._C.DisableTorchFunction()
-            guard.__enter__()
-            self._guards.append(guard)
+    def _leaf_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.paused_depth:
+            return
+        leaf = self._leaf(module)
+        if leaf is None:
+            return
+        first = _first_tensor(args)
+        self._leaf_sources.append(self.producer(first) if first is not None else None)
+        if self._leaf_depth == 0:
+            self._note_consumers(args, {}, leaf[1])
+        self._leaf_depth += 1
+        # the module's own record replaces what its ops produce: let them bypass the
+        # recording mode (undone in the post hook, or in __exit__ if the module raises)
+        guard = torch._C.DisableTorchFunction()
+        guard.__enter__()
+        self._guards.append(guard)
 
-        return hook
-
-    def _leaf_post(self, qualname: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if self.paused_depth or not self._leaf_sources:
-                return
-            if self._guards:
-                self._guards.pop().__exit__(None, None, None)
-            self._leaf_depth -= 1
-            source = self._leaf_sources.pop()
-            # what the module is does not change during the pass: classify it once, then
-            # each call gets its own record with its own source
-            kind = self._module_kinds.get(id(module))
-            if kind is None:
-                kind = self._module_kinds[id(module)] = _module_record(qualname, module, None)
-            record = OpRecord(
-                kind.name, kind.category, kind.module, kind.has_bias, kind.p, source=source
-            )
-            for t in _iter_tensors(output):
-                self.set_producer(t, record)
-
-        return hook
+    def _leaf_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.paused_depth or not self._leaf_sources:
+            return
+        leaf = self._leaf(module)
+        if leaf is None:
+            return
+        if self._guards:
+            self._guards.pop().__exit__(None, None, None)
+        self._leaf_depth -= 1
+        source = self._leaf_sources.pop()
+        # what the module is does not change during the pass: classify it once, then
+        # each call gets its own record with its own source
+        kind = self._module_kinds.get(id(module))
+        if kind is None:
+            kind = self._module_kinds[id(module)] = _module_record(leaf[0], module, None)
+        record = OpRecord(
+            kind.name, kind.category, kind.module, kind.has_bias, kind.p, source=source
+        )
+        for t in _iter_tensors(output):
+            self.set_producer(t, record)
 
     def bn_enter(self, layer: str, module: nn.Module, x: torch.Tensor | None) -> BNCall:
         """A BN layer starts: record its producer and count the call."""
@@ -496,12 +509,10 @@ class Tracer:
             for qualname, module in self.model.named_modules():
                 if module in self.bn_modules or any(True for _ in module.children()):
                     continue
-                stack.enter_context(
-                    _removing(module.register_forward_pre_hook(self._leaf_pre(qualname, module)))
-                )
-                stack.enter_context(
-                    _removing(module.register_forward_hook(self._leaf_post(qualname)))
-                )
+                label = f"{qualname or '(model)'} ({type(module).__name__})"
+                self._leaves.setdefault(id(module), (module, qualname, label))
+            stack.enter_context(_removing(register_module_forward_pre_hook(self._leaf_pre)))
+            stack.enter_context(_removing(register_module_forward_hook(self._leaf_post)))
             stack.enter_context(_RecordingMode(self))
         except BaseException:
             stack.close()
@@ -514,6 +525,7 @@ class Tracer:
         self._stack.close()
         self._producers.clear()
         self._module_kinds.clear()
+        self._leaves.clear()
 
 
 @contextmanager

@@ -185,3 +185,28 @@ def test_eval_batch_dependence_is_localised_after_the_screen_finds_a_difference(
     # a healthy model: the screen alone decides, and nothing is found
     healthy = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
     assert not bncheck.audit(healthy, x, select=["eval-batch-dependence"]).findings
+
+
+def test_input_check_finds_nan_and_inf_and_accepts_a_sum_that_overflows() -> None:
+    import pytest
+
+    from bncheck.errors import InputError
+    from bncheck.probes import validate_input
+
+    x = torch.rand(4, 3, 8, 8)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 1, 3, 3] = bad
+        with pytest.raises(InputError, match="NaN/Inf"):
+            validate_input(y)
+    validate_input(torch.full((4, 8), 3e38))  # finite values whose float32 sum is inf
+    validate_input(torch.full((4, 8), 60000.0, dtype=torch.float16))
+
+
+def test_integer_valued_inputs_are_told_from_float_ones() -> None:
+    from bncheck.probes import _summary
+
+    assert _summary("x", (3,), torch.tensor([0.0, 255.0, 17.0])).integer_valued
+    assert not _summary("x", (3,), torch.tensor([0.0, 255.0, 17.5])).integer_valued  # interior
+    assert not _summary("x", (2,), torch.tensor([0.25, 1.0])).integer_valued
+    assert not _summary("x", (2,), torch.tensor([0.0, float("inf")])).integer_valued
