@@ -807,7 +807,7 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 _STATS_BLOCK = 1 << 17
 
 
-def channel_stats(t: torch.Tensor, picked: torch.Tensor | None = None) -> ChannelStats | None:
+def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     """:class:`ChannelStats` of an (N, C, ...) tensor; ``None`` for fewer than 2 dims.
 
     Sums in the tensor's precision (float32 for half types) with PyTorch's cascade summation
@@ -823,14 +823,12 @@ def channel_stats(t: torch.Tensor, picked: torch.Tensor | None = None) -> Channe
       means (``k`` = the mean, so ``d`` is 0).
     * Larger tensors in other layouts than contiguous: ``k`` is the exact channel mean (a
       first pass of sums): the two-pass variance.
-    * Larger contiguous tensors: one sweep, block by block of rows through one small buffer
-      that stays in cache (the deviations of a whole activation are never held at once),
-      around the mean of the :func:`grid` elements (pass ``picked``, the grid, when it is at
-      hand); when a channel's shift missed by more than half a standard deviation (a factor
-      over 1.25), a second sweep around the means. ``s2`` is the square of each row's
-      2-norm (one read of the block): PyTorch's norm accumulates sequentially per vector
-      lane, about 10 u on rows of 10^4 values, inside the rules' round-off budget
-      (8-16 u * (1 + log2(n))).
+    * Larger contiguous tensors: the exact channel means from the rows' sums, then one
+      sweep of the shifted sums, block by block of rows through one small buffer that
+      stays in cache (the deviations of a whole activation are never held at once). ``s2``
+      is the square of each row's 2-norm (one read of the block): PyTorch's norm
+      accumulates sequentially per vector lane, about 10 u on rows of 10^4 values, inside
+      the rules' round-off budget (8-16 u * (1 + log2(n))).
     """
     if t.dim() < 2 or not (t.is_floating_point()):
         return None
@@ -846,22 +844,17 @@ def channel_stats(t: torch.Tensor, picked: torch.Tensor | None = None) -> Channe
     # overhead would dominate
     with np.errstate(all="ignore"):
         if x.is_contiguous() and x.numel() > 4 * _STATS_BLOCK:
-            if picked is None or picked.shape[0] != c:
-                picked = grid(x)
-            shift = picked.numpy().mean(1)
-            shift[~np.isfinite(shift)] = 0.0
-            for _ in range(2):
-                k_x = torch.from_numpy(shift).to(device=x.device, dtype=x.dtype)
-                s1, s2 = _blocked_sums(x, k_x)
-                k = k_x.cpu().double().numpy()
-                d, mean, var = _moments(s1, s2, k, n)
-                missed = d * d > var / 4
-                if not missed.any() or not np.isfinite(mean[missed]).all():
-                    break
-                shift = np.where(missed, mean, k)  # once more around the means
+            # the exact channel means first (row sums: one fast read), then one sweep of
+            # the sums around them
+            rows = x.reshape(batch * c, -1)
+            k = _as_numpy(rows.sum(1)).reshape(batch, c).sum(0) / n
+            k[~np.isfinite(k)] = 0.0  # NaN/Inf values: the sums carry them
+            k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
+            k = _as_numpy(k_x)  # the shift as the sums see it
+            s1, s2 = _blocked_sums(x, k_x)
         else:
             s1, s2, k = _two_pass_sums(x, length)
-            d, mean, var = _moments(s1, s2, k, n)
+        d, mean, var = _moments(s1, s2, k, n)
     return ChannelStats(
         torch.from_numpy(mean), torch.from_numpy(var), n, rows=(s1, s2, k, d, max(1, length))
     )
@@ -941,22 +934,26 @@ def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[np.ndarray, np.
     return _as_numpy(s1.reshape(batch, c)), s2_sums * s2_sums
 
 
-def grid(t: torch.Tensor, k_batch: int = 4, k_space: int = 4) -> torch.Tensor:
+def grid(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor:
     """The same few elements per channel of an (N, C, ...) tensor as a (C, K) float64 tensor.
 
-    Every ``ceil(N / k_batch)``-th sample and every ``ceil(size / k_space)``-th position of
-    each spatial dim, from 0 (at most ``k_batch`` samples and ``k_space`` positions per dim,
-    evenly spread; the same elements for every tensor of that shape), read through one
-    strided view, in (sample, position) order.
+    Every ``ceil(N / k_batch)``-th sample from 0 (at most ``k_batch``), and in each, a run of
+    up to ``run`` adjacent positions along the last spatial dim, centred, at the middle index
+    of the other spatial dims (interior positions: away from the padding at the borders).
+    Adjacent positions share cache lines, so the read costs a few lines per sample and
+    channel even when the activation is no longer in cache. Read through one strided view,
+    in (sample, position) order; the same elements for every tensor of that shape.
     """
     t = t.detach()
     if t.numel() == 0:
         return torch.zeros(t.shape[1] if t.dim() > 1 else 0, 0, dtype=torch.float64)
-    steps = [max(1, -(-t.shape[0] // k_batch))] + [max(1, -(-s // k_space)) for s in t.shape[2:]]
-    index = (slice(None, None, steps[0]), slice(None)) + tuple(
-        slice(None, None, s) for s in steps[1:]
-    )
-    picked = t[index].to(dtype=torch.float64, device="cpu")  # one strided read
+    index: list[Any] = [slice(None, None, max(1, -(-t.shape[0] // k_batch))), slice(None)]
+    if t.dim() > 2:
+        index += [size // 2 for size in t.shape[2:-1]]
+        last = t.shape[-1]
+        start = max(0, (last - run) // 2)
+        index.append(slice(start, start + run))
+    picked = t[tuple(index)].to(dtype=torch.float64, device="cpu")  # one strided read
     return picked.transpose(0, 1).reshape(t.shape[1], -1)
 
 
@@ -1139,10 +1136,10 @@ def _measure(rec: TrainCall, inp: torch.Tensor, out: torch.Tensor) -> None:
         return
     rec.grid_in = grid(inp)
     rec.grid_out = grid(out)
-    rec.input_stats = channel_stats(inp, rec.grid_in)
+    rec.input_stats = channel_stats(inp)
     # PyTorch's own forward: its output's per-channel moments follow from the element grid
     # checked against the input's statistics; custom layers get their output measured too
-    rec.output_stats = None if rec.stock else channel_stats(out, rec.grid_out)
+    rec.output_stats = None if rec.stock else channel_stats(out)
     rec.dtype = out.dtype
 
 

@@ -458,7 +458,7 @@ def test_grid_picks_the_same_elements_whatever_the_memory_layout() -> None:
 
     t = torch.randn(9, 5, 7, 6, generator=torch.Generator().manual_seed(4))
     expected = torch.stack(
-        [t[n, :, h, w] for n in (0, 3, 6) for h in (0, 2, 4, 6) for w in (0, 2, 4)],
+        [t[n, :, 3, w] for n in (0, 3, 6) for w in range(6)],
         dim=1,
     ).double()
     for variant in (
