@@ -243,6 +243,11 @@ class TrainCall:
     after: BufferState | None = None
     trace: BNCall | None = None
     stock: bool = False
+    #: read during the forward, finished into ``input_stats``/``output_stats`` and the
+    #: (C, K) grids after it (``measured`` until then)
+    raw_in: RawStats | None = field(default=None, repr=False)
+    raw_out: RawStats | None = field(default=None, repr=False)
+    measured: bool = False
 
 
 @dataclass
@@ -830,6 +835,59 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
       accumulates sequentially per vector lane, about 10 u on rows of 10^4 values, inside
       the rules' round-off budget (8-16 u * (1 + log2(n))).
     """
+    raw = read_stats(t)
+    return None if raw is None else raw.finish()
+
+
+@dataclass
+class RawStats:
+    """What :func:`read_stats` read from a tensor, before the float64 arithmetic that turns
+    it into :class:`ChannelStats` (:meth:`finish`). The audit's train pass reads during the
+    forward and finishes after it: the arithmetic is many small operations, which run
+    several times faster together than between the model's own layers."""
+
+    batch: int
+    channels: int
+    count: int
+    length: int
+    #: per (sample, channel) row: mean and biased variance (``rows``), or the sums around
+    #: ``shift`` (``sums``), or the (N, C) values themselves (``values``)
+    kind: str
+    first: torch.Tensor
+    second: torch.Tensor | None = None
+    shift: np.ndarray | None = None
+
+    def finish(self) -> ChannelStats:
+        batch, c, length = self.batch, self.channels, self.length
+        with np.errstate(all="ignore"):
+            if self.kind == "values":
+                v = _as_numpy(self.first).reshape(batch, c)
+                k = v.mean(0)
+                s1 = v - k
+                s2 = s1 * s1
+            elif self.kind == "rows":
+                assert self.second is not None
+                m = _as_numpy(self.first).reshape(batch, c)
+                k = m.mean(0)
+                dm = m - k
+                s1 = dm * length
+                s2 = (_as_numpy(self.second).reshape(batch, c) + dm * dm) * length
+            else:
+                assert self.second is not None and self.shift is not None
+                k = self.shift
+                s1 = _as_numpy(self.first).reshape(batch, c)
+                norms = _as_numpy(self.second).reshape(batch, c)
+                s2 = norms * norms
+            d, mean, var = _moments(s1, s2, k, self.count)
+        return ChannelStats(
+            torch.from_numpy(mean), torch.from_numpy(var), self.count, rows=(s1, s2, k, d, length)
+        )
+
+
+def read_stats(t: torch.Tensor) -> RawStats | None:
+    """The reading part of :func:`channel_stats` (see there): every pass over the tensor's
+    values, none of the arithmetic on the per-row results. ``None`` for fewer than 2 dims or
+    no values."""
     if t.dim() < 2 or not (t.is_floating_point()):
         return None
     x = _float(t.detach())
@@ -837,31 +895,35 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     n = x.numel() // max(1, c)
     if n == 0:
         return None
-    length = n // max(1, batch)  # values per (sample, channel) row
+    length = max(1, n // max(1, batch))  # values per (sample, channel) row
+    if length == 1:  # (N, C): each row is one value
+        return RawStats(batch, c, n, length, "values", x.reshape(batch, c).clone())
     if not x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         x = x.contiguous()  # a small copy, for the fused path below
-    # float64 arithmetic on (N, C) sums in numpy: short vectors, where torch's per-op
-    # overhead would dominate
+    if x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
+        # each (sample, channel) row as a channel of one sample: PyTorch's fused BN
+        # statistics kernel gives every row's mean and biased variance in one call (two
+        # passes, accumulated in float64 on CPU)
+        row_mean, row_var = torch.batch_norm_update_stats(
+            x.reshape(1, batch * c, length), None, None, 0.0
+        )
+        return RawStats(batch, c, n, length, "rows", row_mean, row_var)
     with np.errstate(all="ignore"):
-        if x.is_contiguous() and x.numel() > 4 * _STATS_BLOCK:
+        if x.is_contiguous():
             # the exact channel means first (row sums: one fast read), then one sweep of
             # the sums around them
-            rows = x.reshape(batch * c, -1)
-            k = _as_numpy(rows.sum(1)).reshape(batch, c).sum(0) / n
-            k[~np.isfinite(k)] = 0.0  # NaN/Inf values: the sums carry them
-            k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
-            k = _as_numpy(k_x)  # the shift as the sums see it
-            s1, s2 = _blocked_sums(x, k_x)
+            k = _as_numpy(x.reshape(batch * c, -1).sum(1)).reshape(batch, c).sum(0) / n
         else:
-            s1, s2, k = _two_pass_sums(x, length)
-        d, mean, var = _moments(s1, s2, k, n)
-    return ChannelStats(
-        torch.from_numpy(mean), torch.from_numpy(var), n, rows=(s1, s2, k, d, max(1, length))
-    )
+            spatial = list(range(2, x.dim()))
+            k = _as_numpy(x.sum(spatial)).sum(0) / n
+        k[~np.isfinite(k)] = 0.0  # NaN/Inf values: the sums carry them
+    k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
+    s1, norms = _blocked_sums(x, k_x) if x.is_contiguous() else _whole_sums(x, k_x)
+    return RawStats(batch, c, n, length, "sums", s1, norms, _as_numpy(k_x))
 
 
 def _moments(
-    s1: np.ndarray, s2: np.ndarray, k: np.ndarray, n: int
+    s1: np.ndarray, s2: np.ndarray, k: np.ndarray, n: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean - k, mean, biased var)`` per channel from (N, C) float64 shifted sums."""
     total1 = s1.sum(0)
@@ -879,49 +941,24 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
 
-def _two_pass_sums(x: torch.Tensor, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shifted sums (float64 (N, C)) of a small or non-contiguous tensor around the exact
-    channel means, and those means as the shift (in ``x``'s dtype, as float64)."""
-    batch, c = x.shape[0], x.shape[1]
-    if length == 1:  # (N, C): each row is one value
-        v = _as_numpy(x.reshape(batch, c))
-        k = v.mean(0)
-        dev = v - k
-        return dev, dev * dev, k
-    if x.is_contiguous():
-        # each (sample, channel) row as a channel of one sample: PyTorch's fused BN
-        # statistics kernel gives every row's mean and biased variance in one call (two
-        # passes, accumulated in float64 on CPU)
-        row_mean, row_var = torch.batch_norm_update_stats(
-            x.reshape(1, batch * c, length), None, None, 0.0
-        )
-        m = _as_numpy(row_mean).reshape(batch, c)
-        k = m.mean(0)
-        dm = m - k
-        # sums around the channel means, from each row's moments
-        return dm * length, (_as_numpy(row_var).reshape(batch, c) + dm * dm) * length, k
-    else:
-        spatial = list(range(2, x.dim()))
-        k_x = torch.from_numpy(_as_numpy(x.sum(spatial)).sum(0) / (batch * length))
-        k_x = k_x.to(device=x.device, dtype=x.dtype)
-        dev = x - k_x.reshape([1, -1] + [1] * (x.dim() - 2))
-        s1 = dev.sum(spatial)
-        dev.square_()
-        s2 = dev.sum(spatial)
-    return _as_numpy(s1), _as_numpy(s2), _as_numpy(k_x)
+def _whole_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_blocked_sums` for a tensor in another layout (the whole tensor at once)."""
+    dev = x - shift.reshape([1, -1] + [1] * (x.dim() - 2))
+    rows = dev.flatten(2)
+    return rows.sum(2), torch.linalg.vector_norm(rows, dim=2)
 
 
-def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per (sample, channel) of a contiguous (N, C, ...) tensor: ``sum(x - shift)`` and
-    ``sum((x - shift)^2)`` over the other dims, as two float64 (N, C) arrays, block by block
-    of rows through one buffer."""
+def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) of a contiguous (N, C, ...) tensor: ``sum(x - shift)`` and the
+    2-norm of ``x - shift`` over the other dims, as two (N * C) tensors, block by block of
+    rows through one buffer."""
     batch, c = x.shape[0], x.shape[1]
     rows = x.reshape(batch * c, -1)  # one row per (sample, channel), contiguous
     length = rows.shape[1]
     per = max(1, _STATS_BLOCK // max(1, length))
     row_shift = shift.repeat(batch)[:, None]
     s1 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
-    s2 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    norms = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
     buf = torch.empty(per, length, dtype=x.dtype, device=x.device)
     for start in range(0, rows.shape[0], per):
         part = rows[start : start + per]
@@ -929,9 +966,8 @@ def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[np.ndarray, np.
         torch.sub(part, row_shift[start : start + per], out=dev)
         torch.sum(dev, 1, out=s1[start : start + per])
         # the root of the sum of squares in one read of the block (no squared copy)
-        torch.linalg.vector_norm(dev, dim=1, out=s2[start : start + per])
-    s2_sums = _as_numpy(s2.reshape(batch, c))
-    return _as_numpy(s1.reshape(batch, c)), s2_sums * s2_sums
+        torch.linalg.vector_norm(dev, dim=1, out=norms[start : start + per])
+    return s1, norms
 
 
 def grid(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor:
@@ -944,17 +980,26 @@ def grid(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor:
     channel even when the activation is no longer in cache. Read through one strided view,
     in (sample, position) order; the same elements for every tensor of that shape.
     """
+    return _grid_matrix(_grid_read(t, k_batch, run))
+
+
+def _grid_read(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor:
+    """The elements of :func:`grid`, copied in the (N', C, ...) layout they are read in."""
     t = t.detach()
     if t.numel() == 0:
-        return torch.zeros(t.shape[1] if t.dim() > 1 else 0, 0, dtype=torch.float64)
+        return torch.zeros(0, t.shape[1] if t.dim() > 1 else 0, dtype=torch.float64)
     index: list[Any] = [slice(None, None, max(1, -(-t.shape[0] // k_batch))), slice(None)]
     if t.dim() > 2:
         index += [size // 2 for size in t.shape[2:-1]]
         last = t.shape[-1]
         start = max(0, (last - run) // 2)
         index.append(slice(start, start + run))
-    picked = t[tuple(index)].to(dtype=torch.float64, device="cpu")  # one strided read
-    return picked.transpose(0, 1).reshape(t.shape[1], -1)
+    return t[tuple(index)].to(dtype=torch.float64, device="cpu")  # one strided read
+
+
+def _grid_matrix(picked: torch.Tensor) -> torch.Tensor:
+    """The (C, K) layout of the elements :func:`grid` read, (N', C, ...) as read."""
+    return picked.transpose(0, 1).reshape(picked.shape[1], -1)
 
 
 def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -1126,21 +1171,84 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                     module.training = True
         finally:
             active.clear()
+            _finish_measures(obs.calls)
     for rec in obs.calls:
         obs.call_counts[rec.layer] = obs.call_counts.get(rec.layer, 0) + 1
     obs.train_ran = True
 
 
 def _measure(rec: TrainCall, inp: torch.Tensor, out: torch.Tensor) -> None:
+    """Read, during the forward, what the call's statistics need (the arithmetic is left
+    to :func:`_finish_measures`, after the forward)."""
     if inp.dim() < 2 or out.shape != inp.shape or not out.is_floating_point():
         return
-    rec.grid_in = grid(inp)
-    rec.grid_out = grid(out)
-    rec.input_stats = channel_stats(inp)
+    rec.grid_in = _grid_read(inp)
+    rec.grid_out = _grid_read(out)
+    rec.raw_in = read_stats(inp)
     # PyTorch's own forward: its output's per-channel moments follow from the element grid
     # checked against the input's statistics; custom layers get their output measured too
-    rec.output_stats = None if rec.stock else channel_stats(out)
+    rec.raw_out = None if rec.stock else read_stats(out)
     rec.dtype = out.dtype
+    rec.measured = True
+
+
+def _finish_measures(calls: Iterable[TrainCall]) -> None:
+    """Turn what :func:`_measure` read into statistics and (C, K) grids."""
+    pending = [rec for rec in calls if rec.measured]
+    raws = [raw for rec in pending for raw in (rec.raw_in, rec.raw_out) if raw is not None]
+    finished = finish_all(raws)
+    for rec in pending:
+        rec.measured = False
+        if rec.grid_in is not None and rec.grid_out is not None:
+            rec.grid_in, rec.grid_out = _grid_matrix(rec.grid_in), _grid_matrix(rec.grid_out)
+        rec.input_stats = finished[id(rec.raw_in)] if rec.raw_in is not None else None
+        rec.output_stats = finished[id(rec.raw_out)] if rec.raw_out is not None else None
+        rec.raw_in = rec.raw_out = None
+
+
+def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
+    """:meth:`RawStats.finish` of many readings, by ``id``: the row readings of one batch
+    size side by side, so that the float64 arithmetic runs once over all their channels."""
+    out: dict[int, ChannelStats] = {}
+    groups: dict[tuple[int, torch.dtype], list[RawStats]] = {}
+    for raw in raws:
+        if raw.kind == "rows" and raw.first.device.type == "cpu":
+            groups.setdefault((raw.batch, raw.first.dtype), []).append(raw)
+        else:
+            out[id(raw)] = raw.finish()
+    for (batch, _), members in groups.items():
+        if len(members) == 1:
+            out[id(members[0])] = members[0].finish()
+            continue
+        widths = [raw.channels for raw in members]
+        means = torch.cat([raw.first.reshape(batch, -1) for raw in members], 1)
+        variances = torch.cat([raw.second.reshape(batch, -1) for raw in members], 1)  # type: ignore[union-attr]
+        lengths = np.repeat([float(raw.length) for raw in members], widths)
+        counts = np.repeat([float(raw.count) for raw in members], widths)
+        with np.errstate(all="ignore"):
+            m = _as_numpy(means)
+            k = m.mean(0)
+            dm = m - k
+            s1 = dm * lengths
+            s2 = (_as_numpy(variances) + dm * dm) * lengths
+            d, mean, var = _moments(s1, s2, k, counts)
+        edges = np.cumsum(widths)[:-1]
+        parts = zip(
+            np.split(s1, edges, 1),
+            np.split(s2, edges, 1),
+            np.split(k, edges),
+            np.split(d, edges),
+            np.split(mean, edges),
+            np.split(var, edges),
+        )
+        for raw, (p1, p2, pk, pd, pmean, pvar) in zip(members, parts):
+            out[id(raw)] = ChannelStats(
+                torch.from_numpy(pmean),
+                torch.from_numpy(pvar),
+                raw.count,
+                rows=(p1, p2, pk, pd, raw.length),
+            )
+    return out
 
 
 # ---- comparing eval passes -------------------------------------------------------------------
