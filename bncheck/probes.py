@@ -1478,6 +1478,73 @@ def _drift_pass(ctx: AuditContext, limit: int) -> tuple[dict[str, DriftStats], i
 ALL_STAGES = frozenset({"train", "eval", "data"})
 
 
+class _SavedBuffers:
+    """The running buffers of BN modules at one moment, put back and compared for all
+    modules at once (a few operations instead of a few per module); the per-module
+    :class:`BufferState` paths remain for what the batched ones cannot take (a buffer
+    rebound to another shape, dtype or device, NaN values)."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        #: id(module) -> (module, its buffers' values)
+        self.states = {id(m): (m, BufferState.capture(m)) for m in modules}
+        self.slots: list[tuple[nn.Module, str]] = []
+        self.saved: list[torch.Tensor] = []
+        for module, state in self.states.values():
+            for name in ("running_mean", "running_var"):
+                value = getattr(state, name)
+                if value is not None and isinstance(module._buffers.get(name), torch.Tensor):
+                    self.slots.append((module, name))
+                    self.saved.append(value)
+            nbt = module._buffers.get("num_batches_tracked")
+            if isinstance(nbt, torch.Tensor) and state.num_batches_tracked is not None:
+                self.slots.append((module, "num_batches_tracked"))
+                self.saved.append(nbt.detach().clone())
+        self._flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] | None = None
+
+    def _live(self) -> list[torch.Tensor] | None:
+        live = [module._buffers.get(name) for module, name in self.slots]
+        for t, s in zip(live, self.saved):
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.shape != s.shape
+                or t.dtype != s.dtype
+                or t.device != s.device
+            ):
+                return None
+        return live  # type: ignore[return-value]
+
+    @staticmethod
+    def _flatten(
+        tensors: list[torch.Tensor],
+    ) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t.detach().reshape(-1))
+        return {key: torch.cat(parts) for key, parts in groups.items()}
+
+    def restore(self) -> None:
+        live = self._live()
+        if live is None or not live:
+            for module, state in self.states.values():
+                state.restore(module)
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(live, self.saved)
+
+    def unchanged(self) -> bool:
+        """Whether every buffer still holds its saved values (``False`` also when that
+        cannot be told at once: then compare module by module)."""
+        live = self._live()
+        if live is None:
+            return False
+        if self._flat is None:
+            self._flat = self._flatten(self.saved)
+        now = self._flatten(live)
+        return now.keys() == self._flat.keys() and all(
+            torch.equal(now[key], self._flat[key]) for key in now
+        )
+
+
 def _needs_targets(exc: BaseException, x: Any) -> bool:
     """Whether a train-mode forward failed for want of targets (a torchvision detector's
     "targets should not be none when in training mode"): the message names targets and the
@@ -1511,15 +1578,9 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
     obs.user_training = {layer.name: bool(layer.module.training) for layer in ctx.layers}
     if "train" in wanted and ctx.user_batch:
         obs.inputs = summarize_inputs(x)
-    snapshot = {
-        id(layer.module): (layer.module, BufferState.capture(layer.module))
-        for layer in ctx.layers
-        if layer.has_running_stats
-    }
-
-    def restore() -> None:
-        for module, state in snapshot.values():
-            state.restore(module)
+    saved = _SavedBuffers([layer.module for layer in ctx.layers if layer.has_running_stats])
+    snapshot = saved.states
+    restore = saved.restore
 
     failures: list[BaseException] = []
     with torch.no_grad():
@@ -1542,6 +1603,8 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
 
             def after_pass() -> None:
                 # what an eval pass changed, then back to the user's values for the next one
+                if saved.unchanged():
+                    return
                 for layer in ctx.layers:
                     if id(layer.module) in snapshot:
                         state = snapshot[id(layer.module)][1]

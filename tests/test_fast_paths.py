@@ -210,3 +210,27 @@ def test_integer_valued_inputs_are_told_from_float_ones() -> None:
     assert not _summary("x", (3,), torch.tensor([0.0, 255.0, 17.5])).integer_valued  # interior
     assert not _summary("x", (2,), torch.tensor([0.25, 1.0])).integer_valued
     assert not _summary("x", (2,), torch.tensor([0.0, float("inf")])).integer_valued
+
+
+def test_saved_buffers_restore_and_compare_all_modules_at_once() -> None:
+    from bncheck.probes import _SavedBuffers
+
+    bns = [nn.BatchNorm2d(3), nn.BatchNorm1d(5)]
+    before = [
+        (b.running_mean.clone(), b.running_var.clone(), int(b.num_batches_tracked)) for b in bns
+    ]
+    saved = _SavedBuffers(bns)
+    assert saved.unchanged()
+    with torch.no_grad():
+        bns[0].train()(torch.randn(4, 3, 2, 2))  # updates all three buffers
+    assert not saved.unchanged()
+    saved.restore()
+    assert saved.unchanged()
+    for b, (rm, rv, nbt) in zip(bns, before):
+        assert torch.equal(b.running_mean, rm) and torch.equal(b.running_var, rv)
+        assert int(b.num_batches_tracked) == nbt
+    # a buffer rebound to another shape: put back module by module, where shapes allow
+    bns[1].running_mean = torch.ones(7)
+    assert not saved.unchanged()
+    saved.restore()
+    assert torch.equal(bns[1].running_var, before[1][1])
