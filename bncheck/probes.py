@@ -1171,7 +1171,8 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                     module.training = True
         finally:
             active.clear()
-            _finish_measures(obs.calls)
+            with tracer.paused():  # bncheck's own arithmetic: not part of the model's trace
+                _finish_measures(obs.calls)
     for rec in obs.calls:
         obs.call_counts[rec.layer] = obs.call_counts.get(rec.layer, 0) + 1
     obs.train_ran = True
