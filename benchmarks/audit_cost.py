@@ -20,7 +20,11 @@ and SE), ResNets with basic and bottleneck blocks, and VGG16-BN (``bncheck.model
 measured too, built with ``weights=None`` (nothing is downloaded).
 
     python benchmarks/audit_cost.py [--repeats 5] [--threads 1] [--batch 32] [--size 96]
-                                    [--only NAME,...] [--no-torchvision]
+                                    [--only NAME,...] [--no-torchvision] [--against DIR]
+
+``--against DIR`` also times the bncheck of another checkout (``DIR/bncheck``, e.g. a
+``git worktree`` of an earlier commit) in the same rounds, prints its ratio beside this one's,
+and checks that both versions give the same findings (rule, layer, severity) on each model.
 
 Timing depends on the machine's load: compare only ratios from one run.
 """
@@ -28,9 +32,13 @@ Timing depends on the machine's load: compare only ratios from one run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -317,8 +325,29 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Print one row; return the median CPU ratio.
+def load_other(path: str) -> Any:
+    """The ``bncheck`` package of another checkout, imported as ``bncheck_against`` (its
+    imports are package-relative, so it runs its own modules, not this checkout's)."""
+    root = Path(path) / "bncheck"
+    spec = importlib.util.spec_from_file_location(
+        "bncheck_against", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against: no bncheck package in {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bncheck_against"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _verdicts(report: Any) -> list[tuple[str, str, str]]:
+    return sorted((f.rule, str(f.layer), str(f.severity)) for f in report.findings)
+
+
+def measure(
+    name: str, model: nn.Module, x: torch.Tensor, repeats: int, other: Any = None
+) -> tuple[float, float | None]:
+    """Print one row; return the median CPU ratio (and the other checkout's, if given).
 
     Besides the audit, each round times the audit's floor: what its passes cost with no
     measurement at all (one train-mode forward of the batch under no_grad plus two eval
@@ -334,6 +363,9 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> float
     def audit() -> None:
         bncheck.audit(model, x)
 
+    def against() -> None:
+        other.audit(model, x)
+
     def floor() -> None:
         with torch.no_grad():
             model.train()
@@ -346,10 +378,17 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> float
     plain()
     audit()  # warm-up (imports, allocator, first-call costs)
     floor()
-    rows: dict[str, list[float]] = {k: [] for k in ("plain", "audit", "floor")}
+    same = ""
+    if other is not None:
+        mine, theirs = _verdicts(bncheck.audit(model, x)), _verdicts(other.audit(model, x))
+        same = "  same findings" if mine == theirs else f"  FINDINGS DIFFER: {mine} vs {theirs}"
+    timed: tuple[Callable[[], None], ...] = (plain, audit, floor) + (
+        (against,) if other is not None else ()
+    )
+    rows: dict[str, list[float]] = {f.__name__: [] for f in timed}
     cpu: dict[str, list[float]] = {k: [] for k in rows}
     for i in range(repeats):
-        order = (plain, audit, floor) if i % 2 == 0 else (floor, audit, plain)
+        order = timed if i % 2 == 0 else timed[::-1]
         for f in order:
             wall, used = _timed(f)
             rows[f.__name__].append(wall)
@@ -364,10 +403,15 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> float
         f"  audit {med['audit'] * 1e3:6.1f} ms"
         f"  CPU ratio {cpu_ratio:4.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"
         f"  wall {med['audit'] / med['plain']:4.2f}x"
-        f"  floor {med_cpu['floor'] / med_cpu['plain']:4.2f}x",
+        f"  floor {med_cpu['floor'] / med_cpu['plain']:4.2f}x"
+        + (
+            f"  against {med_cpu['against'] / med_cpu['plain']:4.2f}x{same}"
+            if other is not None
+            else ""
+        ),
         flush=True,
     )
-    return cpu_ratio
+    return cpu_ratio, (med_cpu["against"] / med_cpu["plain"] if other is not None else None)
 
 
 def _bn_count(model: nn.Module) -> int:
@@ -392,7 +436,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--only", default="", help="comma-separated substrings of model names")
     parser.add_argument("--no-torchvision", dest="torchvision", action="store_false")
+    parser.add_argument("--against", help="another checkout whose bncheck to time beside")
     args = parser.parse_args()
+    other = load_other(args.against) if args.against else None
     torch.set_num_threads(args.threads)
     only = [s for s in args.only.split(",") if s]
 
@@ -409,10 +455,14 @@ def main() -> None:
         "floor = (train-mode forward + two 2-sample eval forwards) / forward, CPU"
     )
     built: dict[str, float] = {}
+    built_other: dict[str, float] = {}
     for name, factory in FAMILIES.items():
         if wanted(name):
-            built[name] = measure(name, factory(), x, args.repeats)
+            built[name], theirs = measure(name, factory(), x, args.repeats, other)
+            if theirs is not None:
+                built_other[name] = theirs
     _summary("families built here (CPU ratio)", built)
+    _summary(f"  the same with {args.against}", built_other)
     if not args.torchvision:
         return
     try:
@@ -421,11 +471,15 @@ def main() -> None:
         print("torchvision is not importable: its models were not measured")
         return
     real: dict[str, float] = {}
+    real_other: dict[str, float] = {}
     for name in TORCHVISION:
         if wanted(f"tv:{name}"):
             model = getattr(tvm, name)(weights=None)
-            real[f"tv:{name}"] = measure(f"tv:{name}", model, x, args.repeats)
+            real[f"tv:{name}"], theirs = measure(f"tv:{name}", model, x, args.repeats, other)
+            if theirs is not None:
+                real_other[f"tv:{name}"] = theirs
     _summary("torchvision models (CPU ratio)", real)
+    _summary(f"  the same with {args.against}", real_other)
 
 
 if __name__ == "__main__":
