@@ -346,12 +346,16 @@ def _check_optimizer(optimizer: Any) -> None:
     )
 
 
-def _inference_tensors(model: nn.Module) -> bool:
-    return any(
-        t.is_inference()
-        for t in (*model.parameters(), *model.buffers())
-        if isinstance(t, torch.Tensor) and not t.is_meta
-    )
+def _inference_tensors(model: nn.Module, snapshot: Snapshot | None = None) -> bool:
+    """Whether the model holds tensors created under ``torch.inference_mode()`` (read from
+    ``snapshot``'s lists when given: no second walk of the module tree)."""
+    if snapshot is not None:
+        tensors: Iterable[Any] = (
+            slot[2] for slot in (*snapshot.model.parameters, *snapshot.model.buffers)
+        )
+    else:
+        tensors = (*model.parameters(), *model.buffers())
+    return any(t.is_inference() for t in tensors if isinstance(t, torch.Tensor) and not t.is_meta)
 
 
 def _uninitialised_lazy(model: nn.Module) -> list[str]:
@@ -426,7 +430,7 @@ def _audit(
             from . import probes
 
             layers = ctx.layers
-            if _inference_tensors(ctx.model):
+            if _inference_tensors(ctx.model, snapshot):
                 # inference tensors cannot be updated in place outside inference mode: run
                 # the forward passes on an ordinary copy (same structure, same names)
                 ctx.model = _normal_copy(ctx.model)

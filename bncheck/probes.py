@@ -144,11 +144,10 @@ class BufferState:
             return t.detach().clone() if isinstance(t, torch.Tensor) else None
 
         nbt = module._buffers.get("num_batches_tracked")
-        return cls(
-            copy("running_mean"),
-            copy("running_var"),
-            int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel() else None,
-        )
+        count = None
+        if isinstance(nbt, torch.Tensor) and nbt.numel():
+            count = int(nbt) if nbt.numel() == 1 else int(nbt.reshape(-1)[0])
+        return cls(copy("running_mean"), copy("running_var"), count)
 
     def restore(self, module: nn.Module) -> None:
         """Write these values back into the module's buffers, in place."""
@@ -1008,7 +1007,8 @@ def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
         t = module._buffers.get(name)
     if not isinstance(t, torch.Tensor):
         return None
-    return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
+    t = t.detach()
+    return (t if t.dim() == 1 else t.reshape(-1)).to(dtype=torch.float64, device="cpu", copy=True)
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
