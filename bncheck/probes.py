@@ -59,6 +59,9 @@ __all__ = [
     "DriftStats",
     "InputSummary",
     "channel_stats",
+    "read_stats",
+    "RawStats",
+    "finish_all",
     "tensor_difference",
     "first_difference",
     "validate_input",
@@ -1377,11 +1380,15 @@ def _eval_passes(
     try:
         # first without BN hooks: when sample 0's model outputs agree with both sets of
         # batch-mates, the rules read nothing else (they localise only a difference); else
-        # (or when no output has a row per sample to compare) once more with the hooks
+        # (or when no floating-point output has a row per sample to compare) once more with
+        # the hooks
         a = run(a_in, hooks=False)
         screened = run(b_in, hooks=False)
         b: EvalPass | None = screened
-        if not a.outputs or first_difference(a, screened, slice(0, 1), rtol) is not None:
+        comparable = any(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() for t in a.outputs
+        )
+        if not comparable or first_difference(a, screened, slice(0, 1), rtol) is not None:
             a = run(a_in)
             b = run(b_in)
         batch = size

@@ -234,3 +234,25 @@ def test_saved_buffers_restore_and_compare_all_modules_at_once() -> None:
     assert not saved.unchanged()
     saved.restore()
     assert torch.equal(bns[1].running_var, before[1][1])
+
+
+class _Labels(nn.Module):
+    """Integer outputs (class indices): nothing the screen can compare."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)).flatten(1).argmax(1)
+
+
+def test_eval_batch_dependence_is_found_when_outputs_are_integers() -> None:
+    from bn_mutants import BatchStatsInEvalBN
+
+    import bncheck
+
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    report = bncheck.audit(_Labels(BatchStatsInEvalBN(4)), x, select=["eval-batch-dependence"])
+    assert [(f.rule, f.layer) for f in report.findings] == [("eval-batch-dependence", "norm")]
