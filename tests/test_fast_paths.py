@@ -256,3 +256,24 @@ def test_eval_batch_dependence_is_found_when_outputs_are_integers() -> None:
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     report = bncheck.audit(_Labels(BatchStatsInEvalBN(4)), x, select=["eval-batch-dependence"])
     assert [(f.rule, f.layer) for f in report.findings] == [("eval-batch-dependence", "norm")]
+
+
+def test_parameters_and_buffers_are_restored_by_value_once_per_audit() -> None:
+    """The one comparison at the end of ``preserved`` puts back writes made through
+    ``.data`` (no version bump), in-place ops, a resize through ``.data``, and leaves NaN
+    values that were there before."""
+    big = nn.Linear(300, 300)
+    model = nn.Sequential(big, nn.BatchNorm1d(300), nn.Linear(300, 2))
+    model[1].running_var[3] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with preserved(model), torch.no_grad():
+        model[2].weight.data.add_(1.0)  # through .data: no version bump
+        model[1].bias.mul_(2.0)
+        model[1].running_var.fill_(7.0)
+        big.weight.add_(1.0)
+        model[2].bias.data = torch.zeros(5)  # resized through .data
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(torch.nan_to_num(after[key]), torch.nan_to_num(value)), key
+        assert after[key].shape == value.shape
+    assert torch.isnan(model[1].running_var[3])
