@@ -817,13 +817,14 @@ _STATS_BLOCK = 1 << 17
 def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     """:class:`ChannelStats` of an (N, C, ...) tensor; ``None`` for fewer than 2 dims.
 
-    Sums in the tensor's precision (float32 for half types) with PyTorch's cascade summation
-    (error about u * log2(n) relative to the values summed), around a per-channel shift
-    ``k``: per row of (sample, channel), ``s1 = sum(x - k)`` and ``s2 = sum((x - k)^2)``;
-    then, in float64, ``mean = k + S1 / n`` and ``var = (S2 - S1 * (mean - k)) / n``
-    (biased). With ``d = mean - k`` the variance's relative round-off is that of a two-pass
+    Sums in the tensor's precision (float32 for half types) with PyTorch's summation (error
+    about u * log2(n) relative to the values summed; less where noted), around a per-channel
+    shift ``k``: per row of (sample, channel), ``s1 = sum(x - k)`` and
+    ``s2 = sum((x - k)^2)``; then, in float64, ``mean = k + S1 / n`` and
+    ``var = (S2 - S1 * (mean - k)) / n`` (biased). With ``d = mean - k`` the variance's relative round-off is that of a two-pass
     variance times ``1 + d^2 / var``.
 
+    * (N, C) tensors (one value per row): in float64 directly.
     * Tensors of up to four blocks: each (sample, channel) row's mean and biased variance
       from PyTorch's fused BN statistics kernel (``batch_norm_update_stats`` on the rows,
       accumulated in float64 on CPU), combined per channel in float64 around the channel
