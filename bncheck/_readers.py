@@ -88,6 +88,11 @@ def regular_file_size(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise LoadError(f"{path}: is a {_file_kind(info.st_mode)}, not a regular file")
     if info.st_size == 0:
+        if os.path.realpath(path).startswith(("/proc/", "/sys/")):
+            raise LoadError(
+                f"{path}: is a kernel pseudo-file (its size reads 0 whatever it holds), not a "
+                "checkpoint file"
+            )
         raise LoadError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
     return int(info.st_size)
 

@@ -821,8 +821,8 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     about u * log2(n) relative to the values summed; less where noted), around a per-channel
     shift ``k``: per row of (sample, channel), ``s1 = sum(x - k)`` and
     ``s2 = sum((x - k)^2)``; then, in float64, ``mean = k + S1 / n`` and
-    ``var = (S2 - S1 * (mean - k)) / n`` (biased). With ``d = mean - k`` the variance's relative round-off is that of a two-pass
-    variance times ``1 + d^2 / var``.
+    ``var = (S2 - S1 * (mean - k)) / n`` (biased). With ``d = mean - k`` the variance's
+    relative round-off is that of a two-pass variance times ``1 + d^2 / var``.
 
     * (N, C) tensors (one value per row): in float64 directly.
     * Tensors of up to four blocks: each (sample, channel) row's mean and biased variance

@@ -194,12 +194,16 @@ def _put_dict(live: dict[str, Any], saved: dict[str, Any]) -> None:
 @dataclass
 class StructureState:
     """One module's attribute dictionary and its parameter/buffer/submodule tables, shallow:
-    what was added, removed or rebound is put back (values are ModelState's business)."""
+    what was added, removed or rebound is put back (values are ModelState's business). The
+    contents of its public list, dict and set attributes are copied too (one level) and put
+    back in place: a forward that appends to ``self.history`` leaves no entry behind."""
 
     module: nn.Module
     attrs: dict[str, Any]
     tables: dict[str, dict[str, Any]]
     non_persistent: set[str] | None
+    #: public list/dict/set attributes: (the object, a shallow copy of its contents)
+    containers: list[tuple[Any, Any]] = field(default_factory=list)
 
     @classmethod
     def capture(cls, module: nn.Module) -> StructureState | None:
@@ -208,11 +212,17 @@ class StructureState:
             return None  # TorchScript: its attributes live in the compiled module
         tables = {kind: dict(attrs[kind]) for kind in _TABLES}
         persistent = attrs.get("_non_persistent_buffers_set")
+        containers = [
+            (value, value.copy())
+            for name, value in attrs.items()
+            if not name.startswith("_") and isinstance(value, (list, dict, set))
+        ]
         return cls(
             module,
             dict(attrs),
             tables,
             set(persistent) if isinstance(persistent, set) else None,
+            containers,
         )
 
     def restore(self) -> None:
@@ -220,6 +230,17 @@ class StructureState:
         _put_dict(attrs, self.attrs)
         for kind, saved in self.tables.items():
             _put_dict(attrs[kind], saved)
+        for live, saved in self.containers:
+            try:  # unchanged items compare by identity; a replaced tensor item cannot
+                if bool(live == saved):
+                    continue
+            except Exception:
+                pass
+            if isinstance(live, list):
+                live[:] = saved
+            else:  # dict or set
+                live.clear()
+                live.update(saved)
         live = attrs.get("_non_persistent_buffers_set")
         if (
             self.non_persistent is not None

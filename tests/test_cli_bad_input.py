@@ -55,6 +55,12 @@ def test_empty_file(capsys, tmp_path):
     fails(capsys, "audit", str(tmp_path / "empty.pt"), match=r"empty\.pt: the file is empty")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux procfs")
+def test_kernel_pseudo_file_is_not_called_empty(capsys):
+    # procfs reports size 0 for files that hold content: say what it is, not "empty"
+    fails(capsys, "audit", "/proc/self/status", match=r"kernel pseudo-file")
+
+
 def test_random_bytes(capsys, tmp_path):
     data = bytes(
         torch.randint(

@@ -277,3 +277,34 @@ def test_parameters_and_buffers_are_restored_by_value_once_per_audit() -> None:
         assert torch.equal(torch.nan_to_num(after[key]), torch.nan_to_num(value)), key
         assert after[key].shape == value.shape
     assert torch.isnan(model[1].running_var[3])
+
+
+class _Remembers(nn.Module):
+    """A forward that keeps things in plain containers of the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.history: list = ["kept"]
+        self.seen: dict = {"calls": 0}
+        self.shapes: set = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        self.history.append(y.detach())
+        self.history[0] = y.detach()  # an item replaced by a tensor
+        self.seen["calls"] += 1
+        self.shapes.add(tuple(x.shape))
+        return y
+
+
+def test_an_audit_puts_back_the_contents_of_list_dict_and_set_attributes() -> None:
+    import bncheck
+
+    model = _Remembers()
+    history, seen, shapes = model.history, model.seen, model.shapes
+    bncheck.audit(model, torch.randn(4, 3, 6, 6))
+    assert model.history is history and history == ["kept"]
+    assert model.seen is seen and seen == {"calls": 0}
+    assert model.shapes is shapes and shapes == set()
