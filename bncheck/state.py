@@ -180,6 +180,8 @@ def held_optimizers(
 
 
 _TABLES = ("_parameters", "_buffers", "_modules")
+#: the attributes every nn.Module has (its tables, hook dictionaries, flags)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _put_dict(live: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -195,14 +197,15 @@ def _put_dict(live: dict[str, Any], saved: dict[str, Any]) -> None:
 class StructureState:
     """One module's attribute dictionary and its parameter/buffer/submodule tables, shallow:
     what was added, removed or rebound is put back (values are ModelState's business). The
-    contents of its public list, dict and set attributes are copied too (one level) and put
-    back in place: a forward that appends to ``self.history`` leaves no entry behind."""
+    contents of its own list, dict and set attributes (all but ``nn.Module``'s internal
+    tables and hook dictionaries) are copied too (one level) and put back in place: a forward
+    that appends to ``self.history`` or fills ``self._cache`` leaves no entry behind."""
 
     module: nn.Module
     attrs: dict[str, Any]
     tables: dict[str, dict[str, Any]]
     non_persistent: set[str] | None
-    #: public list/dict/set attributes: (the object, a shallow copy of its contents)
+    #: list/dict/set attributes: (the object, a shallow copy of its contents)
     containers: list[tuple[Any, Any]] = field(default_factory=list)
 
     @classmethod
@@ -215,7 +218,7 @@ class StructureState:
         containers = [
             (value, value.copy())
             for name, value in attrs.items()
-            if not name.startswith("_") and isinstance(value, (list, dict, set))
+            if name not in _MODULE_INTERNALS and isinstance(value, (list, dict, set))
         ]
         return cls(
             module,
