@@ -28,7 +28,6 @@ inputs are drawn from a local ``torch.Generator``, never the global RNG.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_hook
 
 from .context import AuditContext
 from .discovery import BNLayer
@@ -264,10 +264,12 @@ class EvalCall:
 
 @dataclass
 class EvalPass:
-    """One eval-mode forward: its BN calls in order and the model's output tensors."""
+    """One eval-mode forward: its BN calls in order (when recorded) and the model's output
+    tensors; ``ran``: the BN layers it called (always recorded)."""
 
     calls: list[EvalCall]
     outputs: list[torch.Tensor]
+    ran: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -286,6 +288,12 @@ class EvalObservations:
     batch_size: int
     companion: str
     buffer_changes: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> set[str]:
+        """The BN layers an eval pass called (layers eval mode never runs, such as auxiliary
+        heads of a model in train mode only, are not in it)."""
+        return set().union(*(p.ran for p in (self.a, self.a_again, self.b) if p is not None))
 
 
 @dataclass
@@ -1343,10 +1351,23 @@ def _eval_pass(
 
         return hook
 
-    with _hooks(ctx.layers, pre, post) if hooks else contextlib.nullcontext():
+    names = {id(layer.module): layer.name for layer in ctx.layers}
+    ran: set[str] = set()
+
+    def called(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        name = names.get(id(module))
+        if name is not None:
+            ran.add(name)
+
+    with ExitStack() as stack:
+        if hooks:
+            stack.enter_context(_hooks(ctx.layers, pre, post))
+        # one process-wide hook notes which BN layers run (cheaper than a pair per layer)
+        stack.callback(register_module_forward_hook(called).remove)
         result = _call(ctx.model, x)
     # only outputs with one row (or one list entry) per sample are compared sample by sample
-    return EvalPass(calls, _sample_outputs(result, keep if batch is None else batch, keep))
+    outputs = _sample_outputs(result, keep if batch is None else batch, keep)
+    return EvalPass(calls, outputs, ran)
 
 
 def _eval_passes(

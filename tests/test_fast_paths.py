@@ -308,3 +308,36 @@ def test_an_audit_puts_back_the_contents_of_list_dict_and_set_attributes() -> No
     assert model.history is history and history == ["kept"]
     assert model.seen is seen and seen == {"calls": 0}
     assert model.shapes is shapes and shapes == set()
+
+
+class _AuxHead(nn.Module):
+    """A trunk used in eval and an auxiliary head run in train mode only (GoogLeNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.aux = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.trunk(x)
+        return y + self.aux(y) if self.training else y
+
+
+def test_untrained_stats_leaves_out_layers_the_eval_forward_never_runs() -> None:
+    import bncheck
+
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    model = _AuxHead()
+    with torch.no_grad():
+        model.trunk.train()(x)  # the trunk's statistics are calibrated, the head's are not
+    model.eval()
+    report = bncheck.audit(model, x, select=["untrained-stats", "eval-batch-dependence"])
+    assert not [f for f in report.findings if f.rule == "untrained-stats"]
+    assert any("never ran (aux.1)" in note for note in report.notes)
+    # without a forward there is no telling: the head is judged on its statistics
+    static = bncheck.audit(model, select=["untrained-stats"])
+    assert [(f.rule, f.layer) for f in static.findings] == [("untrained-stats", "aux.1")]
+    # a layer the eval forward runs is still judged
+    fresh = _AuxHead().eval()
+    flagged = bncheck.audit(fresh, x, select=["untrained-stats", "eval-batch-dependence"])
+    assert [(f.rule, f.layer) for f in flagged.findings] == [("untrained-stats", "trunk.1")]
