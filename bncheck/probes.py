@@ -1432,8 +1432,24 @@ def _eval_passes(
 
 
 # ---- the data passes -------------------------------------------------------------------------
+def _images_like(batch: Any, example: Any) -> bool:
+    """Whether ``batch`` is itself a list of images like the example input's (a detector's
+    list of (C, H, W) tensors), not an (input, target) pair."""
+    return (
+        isinstance(example, list)
+        and bool(example)
+        and isinstance(example[0], torch.Tensor)
+        and isinstance(batch, list)
+        and bool(batch)
+        and all(isinstance(t, torch.Tensor) and t.dim() == example[0].dim() for t in batch)
+        and all(t.shape[:1] == example[0].shape[:1] for t in batch)
+    )
+
+
 def _batch_to_input(batch: Any, example: Any) -> Any:
     if isinstance(batch, torch.Tensor):
+        return batch
+    if _images_like(batch, example):
         return batch
     if isinstance(batch, (tuple, list)):
         if not batch:

@@ -161,3 +161,13 @@ def test_a_list_of_batched_feature_maps_keeps_its_samples_in_dim_0() -> None:
     )
     (finding,) = bad.findings
     assert finding.details["batch_size"] == 8
+
+
+def test_data_batches_that_are_lists_of_images_are_the_input_itself() -> None:
+    # a detector's loader without targets yields lists of images, like the example input:
+    # each list is one batch, not an (input, target) pair
+    model = ListModel()
+    data = [_images(4), _images(4, hw=8)]
+    report = bncheck.audit(model, _images(4), data=data, select=["stat-drift"])
+    assert "stat-drift" not in report.skipped, report.skipped
+    assert report.forward_error is None
