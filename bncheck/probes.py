@@ -264,12 +264,11 @@ class EvalCall:
 
 @dataclass
 class EvalPass:
-    """One eval-mode forward: its BN calls in order (when recorded) and the model's output
-    tensors; ``ran``: the BN layers it called (always recorded)."""
+    """One eval-mode forward: its BN calls in order and the model's output tensors. A
+    screening pass records each call's first output row only (no inputs)."""
 
     calls: list[EvalCall]
     outputs: list[torch.Tensor]
-    ran: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -288,12 +287,6 @@ class EvalObservations:
     batch_size: int
     companion: str
     buffer_changes: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def ran(self) -> set[str]:
-        """The BN layers an eval pass called (layers eval mode never runs, such as auxiliary
-        heads of a model in train mode only, are not in it)."""
-        return set().union(*(p.ran for p in (self.a, self.a_again, self.b) if p is not None))
 
 
 @dataclass
@@ -873,13 +866,13 @@ class RawStats:
         with np.errstate(all="ignore"):
             if self.kind == "values":
                 v = _as_numpy(self.first).reshape(batch, c)
-                k = v.mean(0)
+                k = _finite_or_zero(v.mean(0))
                 s1 = v - k
                 s2 = s1 * s1
             elif self.kind == "rows":
                 assert self.second is not None
                 m = _as_numpy(self.first).reshape(batch, c)
-                k = m.mean(0)
+                k = _finite_or_zero(m.mean(0))
                 dm = m - k
                 s1 = dm * length
                 s2 = (_as_numpy(self.second).reshape(batch, c) + dm * dm) * length
@@ -893,6 +886,13 @@ class RawStats:
         return ChannelStats(
             torch.from_numpy(mean), torch.from_numpy(var), self.count, rows=(s1, s2, k, d, length)
         )
+
+
+def _finite_or_zero(k: np.ndarray) -> np.ndarray:
+    """A shift with NaN/Inf replaced by 0: the sums then carry an infinite mean as it is
+    (a shift of Inf would turn every deviation into NaN)."""
+    k[~np.isfinite(k)] = 0.0
+    return k
 
 
 def read_stats(t: torch.Tensor) -> RawStats | None:
@@ -927,7 +927,7 @@ def read_stats(t: torch.Tensor) -> RawStats | None:
         else:
             spatial = list(range(2, x.dim()))
             k = _as_numpy(x.sum(spatial)).sum(0) / n
-        k[~np.isfinite(k)] = 0.0  # NaN/Inf values: the sums carry them
+        k = _finite_or_zero(k)  # NaN/Inf values: the sums carry them
     k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
     s1, norms = _blocked_sums(x, k_x) if x.is_contiguous() else _whole_sums(x, k_x)
     return RawStats(batch, c, n, length, "sums", s1, norms, _as_numpy(k_x))
@@ -1005,7 +1005,9 @@ def _grid_read(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor
         last = t.shape[-1]
         start = max(0, (last - run) // 2)
         index.append(slice(start, start + run))
-    return t[tuple(index)].to(dtype=torch.float64, device="cpu")  # one strided read
+    # one strided read into a copy of its own (never a view: the tensor may be changed in
+    # place later in the forward, e.g. by ReLU(inplace=True) on a float64 CPU activation)
+    return t[tuple(index)].to(dtype=torch.float64, device="cpu", copy=True)
 
 
 def _grid_matrix(picked: torch.Tensor) -> torch.Tensor:
@@ -1240,7 +1242,7 @@ def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
         counts = np.repeat([float(raw.count) for raw in members], widths)
         with np.errstate(all="ignore"):
             m = _as_numpy(means)
-            k = m.mean(0)
+            k = _finite_or_zero(m.mean(0))
             dm = m - k
             s1 = dm * lengths
             s2 = (_as_numpy(variances) + dm * dm) * lengths
@@ -1351,23 +1353,27 @@ def _eval_pass(
 
         return hook
 
-    names = {id(layer.module): layer.name for layer in ctx.layers}
-    ran: set[str] = set()
+    names = {id(layer.module): (layer.module, layer.name) for layer in ctx.layers}
 
-    def called(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        name = names.get(id(module))
-        if name is not None:
-            ran.add(name)
+    def screen(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # a screening pass: each BN call's first output row (sample 0), nothing else
+        entry = names.get(id(module))
+        if entry is None or entry[0] is not module:
+            return
+        occ = counts.get(entry[1], 0)
+        counts[entry[1]] = occ + 1
+        t = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+        row = t[:1].detach().clone() if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+        calls.append(EvalCall(entry[1], occ, None, row))
 
     with ExitStack() as stack:
         if hooks:
             stack.enter_context(_hooks(ctx.layers, pre, post))
-        # one process-wide hook notes which BN layers run (cheaper than a pair per layer)
-        stack.callback(register_module_forward_hook(called).remove)
+        else:  # one process-wide hook: cheaper than registering a pair on every BN layer
+            stack.callback(register_module_forward_hook(screen).remove)
         result = _call(ctx.model, x)
     # only outputs with one row (or one list entry) per sample are compared sample by sample
-    outputs = _sample_outputs(result, keep if batch is None else batch, keep)
-    return EvalPass(calls, outputs, ran)
+    return EvalPass(calls, _sample_outputs(result, keep if batch is None else batch, keep))
 
 
 def _eval_passes(
@@ -1400,17 +1406,14 @@ def _eval_passes(
 
     rtol = float(ctx.tolerances.get("eval_rtol", 1e-5))
     try:
-        # first without BN hooks: when sample 0's model outputs agree with both sets of
-        # batch-mates, the rules read nothing else (they localise only a difference); else
-        # (or when no floating-point output has a row per sample to compare) once more with
-        # the hooks
+        # first screening passes (each BN call's output row for sample 0 and the model's
+        # outputs): when nothing differs between the two sets of batch-mates, the rules read
+        # nothing else (they localise only a difference); else once more with BN hooks that
+        # also record the inputs
         a = run(a_in, hooks=False)
         screened = run(b_in, hooks=False)
         b: EvalPass | None = screened
-        comparable = any(
-            isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() for t in a.outputs
-        )
-        if not comparable or first_difference(a, screened, slice(0, 1), rtol) is not None:
+        if first_difference(a, screened, slice(0, 1), rtol) is not None:
             a = run(a_in)
             b = run(b_in)
         batch = size
@@ -1439,6 +1442,7 @@ def _images_like(batch: Any, example: Any) -> bool:
         isinstance(example, list)
         and bool(example)
         and isinstance(example[0], torch.Tensor)
+        and example[0].dim() == 3  # (C, H, W) images, not one batched tensor in a list
         and isinstance(batch, list)
         and bool(batch)
         and all(isinstance(t, torch.Tensor) and t.dim() == example[0].dim() for t in batch)

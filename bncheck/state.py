@@ -239,11 +239,14 @@ class StructureState:
                     continue
             except Exception:
                 pass
-            if isinstance(live, list):
-                live[:] = saved
-            else:  # dict or set
-                live.clear()
-                live.update(saved)
+            try:
+                if isinstance(live, list):
+                    live[:] = saved
+                else:  # dict or set
+                    live.clear()
+                    live.update(saved)
+            except Exception:  # a container that refuses changes cannot have been changed
+                pass
         live = attrs.get("_non_persistent_buffers_set")
         if (
             self.non_persistent is not None

@@ -443,12 +443,31 @@ class Tracer:
             return None
         return entry[1], entry[2]
 
+    def _own_leaf_hooks(self, qualname: str, label: str) -> tuple[Any, Any]:
+        """A hook pair for one leaf module that has hooks of its own: registered on the
+        module after them, so that the tracer sees what they pass on (an output a user hook
+        replaced), as the process-wide hooks, which run first, could not."""
+        entry = (qualname, label)
+
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.paused_depth:
+                self._enter_leaf(entry, args)
+
+        def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.paused_depth and self._leaf_sources:
+                self._exit_leaf(entry, module, output)
+
+        return pre, post
+
     def _leaf_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.paused_depth:
             return
         leaf = self._leaf(module)
         if leaf is None:
             return
+        self._enter_leaf(leaf, args)
+
+    def _enter_leaf(self, leaf: tuple[str, str], args: tuple[Any, ...]) -> None:
         first = _first_tensor(args)
         self._leaf_sources.append(self.producer(first) if first is not None else None)
         if self._leaf_depth == 0:
@@ -466,6 +485,9 @@ class Tracer:
         leaf = self._leaf(module)
         if leaf is None:
             return
+        self._exit_leaf(leaf, module, output)
+
+    def _exit_leaf(self, leaf: tuple[str, str], module: nn.Module, output: Any) -> None:
         if self._guards:
             self._guards.pop().__exit__(None, None, None)
         self._leaf_depth -= 1
@@ -510,6 +532,12 @@ class Tracer:
                 if module in self.bn_modules or any(True for _ in module.children()):
                     continue
                 label = f"{qualname or '(model)'} ({type(module).__name__})"
+                if module._forward_hooks or module._forward_pre_hooks:
+                    # its own hooks run after the process-wide ones: hook in after them
+                    pre, post = self._own_leaf_hooks(qualname, label)
+                    stack.enter_context(_removing(module.register_forward_pre_hook(pre)))
+                    stack.enter_context(_removing(module.register_forward_hook(post)))
+                    continue
                 self._leaves.setdefault(id(module), (module, qualname, label))
             stack.enter_context(_removing(register_module_forward_pre_hook(self._leaf_pre)))
             stack.enter_context(_removing(register_module_forward_hook(self._leaf_post)))

@@ -310,34 +310,75 @@ def test_an_audit_puts_back_the_contents_of_list_dict_and_set_attributes() -> No
     assert model.shapes is shapes and shapes == set()
 
 
-class _AuxHead(nn.Module):
-    """A trunk used in eval and an auxiliary head run in train mode only (GoogLeNet's)."""
+def test_float64_grid_is_a_copy_that_an_inplace_relu_cannot_change() -> None:
+    import bncheck
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+    ).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    report = bncheck.audit(model, x, select=["normalization"])
+    assert report.findings == [] and not report.skipped
+
+
+def test_a_user_hook_that_replaces_a_layer_output_keeps_the_trace() -> None:
+    import bncheck
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model[0].register_forward_hook(lambda mod, args, out: out * 1.0)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    report = bncheck.audit(model, x, select=["bias-before-bn"])
+    assert [(f.rule, f.layer) for f in report.findings] == [("bias-before-bn", "1")]
+
+
+class _AlwaysBatch(nn.BatchNorm2d):
+    """Normalises with batch statistics in eval mode too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, self.eps
+        )
+
+
+class _Rounded(nn.Module):
+    """Outputs rounded to integers: a batch dependence inside may not show in them."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
-        self.aux = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.c = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = _AlwaysBatch(8)
+        self.c2 = nn.Conv2d(8, 4, 3, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.trunk(x)
-        return y + self.aux(y) if self.training else y
+        return torch.round(self.c2(torch.relu(self.bn(self.c(x)))).mean((2, 3)) * 1e-3)
 
 
-def test_untrained_stats_leaves_out_layers_the_eval_forward_never_runs() -> None:
+def test_eval_batch_dependence_hidden_by_rounded_outputs_is_still_found() -> None:
     import bncheck
 
-    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    model = _AuxHead()
-    with torch.no_grad():
-        model.trunk.train()(x)  # the trunk's statistics are calibrated, the head's are not
-    model.eval()
-    report = bncheck.audit(model, x, select=["untrained-stats", "eval-batch-dependence"])
-    assert not [f for f in report.findings if f.rule == "untrained-stats"]
-    assert any("never ran (aux.1)" in note for note in report.notes)
-    # without a forward there is no telling: the head is judged on its statistics
-    static = bncheck.audit(model, select=["untrained-stats"])
-    assert [(f.rule, f.layer) for f in static.findings] == [("untrained-stats", "aux.1")]
-    # a layer the eval forward runs is still judged
-    fresh = _AuxHead().eval()
-    flagged = bncheck.audit(fresh, x, select=["untrained-stats", "eval-batch-dependence"])
-    assert [(f.rule, f.layer) for f in flagged.findings] == [("untrained-stats", "trunk.1")]
+    x = torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(7))
+    report = bncheck.audit(_Rounded().eval(), x, select=["eval-batch-dependence"])
+    assert [(f.rule, f.layer) for f in report.findings] == [("eval-batch-dependence", "bn")]
+
+
+def test_an_infinite_value_gives_an_infinite_channel_mean() -> None:
+    for shape, where in (((64, 16), (3, 2)), ((4, 8, 16, 16), (0, 5, 0, 0))):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+        for value in (float("inf"), -float("inf")):
+            y = x.clone()
+            y[where] = value
+            stats = channel_stats(y)
+            assert stats is not None
+            assert float(stats.mean[where[1]]) == value
+            finite = [c for c in range(shape[1]) if c != where[1]]
+            assert torch.isfinite(stats.mean[finite]).all()
+
+
+def test_a_list_holding_one_batched_tensor_is_not_a_list_of_images() -> None:
+    from bncheck.probes import _batch_to_input
+
+    x = torch.randn(4, 3, 8, 8)
+    mask = torch.randn(4, 3, 8, 8)
+    assert _batch_to_input([x, mask], [x]) is x
+    images = [torch.randn(3, 8, 8) for _ in range(2)]
+    assert _batch_to_input(images, [torch.randn(3, 8, 8)]) is images

@@ -342,9 +342,6 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
         yield from _missing_stats(ctx, missing)
     hits = []
     frozen_at_init = []
-    not_run: list[str] = []
-    eval_obs = getattr(ctx.forward, "eval", None)
-    ran_in_eval: set[str] | None = eval_obs.ran if eval_obs is not None else None
     usable = list(_usable(ctx.layers))
     # both cases below need statistics at their initial values (mean 0, var 1)
     moved = layers_where(usable, "running_mean", lambda t: t != 0) | layers_where(
@@ -363,20 +360,7 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
         # statistics are expected, whatever gamma/beta hold (zero_init_residual, custom init).
         if layer.module.training:
             continue
-        # nor a layer the eval forward never runs (an auxiliary head used in training only):
-        # its statistics take no part in inference
-        if ran_in_eval is not None and layer.name not in ran_in_eval:
-            not_run.append(layer.name)
-            continue
         hits.append((layer, True, not _affine_at_init(layer)))
-    if not_run:
-        shown = ", ".join(not_run[:5]) + (
-            f" and {len(not_run) - 5} more" if len(not_run) > 5 else ""
-        )
-        ctx.notes.append(
-            f"untrained-stats did not judge {len(not_run)} BN layer(s) with initial statistics "
-            f"that the eval forward never ran ({shown}): inference does not use them"
-        )
     for layer in frozen_at_init:
         nbt = layer.num_batches_tracked
         count = int(nbt.reshape(-1)[0]) if nbt is not None else 0
