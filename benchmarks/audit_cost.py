@@ -36,7 +36,8 @@ import importlib.util
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -454,15 +455,19 @@ def main() -> None:
         "forward (no_grad), same model and batch; CPU ratio (per-round min-max); wall ratio; "
         "floor = (train-mode forward + two 2-sample eval forwards) / forward, CPU"
     )
-    built: dict[str, float] = {}
-    built_other: dict[str, float] = {}
-    for name, factory in FAMILIES.items():
-        if wanted(name):
-            built[name], theirs = measure(name, factory(), x, args.repeats, other)
-            if theirs is not None:
-                built_other[name] = theirs
-    _summary("families built here (CPU ratio)", built)
-    _summary(f"  the same with {args.against}", built_other)
+
+    def run_group(title: str, models: Iterable[tuple[str, Callable[[], nn.Module]]]) -> None:
+        mine: dict[str, float] = {}
+        theirs: dict[str, float] = {}
+        for name, build in models:
+            if wanted(name):
+                mine[name], other_ratio = measure(name, build(), x, args.repeats, other)
+                if other_ratio is not None:
+                    theirs[name] = other_ratio
+        _summary(title, mine)
+        _summary(f"  the same with {args.against}", theirs)
+
+    run_group("families built here (CPU ratio)", FAMILIES.items())
     if not args.torchvision:
         return
     try:
@@ -470,16 +475,10 @@ def main() -> None:
     except ImportError:
         print("torchvision is not importable: its models were not measured")
         return
-    real: dict[str, float] = {}
-    real_other: dict[str, float] = {}
-    for name in TORCHVISION:
-        if wanted(f"tv:{name}"):
-            model = getattr(tvm, name)(weights=None)
-            real[f"tv:{name}"], theirs = measure(f"tv:{name}", model, x, args.repeats, other)
-            if theirs is not None:
-                real_other[f"tv:{name}"] = theirs
-    _summary("torchvision models (CPU ratio)", real)
-    _summary(f"  the same with {args.against}", real_other)
+    run_group(
+        "torchvision models (CPU ratio)",
+        ((f"tv:{name}", partial(getattr(tvm, name), weights=None)) for name in TORCHVISION),
+    )
 
 
 if __name__ == "__main__":

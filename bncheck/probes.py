@@ -132,6 +132,12 @@ class ChannelStats:
         return self._sample_sq_var
 
 
+def _counter(module: nn.Module) -> int | None:
+    """A BN module's ``num_batches_tracked`` as an int (``None`` without one)."""
+    nbt = module._buffers.get("num_batches_tracked")
+    return int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel() else None
+
+
 @dataclass
 class BufferState:
     """Copies of a BN layer's running buffers at one moment (``None`` where absent)."""
@@ -146,11 +152,7 @@ class BufferState:
             t = module._buffers.get(name)
             return t.detach().clone() if isinstance(t, torch.Tensor) else None
 
-        nbt = module._buffers.get("num_batches_tracked")
-        count = None
-        if isinstance(nbt, torch.Tensor) and nbt.numel():
-            count = int(nbt) if nbt.numel() == 1 else int(nbt.reshape(-1)[0])
-        return cls(copy("running_mean"), copy("running_var"), count)
+        return cls(copy("running_mean"), copy("running_var"), _counter(module))
 
     def restore(self, module: nn.Module) -> None:
         """Write these values back into the module's buffers, in place."""
@@ -182,9 +184,7 @@ class BufferState:
                 and not torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
             ):
                 names.append(name)
-        nbt = module._buffers.get("num_batches_tracked")
-        now = int(nbt.reshape(-1)[0]) if isinstance(nbt, torch.Tensor) and nbt.numel() else None
-        if self.num_batches_tracked != now:
+        if self.num_batches_tracked != _counter(module):
             names.append("num_batches_tracked")
         return names
 
@@ -864,18 +864,15 @@ class RawStats:
     def finish(self) -> ChannelStats:
         batch, c, length = self.batch, self.channels, self.length
         with np.errstate(all="ignore"):
-            if self.kind == "values":
-                v = _as_numpy(self.first).reshape(batch, c)
-                k = _finite_or_zero(v.mean(0))
-                s1 = v - k
-                s2 = s1 * s1
+            if self.kind == "values":  # one value per row: its mean, variance 0
+                s1, s2, k = _around_means(_as_numpy(self.first).reshape(batch, c), 0.0, 1.0)
             elif self.kind == "rows":
                 assert self.second is not None
-                m = _as_numpy(self.first).reshape(batch, c)
-                k = _finite_or_zero(m.mean(0))
-                dm = m - k
-                s1 = dm * length
-                s2 = (_as_numpy(self.second).reshape(batch, c) + dm * dm) * length
+                s1, s2, k = _around_means(
+                    _as_numpy(self.first).reshape(batch, c),
+                    _as_numpy(self.second).reshape(batch, c),
+                    length,
+                )
             else:
                 assert self.second is not None and self.shift is not None
                 k = self.shift
@@ -886,6 +883,16 @@ class RawStats:
         return ChannelStats(
             torch.from_numpy(mean), torch.from_numpy(var), self.count, rows=(s1, s2, k, d, length)
         )
+
+
+def _around_means(
+    row_mean: np.ndarray, row_var: Any, length: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shifted sums ``(s1, s2)`` of (N, C) rows of ``length`` values, from each row's
+    mean and biased variance, around the channel means (the shift ``k``, returned too)."""
+    k = _finite_or_zero(row_mean.mean(0))
+    dm = row_mean - k
+    return dm * length, (row_var + dm * dm) * length, k
 
 
 def _finite_or_zero(k: np.ndarray) -> np.ndarray:
@@ -1021,8 +1028,7 @@ def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
         t = module._buffers.get(name)
     if not isinstance(t, torch.Tensor):
         return None
-    t = t.detach()
-    return (t if t.dim() == 1 else t.reshape(-1)).to(dtype=torch.float64, device="cpu", copy=True)
+    return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -1241,11 +1247,7 @@ def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
         lengths = np.repeat([float(raw.length) for raw in members], widths)
         counts = np.repeat([float(raw.count) for raw in members], widths)
         with np.errstate(all="ignore"):
-            m = _as_numpy(means)
-            k = _finite_or_zero(m.mean(0))
-            dm = m - k
-            s1 = dm * lengths
-            s2 = (_as_numpy(variances) + dm * dm) * lengths
+            s1, s2, k = _around_means(_as_numpy(means), _as_numpy(variances), lengths)
             d, mean, var = _moments(s1, s2, k, counts)
         edges = np.cumsum(widths)[:-1]
         parts = zip(
@@ -1319,7 +1321,7 @@ def _eval_pass(
     ctx: AuditContext, x: Any, keep: int, batch: int | None = None, hooks: bool = True
 ) -> EvalPass:
     """One eval-mode forward; with ``hooks``, each BN call's first ``keep`` input and output
-    rows are recorded (without, only the model's outputs)."""
+    rows are recorded; without, a screening pass: each BN call's first output row only."""
     calls: list[EvalCall] = []
     counts: dict[str, int] = {}
     pending: list[EvalCall] = []

@@ -227,11 +227,18 @@ def frozen_bn_in_train_mode(ctx: AuditContext) -> Iterator[Finding]:
         )
 
 
+def _nonfinite_mask(t: torch.Tensor) -> torch.Tensor:
+    """NaN/Inf elements of a floating tensor (none in any other)."""
+    if not t.is_floating_point():
+        return torch.zeros_like(t, dtype=torch.bool)
+    return ~torch.isfinite(t.detach())
+
+
 def _nonfinite(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or not t.is_floating_point():
         return None
     with torch.no_grad():
-        bad = ~torch.isfinite(t.detach())
+        bad = _nonfinite_mask(t)
     return bad if bool(bad.any()) else None
 
 
@@ -240,15 +247,7 @@ def nonfinite_stats(ctx: AuditContext) -> Iterator[Finding]:
     usable = list(_usable(ctx.layers))
     suspects: set[str] = set()
     for name in ("running_mean", "running_var", "weight", "bias"):
-        suspects |= layers_where(
-            usable,
-            name,
-            lambda t: (
-                ~torch.isfinite(t)
-                if t.is_floating_point()
-                else torch.zeros_like(t, dtype=torch.bool)
-            ),
-        )
+        suspects |= layers_where(usable, name, _nonfinite_mask)
     for layer in usable:
         if layer.name not in suspects:
             continue
