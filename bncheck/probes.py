@@ -815,7 +815,7 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 _STATS_BLOCK = 1 << 17
 
 
-def channel_stats(t: torch.Tensor) -> ChannelStats | None:
+def channel_stats(t: torch.Tensor, plain: bool | None = None) -> ChannelStats | None:
     """:class:`ChannelStats` of an (N, C, ...) tensor; ``None`` for fewer than 2 dims.
 
     Sums in the tensor's precision (float32 for half types) with PyTorch's summation (error
@@ -826,20 +826,26 @@ def channel_stats(t: torch.Tensor) -> ChannelStats | None:
     relative round-off is that of a two-pass variance times ``1 + d^2 / var``.
 
     * (N, C) tensors (one value per row): in float64 directly.
-    * Tensors of up to four blocks: each (sample, channel) row's mean and biased variance
-      from PyTorch's fused BN statistics kernel (``batch_norm_update_stats`` on the rows,
-      accumulated in float64 on CPU), combined per channel in float64 around the channel
-      means (``k`` = the mean, so ``d`` is 0).
-    * Larger tensors in other layouts than contiguous: ``k`` is the exact channel mean (a
-      first pass of sums): the two-pass variance.
-    * Larger contiguous tensors: the exact channel means from the rows' sums, then one
-      sweep of the shifted sums, block by block of rows through one small buffer that
-      stays in cache (the deviations of a whole activation are never held at once). ``s2``
-      is the square of each row's 2-norm (one read of the block): PyTorch's norm
-      accumulates sequentially per vector lane, about 10 u on rows of 10^4 values, inside
-      the rules' round-off budget (8-16 u * (1 + log2(n))).
+    * CPU tensors: first the plain row sums ``sum(x)`` and ``|x|_2`` (``k`` = 0; one read
+      each, in any layout, no copy). They are kept when every channel has
+      ``mean^2 <= PLAIN_CONDITION * var``: the factor ``1 + d^2 / var`` is then at most 9,
+      and the variance's error stays linear in ``|mean| / sd`` as the rules' budgets
+      assume. Otherwise (and for NaN/Inf) ``k`` is the exact channel mean, which those row
+      sums give, and one sweep of the shifted sums follows: the two-pass variance.
+    * Other devices, tensors of up to four blocks: each (sample, channel) row's mean and
+      biased variance from PyTorch's fused BN statistics kernel (``batch_norm_update_stats``
+      on the rows), combined per channel in float64 around the channel means (``k`` = the
+      mean, so ``d`` is 0); larger ones: the exact channel means, then the shifted sweep.
+    * The shifted sweep, for a contiguous tensor, goes block by block of rows through one
+      small buffer that stays in cache (the deviations of a whole activation are never held
+      at once); other layouts are swept whole. ``s2`` is the square of each row's 2-norm
+      (one read): PyTorch's norm accumulates sequentially per vector lane, about 10 u on
+      rows of 10^4 values, inside the rules' round-off budget (8-16 u * (1 + log2(n))).
+
+    ``plain`` chooses the path: the plain sums first (``True``) or not (``False``); by
+    default, on CPU tensors only (elsewhere the test would wait for the device).
     """
-    raw = read_stats(t)
+    raw = read_stats(t, plain)
     return None if raw is None else raw.finish()
 
 
@@ -902,10 +908,10 @@ def _finite_or_zero(k: np.ndarray) -> np.ndarray:
     return k
 
 
-def read_stats(t: torch.Tensor) -> RawStats | None:
-    """The reading part of :func:`channel_stats` (see there): every pass over the tensor's
-    values, none of the arithmetic on the per-row results. ``None`` for fewer than 2 dims or
-    no values."""
+def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
+    """The reading part of :func:`channel_stats` (see there, also for ``plain``): every pass
+    over the tensor's values, none of the arithmetic on the per-row results. ``None`` for
+    fewer than 2 dims or no values."""
     if t.dim() < 2 or not (t.is_floating_point()):
         return None
     x = _float(t.detach())
@@ -916,25 +922,61 @@ def read_stats(t: torch.Tensor) -> RawStats | None:
     length = max(1, n // max(1, batch))  # values per (sample, channel) row
     if length == 1:  # (N, C): each row is one value
         return RawStats(batch, c, n, length, "values", x.reshape(batch, c).clone())
+    if plain if plain is not None else x.device.type == "cpu":
+        return _plain_or_shifted(x, batch, c, n, length)
     if not x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         x = x.contiguous()  # a small copy, for the fused path below
     if x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         # each (sample, channel) row as a channel of one sample: PyTorch's fused BN
         # statistics kernel gives every row's mean and biased variance in one call (two
-        # passes, accumulated in float64 on CPU)
+        # passes, no transfer to the host until the statistics are finished)
         row_mean, row_var = torch.batch_norm_update_stats(
             x.reshape(1, batch * c, length), None, None, 0.0
         )
         return RawStats(batch, c, n, length, "rows", row_mean, row_var)
     with np.errstate(all="ignore"):
-        if x.is_contiguous():
-            # the exact channel means first (row sums: one fast read), then one sweep of
-            # the sums around them
-            k = _as_numpy(x.reshape(batch * c, -1).sum(1)).reshape(batch, c).sum(0) / n
-        else:
-            spatial = list(range(2, x.dim()))
-            k = _as_numpy(x.sum(spatial)).sum(0) / n
-        k = _finite_or_zero(k)  # NaN/Inf values: the sums carry them
+        k = _finite_or_zero(_as_numpy(_row_sums(x)).reshape(batch, c).sum(0) / n)
+    return _shifted(x, batch, c, n, length, k)
+
+
+#: the plain (unshifted) sums are kept when every channel's mean^2 <= PLAIN_CONDITION * var:
+#: their variance then carries at most (1 + PLAIN_CONDITION) times the relative round-off
+#: of a two-pass variance (see :func:`channel_stats`)
+PLAIN_CONDITION = 8.0
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per (sample, channel): the sum over the other dims, (N * C) or (N, C)."""
+    if x.is_contiguous():
+        return x.reshape(x.shape[0] * x.shape[1], -1).sum(1)
+    return x.sum(list(range(2, x.dim())))
+
+
+def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) -> RawStats:
+    """The plain sums ``sum(x)`` and ``|x|_2`` per (sample, channel) row (one
+    read each, no copy), kept when they are well conditioned (:data:`PLAIN_CONDITION`);
+    otherwise the sums around the channel means, which those row sums give exactly."""
+    if x.is_contiguous():
+        rows = x.reshape(batch * c, -1)
+        s1, norms = rows.sum(1), torch.linalg.vector_norm(rows, dim=1)
+    else:
+        spatial = list(range(2, x.dim()))
+        s1, norms = x.sum(spatial), torch.linalg.vector_norm(x, dim=spatial)
+    with np.errstate(all="ignore"):
+        total = s1.cpu().numpy().reshape(batch, c).sum(0, dtype=np.float64)
+        squares = norms.cpu().numpy().astype(np.float64)
+        squares *= squares
+        mean = total / n
+        var = squares.reshape(batch, c).sum(0) / n - mean * mean
+        # NaN/Inf fail the test and go the shifted way, which carries them as they are
+        if bool(np.all(mean * mean <= PLAIN_CONDITION * var)):
+            return RawStats(batch, c, n, length, "sums", s1, norms, np.zeros(c))
+        k = _finite_or_zero(mean)
+    return _shifted(x, batch, c, n, length, k)
+
+
+def _shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int, k: np.ndarray) -> RawStats:
+    """The sums around a per-channel shift ``k`` (float64, finite)."""
     k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
     s1, norms = _blocked_sums(x, k_x) if x.is_contiguous() else _whole_sums(x, k_x)
     return RawStats(batch, c, n, length, "sums", s1, norms, _as_numpy(k_x))
@@ -1228,26 +1270,33 @@ def _finish_measures(calls: Iterable[TrainCall]) -> None:
 
 
 def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
-    """:meth:`RawStats.finish` of many readings, by ``id``: the row readings of one batch
-    size side by side, so that the float64 arithmetic runs once over all their channels."""
+    """:meth:`RawStats.finish` of many readings, by ``id``: the CPU readings of one batch
+    size and kind side by side, so that the float64 arithmetic runs once over all their
+    channels."""
     out: dict[int, ChannelStats] = {}
-    groups: dict[tuple[int, torch.dtype], list[RawStats]] = {}
+    groups: dict[tuple[int, str], list[RawStats]] = {}
     for raw in raws:
-        if raw.kind == "rows" and raw.first.device.type == "cpu":
-            groups.setdefault((raw.batch, raw.first.dtype), []).append(raw)
+        if raw.kind in ("rows", "sums") and raw.first.device.type == "cpu":
+            groups.setdefault((raw.batch, raw.kind), []).append(raw)
         else:
             out[id(raw)] = raw.finish()
-    for (batch, _), members in groups.items():
+    for (batch, kind), members in groups.items():
         if len(members) == 1:
             out[id(members[0])] = members[0].finish()
             continue
         widths = [raw.channels for raw in members]
-        means = torch.cat([raw.first.reshape(batch, -1) for raw in members], 1)
-        variances = torch.cat([raw.second.reshape(batch, -1) for raw in members], 1)  # type: ignore[union-attr]
-        lengths = np.repeat([float(raw.length) for raw in members], widths)
+        first = _as_numpy(torch.cat([raw.first.reshape(batch, -1).double() for raw in members], 1))
+        second = _as_numpy(
+            torch.cat([raw.second.reshape(batch, -1).double() for raw in members], 1)  # type: ignore[union-attr]
+        )
         counts = np.repeat([float(raw.count) for raw in members], widths)
         with np.errstate(all="ignore"):
-            s1, s2, k = _around_means(_as_numpy(means), _as_numpy(variances), lengths)
+            if kind == "rows":
+                lengths = np.repeat([float(raw.length) for raw in members], widths)
+                s1, s2, k = _around_means(first, second, lengths)
+            else:
+                s1, s2 = first, second * second
+                k = np.concatenate([raw.shift for raw in members])  # type: ignore[misc]
             d, mean, var = _moments(s1, s2, k, counts)
         edges = np.cumsum(widths)[:-1]
         parts = zip(
@@ -1268,7 +1317,6 @@ def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
     return out
 
 
-# ---- comparing eval passes -------------------------------------------------------------------
 def tensor_difference(
     a: torch.Tensor | None, b: torch.Tensor | None, rows: slice = slice(None)
 ) -> tuple[float, float] | None:

@@ -382,3 +382,188 @@ def test_a_list_holding_one_batched_tensor_is_not_a_list_of_images() -> None:
     assert _batch_to_input([x, mask], [x]) is x
     images = [torch.randn(3, 8, 8) for _ in range(2)]
     assert _batch_to_input(images, [torch.randn(3, 8, 8)]) is images
+
+
+@SETTINGS
+@given(
+    shape=st.sampled_from([(8, 3, 5, 5), (4, 2, 60, 70), (16, 5, 3), (2, 3, 4, 4, 4), (5, 4, 1)]),
+    offset_in_sds=st.sampled_from([0.0, 0.5, 1.0, 2.5, 3.0, 10.0, 1e3]),
+    scale=st.sampled_from([1e-3, 1.0, 40.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+    plain=st.booleans(),
+)
+def test_channel_variance_error_grows_at_most_linearly_with_the_mean_offset(
+    shape: tuple[int, ...],
+    offset_in_sds: float,
+    scale: float,
+    dtype: torch.dtype,
+    channels_last: bool,
+    seed: int,
+    plain: bool,
+) -> None:
+    """The rules' round-off budgets (``normalization``, ``ema-update``) grow linearly in
+    rho = |mean| / sd. Sums taken without a shift lose precision as 1 + rho^2, so the plain
+    (unshifted) path may only serve well-conditioned channels: against a float64 oracle,
+    |var error| <= 8 u (1 + log2 n) var (1 + rho) whatever the offset, in every layout, on
+    both paths (``plain``: CPU; otherwise: other devices)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    x += (
+        offset_in_sds
+        * scale
+        * torch.linspace(-1, 1, shape[1], dtype=torch.float64).reshape(
+            [1, -1] + [1] * (len(shape) - 2)
+        )
+    )
+    x = x.to(dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    values = x.double().transpose(0, 1).reshape(shape[1], -1)  # oracle: plain float64
+    n = values.shape[1]
+    mean = values.mean(1)
+    var = ((values - mean[:, None]) ** 2).mean(1)
+    rho = mean.abs() / var.sqrt()
+    u = torch.finfo(dtype).eps
+    bound = 8 * u * (1 + math.log2(n)) * var * (1 + rho)
+    stats = channel_stats(x, plain)
+    assert stats is not None
+    assert ((stats.var - var).abs() <= bound).all(), ((stats.var - var).abs() / bound).max()
+    assert ((stats.mean - mean).abs() <= 8 * u * (1 + math.log2(n)) * values.abs().amax(1)).all()
+
+
+def test_finishing_many_readings_together_equals_finishing_each_alone() -> None:
+    """``finish_all`` runs the float64 arithmetic once over readings of one batch size and
+    kind (plain sums, shifted sums, fused rows; different widths and lengths, float32 and
+    float64): each result must equal that reading's own ``finish``."""
+    from bncheck.probes import finish_all, read_stats
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = [
+        torch.randn(6, 3, 4, 4, generator=gen),
+        torch.randn(6, 5, 7, generator=gen, dtype=torch.float64) * 3 + 1,
+        torch.randn(6, 2, 3, 3, generator=gen) + 100.0,  # ill-conditioned: shifted sums
+        torch.randn(4, 3, 5, 5, generator=gen),  # another batch size
+        torch.randn(6, 4, generator=gen),  # one value per row
+    ]
+    raws = [read_stats(t, plain) for t in tensors for plain in (True, False)]
+    assert {raw.kind for raw in raws if raw is not None} == {"sums", "rows", "values"}
+    together = finish_all([raw for raw in raws if raw is not None])
+    for raw in raws:
+        assert raw is not None
+        alone = raw.finish()
+        got = together[id(raw)]
+        assert torch.equal(got.mean, alone.mean) and torch.equal(got.var, alone.var)
+        if alone.sample_var is None:
+            assert got.sample_var is None
+        else:
+            assert got.sample_var is not None and got.sample_sq_var is not None
+            assert torch.allclose(got.sample_var, alone.sample_var, rtol=1e-12, atol=0)
+            assert torch.allclose(got.sample_sq_var, alone.sample_sq_var, rtol=1e-12, atol=0)
+
+
+def _bn_call(
+    gen: torch.Generator,
+    channels: int,
+    shape_rest: tuple[int, ...],
+    dtype: torch.dtype,
+    momentum: float | None,
+    offset: float,
+) -> TrainCall:
+    """One train-mode call of a real ``nn.BatchNorm`` layer, recorded as the audit does
+    (input statistics, element grids, gamma/beta, buffers before and after)."""
+    dims = len(shape_rest)
+    bn = (nn.BatchNorm1d if dims <= 1 else nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(
+        channels, momentum=momentum
+    ).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.normal_(generator=gen)
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        bn.num_batches_tracked.fill_(3)
+    x = (torch.randn(6, channels, *shape_rest, generator=gen, dtype=torch.float64) + offset).to(
+        dtype
+    )
+    before = BufferState.capture(bn)
+    with torch.no_grad():
+        y = bn.train()(x)
+    stats = channel_stats(x)
+    assert stats is not None
+    call = TrainCall(
+        layer=f"bn{int(torch.randint(0, 10**6, (1,), generator=gen))}",
+        index=0,
+        occurrence=0,
+        training=True,
+        standard=True,
+        shape=tuple(x.shape),
+        batch_size=6,
+        samples_per_channel=stats.count,
+        eps=bn.eps,
+        momentum=momentum,
+        has_momentum=True,
+        track_running_stats=True,
+        dtype=dtype,
+        input_stats=stats,
+        grid_in=grid(x),
+        grid_out=grid(y),
+        gamma=bn.weight.detach().double(),
+        beta=bn.bias.detach().double(),
+        before=before,
+        after=BufferState.capture(bn),
+        stock=True,
+    )
+    return call
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**16),
+    specs=st.lists(
+        st.tuples(
+            st.integers(1, 5),  # channels
+            st.sampled_from([(), (3,), (4, 5), (2, 3, 3), (1, 1)]),
+            st.sampled_from([torch.float32, torch.float64]),
+            st.sampled_from([0.1, 0.01, None]),
+            st.sampled_from([0.0, 5.0]),
+            # what to break: nothing, running_mean, running_var, the counter
+            st.sampled_from(["none", "mean", "var", "counter", "nan"]),
+            st.sampled_from([3e-7, 1e-6, 2e-6, 1e-5, 3e-5, 1e-4, 1e-3]),  # near the tolerances
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_the_batched_ema_screen_leaves_out_only_calls_the_per_call_check_passes(
+    seed: int, specs: list[tuple]
+) -> None:
+    """``ema_suspects`` judges all calls in one evaluation; the rule runs the per-call check
+    only on the suspects. A call left out must be one the per-call check passes, whatever
+    the mix of shapes, dtypes, momenta and breakages near the tolerance; and an intact call
+    of a real BN layer is left out (the screen does its job)."""
+    from bncheck.checks.forward import ema_errors, ema_suspects
+
+    gen = torch.Generator().manual_seed(seed)
+    calls, broken = [], []
+    for channels, rest, dtype, momentum, offset, breaking, size in specs:
+        call = _bn_call(gen, channels, rest, dtype, momentum, offset)
+        c = int(torch.randint(0, channels, (1,), generator=gen))
+        after = call.after
+        assert after is not None
+        if breaking == "mean":
+            after.running_mean[c] += size * (1 + abs(float(after.running_mean[c])))
+        elif breaking == "var":
+            after.running_var[c] *= 1 + size
+        elif breaking == "counter":
+            after.num_batches_tracked = (after.num_batches_tracked or 0) + 1
+        elif breaking == "nan":
+            after.running_var[c] = float("nan")
+        calls.append(call)
+        broken.append(breaking != "none")
+    suspects = ema_suspects(calls)
+    for call, was_broken in zip(calls, broken):
+        if id(call) not in suspects:
+            assert ema_errors(call) is None
+        if not was_broken:
+            assert id(call) not in suspects

@@ -312,13 +312,21 @@ def _layouts(t: torch.Tensor) -> list[torch.Tensor]:
     block=st.sampled_from([1, 5, 64, 1 << 17]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
+    plain=st.booleans(),
 )
 def test_channel_stats_equal_float64_two_pass_oracle_in_every_layout_and_block_size(
-    shape: list[int], offset: float, scale: float, block: int, dtype: torch.dtype, seed: int
+    shape: list[int],
+    offset: float,
+    scale: float,
+    block: int,
+    dtype: torch.dtype,
+    seed: int,
+    plain: bool,
 ) -> None:
     """The blocked per-channel moments (any block size, so the row loop, its last partial
-    block and the one-block path all run) agree with a float64 oracle to the round-off of a
-    cascade sum: |mean error| and |var error| <= 8 u (1 + log2 n) times the data's scale."""
+    block and the one-block path all run; the plain sums first, as on CPU, or the fused
+    kernel, as on other devices) agree with a float64 oracle to the round-off of a cascade
+    sum: |mean error| and |var error| <= 8 u (1 + log2 n) times the data's scale."""
     g = torch.Generator().manual_seed(seed)
     t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
     c = shape[1]
@@ -333,7 +341,7 @@ def test_channel_stats_equal_float64_two_pass_oracle_in_every_layout_and_block_s
     probes._STATS_BLOCK = block
     try:
         for variant in _layouts(t):
-            stats = probes.channel_stats(variant)
+            stats = probes.channel_stats(variant, plain)
             assert stats is not None and stats.count == n
             assert stats.mean.dtype == torch.float64 and stats.mean.shape == (c,)
             assert ((stats.mean - mean).abs() <= bound * spread).all()

@@ -100,3 +100,17 @@ def test_track_running_stats_false_gives_one_warning_and_no_error(mode: str) -> 
     assert report.ok
     assert [(f.rule, f.layer) for f in report.findings] == [("no-running-stats", "bn")]
     assert "eval-batch-dependence" in report.settings["rules"]
+
+
+def test_statistics_at_initial_values_after_counted_forwards_are_not_called_untrained() -> None:
+    """The counter is evidence of training even when the statistics read 0 and 1 again (a
+    reset of the statistics alone, then a checkpoint); only a layer whose counter is 0 too
+    is reported, and the judgement is per layer."""
+    model = trained(TwoBlock(), image_batch())
+    for bn in (model.block1[1], model.block2[1]):
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    model.block1[1].num_batches_tracked.fill_(0)
+    model.block2[1].num_batches_tracked.fill_(7)
+    (f,) = found(model.eval(), "untrained-stats")
+    assert f.layer == "block1.1"

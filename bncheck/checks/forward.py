@@ -231,6 +231,11 @@ def _affine(call: TrainCall) -> tuple[torch.Tensor, torch.Tensor]:
     return gamma, beta
 
 
+def _unit(call: TrainCall) -> float:
+    """The unit round-off ``u`` of a call's dtype."""
+    return torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
+
+
 def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     """Compare one train-mode call with BatchNorm's normalisation; ``None`` when it matches.
 
@@ -260,7 +265,7 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     mean_in = st_in.mean.numpy()
     var = np.maximum(st_in.var.numpy(), 0.0)
     r = var / (var + eps)
-    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
+    u = _unit(call)
     g = 1 + math.log2(max(2, st_in.count))
     k = NORM_SAFETY * rtol * u * g
     a = (np.abs(mean_in) + np.sqrt(var)) / np.sqrt(var + eps)
@@ -369,6 +374,133 @@ def normalization(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- ema-update ------------------------------------------------------------------------------
+def _ema_expected(
+    old_m: np.ndarray,
+    old_v: np.ndarray,
+    mu: np.ndarray,
+    biased: np.ndarray,
+    n: Any,
+    m: Any,
+    u: Any,
+    g: Any,
+    root_n: Any,
+    rtol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel: the expected new running mean, its tolerance, the expected new running
+    variance, its tolerance, and the unbiased batch variance (see :func:`ema_errors`).
+    ``n``, ``m``, ``u``, ``g`` (``1 + log2 n``) and ``root_n`` are one call's scalars, or
+    per-channel vectors for the channels of many calls: every operation is elementwise, in
+    the same order, so each channel gets the same values either way."""
+    v_unb = biased * n / (n - 1)
+    sd = np.sqrt(np.maximum(biased, 0.0))
+    k = EMA_SAFETY * rtol * u
+    m_abs = np.abs(m)
+    keep = np.abs(1 - m)
+    # the batch mean: a sum of n values; an offset mu accumulates sequentially in sums over
+    # an outer dim (random-walk error u * sqrt(n) * |mu|), the spread sd pairwise
+    tol_m = k * (
+        2 * (keep * np.abs(old_m) + m_abs * np.abs(mu)) + m_abs * g * (sd + root_n * np.abs(mu))
+    )
+    spread = np.minimum(np.abs(mu) / np.maximum(sd, 1e-30), 1e6)
+    conditioning = np.minimum(1 + spread, 1 + spread**2)
+    # a mean off by delta adds delta^2 to a two-pass variance
+    mean_off = u * g * (1 + root_n * spread)
+    tol_v = k * (2 * (keep * np.abs(old_v) + m_abs * v_unb) + m_abs * g * v_unb * conditioning)
+    tol_v = tol_v + EMA_SAFETY * rtol * m_abs * v_unb * mean_off**2
+    tol_m, tol_v = tol_m + 1e-30, tol_v + 1e-30
+    exp_m = (1 - m) * old_m + m * mu
+    exp_v = (1 - m) * old_v + m * v_unb
+    return exp_m, tol_m, exp_v, tol_v, v_unb
+
+
+def _ema_momentum(call: TrainCall) -> float | None:
+    """The momentum factor of a call's update when the layer states it (``momentum``, or
+    ``1 / num_batches_tracked`` for ``momentum=None``); ``None`` when it must be inferred."""
+    before = call.before
+    nbt = before.num_batches_tracked if before is not None else None
+    if call.has_momentum and call.momentum is not None:
+        return call.momentum
+    if call.has_momentum and nbt is not None:
+        return 1.0 / (nbt + 1)
+    return None
+
+
+def ema_suspects(calls: list[TrainCall], rtol: float = 1.0) -> set[int]:
+    """``id``s of the calls :func:`ema_errors` must look at: all but those whose buffers
+    (on CPU) moved within tolerance of the stated momentum update with the counter counting
+    one step. One evaluation over the channels of all calls, with the per-channel arithmetic
+    of the per-call check, so a call left out is one it returns ``None`` for."""
+    suspects: set[int] = set()
+    members: list[tuple[TrainCall, float]] = []
+    for call in calls:
+        st, before, after = call.input_stats, call.before, call.after
+        m = _ema_momentum(call)
+        if (
+            m is None
+            or st is None
+            or before is None
+            or after is None
+            or st.count < 2
+            or any(
+                not isinstance(t, torch.Tensor) or t.device.type != "cpu"
+                for t in (
+                    before.running_mean,
+                    before.running_var,
+                    after.running_mean,
+                    after.running_var,
+                )
+            )
+            or before.running_mean.shape != st.mean.shape  # type: ignore[union-attr]
+            or after.running_mean.shape != st.mean.shape  # type: ignore[union-attr]
+            or before.running_var.shape != st.mean.shape  # type: ignore[union-attr]
+            or after.running_var.shape != st.mean.shape  # type: ignore[union-attr]
+            or (
+                before.num_batches_tracked is not None
+                and after.num_batches_tracked is not None
+                and after.num_batches_tracked != before.num_batches_tracked + 1
+            )
+        ):
+            suspects.add(id(call))
+        else:
+            members.append((call, m))
+    if not members:
+        return suspects
+    widths = [call.input_stats.mean.numel() for call, _ in members]  # type: ignore[union-attr]
+
+    def joined(get: Any) -> np.ndarray:
+        return torch.cat([get(call).reshape(-1) for call, _ in members]).double().numpy()
+
+    old_m = joined(lambda c: c.before.running_mean)
+    old_v = joined(lambda c: c.before.running_var)
+    new_m = joined(lambda c: c.after.running_mean)
+    new_v = joined(lambda c: c.after.running_var)
+    mu = np.concatenate([call.input_stats.mean.numpy() for call, _ in members])  # type: ignore[union-attr]
+    biased = np.concatenate([call.input_stats.var.numpy() for call, _ in members])  # type: ignore[union-attr]
+    counts = [call.input_stats.count for call, _ in members]  # type: ignore[union-attr]
+
+    def per_channel(values: list[float]) -> np.ndarray:
+        return np.repeat(np.array(values, dtype=np.float64), widths)
+
+    with np.errstate(all="ignore"):
+        exp_m, tol_m, exp_v, tol_v, _ = _ema_expected(
+            old_m,
+            old_v,
+            mu,
+            biased,
+            per_channel([float(n) for n in counts]),
+            per_channel([m for _, m in members]),
+            per_channel([_unit(call) for call, _ in members]),
+            per_channel([1 + math.log2(n) for n in counts]),
+            per_channel([math.sqrt(n) for n in counts]),
+            rtol,
+        )
+        within = (np.abs(new_m - exp_m) <= tol_m) & (np.abs(new_v - exp_v) <= tol_v)
+    for (call, _), ok in zip(members, np.split(within, np.cumsum(widths)[:-1])):
+        if not ok.all():
+            suspects.add(id(call))
+    return suspects
+
+
 def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     """Compare the buffers after one train-mode call with PyTorch's update; ``None`` if equal.
 
@@ -427,35 +559,18 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     new_m = after.running_mean.double().cpu().numpy()
     new_v = after.running_var.double().cpu().numpy()
     mu, biased = st.mean.numpy(), st.var.numpy()
-    v_unb = biased * n / (n - 1)
-    sd = np.sqrt(np.maximum(biased, 0.0))
-    u = torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
-    k = EMA_SAFETY * rtol * u
-    g = 1 + math.log2(n)
+    u = _unit(call)
     if m is None:  # infer the momentum from the mean update
+        sd = np.sqrt(np.maximum(biased, 0.0))
         delta = mu - old_m
         ok = np.abs(delta) > 1e-3 * (np.abs(old_m) + sd + 1e-12)
         if not ok.any():
             return None
         m = float(np.median((new_m - old_m)[ok] / delta[ok]))
         how = f"inferred momentum {m:.3g}"
-    m_abs = abs(m)
-    keep = abs(1 - m)
-    # the batch mean: a sum of n values; an offset mu accumulates sequentially in sums over
-    # an outer dim (random-walk error u * sqrt(n) * |mu|), the spread sd pairwise
-    root_n = math.sqrt(n)
-    tol_m = k * (
-        2 * (keep * np.abs(old_m) + m_abs * np.abs(mu)) + m_abs * g * (sd + root_n * np.abs(mu))
+    exp_m, tol_m, exp_v, tol_v, v_unb = _ema_expected(
+        old_m, old_v, mu, biased, n, m, u, 1 + math.log2(n), math.sqrt(n), rtol
     )
-    spread = np.minimum(np.abs(mu) / np.maximum(sd, 1e-30), 1e6)
-    conditioning = np.minimum(1 + spread, 1 + spread**2)
-    # a mean off by delta adds delta^2 to a two-pass variance
-    mean_off = u * g * (1 + root_n * spread)
-    tol_v = k * (2 * (keep * np.abs(old_v) + m_abs * v_unb) + m_abs * g * v_unb * conditioning)
-    tol_v = tol_v + EMA_SAFETY * rtol * m_abs * v_unb * mean_off**2
-    tol_m, tol_v = tol_m + 1e-30, tol_v + 1e-30
-    exp_m = (1 - m) * old_m + m * mu
-    exp_v = (1 - m) * old_v + m * v_unb
     problems: list[dict[str, Any]] = []
     for name, obs_t, exp_t, tol_t, old_t, batch in (
         ("running_mean", new_m, exp_m, tol_m, old_m, mu),
@@ -531,8 +646,9 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
     layers = _layers(ctx)
     rtol = ctx.tol("ema_rtol")
     reported: set[str] = set()
+    judged = []
     for call in obs.calls:
-        if call.layer in reported or not call.training or call.forced_eval:
+        if not call.training or call.forced_eval:
             continue
         if not call.track_running_stats or _behaves_frozen(call):
             continue
@@ -544,6 +660,12 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
             and layer.num_batches_tracked is None
         ):
             continue  # FrozenBatchNorm-style: no update by design
+        judged.append(call)
+    suspects = ema_suspects(judged, rtol)
+    for call in judged:
+        if call.layer in reported or id(call) not in suspects:
+            continue
+        layer = layers.get(call.layer)
         result = ema_errors(call, rtol)
         if result is None:
             continue

@@ -66,6 +66,15 @@ def layers_where(
     return hits
 
 
+def _tested_in_batch(layer: BNLayer) -> bool:
+    """Whether :func:`layers_where` read the layer's running statistics (real, non-empty
+    tensors), so that "not in its result" means "at the tested values"."""
+    return all(
+        isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_meta
+        for t in (layer.running_mean, layer.running_var)
+    )
+
+
 def stats_at_initial_values(layer: BNLayer) -> bool:
     """running_mean all 0 and running_var all 1 (PyTorch's initial values), whatever the
     counter says."""
@@ -346,20 +355,31 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
     moved = layers_where(usable, "running_mean", lambda t: t != 0) | layers_where(
         usable, "running_var", lambda t: t != 1
     )
+    # the counters and gamma/beta in batch too (an untrained model: every layer gets here)
+    counted = layers_where(usable, "num_batches_tracked", lambda t: t != 0)
+    candidates: list[BNLayer] = []
     for layer in usable:
         if layer.name in missing or not layer.has_running_stats or layer.name in moved:
             continue
-        if statistics_never_move(layer) and stats_at_initial_values(layer):
+        # meta or empty statistics were not read in batch: test them one by one
+        if not _tested_in_batch(layer) and not stats_at_initial_values(layer):
+            continue
+        if statistics_never_move(layer):
             # momentum=0: they will never leave 0 and 1, in train mode or eval mode
             frozen_at_init.append(layer)
             continue
-        if not stats_at_init(layer):
+        if layer.name in counted:
             continue
         # Only a layer used for inference (eval mode) is judged: in train mode initial
         # statistics are expected, whatever gamma/beta hold (zero_init_residual, custom init).
         if layer.module.training:
             continue
-        hits.append((layer, True, not _affine_at_init(layer)))
+        candidates.append(layer)
+    if candidates:
+        affine_moved = layers_where(candidates, "weight", lambda t: t != 1) | layers_where(
+            candidates, "bias", lambda t: t != 0
+        )
+        hits = [(layer, True, layer.name in affine_moved) for layer in candidates]
     for layer in frozen_at_init:
         nbt = layer.num_batches_tracked
         count = int(nbt.reshape(-1)[0]) if nbt is not None else 0
