@@ -567,3 +567,43 @@ def test_the_batched_ema_screen_leaves_out_only_calls_the_per_call_check_passes(
             assert ema_errors(call) is None
         if not was_broken:
             assert id(call) not in suspects
+
+
+def test_first_difference_finds_one_ulp_after_the_joined_comparison() -> None:
+    """``first_difference`` first compares all BN outputs and model outputs of two eval
+    passes at once; a one-ulp change in any of them, a dtype mismatch, or NaN must still
+    reach the pair-by-pair path and come out as it did before."""
+    from bncheck.probes import EvalCall, EvalPass, first_difference
+
+    gen = torch.Generator().manual_seed(0)
+
+    def passes(dtype_b: torch.dtype = torch.float32) -> tuple[EvalPass, EvalPass]:
+        outs = [torch.randn(2, 3, 4, generator=gen) for _ in range(3)]
+        model_out = torch.randn(2, 5, generator=gen)
+        p = EvalPass([EvalCall(f"bn{i}", 0, o, o) for i, o in enumerate(outs)], [model_out])
+        q = EvalPass(
+            [EvalCall(f"bn{i}", 0, o.clone(), o.clone().to(dtype_b)) for i, o in enumerate(outs)],
+            [model_out.clone()],
+        )
+        return p, q
+
+    p, q = passes()
+    assert first_difference(p, q, slice(0, 1), 0.0) is None
+    out = q.calls[1].output
+    assert out is not None
+    out[0, 2, 3] = torch.nextafter(out[0, 2, 3], torch.tensor(math.inf))
+    found = first_difference(p, q, slice(0, 1), 0.0)
+    assert found is not None and found[0] == "bn1"
+    assert first_difference(p, q, slice(1, 2), 0.0) is None  # only sample 0 changed
+    p, q = passes()
+    q.outputs[0][0, 4] += 1.0
+    found = first_difference(p, q, slice(0, 1), 0.0)
+    assert found is not None and found[0] is None  # only the model output differs
+    p, q = passes(torch.float64)  # another dtype: compared pair by pair
+    found = first_difference(p, q, slice(0, 1), 1e-6)
+    assert found is None
+    p, q = passes()
+    for call in (p.calls[0], q.calls[0]):
+        assert call.output is not None
+        call.output[0, 0, 0] = math.nan  # NaN in the same place in both: no difference
+    assert first_difference(p, q, slice(0, 1), 0.0) is None
