@@ -826,21 +826,22 @@ def channel_stats(t: torch.Tensor, plain: bool | None = None) -> ChannelStats | 
     relative round-off is that of a two-pass variance times ``1 + d^2 / var``.
 
     * (N, C) tensors (one value per row): in float64 directly.
-    * CPU tensors: first the plain row sums ``sum(x)`` and ``|x|_2`` (``k`` = 0; one read
-      each, in any layout, no copy). They are kept when every channel has
-      ``mean^2 <= PLAIN_CONDITION * var``: the factor ``1 + d^2 / var`` is then at most 9,
-      and the variance's error stays linear in ``|mean| / sd`` as the rules' budgets
-      assume. Otherwise (and for NaN/Inf) ``k`` is the exact channel mean, which those row
-      sums give, and one sweep of the shifted sums follows: the two-pass variance.
+    * CPU tensors: first the plain row sums ``sum(x)`` and ``sum(x^2)`` (``k`` = 0; no
+      copy of the tensor, in any layout). They are kept when every channel has a finite
+      ``var`` and ``mean^2 <= PLAIN_CONDITION * var``: the factor ``1 + d^2 / var`` is then
+      at most 9, and the variance's error stays linear in ``|mean| / sd`` as the rules'
+      budgets assume. Otherwise (NaN/Inf, squares past the dtype's range, or an offset
+      mean) ``k`` is the exact channel mean, which those row sums give, and one sweep of
+      the shifted sums follows: the two-pass variance.
     * Other devices, tensors of up to four blocks: each (sample, channel) row's mean and
       biased variance from PyTorch's fused BN statistics kernel (``batch_norm_update_stats``
       on the rows), combined per channel in float64 around the channel means (``k`` = the
       mean, so ``d`` is 0); larger ones: the exact channel means, then the shifted sweep.
-    * The shifted sweep, for a contiguous tensor, goes block by block of rows through one
-      small buffer that stays in cache (the deviations of a whole activation are never held
-      at once); other layouts are swept whole. ``s2`` is the square of each row's 2-norm
-      (one read): PyTorch's norm accumulates sequentially per vector lane, about 10 u on
-      rows of 10^4 values, inside the rules' round-off budget (8-16 u * (1 + log2(n))).
+    * The sweeps (:func:`_row_moments`), for a contiguous tensor, go block by block of rows
+      through one small buffer that stays in cache (the deviations of a whole activation are
+      never held at once); other layouts are swept whole. Both sums use PyTorch's cascade
+      summation, the squares too: a 2-norm, which adds them one after another per vector
+      lane, drifts by thousands of u on long rows of repeating values (integer pixels).
 
     ``plain`` chooses the path: the plain sums first (``True``) or not (``False``); by
     default, on CPU tensors only (elsewhere the test would wait for the device).
@@ -860,8 +861,9 @@ class RawStats:
     channels: int
     count: int
     length: int
-    #: per (sample, channel) row: mean and biased variance (``rows``), or the sums around
-    #: ``shift`` (``sums``), or the (N, C) values themselves (``values``)
+    #: per (sample, channel) row: mean and biased variance (``rows``), or the sum and the
+    #: sum of squares around ``shift`` (``sums``), or the (N, C) values themselves
+    #: (``values``)
     kind: str
     first: torch.Tensor
     second: torch.Tensor | None = None
@@ -883,8 +885,7 @@ class RawStats:
                 assert self.second is not None and self.shift is not None
                 k = self.shift
                 s1 = _as_numpy(self.first).reshape(batch, c)
-                norms = _as_numpy(self.second).reshape(batch, c)
-                s2 = norms * norms
+                s2 = _as_numpy(self.second).reshape(batch, c)
             d, mean, var = _moments(s1, s2, k, self.count)
         return ChannelStats(
             torch.from_numpy(mean), torch.from_numpy(var), self.count, rows=(s1, s2, k, d, length)
@@ -922,7 +923,7 @@ def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
     length = max(1, n // max(1, batch))  # values per (sample, channel) row
     if length == 1:  # (N, C): each row is one value
         return RawStats(batch, c, n, length, "values", x.reshape(batch, c).clone())
-    if plain if plain is not None else x.device.type == "cpu":
+    if plain if plain is not None else x.device.type == "cpu" and x.numel() > _PLAIN_FROM:
         return _plain_or_shifted(x, batch, c, n, length)
     if not x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         x = x.contiguous()  # a small copy, for the fused path below
@@ -936,8 +937,14 @@ def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
         return RawStats(batch, c, n, length, "rows", row_mean, row_var)
     with np.errstate(all="ignore"):
         k = _finite_or_zero(_as_numpy(_row_sums(x)).reshape(batch, c).sum(0) / n)
-    return _shifted(x, batch, c, n, length, k)
+    k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
+    s1, s2 = _row_moments(x, k_x)
+    return RawStats(batch, c, n, length, "sums", s1, s2, _as_numpy(k_x))
 
+
+#: CPU tensors of more elements than this take the plain sums first (below it PyTorch's fused
+#: kernel costs no more than they do)
+_PLAIN_FROM = 2 * _STATS_BLOCK
 
 #: the plain (unshifted) sums are kept when every channel's mean^2 <= PLAIN_CONDITION * var:
 #: their variance then carries at most (1 + PLAIN_CONDITION) times the relative round-off
@@ -953,33 +960,23 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) -> RawStats:
-    """The plain sums ``sum(x)`` and ``|x|_2`` per (sample, channel) row (one
-    read each, no copy), kept when they are well conditioned (:data:`PLAIN_CONDITION`);
-    otherwise the sums around the channel means, which those row sums give exactly."""
-    if x.is_contiguous():
-        rows = x.reshape(batch * c, -1)
-        s1, norms = rows.sum(1), torch.linalg.vector_norm(rows, dim=1)
-    else:
-        spatial = list(range(2, x.dim()))
-        s1, norms = x.sum(spatial), torch.linalg.vector_norm(x, dim=spatial)
+    """The plain sums ``sum(x)`` and ``sum(x^2)`` per (sample, channel) row, kept when they
+    are well conditioned (:data:`PLAIN_CONDITION`); otherwise the sums around the channel
+    means, which the plain row sums give exactly."""
+    s1, s2 = _row_moments(x, None)
     with np.errstate(all="ignore"):
         total = s1.cpu().numpy().reshape(batch, c).sum(0, dtype=np.float64)
-        squares = norms.cpu().numpy().astype(np.float64)
-        squares *= squares
+        squares = s2.cpu().numpy().reshape(batch, c).sum(0, dtype=np.float64)
         mean = total / n
-        var = squares.reshape(batch, c).sum(0) / n - mean * mean
-        # NaN/Inf fail the test and go the shifted way, which carries them as they are
-        if bool(np.all(mean * mean <= PLAIN_CONDITION * var)):
-            return RawStats(batch, c, n, length, "sums", s1, norms, np.zeros(c))
+        var = squares / n - mean * mean
+        # NaN/Inf values, or squares past the dtype's range, go the shifted way (which
+        # carries NaN/Inf values as they are)
+        if bool(np.all(np.isfinite(var) & (mean * mean <= PLAIN_CONDITION * var))):
+            return RawStats(batch, c, n, length, "sums", s1, s2, np.zeros(c))
         k = _finite_or_zero(mean)
-    return _shifted(x, batch, c, n, length, k)
-
-
-def _shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int, k: np.ndarray) -> RawStats:
-    """The sums around a per-channel shift ``k`` (float64, finite)."""
     k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
-    s1, norms = _blocked_sums(x, k_x) if x.is_contiguous() else _whole_sums(x, k_x)
-    return RawStats(batch, c, n, length, "sums", s1, norms, _as_numpy(k_x))
+    s1, s2 = _row_moments(x, k_x)
+    return RawStats(batch, c, n, length, "sums", s1, s2, _as_numpy(k_x))
 
 
 def _moments(
@@ -1001,33 +998,39 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
 
-def _whole_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_blocked_sums` for a tensor in another layout (the whole tensor at once)."""
-    dev = x - shift.reshape([1, -1] + [1] * (x.dim() - 2))
-    rows = dev.flatten(2)
-    return rows.sum(2), torch.linalg.vector_norm(rows, dim=2)
-
-
-def _blocked_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, channel) of a contiguous (N, C, ...) tensor: ``sum(x - shift)`` and the
-    2-norm of ``x - shift`` over the other dims, as two (N * C) tensors, block by block of
-    rows through one buffer."""
+def _row_moments(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) of an (N, C, ...) tensor: ``sum(x - shift)`` and
+    ``sum((x - shift)^2)`` over the other dims (``shift`` per channel; ``None``: 0), as
+    (N * C) or (N, C) tensors, with PyTorch's cascade summation (error about u * log2 of the
+    row length, relative to the sum; a 2-norm would add the squares one after another per
+    vector lane, which drifts by thousands of u on long rows of repeating values). A
+    contiguous tensor goes block by block of rows through one buffer that stays in cache;
+    other layouts are done whole."""
     batch, c = x.shape[0], x.shape[1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if not x.is_contiguous():
+        dev = x if shift is None else x - shift.reshape(shape)
+        spatial = list(range(2, x.dim()))
+        return dev.sum(spatial), (dev * dev).sum(spatial)
     rows = x.reshape(batch * c, -1)  # one row per (sample, channel), contiguous
     length = rows.shape[1]
     per = max(1, _STATS_BLOCK // max(1, length))
-    row_shift = shift.repeat(batch)[:, None]
+    row_shift = None if shift is None else shift.repeat(batch)[:, None]
     s1 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
-    norms = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
-    buf = torch.empty(per, length, dtype=x.dtype, device=x.device)
+    s2 = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    buf = torch.empty(min(per, rows.shape[0]), length, dtype=x.dtype, device=x.device)
     for start in range(0, rows.shape[0], per):
         part = rows[start : start + per]
-        dev = buf[: part.shape[0]]
-        torch.sub(part, row_shift[start : start + per], out=dev)
-        torch.sum(dev, 1, out=s1[start : start + per])
-        # the root of the sum of squares in one read of the block (no squared copy)
-        torch.linalg.vector_norm(dev, dim=1, out=norms[start : start + per])
-    return s1, norms
+        block = buf[: part.shape[0]]
+        if row_shift is None:
+            torch.sum(part, 1, out=s1[start : start + per])
+            torch.mul(part, part, out=block)
+        else:
+            torch.sub(part, row_shift[start : start + per], out=block)
+            torch.sum(block, 1, out=s1[start : start + per])
+            block.mul_(block)
+        torch.sum(block, 1, out=s2[start : start + per])
+    return s1, s2
 
 
 def grid(t: torch.Tensor, k_batch: int = 4, run: int = 16) -> torch.Tensor:
@@ -1296,7 +1299,7 @@ def finish_all(raws: list[RawStats]) -> dict[int, ChannelStats]:
                 lengths = np.repeat([float(raw.length) for raw in members], widths)
                 s1, s2, k = _around_means(first, second, lengths)
             else:
-                s1, s2 = first, second * second
+                s1, s2 = first, second
                 k = np.concatenate([raw.shift for raw in members])  # type: ignore[misc]
             d, mean, var = _moments(s1, s2, k, counts)
         edges = np.cumsum(widths)[:-1]

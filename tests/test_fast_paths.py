@@ -15,11 +15,13 @@ import math
 import random
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import bncheck
 from bncheck.checks.forward import GAMMA_FLOOR, NORM_SAFETY, normalization_errors
 from bncheck.probes import BufferState, TrainCall, channel_stats, grid
 from bncheck.state import preserved
@@ -607,3 +609,54 @@ def test_first_difference_finds_one_ulp_after_the_joined_comparison() -> None:
         assert call.output is not None
         call.output[0, 0, 0] = math.nan  # NaN in the same place in both: no difference
     assert first_difference(p, q, slice(0, 1), 0.0) is None
+
+
+def _within_budget(x: torch.Tensor, plain: bool) -> float:
+    """The largest variance error of ``channel_stats(x)`` over 8 u (1 + log2 n) var
+    (1 + |mean| / sd), against a float64 oracle."""
+    values = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    n = values.shape[1]
+    mean = values.mean(1)
+    var = ((values - mean[:, None]) ** 2).mean(1)
+    budget = 8 * torch.finfo(x.dtype).eps * (1 + math.log2(n)) * var * (1 + mean.abs() / var.sqrt())
+    stats = channel_stats(x, plain)
+    assert stats is not None
+    return float(((stats.var - var).abs() / budget).max())
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("data", ["plus-minus", "pixels"])
+def test_sums_of_squares_of_repeating_values_stay_within_the_budget(
+    data: str, layout: str, plain: bool
+) -> None:
+    """Long rows of repeating values (+-a; integer pixels 0..255): a sum of squares added one
+    after another per vector lane (a 2-norm) drifts by thousands of u there and gave
+    correct BN layers ema-update and normalization errors; the cascade sum does not."""
+    gen = torch.Generator().manual_seed(0)
+    if data == "plus-minus":
+        a = math.sqrt(1 + 2**-10 - 2**-20)
+        x = (torch.randint(0, 2, (1, 2, 512, 512), generator=gen).float() * 2 - 1) * a
+    else:
+        x = torch.randint(0, 256, (2, 3, 224, 224), generator=gen).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert _within_budget(x, plain) <= 1.0
+
+
+def test_raw_pixels_into_a_correct_bn_layer_give_no_ema_or_normalization_finding() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 224, 224)).float()
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, stride=4))
+    report = bncheck.audit(model, x, select=["ema-update", "normalization"])
+    assert report.findings == []
+
+
+def test_squares_past_float32_range_take_the_shifted_way() -> None:
+    """Values whose squares overflow float32 while their deviations' squares do not: the
+    plain sums hold Inf, and the screen must send the tensor the shifted way (exact var)."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 2, 64, 64) + 2.5) * 3.2e16  # mean^2 = 6.25 var: well conditioned
+    stats = channel_stats(x, plain=True)
+    assert stats is not None and bool(torch.isfinite(stats.var).all())
+    assert _within_budget(x, plain=True) <= 1.0
