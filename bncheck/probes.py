@@ -826,14 +826,14 @@ def channel_stats(t: torch.Tensor, plain: bool | None = None) -> ChannelStats | 
     relative round-off is that of a two-pass variance times ``1 + d^2 / var``.
 
     * (N, C) tensors (one value per row): in float64 directly.
-    * CPU tensors: first the plain row sums ``sum(x)`` and ``sum(x^2)`` (``k`` = 0; no
-      copy of the tensor, in any layout). They are kept when every channel has a finite
+    * Contiguous CPU tensors of more than two blocks: first the plain row sums ``sum(x)``
+      and ``sum(x^2)`` (``k`` = 0; one read, no copy). They are kept when every channel has a finite
       ``var`` and ``mean^2 <= PLAIN_CONDITION * var``: the factor ``1 + d^2 / var`` is then
       at most 9, and the variance's error stays linear in ``|mean| / sd`` as the rules'
       budgets assume. Otherwise (NaN/Inf, squares past the dtype's range, or an offset
       mean) ``k`` is the exact channel mean, which those row sums give, and one sweep of
       the shifted sums follows: the two-pass variance.
-    * Other devices, tensors of up to four blocks: each (sample, channel) row's mean and
+    * Other tensors of up to four blocks: each (sample, channel) row's mean and
       biased variance from PyTorch's fused BN statistics kernel (``batch_norm_update_stats``
       on the rows), combined per channel in float64 around the channel means (``k`` = the
       mean, so ``d`` is 0); larger ones: the exact channel means, then the shifted sweep.
@@ -844,7 +844,8 @@ def channel_stats(t: torch.Tensor, plain: bool | None = None) -> ChannelStats | 
       lane, drifts by thousands of u on long rows of repeating values (integer pixels).
 
     ``plain`` chooses the path: the plain sums first (``True``) or not (``False``); by
-    default, on CPU tensors only (elsewhere the test would wait for the device).
+    default, on contiguous CPU tensors of more than two blocks (on other devices the test
+    would wait for the device).
     """
     raw = read_stats(t, plain)
     return None if raw is None else raw.finish()
@@ -923,23 +924,34 @@ def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
     length = max(1, n // max(1, batch))  # values per (sample, channel) row
     if length == 1:  # (N, C): each row is one value
         return RawStats(batch, c, n, length, "values", x.reshape(batch, c).clone())
-    if plain if plain is not None else x.device.type == "cpu" and x.numel() > _PLAIN_FROM:
+    if (
+        plain
+        if plain is not None
+        else x.device.type == "cpu" and x.is_contiguous() and x.numel() > _PLAIN_FROM
+    ):
         return _plain_or_shifted(x, batch, c, n, length)
     if not x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         x = x.contiguous()  # a small copy, for the fused path below
     if x.is_contiguous() and x.numel() <= 4 * _STATS_BLOCK:
         # each (sample, channel) row as a channel of one sample: PyTorch's fused BN
         # statistics kernel gives every row's mean and biased variance in one call (two
-        # passes, no transfer to the host until the statistics are finished)
+        # passes; on other devices no transfer to the host until the statistics are finished)
         row_mean, row_var = torch.batch_norm_update_stats(
             x.reshape(1, batch * c, length), None, None, 0.0
         )
-        return RawStats(batch, c, n, length, "rows", row_mean, row_var)
+        if (
+            x.device.type != "cpu"
+            or bool(torch.isfinite(row_var).all())
+            or not bool(torch.isfinite(row_mean).all())
+        ):
+            return RawStats(batch, c, n, length, "rows", row_mean, row_var)
+        # finite values whose squares passed the kernel's float32 range: sum them wider
+        with np.errstate(all="ignore"):
+            k = _finite_or_zero(_as_numpy(row_mean).reshape(batch, c).mean(0))
+        return _shifted_sums(x, batch, c, n, length, k)
     with np.errstate(all="ignore"):
         k = _finite_or_zero(_as_numpy(_row_sums(x)).reshape(batch, c).sum(0) / n)
-    k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
-    s1, s2 = _row_moments(x, k_x)
-    return RawStats(batch, c, n, length, "sums", s1, s2, _as_numpy(k_x))
+    return _shifted_sums(x, batch, c, n, length, k)
 
 
 #: CPU tensors of more elements than this take the plain sums first (below it PyTorch's fused
@@ -962,7 +974,11 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
 def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) -> RawStats:
     """The plain sums ``sum(x)`` and ``sum(x^2)`` per (sample, channel) row, kept when they
     are well conditioned (:data:`PLAIN_CONDITION`); otherwise the sums around the channel
-    means, which the plain row sums give exactly."""
+    means, which the plain row sums give exactly. A tensor in another layout is made
+    contiguous first: PyTorch sums a view whose dims do not merge (a crop, a ``::2``
+    slice) row by row, one after another, which is not a cascade."""
+    if not x.is_contiguous():
+        x = x.contiguous()
     s1, s2 = _row_moments(x, None)
     with np.errstate(all="ignore"):
         total = s1.cpu().numpy().reshape(batch, c).sum(0, dtype=np.float64)
@@ -974,8 +990,23 @@ def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) 
         if bool(np.all(np.isfinite(var) & (mean * mean <= PLAIN_CONDITION * var))):
             return RawStats(batch, c, n, length, "sums", s1, s2, np.zeros(c))
         k = _finite_or_zero(mean)
+    return _shifted_sums(x, batch, c, n, length, k)
+
+
+def _shifted_sums(
+    x: torch.Tensor, batch: int, c: int, n: int, length: int, k: np.ndarray
+) -> RawStats:
+    """The sums around a per-channel shift ``k`` (float64, finite). Finite values whose
+    squares pass the dtype's range (float32 values near 1e19) are summed again in float64."""
     k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
     s1, s2 = _row_moments(x, k_x)
+    if (
+        x.dtype != torch.float64
+        and not bool(torch.isfinite(s2).all())
+        and bool(torch.isfinite(s1).all())
+    ):
+        k_x = torch.from_numpy(k).to(device=x.device)
+        s1, s2 = _row_moments(x.double(), k_x)
     return RawStats(batch, c, n, length, "sums", s1, s2, _as_numpy(k_x))
 
 

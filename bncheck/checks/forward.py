@@ -186,6 +186,7 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- normalization ---------------------------------------------------------------------------
+@np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
 def _behaves_frozen(call: TrainCall) -> bool:
     """A custom layer that normalises with its running statistics even in train mode."""
     if (
@@ -236,6 +237,7 @@ def _unit(call: TrainCall) -> float:
     return torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
 
 
+@np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
 def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     """Compare one train-mode call with BatchNorm's normalisation; ``None`` when it matches.
 
@@ -501,6 +503,7 @@ def ema_suspects(calls: list[TrainCall], rtol: float = 1.0) -> set[int]:
     return suspects
 
 
+@np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
 def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     """Compare the buffers after one train-mode call with PyTorch's update; ``None`` if equal.
 
@@ -607,6 +610,7 @@ def _close(obs: np.ndarray, exp: np.ndarray, tol: np.ndarray) -> bool:
     return bool((np.abs(obs - exp) <= tol).all())
 
 
+@np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
 def _diagnose(
     name: str,
     new: np.ndarray,
