@@ -46,6 +46,7 @@ def test_weights_that_moved_after_the_statistics_is_lag_at_info() -> None:
     assert finding.layer == "block2.1"
     assert finding.severity == "info" and finding.details["cause"] == "lag"
     assert "lag the weights" in finding.message and "(block1.1) agrees" in finding.message
+    assert "small batches" in finding.message and "large batches" in finding.message
     assert "bncheck.recalibrate" in finding.message and "update_bn" in finding.message
     assert "preprocessing" not in finding.message
     update_bn(data(seed=50), model)  # the fix it suggests

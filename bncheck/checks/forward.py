@@ -1138,8 +1138,10 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
       (by ``ENTRY_AGREES`` of the tolerances or more) - the data differs from what the
       statistics were collected on (warning);
     * lag: the first layer agrees and deeper layers drift - the running averages trail the
-      last weight updates, as after a training run with a large final learning rate; fixed
-      by recalibrating (info).
+      last weight updates (a large final learning rate), or were collected in train mode
+      with small batches, whose noisy batch statistics upstream change what deeper layers
+      see (an exact calibration at batch 8 shows it); fixed by recalibrating with large
+      batches (info).
 
     Channels whose drift is within the sampling noise of the batches (``_sampling_noise``)
     are not counted.
@@ -1264,13 +1266,16 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
             layer_cause = "lag"
             first = entry[0].name if entry is not None else "the first BN layer"
             text = (
-                f"running statistics lag the weights: far from the statistics of the given "
-                f"data {measured_text}, while the first BN layer ({first}) agrees with the "
-                "data, so the drift builds up inside the network: the running averages mix "
-                "statistics of earlier weights (large final learning rate, averaged or "
-                "fine-tuned weights) or of noisy small-batch statistics upstream"
+                f"running statistics differ from what eval feeds this layer: far from the "
+                f"statistics of the given data {measured_text}, while the first BN layer "
+                f"({first}) agrees with the data, so the difference builds up inside the "
+                "network. Either the running averages lag the weights (they mix statistics of "
+                "earlier weights: a large final learning rate, averaged or fine-tuned "
+                "weights), or they were collected in train mode with small batches, whose "
+                "noisy batch statistics upstream change what this layer sees (eval normalises "
+                "upstream with the running statistics instead)"
             )
-            hint = recalibrate + " after training (with large batches)"
+            hint = recalibrate + " after training, with large batches"
             severity = "info"
         yield ctx.finding(
             "stat-drift",
