@@ -389,7 +389,7 @@ def test_a_list_holding_one_batched_tensor_is_not_a_list_of_images() -> None:
 @SETTINGS
 @given(
     shape=st.sampled_from([(8, 3, 5, 5), (4, 2, 60, 70), (16, 5, 3), (2, 3, 4, 4, 4), (5, 4, 1)]),
-    offset_in_sds=st.sampled_from([0.0, 0.5, 1.0, 2.5, 3.0, 10.0, 1e3]),
+    offset_in_sds=st.sampled_from([0.0, 0.5, 1.0, 2.5, 3.0, 5.0, 5.6, 10.0, 1e3]),
     scale=st.sampled_from([1e-3, 1.0, 40.0]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     channels_last=st.booleans(),
