@@ -472,6 +472,12 @@ def _audit(
                     reason = obs.stage_errors.get(info_for(rid).stage)
                     if reason is not None and rid not in ctx.skipped:
                         ctx.skipped[rid] = reason
+                data_error = obs.stage_errors.get("data")
+                if data_error is not None and any(
+                    info_for(rid).stage == "data" for rid in ctx.rule_ids
+                ):
+                    # data= was given for rules that read it, and they could not run
+                    incomplete.append(f"{data_error}, so the rules that read data= did not run")
                 partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
                 if partial is not None:
                     forward_error = partial

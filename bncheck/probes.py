@@ -1568,6 +1568,10 @@ def _images_like(batch: Any, example: Any) -> bool:
 
 
 def _batch_to_input(batch: Any, example: Any) -> Any:
+    """The part of a ``data=`` batch the model takes, in the container of the example input
+    (it is called the same way): a tuple of images from torchvision's detection collate is a
+    list when the example is a list of images, and a default-collated list of two inputs is a
+    tuple when the example is a tuple of positional arguments."""
     if isinstance(batch, torch.Tensor):
         return batch
     if _images_like(batch, example):
@@ -1575,7 +1579,10 @@ def _batch_to_input(batch: Any, example: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputError("a batch in data= is empty; yield tensors or (input, target) pairs")
-        return batch[0]
+        part = batch[0]
+        if isinstance(example, (tuple, list)) and isinstance(part, (tuple, list)):
+            return type(example)(part)
+        return part
     if isinstance(batch, dict):
         if isinstance(example, dict):
             return {k: v for k, v in batch.items() if k in example}

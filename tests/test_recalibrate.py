@@ -454,3 +454,29 @@ def test_the_table_shows_control_characters_in_layer_names_as_escapes():
     text = str(bncheck.recalibrate(model, [torch.randn(4, 3, 8, 8) for _ in range(4)]))
     assert "\x1b" not in text and "\u202e" not in text
     assert "bn\\x1b[2J\\u202eX" in text
+
+
+def test_a_detection_loader_wrapped_as_the_guide_says_is_recalibrated() -> None:
+    """docs/recalibrate.md: a detector takes its images as one argument; the batches of
+    torchvision's detection collate, wrapped as ``((tuple(images),), targets)``, feed it."""
+    from torch.utils.data import DataLoader
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [self.body(image[None]) for image in images]
+
+    torch.manual_seed(0)
+    samples = [(torch.randn(3, 32, 32) * 2 + 1, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
+    loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    batches = [((tuple(images),), targets) for images, targets in loader]
+    result = bncheck.recalibrate(Detector().eval(), batches, layers="all")
+    bn = result.model.body[1]
+    pooled = torch.stack([s[0] for s in samples])  # every image, as the body sees them
+    with torch.no_grad():
+        x = result.model.body[0](pooled)
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert int(bn.num_batches_tracked) == 8  # the body runs once per image

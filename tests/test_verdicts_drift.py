@@ -113,3 +113,72 @@ def test_drift_within_the_batch_to_batch_spread_is_not_evidence() -> None:
     assert finding.details["cause"] == "data shift"
     assert drift(_bn_with_stats(0.8), scattered) == []
     assert drift(_bn_with_stats(4.0), scattered)  # far beyond the spread: still found
+
+
+class _Detector(nn.Module):
+    """Takes a list of (C, H, W) images, like torchvision's detectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.body(image[None]) for image in images]
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.a(x1) + self.b(x2)
+
+
+def _trained_eval(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(*inputs)
+    return model.eval()
+
+
+def test_a_detection_loader_with_torchvision_collate_feeds_the_data_pass() -> None:
+    """torchvision's detection recipe collates a batch into (tuple of images, tuple of
+    targets); the model takes the images as one list, as the example input shows."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = _Detector()
+    _trained_eval(model.body, torch.randn(8, 3, 32, 32))
+    shifted = [(torch.randn(3, 32, 32) * 4 + 3, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
+    loader = DataLoader(shifted, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    example = [torch.randn(3, 32, 32) for _ in range(2)]
+    report = bncheck.audit(model, example, data=loader, select=["stat-drift"])
+    assert report.complete and "stat-drift" not in report.skipped
+    assert [f.rule for f in report.findings] == ["stat-drift"]
+
+
+def test_a_default_collated_list_of_two_inputs_is_called_like_the_example_tuple() -> None:
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = _trained_eval(_TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    samples = [((torch.randn(3, 16, 16), torch.randn(3, 16, 16) * 5 + 2), 0) for _ in range(8)]
+    loader = DataLoader(samples, batch_size=4)  # yields [[x1, x2], y]: lists
+    example = (torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    report = bncheck.audit(model, example, data=loader, select=["stat-drift"])
+    assert report.complete and "stat-drift" not in report.skipped
+    assert {f.layer for f in report.findings} == {"b.1"}  # only the shifted input's branch
+
+
+def test_a_data_pass_that_fails_leaves_the_report_incomplete() -> None:
+    """stat-drift was asked for (data= given) and could not run: a gate must not pass."""
+    torch.manual_seed(0)
+    model = _trained_eval(TwoBlock(), image_batch(16))
+    bad = [torch.randn(4, 5, 16, 16)]  # five channels into a three-channel model
+    report = bncheck.audit(model, image_batch(16), data=bad, select=["stat-drift"])
+    assert not report.complete and not report.ok
+    assert any("data=" in reason for reason in report.incomplete)
+    assert "stat-drift" in report.skipped
