@@ -926,6 +926,28 @@ def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
     length = max(1, n // max(1, batch))  # values per (sample, channel) row
     if length == 1:  # (N, C): each row is one value
         return RawStats(batch, c, n, length, "values", x.reshape(batch, c).clone())
+    raw = _read(x, batch, c, n, length, plain)
+    if (
+        x.device.type == "cpu"
+        and x.dtype != torch.float64
+        and not (_all_finite(raw.first) and _all_finite(raw.second))
+        and bool(torch.isfinite(x).all())
+    ):
+        # finite values whose sums or squares pass float32's range (about 1e19 and up):
+        # the same reading in float64 (NaN/Inf values are carried as they are)
+        raw = _read(x.double(), batch, c, n, length, plain)
+    return raw
+
+
+def _all_finite(t: torch.Tensor | None) -> bool:
+    """Whether the sum of a small tensor of per-row results is finite, which it is only when
+    every term is (a sum that overflows on finite terms says False too: the caller then
+    tests the data itself)."""
+    return t is None or math.isfinite(float(t.sum()))
+
+
+def _read(x: torch.Tensor, batch: int, c: int, n: int, length: int, plain: bool | None) -> RawStats:
+    """:func:`read_stats` past its checks, in ``x``'s own precision."""
     if (
         plain
         if plain is not None
@@ -944,17 +966,7 @@ def read_stats(t: torch.Tensor, plain: bool | None = None) -> RawStats | None:
         row_mean, row_var = torch.batch_norm_update_stats(
             x.reshape(1, batch * c, length), None, None, 0.0
         )
-        # (a sum is finite only when every term is: one cheap test of all rows)
-        if (
-            x.device.type != "cpu"
-            or math.isfinite(float(row_var.sum()))
-            or not math.isfinite(float(row_mean.sum()))
-        ):
-            return RawStats(batch, c, n, length, "rows", row_mean, row_var)
-        # finite values whose squares passed the kernel's float32 range: sum them wider
-        with np.errstate(all="ignore"):
-            k = _finite_or_zero(_as_numpy(row_mean).reshape(batch, c).mean(0))
-        return _shifted_sums(x, batch, c, n, length, k)
+        return RawStats(batch, c, n, length, "rows", row_mean, row_var)
     with np.errstate(all="ignore"):
         k = _finite_or_zero(_as_numpy(_row_sums(x)).reshape(batch, c).sum(0) / n)
     return _shifted_sums(x, batch, c, n, length, k)
@@ -1004,17 +1016,9 @@ def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) 
 def _shifted_sums(
     x: torch.Tensor, batch: int, c: int, n: int, length: int, k: np.ndarray
 ) -> RawStats:
-    """The sums around a per-channel shift ``k`` (float64, finite). Finite values whose
-    squares pass the dtype's range (float32 values near 1e19) are summed again in float64."""
+    """The sums around a per-channel shift ``k`` (float64, finite)."""
     k_x = torch.from_numpy(k).to(device=x.device, dtype=x.dtype)
     s1, s2 = _row_moments(x, k_x)
-    if (
-        x.dtype != torch.float64
-        and not bool(torch.isfinite(s2).all())
-        and bool(torch.isfinite(s1).all())
-    ):
-        k_x = torch.from_numpy(k).to(device=x.device)
-        s1, s2 = _row_moments(x.double(), k_x)
     return RawStats(batch, c, n, length, "sums", s1, s2, _as_numpy(k_x))
 
 

@@ -707,3 +707,29 @@ def test_an_overflowing_bn_layer_is_reported_without_numpy_warnings() -> None:
         warnings.simplefilter("error", RuntimeWarning)
         report = bncheck.audit(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), x)
     assert {"ema-update", "normalization"} <= {f.rule for f in report.findings}
+
+
+@pytest.mark.parametrize("plain", [None, True, False])
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    [
+        ((16, 8, 64, 64), 1e35),
+        ((2, 1, 512, 512), 1e33),
+        ((2, 2, 100, 100), 1e37),
+        ((2, 2, 8, 8), 1e38),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_values_whose_sums_overflow_float32_keep_their_mean_and_variance(
+    shape: tuple[int, ...], scale: float, dtype: torch.dtype, plain: bool | None
+) -> None:
+    """Finite values near float32's top: not only their squares, their sums pass its range.
+    The reading is redone in float64 when the data is finite (NaN/Inf data is carried)."""
+    torch.manual_seed(0)
+    x = ((torch.rand(shape, dtype=torch.float64) + 1) * scale).to(dtype)
+    stats = channel_stats(x, plain)
+    assert stats is not None
+    values = x.double().transpose(0, 1).reshape(shape[1], -1)
+    mean, var = values.mean(1), values.var(1, unbiased=False)
+    assert bool(((stats.mean - mean).abs() <= 1e-6 * mean.abs()).all())
+    assert bool(((stats.var - var).abs() <= 1e-5 * var).all())
