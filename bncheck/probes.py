@@ -1571,11 +1571,31 @@ def _images_like(batch: Any, example: Any) -> bool:
     )
 
 
+def _like_example(part: Any, example: Any) -> Any:
+    """``part`` in the container of the example input when it holds the same kind of items,
+    so that it is called the same way: a tuple of images (torchvision's detection collate)
+    is a list when the example is a list of images; a list of a two-input model's inputs (a
+    DataLoader's default collate) is a tuple when the example is a tuple of that many
+    tensors of the same dims. Anything else (an example ``(images, targets)`` and a batch
+    of images alone) is left as it is."""
+    if isinstance(part, tuple) and _images_like(list(part), example):
+        return list(part)
+    if (
+        isinstance(part, list)
+        and isinstance(example, tuple)
+        and len(part) == len(example)
+        and all(
+            isinstance(p, torch.Tensor) and isinstance(e, torch.Tensor) and p.dim() == e.dim()
+            for p, e in zip(part, example)
+        )
+    ):
+        return tuple(part)
+    return part
+
+
 def _batch_to_input(batch: Any, example: Any) -> Any:
-    """The part of a ``data=`` batch the model takes, in the container of the example input
-    (it is called the same way): a tuple of images from torchvision's detection collate is a
-    list when the example is a list of images, and a default-collated list of two inputs is a
-    tuple when the example is a tuple of positional arguments."""
+    """The part of a ``data=`` batch the model takes (see :func:`_like_example` for its
+    container)."""
     if isinstance(batch, torch.Tensor):
         return batch
     if _images_like(batch, example):
@@ -1583,10 +1603,7 @@ def _batch_to_input(batch: Any, example: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputError("a batch in data= is empty; yield tensors or (input, target) pairs")
-        part = batch[0]
-        if isinstance(example, (tuple, list)) and isinstance(part, (tuple, list)):
-            return type(example)(part)
-        return part
+        return _like_example(batch[0], example)
     if isinstance(batch, dict):
         if isinstance(example, dict):
             return {k: v for k, v in batch.items() if k in example}

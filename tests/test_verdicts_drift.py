@@ -182,3 +182,24 @@ def test_a_data_pass_that_fails_leaves_the_report_incomplete() -> None:
     assert not report.complete and not report.ok
     assert any("data=" in reason for reason in report.incomplete)
     assert "stat-drift" in report.skipped
+
+
+def test_a_batch_input_takes_the_example_container_only_for_the_same_kind_of_items() -> None:
+    from bncheck.probes import _batch_to_input
+
+    images = [torch.randn(3, 8, 8), torch.randn(3, 10, 6)]
+    targets = [{"boxes": torch.zeros(0, 4)}] * 2
+    pair = (torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    # torchvision's detection collate: a tuple of images, the example a list of images
+    got = _batch_to_input((tuple(images), tuple(targets)), images)
+    assert isinstance(got, list) and all(a is b for a, b in zip(got, images))
+    # a default-collated list of a two-input model's inputs, the example a tuple of two
+    got = _batch_to_input([list(pair), torch.zeros(4)], pair)
+    assert isinstance(got, tuple) and len(got) == 2
+    # the example (images, targets) (a detector called with targets), a batch of images
+    # alone: the images stay one list argument
+    got = _batch_to_input((images, targets), (images, targets))
+    assert isinstance(got, list) and len(got) == 2
+    # items of another kind than the example's: left as they are
+    got = _batch_to_input([[torch.randn(4, 3), torch.randn(4, 3)], 0], pair)
+    assert isinstance(got, list)
