@@ -706,7 +706,11 @@ def test_an_overflowing_bn_layer_is_reported_without_numpy_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         report = bncheck.audit(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), x)
-    assert {"ema-update", "normalization"} <= {f.rule for f in report.findings}
+    found = {f.rule: f for f in report.findings}
+    assert {"ema-update", "normalization"} <= set(found)
+    for rule in ("ema-update", "normalization"):  # the cause, not an implementation bug
+        assert "range of its dtype" in found[rule].message
+    assert "overflowed" in found["ema-update"].message
 
 
 @pytest.mark.parametrize("plain", [None, True, False])

@@ -332,6 +332,25 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     return None
 
 
+_OVERFLOW_HINT = (
+    "the layer's statistics pass the range of its dtype (float32 max is 3.4e38): normalise "
+    "or scale its input down, or run the layer in float64"
+)
+
+
+def _overflows(call: TrainCall) -> bool:
+    """Whether the sum of squares of a call's input passes its dtype's range (the layer's
+    own statistics then overflow), from bncheck's exact statistics."""
+    st = call.input_stats
+    if st is None or not call.dtype.is_floating_point:
+        return False
+    # half types are normalised in float32 arithmetic
+    wide = torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
+    squares = (st.var.numpy() + st.mean.numpy() ** 2) * st.count
+    with np.errstate(all="ignore"):
+        return bool((squares > torch.finfo(wide).max).any())
+
+
 @check("normalization")
 def normalization(ctx: AuditContext) -> Iterator[Finding]:
     obs = _obs(ctx)
@@ -355,6 +374,8 @@ def normalization(ctx: AuditContext) -> Iterator[Finding]:
             "check the axes it reduces over (per channel = every dim but 1) and that it "
             "divides by sqrt(biased var + eps)"
         )
+        if _overflows(call):
+            hint = _OVERFLOW_HINT
         yield ctx.finding(
             "normalization",
             layers.get(call.layer, call.layer),
@@ -621,6 +642,16 @@ def _diagnose(
     biased_var: np.ndarray,
     n: int,
 ) -> str:
+    if (
+        not np.isfinite(new).all()
+        and np.isfinite(old).all()
+        and np.isfinite(batch).all()
+        and np.isfinite(biased_var).all()
+    ):
+        return (
+            "it overflowed to Inf/NaN while the batch's statistics are finite: they pass the "
+            "range of the layer's arithmetic"
+        )
     if _close(new, old, tol):
         return "it was not updated (unchanged)"
     if 0 < m < 1 and _close(new, m * old + (1 - m) * batch, tol):
@@ -710,7 +741,9 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
                 "(it counts every train-mode forward)"
             )
             details["num_batches_tracked"] = {"observed": nbt[0], "expected": nbt[1]}
-        if problems and all("not updated" in str(p["why"]) for p in problems):
+        if any("overflowed" in str(p["why"]) for p in problems):
+            hint = _OVERFLOW_HINT
+        elif problems and all("not updated" in str(p["why"]) for p in problems):
             hint = (
                 "a train-mode forward must update the running statistics; check the layer's "
                 "training branch (or momentum=0)"
