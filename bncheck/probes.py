@@ -1578,7 +1578,11 @@ def _like_example(part: Any, example: Any) -> Any:
     DataLoader's default collate) is a tuple when the example is a tuple of that many
     tensors of the same dims. Anything else (an example ``(images, targets)`` and a batch
     of images alone) is left as it is."""
-    if isinstance(part, tuple) and _images_like(list(part), example):
+    if isinstance(part, tuple) and (
+        _images_like(list(part), example)
+        # a detector called with (images, targets) in train mode: its images alone in eval
+        or (isinstance(example, tuple) and bool(example) and _images_like(list(part), example[0]))
+    ):
         return list(part)
     if (
         isinstance(part, list)
@@ -1593,6 +1597,22 @@ def _like_example(part: Any, example: Any) -> Any:
     return part
 
 
+def _same_tensors(batch: Any, example: Any) -> bool:
+    """Whether a batch holds as many tensors as an example tuple of tensors, each of the same
+    shape past the batch dim (then it is the inputs themselves, not an (input, target))."""
+    return (
+        isinstance(example, tuple)
+        and len(batch) == len(example) >= 2
+        and all(
+            isinstance(b, torch.Tensor)
+            and isinstance(e, torch.Tensor)
+            and b.dim() == e.dim() >= 1
+            and b.shape[1:] == e.shape[1:]
+            for b, e in zip(batch, example)
+        )
+    )
+
+
 def _batch_to_input(batch: Any, example: Any) -> Any:
     """The part of a ``data=`` batch the model takes (see :func:`_like_example` for its
     container)."""
@@ -1603,6 +1623,8 @@ def _batch_to_input(batch: Any, example: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputError("a batch in data= is empty; yield tensors or (input, target) pairs")
+        if _same_tensors(batch, example):
+            return tuple(batch)  # the inputs of a multi-input model, without a target
         return _like_example(batch[0], example)
     if isinstance(batch, dict):
         if isinstance(example, dict):
@@ -1852,6 +1874,8 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             limit = int(ctx.tolerances.get("drift_max_batches", 32))
             try:
                 obs.drift, obs.drift_batches = _drift_pass(ctx, max(1, limit))
+                if obs.drift_batches == 0:
+                    obs.stage_errors["data"] = "data= yielded no batch"
             except BNCheckError:
                 raise
             except Exception as exc:

@@ -88,8 +88,11 @@ class Recalibration:
 
     @property
     def ok(self) -> bool:
-        """True when the repaired model has no warning or error from the audit."""
-        return not any(f.severity >= Severity.WARNING for f in self.after.findings)
+        """True when the audit of the repaired model ran every check (``after.complete``)
+        and found no warning or error."""
+        return self.after.complete and not any(
+            f.severity >= Severity.WARNING for f in self.after.findings
+        )
 
     @property
     def remaining(self) -> list[str]:
@@ -145,7 +148,13 @@ class Recalibration:
                 if len(counts) == 1
                 else f", {counts[0]} to {counts[-1]} values per channel"
             )
-        state = "ok" if self.ok else f"{len(self.remaining)} finding(s) remain"
+        state = (
+            "ok"
+            if self.ok
+            else f"{len(self.remaining)} finding(s) remain"
+            if self.after.complete
+            else "incomplete (" + "; ".join(self.after.incomplete) + ")"
+        )
         return (
             f"bncheck recalibrate: {len(self.layers)} of {total} BN layers recomputed from "
             f"{self.batches} batches{values}; after: {state}"
@@ -388,6 +397,17 @@ def _flagged(report: Report) -> dict[str, list[str]]:
 
 
 # ---- the audit -------------------------------------------------------------------------------
+class _AsBatches:
+    """The network inputs of :class:`_Batches` as one-element batches ``(input,)``, so that
+    the audit's data pass takes each input whole (a tuple of inputs included)."""
+
+    def __init__(self, batches: _Batches) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[Any]]:
+        return ((inp,) for inp in self.batches)
+
+
 def _audit(model: nn.Module, batches: _Batches, first: Any, source: str | None) -> Report:
     """The buffer rules and stat-drift over ``batches``, with the whole model in eval mode."""
     from .engine import audit
@@ -399,7 +419,7 @@ def _audit(model: nn.Module, batches: _Batches, first: Any, source: str | None) 
         return audit(
             model,
             first,
-            data=batches,
+            data=_AsBatches(batches),
             select=list(AUDIT_RULES),
             source=source,
             drift_max_batches=limit,

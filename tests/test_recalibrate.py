@@ -474,9 +474,38 @@ def test_a_detection_loader_wrapped_as_the_guide_says_is_recalibrated() -> None:
     loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
     batches = [((tuple(images),), targets) for images, targets in loader]
     result = bncheck.recalibrate(Detector().eval(), batches, layers="all")
+    assert result.after.complete
     bn = result.model.body[1]
     pooled = torch.stack([s[0] for s in samples])  # every image, as the body sees them
     with torch.no_grad():
         x = result.model.body[0](pooled)
     assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
     assert int(bn.num_batches_tracked) == 8  # the body runs once per image
+
+
+def test_a_two_input_model_is_recalibrated_and_audited_with_its_inputs_whole() -> None:
+    """recalibrate's audits take each network input whole: a tuple of two inputs is both
+    arguments (the audit before finds the drifted layer; the audit after is complete)."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+        def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+            return self.a(x1) + self.b(x2)
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+        model.b[1].running_mean.fill_(9.0)  # far from what the data gives
+    model.eval()
+    data = [((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), 0) for _ in range(4)]
+    result = bncheck.recalibrate(model, data)
+    assert result.before.complete and result.after.complete and result.ok
+    assert "b.1" in {f.layer for f in result.before.findings if f.rule == "stat-drift"}
+    assert "b.1" in result.layers

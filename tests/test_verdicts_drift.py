@@ -3,6 +3,7 @@ shift of the data; lag and too few updates are info with a recalibration hint.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
@@ -203,3 +204,44 @@ def test_a_batch_input_takes_the_example_container_only_for_the_same_kind_of_ite
     # items of another kind than the example's: left as they are
     got = _batch_to_input([[torch.randn(4, 3), torch.randn(4, 3)], 0], pair)
     assert isinstance(got, list)
+
+
+class _TrainableDetector(_Detector):
+    """Called with (images, targets) in train mode, like torchvision's detectors."""
+
+    def forward(  # type: ignore[override]
+        self, images: list[torch.Tensor], targets: list[dict] | None = None
+    ) -> list[torch.Tensor]:
+        if not isinstance(images, list):
+            raise TypeError(f"images must be a list, got {type(images).__name__}")
+        return super().forward(images)
+
+
+def test_a_detector_audited_with_targets_takes_the_loader_images_as_one_list() -> None:
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = _TrainableDetector()
+    _trained_eval(model.body, torch.randn(8, 3, 32, 32))
+    samples = [(torch.randn(3, 32, 32) * 4 + 3, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
+    loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    images = [torch.randn(3, 32, 32) for _ in range(2)]
+    example = (images, [{"boxes": torch.zeros(0, 4)}] * 2)
+    report = bncheck.audit(model, example, data=loader, select=["stat-drift"])
+    assert report.complete and [f.rule for f in report.findings] == ["stat-drift"]
+
+
+def test_batches_of_a_two_input_model_without_targets_are_the_inputs() -> None:
+    torch.manual_seed(0)
+    model = _trained_eval(_TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    batches = [[torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 5 + 2] for _ in range(3)]
+    example = (torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    report = bncheck.audit(model, example, data=batches, select=["stat-drift"])
+    assert report.complete and {f.layer for f in report.findings} == {"b.1"}
+
+
+@pytest.mark.parametrize("empty", [[], iter([])])
+def test_data_without_a_batch_leaves_the_report_incomplete(empty: object) -> None:
+    model = _trained_eval(TwoBlock(), image_batch(16))
+    report = bncheck.audit(model, image_batch(16), data=empty, select=["stat-drift"])
+    assert not report.complete and any("no batch" in r for r in report.incomplete)
