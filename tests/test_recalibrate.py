@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recalibrate_data import batches
 from torch import nn
-from zoo import NoBN, TwoBlock, trained
+from zoo import ImageListDetector, NoBN, TwoBlock, TwoInputs, detection_loader, trained
 
 import bncheck
 from bncheck.errors import NoBatchNormError, UsageError
@@ -459,24 +459,14 @@ def test_the_table_shows_control_characters_in_layer_names_as_escapes():
 def test_a_detection_loader_wrapped_as_the_guide_says_is_recalibrated() -> None:
     """docs/recalibrate.md: a detector takes its images as one argument; the batches of
     torchvision's detection collate, wrapped as ``((tuple(images),), targets)``, feed it."""
-    from torch.utils.data import DataLoader
-
-    class Detector(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-
-        def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [self.body(image[None]) for image in images]
 
     torch.manual_seed(0)
-    samples = [(torch.randn(3, 32, 32) * 2 + 1, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
-    loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    loader = detection_loader(scale=2.0, shift=1.0)
     batches = [((tuple(images),), targets) for images, targets in loader]
-    result = bncheck.recalibrate(Detector().eval(), batches, layers="all")
+    result = bncheck.recalibrate(ImageListDetector().eval(), batches, layers="all")
     assert result.after.complete
     bn = result.model.body[1]
-    pooled = torch.stack([s[0] for s in samples])  # every image, as the body sees them
+    pooled = torch.stack([s[0] for s in loader.dataset])  # every image, as the body sees them
     with torch.no_grad():
         x = result.model.body[0](pooled)
     assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
@@ -486,15 +476,6 @@ def test_a_detection_loader_wrapped_as_the_guide_says_is_recalibrated() -> None:
 def test_a_two_input_model_is_recalibrated_and_audited_with_its_inputs_whole() -> None:
     """recalibrate's audits take each network input whole: a tuple of two inputs is both
     arguments (the audit before finds the drifted layer; the audit after is complete)."""
-
-    class TwoInputs(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-            self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-
-        def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-            return self.a(x1) + self.b(x2)
 
     torch.manual_seed(0)
     model = TwoInputs()

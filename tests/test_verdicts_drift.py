@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
-from zoo import TwoBlock, image_batch, trained
+from zoo import ImageListDetector, TwoBlock, TwoInputs, detection_loader, image_batch, trained
 
 import bncheck
 
@@ -116,27 +116,6 @@ def test_drift_within_the_batch_to_batch_spread_is_not_evidence() -> None:
     assert drift(_bn_with_stats(4.0), scattered)  # far beyond the spread: still found
 
 
-class _Detector(nn.Module):
-    """Takes a list of (C, H, W) images, like torchvision's detectors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-
-    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.body(image[None]) for image in images]
-
-
-class _TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.a(x1) + self.b(x2)
-
-
 def _trained_eval(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
     model.train()
     with torch.no_grad():
@@ -148,13 +127,10 @@ def _trained_eval(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
 def test_a_detection_loader_with_torchvision_collate_feeds_the_data_pass() -> None:
     """torchvision's detection recipe collates a batch into (tuple of images, tuple of
     targets); the model takes the images as one list, as the example input shows."""
-    from torch.utils.data import DataLoader
-
     torch.manual_seed(0)
-    model = _Detector()
+    model = ImageListDetector()
     _trained_eval(model.body, torch.randn(8, 3, 32, 32))
-    shifted = [(torch.randn(3, 32, 32) * 4 + 3, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
-    loader = DataLoader(shifted, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    loader = detection_loader()
     example = [torch.randn(3, 32, 32) for _ in range(2)]
     report = bncheck.audit(model, example, data=loader, select=["stat-drift"])
     assert report.complete and "stat-drift" not in report.skipped
@@ -165,7 +141,7 @@ def test_a_default_collated_list_of_two_inputs_is_called_like_the_example_tuple(
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = _trained_eval(_TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    model = _trained_eval(TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
     samples = [((torch.randn(3, 16, 16), torch.randn(3, 16, 16) * 5 + 2), 0) for _ in range(8)]
     loader = DataLoader(samples, batch_size=4)  # yields [[x1, x2], y]: lists
     example = (torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
@@ -206,7 +182,7 @@ def test_a_batch_input_takes_the_example_container_only_for_the_same_kind_of_ite
     assert isinstance(got, list)
 
 
-class _TrainableDetector(_Detector):
+class _TrainableDetector(ImageListDetector):
     """Called with (images, targets) in train mode, like torchvision's detectors."""
 
     def forward(  # type: ignore[override]
@@ -218,13 +194,10 @@ class _TrainableDetector(_Detector):
 
 
 def test_a_detector_audited_with_targets_takes_the_loader_images_as_one_list() -> None:
-    from torch.utils.data import DataLoader
-
     torch.manual_seed(0)
     model = _TrainableDetector()
     _trained_eval(model.body, torch.randn(8, 3, 32, 32))
-    samples = [(torch.randn(3, 32, 32) * 4 + 3, {"boxes": torch.zeros(0, 4)}) for _ in range(8)]
-    loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+    loader = detection_loader()
     images = [torch.randn(3, 32, 32) for _ in range(2)]
     example = (images, [{"boxes": torch.zeros(0, 4)}] * 2)
     report = bncheck.audit(model, example, data=loader, select=["stat-drift"])
@@ -233,7 +206,7 @@ def test_a_detector_audited_with_targets_takes_the_loader_images_as_one_list() -
 
 def test_batches_of_a_two_input_model_without_targets_are_the_inputs() -> None:
     torch.manual_seed(0)
-    model = _trained_eval(_TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    model = _trained_eval(TwoInputs(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
     batches = [[torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 5 + 2] for _ in range(3)]
     example = (torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
     report = bncheck.audit(model, example, data=batches, select=["stat-drift"])

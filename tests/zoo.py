@@ -5,6 +5,8 @@ Every factory is deterministic (seeded) so tests can rebuild the same model twic
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +97,38 @@ class FrozenBN2d(nn.Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class TwoInputs(nn.Module):
+    """A model with two inputs, one BN branch each (``a`` and ``b``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.a(x1) + self.b(x2)
+
+
+class ImageListDetector(nn.Module):
+    """Takes a list of (C, H, W) images as one argument, like torchvision's detectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.body(image[None]) for image in images]
+
+
+def detection_loader(samples: int = 8, scale: float = 4.0, shift: float = 3.0) -> Any:
+    """A DataLoader of (image, target) samples with torchvision's detection collate: each
+    batch is (tuple of 2 images, tuple of 2 targets)."""
+    from torch.utils.data import DataLoader
+
+    data = [
+        (torch.randn(3, 32, 32) * scale + shift, {"boxes": torch.zeros(0, 4)})
+        for _ in range(samples)
+    ]
+    return DataLoader(data, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
