@@ -287,6 +287,10 @@ class EvalObservations:
     batch_size: int
     companion: str
     buffer_changes: dict[str, list[str]] = field(default_factory=dict)
+    #: BN layers with running statistics that the eval forward neither calls nor reads
+    #: (an auxiliary head used in training only): moving their statistics far changed none
+    #: of sample 0's BN outputs or model outputs (:func:`_unread_statistics`)
+    unread_stats: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -1531,7 +1535,7 @@ def _eval_passes(
         # outputs): when nothing differs between the two sets of batch-mates, the rules read
         # nothing else (they localise only a difference); else once more with BN hooks that
         # also record the inputs
-        a = run(a_in, hooks=False)
+        a = first = run(a_in, hooks=False)
         screened = run(b_in, hooks=False)
         b: EvalPass | None = screened
         if first_difference(a, screened, slice(0, 1), rtol) is not None:
@@ -1552,7 +1556,61 @@ def _eval_passes(
             b, companion = None, "none (batch of 1 and the model needs that batch size)"
     differs = b is None or first_difference(a, b, slice(0, 1), rtol) is not None
     a_again = (run(a_in) if batch == size else run(x, n)) if differs else None
-    return EvalObservations(a, a_again, b, batch, companion)
+    unread = (
+        _unread_statistics(
+            ctx, first, lambda: _eval_pass(ctx, a_in, size, size, False), after_pass, rtol
+        )
+        if batch == size and not differs
+        else frozenset()
+    )
+    return EvalObservations(a, a_again, b, batch, companion, unread_stats=unread)
+
+
+def _unread_statistics(
+    ctx: AuditContext,
+    first: EvalPass,
+    screen: Callable[[], EvalPass],
+    after_pass: Callable[[], None],
+    rtol: float,
+) -> frozenset[str]:
+    """The BN layers with running statistics that the eval forward ``first`` did not call,
+    when moving all their running means far (+1e3) changes none of sample 0's BN outputs or
+    model outputs in one more screening pass on the same batch (``screen``). A layer whose
+    statistics are read without a call (a conv-BN folded for inference) changes them, and
+    then no layer is returned; so does a forward that is not deterministic. The moved
+    means are put back from copies before ``after_pass`` compares the buffers (so the move
+    is not taken for an update by the eval pass)."""
+    called = {c.layer for c in first.calls}
+    idle = [
+        layer
+        for layer in ctx.layers
+        if layer.name not in called
+        and isinstance(layer.running_mean, torch.Tensor)
+        and layer.running_mean.is_floating_point()
+        and not layer.running_mean.is_meta
+        and layer.running_mean.numel() > 0
+    ]
+    if not idle:
+        return frozenset()
+    means = [lyr.running_mean for lyr in idle]
+    saved = [(m, m.detach().clone()) for m in means if isinstance(m, torch.Tensor)]
+    try:
+        with torch.no_grad():
+            for mean, _ in saved:
+                mean.add_(1e3)
+        moved = screen()
+    except BNCheckError:
+        raise
+    except Exception:
+        return frozenset()
+    finally:
+        with torch.no_grad():
+            for mean, copy in saved:
+                mean.copy_(copy)
+        after_pass()
+    if first_difference(first, moved, slice(0, 1), rtol) is not None:
+        return frozenset()
+    return frozenset(layer.name for layer in idle)
 
 
 # ---- the data passes -------------------------------------------------------------------------

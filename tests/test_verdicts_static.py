@@ -114,3 +114,57 @@ def test_statistics_at_initial_values_after_counted_forwards_are_not_called_untr
     model.block2[1].num_batches_tracked.fill_(7)
     (f,) = found(model.eval(), "untrained-stats")
     assert f.layer == "block1.1"
+
+
+class _AuxHeadNet(nn.Module):
+    """An auxiliary head that runs in training only (GoogLeNet / Inception style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.training:
+            return y + self.aux(y)
+        return y
+
+
+class _FoldedInEval(nn.Module):
+    """Reads its BN's statistics without calling it in eval (a conv-BN folded for speed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.training:
+            return self.bn(y)
+        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        return (y - self.bn.running_mean[:, None, None]) * scale[:, None, None] + self.bn.bias[
+            :, None, None
+        ]
+
+
+def test_initial_statistics_of_a_head_eval_never_uses_are_noted_not_reported() -> None:
+    """GoogLeNet with aux_logits and pretrained weights: the auxiliary heads keep their
+    initial statistics, and eval never runs them. Moving those statistics changes no eval
+    output, so inference does not normalise with them: a note, not a warning. The audit
+    leaves their buffers bit for bit as they were."""
+    model = trained(_AuxHeadNet(), image_batch())
+    model.aux[1].reset_running_stats()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = bncheck.audit(model.eval(), image_batch())
+    assert not [f for f in report.findings if f.rule in ("untrained-stats", "eval-updates-stats")]
+    assert any("aux.1" in note and "not used by the eval forward" in note for note in report.notes)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_initial_statistics_read_without_a_call_are_still_reported() -> None:
+    model = _FoldedInEval()
+    report = bncheck.audit(model.eval(), image_batch())
+    assert [f.layer for f in report.findings if f.rule == "untrained-stats"] != []

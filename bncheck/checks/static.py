@@ -375,6 +375,19 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
         if layer.module.training:
             continue
         candidates.append(layer)
+    # an eval forward that neither calls nor reads a layer's statistics (an auxiliary head
+    # used in training only) does not normalise with them: noted, not reported
+    unread: frozenset[str] = getattr(
+        getattr(ctx.forward, "eval", None), "unread_stats", frozenset()
+    )
+    idle = [layer.name for layer in candidates if layer.name in unread]
+    if idle:
+        ctx.notes.append(
+            f"untrained-stats: {len(idle)} BN layer(s) with initial statistics are not used "
+            f"by the eval forward (moving their statistics changed no output): "
+            f"{', '.join(idle[:5])}{' and more' if len(idle) > 5 else ''}; not reported"
+        )
+        candidates = [layer for layer in candidates if layer.name not in unread]
     if candidates:
         affine_moved = layers_where(candidates, "weight", lambda t: t != 1) | layers_where(
             candidates, "bias", lambda t: t != 0
