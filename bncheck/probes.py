@@ -1574,12 +1574,14 @@ def _unread_statistics(
     rtol: float,
 ) -> frozenset[str]:
     """The BN layers with running statistics that the eval forward ``first`` did not call,
-    when moving all their running means far (+1e3) changes none of sample 0's BN outputs or
-    model outputs in one more screening pass on the same batch (``screen``). A layer whose
-    statistics are read without a call (a conv-BN folded for inference) changes them, and
-    then no layer is returned; so does a forward that is not deterministic. The moved
-    means are put back from copies before ``after_pass`` compares the buffers (so the move
-    is not taken for an update by the eval pass)."""
+    when moving all their running means and variances far (+1e3) changes none of sample 0's
+    BN outputs or model outputs in one more screening pass on the same batch (``screen``).
+    A layer whose statistics are read without a call (a conv-BN folded for inference)
+    changes them, and then no layer is returned; so does a forward that is not
+    deterministic. Only this batch is tried: an eval forward that takes another branch for
+    other inputs could still use a layer returned here. The moved buffers are put back from
+    copies before ``after_pass`` compares the buffers (so the move is not taken for an
+    update by the eval pass)."""
     called = {c.layer for c in first.calls}
     idle = [
         layer
@@ -1592,12 +1594,16 @@ def _unread_statistics(
     ]
     if not idle:
         return frozenset()
-    means = [lyr.running_mean for lyr in idle]
-    saved = [(m, m.detach().clone()) for m in means if isinstance(m, torch.Tensor)]
+    buffers = [b for lyr in idle for b in (lyr.running_mean, lyr.running_var)]
+    saved = [
+        (b, b.detach().clone())
+        for b in buffers
+        if isinstance(b, torch.Tensor) and b.is_floating_point() and not b.is_meta
+    ]
     try:
         with torch.no_grad():
-            for mean, _ in saved:
-                mean.add_(1e3)
+            for buffer, _ in saved:
+                buffer.add_(1e3)  # far from any mean, and a variance that stays positive
         moved = screen()
     except BNCheckError:
         raise
@@ -1605,8 +1611,8 @@ def _unread_statistics(
         return frozenset()
     finally:
         with torch.no_grad():
-            for mean, copy in saved:
-                mean.copy_(copy)
+            for buffer, copy in saved:
+                buffer.copy_(copy)
         after_pass()
     if first_difference(first, moved, slice(0, 1), rtol) is not None:
         return frozenset()
