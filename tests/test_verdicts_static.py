@@ -168,3 +168,20 @@ def test_initial_statistics_read_without_a_call_are_still_reported() -> None:
     model = _FoldedInEval()
     report = bncheck.audit(model.eval(), image_batch())
     assert [f.layer for f in report.findings if f.rule == "untrained-stats"] != []
+
+
+def test_initial_statistics_of_which_only_the_variance_is_read_are_still_reported() -> None:
+    class ScaleOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            if self.training:
+                return self.bn(y)
+            return y * torch.rsqrt(self.bn.running_var + self.bn.eps)[:, None, None]
+
+    report = bncheck.audit(ScaleOnly().eval(), image_batch())
+    assert [f.layer for f in report.findings if f.rule == "untrained-stats"] != []
