@@ -998,11 +998,7 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
 def _plain_or_shifted(x: torch.Tensor, batch: int, c: int, n: int, length: int) -> RawStats:
     """The plain sums ``sum(x)`` and ``sum(x^2)`` per (sample, channel) row, kept when they
     are well conditioned (:data:`PLAIN_CONDITION`); otherwise the sums around the channel
-    means, which the plain row sums give exactly. A tensor in another layout is made
-    contiguous first: PyTorch sums a view whose dims do not merge (a crop, a ``::2``
-    slice) row by row, one after another, which is not a cascade."""
-    if not x.is_contiguous():
-        x = x.contiguous()
+    means, which the plain row sums give exactly."""
     s1, s2 = _row_moments(x, None)
     with np.errstate(all="ignore"):
         total = s1.cpu().numpy().reshape(batch, c).sum(0, dtype=np.float64)
@@ -1051,12 +1047,16 @@ def _row_moments(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Ten
     (N * C) or (N, C) tensors, with PyTorch's cascade summation (error about u * log2 of the
     row length, relative to the sum; a 2-norm would add the squares one after another per
     vector lane, which drifts by thousands of u on long rows of repeating values). A
-    contiguous tensor goes block by block of rows through one buffer that stays in cache;
-    other layouts are done whole."""
+    contiguous tensor goes block by block of rows through one buffer that stays in cache,
+    and so does a contiguous copy of a tensor in another layout without a shift; with a
+    shift, the deviations are taken whole (a dense tensor in their own layout)."""
     batch, c = x.shape[0], x.shape[1]
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    if not x.is_contiguous() and shift is None:
+        # PyTorch sums a view whose dims do not merge (a crop, a ``::2`` slice) row by row,
+        # one after another, which is not a cascade: sum a contiguous copy
+        x = x.contiguous()
     if not x.is_contiguous():
-        dev = x if shift is None else x - shift.reshape(shape)
+        dev = x - shift.reshape([1, -1] + [1] * (x.dim() - 2))  # type: ignore[union-attr]
         spatial = list(range(2, x.dim()))
         return dev.sum(spatial), (dev * dev).sum(spatial)
     rows = x.reshape(batch * c, -1)  # one row per (sample, channel), contiguous
@@ -1648,31 +1648,23 @@ def _like_example(part: Any, example: Any) -> Any:
         or (isinstance(example, tuple) and bool(example) and _images_like(list(part), example[0]))
     ):
         return list(part)
-    if (
-        isinstance(part, list)
-        and isinstance(example, tuple)
-        and len(part) == len(example)
-        and all(
-            isinstance(p, torch.Tensor) and isinstance(e, torch.Tensor) and p.dim() == e.dim()
-            for p, e in zip(part, example)
-        )
-    ):
+    if isinstance(part, list) and _tensors_like(part, example, same_shapes=False):
         return tuple(part)
     return part
 
 
-def _same_tensors(batch: Any, example: Any) -> bool:
-    """Whether a batch holds as many tensors as an example tuple of tensors, each of the same
-    shape past the batch dim (then it is the inputs themselves, not an (input, target))."""
+def _tensors_like(items: Any, example: Any, same_shapes: bool) -> bool:
+    """Whether ``items`` are as many tensors as an example tuple of tensors, each with the
+    same number of dims (and with ``same_shapes``, the same shape past the batch dim)."""
     return (
         isinstance(example, tuple)
-        and len(batch) == len(example) >= 2
+        and len(items) == len(example)
         and all(
-            isinstance(b, torch.Tensor)
+            isinstance(t, torch.Tensor)
             and isinstance(e, torch.Tensor)
-            and b.dim() == e.dim() >= 1
-            and b.shape[1:] == e.shape[1:]
-            for b, e in zip(batch, example)
+            and t.dim() == e.dim()
+            and (not same_shapes or (t.dim() >= 1 and t.shape[1:] == e.shape[1:]))
+            for t, e in zip(items, example)
         )
     )
 
@@ -1687,8 +1679,9 @@ def _batch_to_input(batch: Any, example: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputError("a batch in data= is empty; yield tensors or (input, target) pairs")
-        if _same_tensors(batch, example):
-            return tuple(batch)  # the inputs of a multi-input model, without a target
+        if len(batch) >= 2 and _tensors_like(batch, example, same_shapes=True):
+            # exactly the example's tensors: the inputs of a multi-input model, no target
+            return tuple(batch)
         return _like_example(batch[0], example)
     if isinstance(batch, dict):
         if isinstance(example, dict):

@@ -148,13 +148,12 @@ class Recalibration:
                 if len(counts) == 1
                 else f", {counts[0]} to {counts[-1]} values per channel"
             )
-        state = (
-            "ok"
-            if self.ok
-            else f"{len(self.remaining)} finding(s) remain"
-            if self.after.complete
-            else "incomplete (" + "; ".join(self.after.incomplete) + ")"
-        )
+        if not self.after.complete:
+            state = "incomplete (" + "; ".join(self.after.incomplete) + ")"
+        elif self.ok:
+            state = "ok"
+        else:
+            state = f"{len(self.remaining)} finding(s) remain"
         return (
             f"bncheck recalibrate: {len(self.layers)} of {total} BN layers recomputed from "
             f"{self.batches} batches{values}; after: {state}"

@@ -436,16 +436,17 @@ def _ema_expected(
     return exp_m, tol_m, exp_v, tol_v, v_unb
 
 
-def _ema_momentum(call: TrainCall) -> float | None:
+def _ema_momentum(call: TrainCall) -> tuple[float | None, str]:
     """The momentum factor of a call's update when the layer states it (``momentum``, or
-    ``1 / num_batches_tracked`` for ``momentum=None``); ``None`` when it must be inferred."""
+    ``1 / num_batches_tracked`` after the increment for ``momentum=None``), and how it was
+    found; ``None`` when it must be inferred."""
     before = call.before
     nbt = before.num_batches_tracked if before is not None else None
     if call.has_momentum and call.momentum is not None:
-        return call.momentum
+        return call.momentum, f"momentum={call.momentum:g}"
     if call.has_momentum and nbt is not None:
-        return 1.0 / (nbt + 1)
-    return None
+        return 1.0 / (nbt + 1), f"momentum=None (cumulative average, factor 1/{nbt + 1})"
+    return None, "momentum unknown"
 
 
 def ema_suspects(calls: list[TrainCall], rtol: float = 1.0) -> set[int]:
@@ -457,7 +458,7 @@ def ema_suspects(calls: list[TrainCall], rtol: float = 1.0) -> set[int]:
     members: list[tuple[TrainCall, float]] = []
     for call in calls:
         st, before, after = call.input_stats, call.before, call.after
-        m = _ema_momentum(call)
+        m, _ = _ema_momentum(call)
         if (
             m is None
             or st is None
@@ -568,15 +569,7 @@ def ema_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     nbt_expected = (
         before.num_batches_tracked + 1 if before.num_batches_tracked is not None else None
     )
-    if call.has_momentum and call.momentum is not None:
-        m: float | None = call.momentum
-        how = f"momentum={call.momentum:g}"
-    elif call.has_momentum and nbt_expected is not None:
-        m = 1.0 / nbt_expected
-        how = f"momentum=None (cumulative average, factor 1/{nbt_expected})"
-    else:
-        m = None
-        how = "momentum unknown"
+    m, how = _ema_momentum(call)
     # numpy: short per-channel vectors, where torch's per-op overhead dominates
     old_m = before.running_mean.double().cpu().numpy()
     old_v = before.running_var.double().cpu().numpy()
@@ -681,7 +674,7 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
     layers = _layers(ctx)
     rtol = ctx.tol("ema_rtol")
     reported: set[str] = set()
-    judged = []
+    judged: list[tuple[TrainCall, BNLayer | None]] = []
     for call in obs.calls:
         if not call.training or call.forced_eval:
             continue
@@ -695,12 +688,11 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
             and layer.num_batches_tracked is None
         ):
             continue  # FrozenBatchNorm-style: no update by design
-        judged.append(call)
-    suspects = ema_suspects(judged, rtol)
-    for call in judged:
+        judged.append((call, layer))
+    suspects = ema_suspects([call for call, _ in judged], rtol)
+    for call, layer in judged:
         if call.layer in reported or id(call) not in suspects:
             continue
-        layer = layers.get(call.layer)
         result = ema_errors(call, rtol)
         if result is None:
             continue
