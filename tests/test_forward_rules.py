@@ -213,6 +213,32 @@ def test_nondeterministic_eval_is_caught() -> None:
     assert _found(report, "eval-batch-dependence") == []
 
 
+def test_a_difference_only_the_screening_passes_saw_is_still_judged() -> None:
+    """A random op whose few values for sample 0 happen to come out the same in the two
+    recording passes (a 4-class output after dropout does so one time in 16): the
+    difference the two screening passes saw still calls for the third pass. Here a stateful
+    offset on the model output (eval calls 1, 3, 4 add 1; 2, 5 add nothing) stands in for it."""
+
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvBNReLU()
+            self.eval_calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            if self.training:
+                return out
+            self.eval_calls += 1
+            return out + (1.0 if self.eval_calls in (1, 3, 4) else 0.0)
+
+    model = Stateful()
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer is None
+    assert model.eval_calls == 0  # put back
+
+
 def test_nondeterminism_outside_bn_is_reported_model_wide() -> None:
     class DropAlways(nn.Module):
         def __init__(self) -> None:

@@ -158,7 +158,18 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
             src = upstream(call.trace.producer) if call.trace else None
             if src is not None and src.label not in producers:
                 producers.append(src.label)
-        if len(producers) <= 1 and calls_alike([c for c in obs.calls_of(name) if c.training]):
+        trained = [c for c in obs.calls_of(name) if c.training]
+        unread = next((c.sums_unread for c in trained if c.sums_unread), None)
+        if len(producers) <= 1 and unread:
+            # one producer: only the calls' statistics can tell intended reuse from a blend,
+            # and without the per-sample sums of every call they cannot be compared fairly
+            ctx.notes.append(
+                f"bn-reused: {name} is called {count} times from one producer, but was not "
+                f"judged: {unread}, so its calls' per-sample statistics could not be compared "
+                "(a training forward with autograd fails on such a change)"
+            )
+            continue
+        if len(producers) <= 1 and calls_alike(trained):
             # one producer (two views, a siamese encoder, ghost BN) and batches of one
             # distribution within sampling noise: averaging them is what the recipe wants
             yield ctx.finding(
