@@ -1218,6 +1218,10 @@ KERNEL_VAR_FLOOR = 64.0
 #: kernel gives per-channel statistics only); past this many bytes, first calls are read
 #: during the forward
 HOLD_BYTES = 256 << 20
+#: ... and of one input: a larger one is read during the forward, as holding it costs about
+#: as much in fresh memory pages for the rest of the forward as the reading it saves
+#: (measured on the architecture families of ``benchmarks/audit_cost.py``)
+HOLD_TENSOR_BYTES = 4 << 20
 
 #: the op ``torch.batch_norm`` returns the first result of: (output, batch mean, invstd,
 #: reserve, backend), backend 0 being PyTorch's own kernel
@@ -1428,7 +1432,11 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
             return func(*args, **kwargs)
         x = bound["input"]
         fingerprint = _fingerprint(x) if rows else None
-        if rows and (fingerprint is None or held_bytes[0] + fingerprint[5] > HOLD_BYTES):
+        if rows and (
+            fingerprint is None
+            or fingerprint[5] > HOLD_TENSOR_BYTES
+            or held_bytes[0] + fingerprint[5] > HOLD_BYTES
+        ):
             return func(*args, **kwargs)
         # what torch.batch_norm runs (its result is this call's first output), past the
         # checks F.batch_norm makes first (which _kernel_call's conditions pass)

@@ -382,8 +382,9 @@ def test_only_bn_reused_needs_the_calls_of_a_reused_layer_read(monkeypatch):
     assert reads == [(8, 6, 12, 12), (8, 6, 12, 12)]
 
 
-def test_past_the_hold_budget_first_calls_are_read_during_the_forward(monkeypatch):
-    monkeypatch.setattr(probes, "HOLD_BYTES", 0)
+@pytest.mark.parametrize("budget", ["HOLD_BYTES", "HOLD_TENSOR_BYTES"])
+def test_past_the_hold_budget_first_calls_are_read_during_the_forward(budget, monkeypatch):
+    monkeypatch.setattr(probes, budget, 0)
     torch.manual_seed(0)
     reads = _reads(monkeypatch)
     obs = _observed(Reused(), torch.randn(8, 3, 12, 12), monkeypatch, select=["bn-reused"])
