@@ -21,10 +21,13 @@ measured too, built with ``weights=None`` (nothing is downloaded).
 
     python benchmarks/audit_cost.py [--repeats 5] [--threads 1] [--batch 32] [--size 96]
                                     [--only NAME,...] [--no-torchvision] [--against DIR]
+                                    [--ignore RULE,...]
 
 ``--against DIR`` also times the bncheck of another checkout (``DIR/bncheck``, e.g. a
 ``git worktree`` of an earlier commit) in the same rounds, prints its ratio beside this one's,
 and checks that both versions give the same findings (rule, layer, severity) on each model.
+``--ignore`` passes rule ids for both audits to skip (``--ignore bn-reused``: the audit without
+the one rule that needs per-sample sums of every BN input).
 
 Timing depends on the machine's load: compare only ratios from one run.
 """
@@ -345,6 +348,10 @@ def _verdicts(report: Any) -> list[tuple[str, str, str]]:
     return sorted((f.rule, str(f.layer), str(f.severity)) for f in report.findings)
 
 
+#: keyword arguments of every audit timed (``--ignore``)
+AUDIT_OPTIONS: dict[str, Any] = {}
+
+
 def measure(
     name: str, model: nn.Module, x: torch.Tensor, repeats: int, other: Any = None
 ) -> tuple[float, float | None]:
@@ -362,10 +369,10 @@ def measure(
             model(x)
 
     def audit() -> None:
-        bncheck.audit(model, x)
+        bncheck.audit(model, x, **AUDIT_OPTIONS)
 
     def against() -> None:
-        other.audit(model, x)
+        other.audit(model, x, **AUDIT_OPTIONS)
 
     def floor() -> None:
         with torch.no_grad():
@@ -381,7 +388,8 @@ def measure(
     floor()
     same = ""
     if other is not None:
-        mine, theirs = _verdicts(bncheck.audit(model, x)), _verdicts(other.audit(model, x))
+        mine = _verdicts(bncheck.audit(model, x, **AUDIT_OPTIONS))
+        theirs = _verdicts(other.audit(model, x, **AUDIT_OPTIONS))
         same = "  same findings" if mine == theirs else f"  FINDINGS DIFFER: {mine} vs {theirs}"
     timed: tuple[Callable[[], None], ...] = (plain, audit, floor) + (
         (against,) if other is not None else ()
@@ -438,7 +446,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings of model names")
     parser.add_argument("--no-torchvision", dest="torchvision", action="store_false")
     parser.add_argument("--against", help="another checkout whose bncheck to time beside")
+    parser.add_argument("--ignore", default="", help="comma-separated rule ids the audits skip")
     args = parser.parse_args()
+    if args.ignore:
+        AUDIT_OPTIONS["ignore"] = [r for r in args.ignore.split(",") if r]
     other = load_other(args.against) if args.against else None
     torch.set_num_threads(args.threads)
     only = [s for s in args.only.split(",") if s]
