@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from zoo import observed
 
 import bncheck
 from bncheck import probes
@@ -32,16 +33,7 @@ def _oracle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 def _observed(
     model: nn.Module, x: torch.Tensor, monkeypatch, select: list[str] | None = None
 ) -> probes.ForwardObservations:
-    seen = {}
-    collect = probes.collect
-
-    def keep(ctx, *args, **kwargs):
-        seen["obs"] = obs = collect(ctx, *args, **kwargs)
-        return obs
-
-    monkeypatch.setattr(probes, "collect", keep)
-    bncheck.audit(model, x, select=select or ["normalization", "ema-update", "bn-reused"])
-    return seen["obs"]
+    return observed(model, x, monkeypatch, select or ["normalization", "ema-update", "bn-reused"])
 
 
 def _reads(monkeypatch) -> list[tuple[int, ...]]:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from zoo import observed
 
 import bncheck
 from bncheck import probes
@@ -19,16 +20,8 @@ from bncheck.checks.reuse import DIFFER_FRACTION, DIFFER_Z, calls_differ, pair_z
 
 
 def observed_calls(model: nn.Module, x, layer: str, monkeypatch) -> list[probes.TrainCall]:
-    seen = {}
-    collect = probes.collect
-
-    def keep(ctx, *args, **kwargs):
-        seen["obs"] = obs = collect(ctx, *args, **kwargs)
-        return obs
-
-    monkeypatch.setattr(probes, "collect", keep)
-    bncheck.audit(model, x, select=["bn-reused"])
-    return [c for c in seen["obs"].calls_of(layer) if c.training]
+    obs = observed(model, x, monkeypatch, ["bn-reused"])
+    return [c for c in obs.calls_of(layer) if c.training]
 
 
 def recorded_calls(model: nn.Module, x, bn: nn.Module) -> list[SimpleNamespace]:

@@ -132,3 +132,21 @@ def detection_loader(samples: int = 8, scale: float = 4.0, shift: float = 3.0) -
         for _ in range(samples)
     ]
     return DataLoader(data, batch_size=2, collate_fn=lambda b: tuple(zip(*b)))
+
+
+def observed(model: nn.Module, x: Any, monkeypatch: Any, select: list[str]) -> Any:
+    """The ``ForwardObservations`` of ``bncheck.audit(model, x, select=select)``, caught on
+    their way from ``probes.collect`` to the rules."""
+    import bncheck
+    from bncheck import probes
+
+    seen = {}
+    collect = probes.collect
+
+    def keep(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["obs"] = obs = collect(ctx, *args, **kwargs)
+        return obs
+
+    monkeypatch.setattr(probes, "collect", keep)
+    bncheck.audit(model, x, select=select)
+    return seen["obs"]
