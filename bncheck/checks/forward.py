@@ -2,11 +2,12 @@
 
 They read :class:`bncheck.probes.ForwardObservations` (``ctx.forward``) and never run the
 model. The numerical rules compare what a layer did with what PyTorch's BatchNorm does,
-computed independently from the layer's input (see :mod:`bncheck.probes` for what is
-recorded). Tolerances are derived from float round-off of the numbers involved:
-with ``u = torch.finfo(dtype).eps`` and ``g = 1 + log2(n)`` (n values summed per channel),
-an error term of size ``u * g * scale`` is allowed, times a safety factor and the user's
-``*_rtol`` multiplier. Every message shows the observed error and the tolerance used.
+computed from the layer's input: read by bncheck, or, for a train-mode ``F.batch_norm`` on a
+contiguous float32/float64 CPU tensor, the batch statistics PyTorch's kernel returns with its
+result (see :mod:`bncheck.probes` for what is recorded). Tolerances are derived from float
+round-off of the numbers involved: with ``u = torch.finfo(dtype).eps`` and
+``g = 1 + log2(n)`` (n values summed per channel), an error term of size ``u * g * scale`` is
+allowed, times a safety factor and the user's ``*_rtol`` multiplier. Every message shows the observed error and the tolerance used.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
             ctx.notes.append(
                 f"bn-reused: {name} is called {count} times from one producer, but was not "
                 f"judged: {unread}, so its calls' per-sample statistics could not be compared "
-                "(a training forward with autograd fails on such a change)"
+                "(BN's backward needs that input as the call saw it)"
             )
             continue
         if len(producers) <= 1 and calls_alike(trained):
