@@ -7,7 +7,8 @@ contiguous float32/float64 CPU tensor, the batch statistics PyTorch's kernel ret
 result (see :mod:`bncheck.probes` for what is recorded). Tolerances are derived from float
 round-off of the numbers involved: with ``u = torch.finfo(dtype).eps`` and
 ``g = 1 + log2(n)`` (n values summed per channel), an error term of size ``u * g * scale`` is
-allowed, times a safety factor and the user's ``*_rtol`` multiplier. Every message shows the observed error and the tolerance used.
+allowed, times a safety factor and the user's ``*_rtol`` multiplier. Every message shows the
+observed error and the tolerance used.
 """
 
 from __future__ import annotations
