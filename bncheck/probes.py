@@ -1226,6 +1226,8 @@ HOLD_TENSOR_BYTES = 4 << 20
 #: the op ``torch.batch_norm`` returns the first result of: (output, batch mean, invstd,
 #: reserve, backend), backend 0 being PyTorch's own kernel
 _BATCH_NORM_IMPL = getattr(torch, "_batch_norm_impl_index", None)
+#: how many torch-function modes are active besides the one whose handler runs
+_MODE_DEPTH = getattr(torch._C, "_len_torch_function_stack", None)
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BN_DEFAULTS: dict[str, Any] = {
@@ -1271,7 +1273,8 @@ def _kernel_call(bound: dict[str, Any]) -> bool:
         # kernel, which sums in float32
         or x.stride(1) == 1
         # another torch-function mode (the user's) must see the op as F.batch_norm
-        or torch._C._len_torch_function_stack() > 0
+        or _MODE_DEPTH is None
+        or _MODE_DEPTH() > 0
     ):
         return False
     for name in ("running_mean", "running_var", "weight", "bias"):
