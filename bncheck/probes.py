@@ -1253,6 +1253,16 @@ def _batch_norm_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
     return bound if len(bound) == len(_BN_ARGS) else None
 
 
+def _has_storage(t: torch.Tensor) -> bool:
+    """Whether a tensor has memory of its own (a ``torch.func`` transform's wrapper, whose
+    Python type is ``torch.Tensor`` too, has none)."""
+    try:
+        t.data_ptr()
+    except Exception:
+        return False
+    return True
+
+
 def _kernel_call(bound: dict[str, Any]) -> bool:
     """Whether a train-mode ``F.batch_norm`` call runs PyTorch's contiguous CPU kernel
     with float32/float64 statistics (plain tensors only: a tensor subclass may dispatch
@@ -1261,6 +1271,7 @@ def _kernel_call(bound: dict[str, Any]) -> bool:
     x = bound["input"]
     if (
         type(x) is not torch.Tensor
+        or not _has_storage(x)
         or bound["training"] is not True
         or x.device.type != "cpu"
         or x.layout != torch.strided
@@ -1301,7 +1312,11 @@ def _kernel_stats(
     eps``). ``None`` where they cannot stand in for a reading of ``x``: NaN/Inf, or a
     channel whose variance is under :data:`KERNEL_VAR_FLOOR` times eps (a dead channel: the
     rounding of invstd would dominate)."""
-    if mean.dtype not in _KERNEL_DTYPES or invstd.dtype not in _KERNEL_DTYPES:
+    if (
+        mean.dtype not in _KERNEL_DTYPES
+        or invstd.dtype not in _KERNEL_DTYPES
+        or not (_has_storage(mean) and _has_storage(invstd))
+    ):
         return None
     inv = invstd.numpy()
     # var >= KERNEL_VAR_FLOOR * eps  <=>  invstd <= 1 / sqrt((KERNEL_VAR_FLOOR + 1) * eps);

@@ -451,3 +451,25 @@ def test_findings_are_the_same_whether_the_kernel_or_a_reading_gives_the_statist
     rules = {(f.rule, f.layer) for f in fast.findings}
     assert ("bn-reused", "shared") in rules and ("ema-update", "bn1") in rules
     assert np.isfinite([f.details.get("max_error", 0.0) or 0.0 for f in fast.findings]).all()
+
+
+class GradThroughBN(nn.Module):
+    """A forward that differentiates through its BN layer with torch.func: the tensor BN
+    sees is a transform's wrapper, a torch.Tensor without memory of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return torch.func.grad(lambda t: self.bn(t).pow(3).sum())(h).mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("ignore", [[], ["bn-reused"]])
+def test_a_torch_func_transform_through_bn_is_left_to_f_batch_norm(ignore):
+    torch.manual_seed(0)
+    model, x = GradThroughBN(), torch.randn(8, 3, 12, 12)
+    report = bncheck.audit(model, x, ignore=ignore)
+    assert report.complete and report.forward_error is None
