@@ -1354,7 +1354,7 @@ _CHANGED = "its input was changed after the call (in place, or its memory freed)
 
 
 def _read_held(
-    held: list[tuple[TrainCall, torch.Tensor, tuple[Any, ...]]], calls: list[TrainCall]
+    held: list[tuple[TrainCall, torch.Tensor, tuple[Any, ...]]], counts: dict[str, int]
 ) -> None:
     """After the forward: the first calls of layers called more than once, whose statistics
     came from the kernel, are read from their inputs, held since, so that they have the
@@ -1362,10 +1362,7 @@ def _read_held(
     is taken only when the input is unchanged (:func:`_fingerprint`) and its channel means
     and variances agree with the kernel's within the rules' budgets (a write through
     ``.data`` moves no version counter); otherwise the call keeps the kernel's statistics
-    and says why it has no per-sample sums (``sums_unread``)."""
-    counts: dict[str, int] = {}
-    for rec in calls:
-        counts[rec.layer] = counts.get(rec.layer, 0) + 1
+    and says why it has no per-sample sums (``sums_unread``). ``counts``: calls per layer."""
     for rec, x, fingerprint in held:
         if counts.get(rec.layer, 0) < 2 or rec.raw_in is None:
             continue
@@ -1567,12 +1564,14 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                     module.training = True
         finally:
             active.clear()
+            counts: dict[str, int] = {}
+            for rec in obs.calls:
+                counts[rec.layer] = counts.get(rec.layer, 0) + 1
             with tracer.paused():  # bncheck's own arithmetic: not part of the model's trace
-                _read_held(held, obs.calls)
+                _read_held(held, counts)
                 held.clear()
                 _finish_measures(obs.calls)
-    for rec in obs.calls:
-        obs.call_counts[rec.layer] = obs.call_counts.get(rec.layer, 0) + 1
+    obs.call_counts = counts
     obs.train_ran = True
 
 
