@@ -353,7 +353,12 @@ class Progress:
         if enabled and bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(
+            class Bar(tqdm):  # type: ignore[type-arg]
+                # no tqdm monitor thread: it tunes miniters for fast loops (not a handful of
+                # stage updates) and would outlive the command in an in-process run
+                monitor_interval = 0
+
+            self._bar = Bar(
                 total=self.STAGES,
                 file=self.stream,
                 delay=PROGRESS_DELAY,
@@ -365,7 +370,8 @@ class Progress:
             # tqdm redraws only on updates; a stage (one long audit) has none, so a daemon
             # thread redraws the bar (and its elapsed time) once the delay has passed
             self._stop = threading.Event()
-            threading.Thread(target=self._redraw, daemon=True).start()
+            self._redrawer = threading.Thread(target=self._redraw, daemon=True)
+            self._redrawer.start()
 
     def _redraw(self) -> None:
         while not self._stop.wait(0.5):
@@ -399,6 +405,7 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._stop.set()
+            self._redrawer.join()  # a command leaves no thread behind (it wakes within 0.5 s)
             bar, self._bar = self._bar, None
             bar.close()
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -349,6 +350,7 @@ def test_progress_bar_in_a_terminal_only_for_long_work(capsys, monkeypatch, untr
     import bncheck.cli as cli
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    threads = threading.enumerate()
     code, out, err = run(capsys, "audit", str(untrained_sd), "--arch", ARCH, "--format", "json")
     json.loads(out)
     assert err == ""  # a quick audit: the bar waits PROGRESS_DELAY seconds before it shows
@@ -357,6 +359,7 @@ def test_progress_bar_in_a_terminal_only_for_long_work(capsys, monkeypatch, untr
     json.loads(out)
     assert "\r" in err and "bncheck: loading" in err and "bncheck: running the audit" in err
     assert "bncheck: [" not in err  # not the plain progress lines
+    assert threading.enumerate() == threads  # neither the redraw nor a tqdm monitor thread lives on
 
 
 # ---- the file and the session are left alone -------------------------------------------------
