@@ -239,6 +239,45 @@ def test_a_difference_only_the_screening_passes_saw_is_still_judged() -> None:
     assert model.eval_calls == 0  # put back
 
 
+class EvalCounted(nn.Module):
+    """ConvBNReLU with ``classes`` outputs that counts its eval-mode calls and adds
+    ``offsets[call]`` (0 past the end) to its output, standing in for a random op."""
+
+    def __init__(self, classes: int, offsets: tuple[float, ...] = ()) -> None:
+        super().__init__()
+        self.net = ConvBNReLU(classes=classes)
+        self.offsets = offsets
+        self.eval_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            return out
+        self.eval_calls += 1
+        k = self.eval_calls - 1
+        return out + (self.offsets[k] if k < len(self.offsets) else 0.0)
+
+
+def test_a_random_op_on_few_outputs_that_both_screening_passes_miss_is_caught() -> None:
+    """Sample 0's four outputs come out the same in both screening passes (dropout on four
+    values does so one time in 16): one more pass on the same batch sees the difference,
+    and the determinism pass judges it."""
+    model = EvalCounted(classes=4, offsets=(0.0, 0.0, 1.0, 2.0, 3.0, 4.0))
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer is None
+
+
+@pytest.mark.parametrize("classes, passes", [(4, 3), (16, 2)])
+def test_the_extra_screening_pass_runs_only_for_few_output_values(classes, passes) -> None:
+    counted = EvalCounted(classes=classes)
+    calls: list[int] = []
+    counted.register_forward_pre_hook(lambda m, a: calls.append(int(m.training)))
+    report = bncheck.audit(counted, image_batch(8), select=["eval-nondeterminism"])
+    assert report.findings == []
+    assert calls.count(0) == passes  # eval-mode forwards: two screening passes (+ one)
+
+
 def test_nondeterminism_outside_bn_is_reported_model_wide() -> None:
     class DropAlways(nn.Module):
         def __init__(self) -> None:

@@ -225,7 +225,9 @@ def test_a_stock_bn_call_is_not_read_again_and_its_statistics_are_the_oracles(mo
     obs = _observed(model, x, monkeypatch)
     assert tuple(bn_input.shape) not in reads
     [call] = [c for c in obs.calls if c.training]
-    assert call.input_stats is not None and call.grid_in is not None
+    assert call.input_stats is not None
+    # the kernel's output follows from the statistics it returned: no element grid to check
+    assert call.grid_in is None and call.grid_out is None
     mean, var, n = _oracle(bn_input)
     assert call.input_stats.count == n
     assert torch.allclose(call.input_stats.mean, mean, rtol=0, atol=1e-6)
@@ -247,8 +249,31 @@ def test_calls_whose_kernel_statistics_cannot_stand_in_are_read(case, monkeypatc
     assert (8, 6, 12, 12) in reads
     [call] = [c for c in obs.calls if c.training]
     assert call.input_stats is not None
+    # read statistics: the kernel's output is checked against them on the element grid
+    assert call.grid_in is not None and call.grid_out is not None
     if case == "dead channel":
         assert float(call.input_stats.var[2]) == 0.0  # exactly: read, not recovered
+
+
+class DoubledWeightBN(nn.BatchNorm2d):
+    """A custom forward that hands F.batch_norm another weight than the module's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight * 2, self.bias, True, 0.1, self.eps
+        )
+
+
+def test_a_custom_forward_on_the_kernel_path_is_still_checked_element_by_element(monkeypatch):
+    torch.manual_seed(0)
+    model, x = ConvBN(), torch.randn(8, 3, 12, 12)
+    model.bn = DoubledWeightBN(6)
+    obs = _observed(model, x, monkeypatch)
+    [call] = [c for c in obs.calls if c.training]
+    assert call.norm_source == "batch_norm" and not call.stock
+    assert call.grid_in is not None and call.grid_out is not None
+    report = bncheck.audit(model, x, select=["normalization"])
+    assert [f.layer for f in report.findings] == ["bn"]
 
 
 class Reused(nn.Module):
