@@ -25,8 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .discovery import BNLayer, find_bn_layers, unwrap_model
-from .errors import BNCheckError, NoBatchNormError, UsageError, did_you_mean
-from .probes import _tensors_in
+from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, did_you_mean
+from .probes import _batch_to_input, _tensors_in
+from .probes import _call as _call_as_audited
 from .report import Report, Severity
 from .state import ModelState, RNGState
 
@@ -235,9 +236,16 @@ def _shape_of(x: Any) -> str:
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "data")
 
 
-def _network_input(batch: Any, index: int) -> Any:
-    """The part of a batch the model takes (``x`` of ``(x, y)``), checked to be finite."""
-    if isinstance(batch, torch.Tensor):
+def _network_input(batch: Any, index: int, example: Any = None) -> Any:
+    """The part of a batch the model takes (``x`` of ``(x, y)``), checked to be finite. With
+    an ``example`` input, read as the audit reads ``data=`` batches against its example
+    input (:func:`bncheck.probes._batch_to_input`)."""
+    if example is not None:
+        try:
+            x = _batch_to_input(batch, example)
+        except InputError as exc:
+            raise UsageError(f"batch {index} of data: {exc}") from None
+    elif isinstance(batch, torch.Tensor):
         x = batch
     elif isinstance(batch, (tuple, list)) and batch:
         x = batch[0]
@@ -279,7 +287,7 @@ class _Batches:
     batches; a re-iterable (a list, a DataLoader) is iterated again for each pass.
     """
 
-    def __init__(self, data: Any, limit: int | None) -> None:
+    def __init__(self, data: Any, limit: int | None, example: Any = None) -> None:
         if isinstance(data, torch.Tensor):
             raise UsageError(
                 "data must be an iterable of batches, got one tensor: wrap it in a list, [x]"
@@ -297,10 +305,11 @@ class _Batches:
                 f"got {type(data).__name__}"
             ) from None
         self.limit = limit
+        self.example = example
         self._kept: list[Any] | None = None
         self._data = data
         if it is data:  # one-shot: keep what this run uses
-            self._kept = [_network_input(b, i) for i, b in enumerate(self._take(it))]
+            self._kept = [_network_input(b, i, example) for i, b in enumerate(self._take(it))]
 
     def _take(self, it: Iterator[Any]) -> Iterator[Any]:
         for i, batch in enumerate(it):
@@ -313,7 +322,7 @@ class _Batches:
             yield from self._kept
             return
         for i, batch in enumerate(self._take(iter(self._data))):
-            yield _network_input(batch, i)
+            yield _network_input(batch, i, self.example)
 
     def first(self) -> Any | None:
         return next(iter(self), None)
@@ -505,6 +514,8 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 def _call(model: nn.Module, x: Any) -> Any:
+    """Call ``model`` on a batch's network input: a dict as keyword arguments, a tuple or a
+    list as positional arguments (a DataLoader collates a sample's inputs into a list)."""
     if isinstance(x, dict):
         return model(**x)
     if isinstance(x, (tuple, list)):
@@ -588,11 +599,12 @@ def _statistics_pass(
         handles.append(layer.module.register_forward_pre_hook(pre_for(layer)))
         handles.append(layer.module.register_forward_hook(post_for(layer)))
     count = 0
+    call = _call if batches.example is None else _call_as_audited
     try:
         with torch.no_grad():
             for index, x in enumerate(batches):  # noqa: B007 - the hooks read index
                 try:
-                    _call(model, x)
+                    call(model, x)
                 except BNCheckError:
                     raise
                 except Exception as exc:
@@ -783,6 +795,7 @@ def recalibrate(
     max_batches: int | None = None,
     evaluate: Callable[[nn.Module], Any] | None = None,
     inplace: bool = False,
+    example_input: Any = None,
 ) -> Recalibration:
     """Recompute the running statistics of BN layers from ``data``, and verify the result.
 
@@ -804,6 +817,14 @@ def recalibrate(
             before and on the result after; both values are shown. It runs with the model's
             modes, buffers and the RNG restored afterwards.
         inplace: recompute in ``model`` itself instead of a copy.
+        example_input: an input the model takes, as :func:`bncheck.audit` takes it (a
+            detector's list of images, a multi-input model's tuple). Batches of ``data``
+            are then read the way the audit reads ``data=`` batches against its example
+            input, and the model is called the way the audit calls it: torchvision's
+            detection collate (a tuple of images and a tuple of targets) feeds the images as
+            a list; a DataLoader's list of a two-input model's inputs is the two arguments.
+            Without it, the first element of a tuple or list batch is fed, and a tuple or
+            list input is taken as positional arguments.
 
     Estimator: for each recomputed layer, the exact population statistics of its input over
     all the batches given: with per-channel counts ``n_i``, batch means ``m_i`` and unbiased
@@ -889,7 +910,7 @@ def recalibrate(
                     f"cannot copy the model ({_first_line(exc)}); pass inplace=True to "
                     "recalibrate it in place"
                 ) from exc
-        return _run(work, data, mode, patterns, max_batches, evaluate, inner, pd)
+        return _run(work, data, mode, patterns, max_batches, evaluate, inner, pd, example_input)
     finally:
         rng.restore()
 
@@ -964,6 +985,7 @@ def _run(
     evaluate: Callable[[nn.Module], Any] | None,
     original: nn.Module,
     pd: Any,
+    example: Any = None,
 ) -> Recalibration:
     all_layers = find_bn_layers(work)
     state = ModelState.capture(work)
@@ -973,7 +995,7 @@ def _run(
         error: BaseException | None = None
         first: Any = None
         try:
-            batches = _Batches(data, max_batches)
+            batches = _Batches(data, max_batches, example)
             first = batches.first()
             if first is None and world is None:
                 raise UsageError(

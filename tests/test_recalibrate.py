@@ -473,6 +473,54 @@ def test_a_detection_loader_wrapped_as_the_guide_says_is_recalibrated() -> None:
     assert int(bn.num_batches_tracked) == 8  # the body runs once per image
 
 
+def test_a_detection_loader_as_it_comes_is_recalibrated_with_an_example_input() -> None:
+    """With example_input= (a list of images), the batches of torchvision's detection collate
+    are read as the audit reads data= batches: the tuple of images is fed as one list. The
+    result is the same as with the batches wrapped by hand."""
+
+    torch.manual_seed(0)
+    model = ImageListDetector().eval()
+    loader = detection_loader(scale=2.0, shift=1.0)
+    example = [loader.dataset[0][0], loader.dataset[1][0]]
+    result = bncheck.recalibrate(model, loader, layers="all", example_input=example)
+    assert result.before.complete and result.after.complete
+    wrapped = [((tuple(images),), targets) for images, targets in loader]
+    by_hand = bncheck.recalibrate(model, wrapped, layers="all")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(
+            getattr(result.model.body[1], name), getattr(by_hand.model.body[1], name)
+        )
+
+
+def test_without_an_example_input_the_detection_collate_is_a_clear_error() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(bncheck.UsageError, match="forward failed on batch 0"):
+        bncheck.recalibrate(ImageListDetector().eval(), detection_loader(), layers="all")
+
+
+def test_an_example_input_reads_a_two_input_loader_as_the_audit_does() -> None:
+    """A DataLoader's default collate turns ((x1, x2), y) samples into [[x1s, x2s], ys]: with
+    an example (x1, x2), the list of inputs is both arguments."""
+
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    samples = [((torch.randn(3, 16, 16), torch.randn(3, 16, 16)), 0) for _ in range(16)]
+    loader = DataLoader(samples, batch_size=4)
+    example = (torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    result = bncheck.recalibrate(TwoInputs().eval(), loader, layers="all", example_input=example)
+    assert result.after.complete and result.layers == ["a.1", "b.1"]
+
+
+def test_a_batch_the_example_input_cannot_read_is_a_clear_error() -> None:
+    with pytest.raises(bncheck.UsageError, match=r"batch 0 of data: a batch in data= is a dict"):
+        bncheck.recalibrate(
+            ImageListDetector().eval(),
+            [{"boxes": torch.zeros(0, 4)}],
+            example_input=[torch.randn(3, 8, 8)],
+        )
+
+
 def test_a_two_input_model_is_recalibrated_and_audited_with_its_inputs_whole() -> None:
     """recalibrate's audits take each network input whole: a tuple of two inputs is both
     arguments (the audit before finds the drifted layer; the audit after is complete)."""
