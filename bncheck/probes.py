@@ -1145,6 +1145,18 @@ def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
     return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
+def _affine_from_op(rec: TrainCall, bound: dict[str, Any] | None) -> None:
+    """Where the module holds no weight or bias tensor of its own (a parametrized weight,
+    ``torch.nn.utils.parametrize`` or ``weight_norm``, lives elsewhere and is computed on each
+    access), the ``gamma``/``beta`` of a call are what its ``F.batch_norm`` was given."""
+    if bound is None:
+        return
+    for attr, name in (("gamma", "weight"), ("beta", "bias")):
+        t = bound[name]
+        if getattr(rec, attr) is None and isinstance(t, torch.Tensor) and t.dim() == 1:
+            setattr(rec, attr, t.detach().to(dtype=torch.float64, device="cpu", copy=True))
+
+
 def _first_tensor(args: Any) -> torch.Tensor | None:
     for a in args if isinstance(args, (tuple, list)) else (args,):
         if isinstance(a, torch.Tensor):
@@ -1192,8 +1204,19 @@ def _computes_batch_stats(layer: BNLayer, module: nn.Module) -> bool:
     return not frozen_signature
 
 
-#: forward methods of PyTorch's own BN classes (BatchNorm1d/2d/3d, lazy variants, SyncBatchNorm)
-_STOCK_FORWARDS = frozenset({_BatchNorm.forward, nn.SyncBatchNorm.forward})
+#: forward methods of PyTorch's own BN classes (BatchNorm1d/2d/3d, lazy variants, SyncBatchNorm),
+#: where torch defines them (not a replacement patched in before bncheck was imported)
+_STOCK_FORWARDS = frozenset(
+    f
+    for f in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+    if getattr(f, "__module__", None) == "torch.nn.modules.batchnorm"
+)
+
+
+def _stock(module: nn.Module) -> bool:
+    """Whether ``module`` runs PyTorch's own BN forward: its class's, and no ``forward``
+    set on the instance (test-time adaptation code replaces it that way)."""
+    return type(module).forward in _STOCK_FORWARDS and "forward" not in vars(module)
 
 
 # ---- statistics from PyTorch's BN kernel ----------------------------------------------------
@@ -1422,6 +1445,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         if not isinstance(inp, torch.Tensor):
             return
         _measure(rec, inp, out)
+        _affine_from_op(rec, _batch_norm_arguments(args, kwargs))
         rec.norm_source = "batch_norm"
 
     tracer.listeners.append(on_op)
@@ -1474,6 +1498,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         with tracer.paused():
             kernel = _kernel_stats(x, mean, invstd, float(bound["eps"])) if backend == 0 else None
             _measure(rec, x, out, kernel)
+            _affine_from_op(rec, bound)
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]
@@ -1513,7 +1538,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                     ),
                     dtype=x_in.dtype if isinstance(x_in, torch.Tensor) else torch.float32,
                     trace=trace,
-                    stock=type(module).forward in _STOCK_FORWARDS,
+                    stock=_stock(module),
                 )
                 obs.calls.append(rec)
                 if rec.training and count == 1 and _computes_batch_stats(layer, module):
@@ -1893,6 +1918,16 @@ def _eval_passes(
             b, companion = None, "none (batch of 1 and the model needs that batch size)"
     differs = b is None or screen_differs or first_difference(a, b, slice(0, 1), rtol) is not None
     a_again = (run(a_in) if batch == size else run(x, n)) if differs else None
+    if (
+        a_again is not None
+        and batch == size
+        and first_difference(a, a_again, slice(0, 1), rtol) is None
+        and first_difference(first, a, slice(0, 1), rtol) is not None
+    ):
+        # the first screening pass ran this batch too: a random op on a few values that
+        # left a and a_again the same by chance shows between it and a (the rules then
+        # compare the model outputs: it kept only sample 0's row of each BN output)
+        a_again = first
     unread = (
         _unread_statistics(
             ctx, first, lambda: _eval_pass(ctx, a_in, size, size, False), after_pass, rtol

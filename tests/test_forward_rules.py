@@ -268,6 +268,15 @@ def test_a_random_op_on_few_outputs_that_both_screening_passes_miss_is_caught() 
     assert finding.layer is None
 
 
+def test_a_random_op_the_determinism_pass_misses_by_chance_shows_against_the_first_pass() -> None:
+    """The two passes on the same batch (a and the determinism pass) agree by chance, but the
+    first screening pass ran that batch too and differs: the difference is judged."""
+    model = EvalCounted(classes=4, offsets=(1.0,))  # only the first eval call is off
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer is None
+
+
 @pytest.mark.parametrize("classes, passes", [(4, 3), (16, 2)])
 def test_the_extra_screening_pass_runs_only_for_few_output_values(classes, passes) -> None:
     counted = EvalCounted(classes=classes)

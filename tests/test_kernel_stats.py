@@ -276,6 +276,50 @@ def test_a_custom_forward_on_the_kernel_path_is_still_checked_element_by_element
     assert [f.layer for f in report.findings] == ["bn"]
 
 
+def test_a_forward_set_on_the_instance_is_not_taken_for_pytorchs_own(monkeypatch):
+    """Test-time adaptation code replaces ``forward`` on the instance: the layer is then
+    checked like any custom layer (its output against the statistics, element by element)."""
+    import types
+
+    torch.manual_seed(0)
+    model, x = ConvBN(), torch.randn(8, 3, 12, 12)
+    model.bn.forward = types.MethodType(DoubledWeightBN.forward, model.bn)
+    obs = _observed(model, x, monkeypatch)
+    [call] = [c for c in obs.calls if c.training]
+    assert not call.stock and call.grid_in is not None
+    report = bncheck.audit(model, x, select=["normalization"])
+    assert [f.layer for f in report.findings] == ["bn"]
+
+
+class Softplus(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return F.softplus(w)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels last"])
+def test_a_parametrized_bn_weight_is_read_from_what_the_op_was_given(how, layout):
+    """A parametrized weight is not in the module's parameter table: gamma is the weight
+    F.batch_norm was given, so a correct layer is not flagged (it was, with gamma taken as 1,
+    wherever the output was checked)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model, x = ConvBN(), torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 2.0)
+    if how == "parametrize":
+        parametrize.register_parametrization(model.bn, "weight", Softplus())
+    else:
+        model.bn = nn.utils.weight_norm(model.bn, "weight", dim=0)
+    if layout == "channels last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    report = bncheck.audit(model, x, select=["normalization"])
+    assert report.findings == []
+
+
 class Reused(nn.Module):
     """One BN at two depths (the second input at 1.8 times the scale)."""
 
