@@ -213,32 +213,6 @@ def test_nondeterministic_eval_is_caught() -> None:
     assert _found(report, "eval-batch-dependence") == []
 
 
-def test_a_difference_only_the_screening_passes_saw_is_still_judged() -> None:
-    """A random op whose few values for sample 0 happen to come out the same in the two
-    recording passes (a 4-class output after dropout does so one time in 16): the
-    difference the two screening passes saw still calls for the third pass. Here a stateful
-    offset on the model output (eval calls 1, 3, 4 add 1; 2, 5 add nothing) stands in for it."""
-
-    class Stateful(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = ConvBNReLU()
-            self.eval_calls = 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.net(x)
-            if self.training:
-                return out
-            self.eval_calls += 1
-            return out + (1.0 if self.eval_calls in (1, 3, 4) else 0.0)
-
-    model = Stateful()
-    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
-    (finding,) = _found(report, "eval-nondeterminism")
-    assert finding.layer is None
-    assert model.eval_calls == 0  # put back
-
-
 class EvalCounted(nn.Module):
     """ConvBNReLU with ``classes`` outputs that counts its eval-mode calls and adds
     ``offsets[call]`` (0 past the end) to its output, standing in for a random op."""
@@ -256,6 +230,18 @@ class EvalCounted(nn.Module):
         self.eval_calls += 1
         k = self.eval_calls - 1
         return out + (self.offsets[k] if k < len(self.offsets) else 0.0)
+
+
+def test_a_difference_only_the_screening_passes_saw_is_still_judged() -> None:
+    """A random op whose few values for sample 0 happen to come out the same in the two
+    recording passes (a 4-class output after dropout does so one time in 16): the
+    difference the two screening passes saw still calls for the third pass. Here a stateful
+    offset on the model output (eval calls 1, 3, 4 add 1; 2, 5 add nothing) stands in for it."""
+    model = EvalCounted(classes=4, offsets=(1.0, 0.0, 1.0, 1.0, 0.0))
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.layer is None
+    assert model.eval_calls == 0  # put back
 
 
 def test_a_random_op_on_few_outputs_that_both_screening_passes_miss_is_caught() -> None:
