@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .discovery import BNLayer, find_bn_layers, unwrap_model
-from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, did_you_mean
-from .probes import _batch_to_input, _tensors_in
+from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, did_you_mean, first_line
+from .probes import _batch_to_input, _first_tensor, _tensors_in
 from .probes import _call as _call_as_audited
 from .report import Report, Severity
 from .state import ModelState, RNGState
@@ -506,13 +506,6 @@ class _Moments:
         self.n = total
 
 
-def _first_tensor(args: Any) -> torch.Tensor | None:
-    for a in args if isinstance(args, (tuple, list)) else (args,):
-        if isinstance(a, torch.Tensor):
-            return a
-    return None
-
-
 def _call(model: nn.Module, x: Any) -> Any:
     """Call ``model`` on a batch's network input: a dict as keyword arguments, a tuple or a
     list as positional arguments (a DataLoader collates a sample's inputs into a list)."""
@@ -521,11 +514,6 @@ def _call(model: nn.Module, x: Any) -> Any:
     if isinstance(x, (tuple, list)):
         return model(*x)
     return model(x)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _statistics_pass(
@@ -611,7 +599,7 @@ def _statistics_pass(
                     raise UsageError(
                         f"the model's forward failed on batch {index} of data (input shape "
                         f"{_shape_of(x)}) with the recomputed layers in train mode: "
-                        f"{_first_line(exc)}"
+                        f"{first_line(exc)}"
                     ) from exc
                 count += 1
     finally:
@@ -907,7 +895,7 @@ def recalibrate(
                 work = copy.deepcopy(inner)
             except Exception as exc:
                 raise UsageError(
-                    f"cannot copy the model ({_first_line(exc)}); pass inplace=True to "
+                    f"cannot copy the model ({first_line(exc)}); pass inplace=True to "
                     "recalibrate it in place"
                 ) from exc
         return _run(work, data, mode, patterns, max_batches, evaluate, inner, pd, example_input)
