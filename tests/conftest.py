@@ -20,7 +20,7 @@ pytest_plugins = ["pytester"]
 #: in a nested pytester session too), so a hung test would hold CI until its own limit.
 #: Here an interval timer sends SIGALRM, whose handler is faulthandler's (C code, no GIL
 #: needed), chained to the default action (exit). The whole suite takes minutes.
-HANG_SECONDS = 300
+HANG_SECONDS = float(os.environ.get("BNCHECK_TEST_HANG_SECONDS", "300"))
 
 _real_stderr: IO[str] | None = None
 _ALARM = getattr(signal, "SIGALRM", None) if hasattr(signal, "setitimer") else None

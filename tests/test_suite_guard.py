@@ -1,0 +1,51 @@
+"""The test suite's own guard (tests/conftest.py): a hung test ends its process with every
+thread's stack on stderr, even after a failing test (pytest cancels its own timeout there)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="no setitimer"),
+]
+
+
+def test_a_hung_test_after_a_failing_one_ends_the_run_with_its_stack(tmp_path):
+    (tmp_path / "test_hangs.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+
+            def test_fails():
+                assert False
+
+            def test_hangs_here():
+                time.sleep(120)
+            """
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
+        "BNCHECK_TEST_HANG_SECONDS": "3",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode not in (0, 1), done.stdout + done.stderr  # killed, not finished
+    assert "most recent call first" in done.stderr
+    assert "in test_hangs_here" in done.stderr
