@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from zoo import ConvBNReLU, FrozenBN2d, NoBN, TwoBlock
+from zoo import ConvBNReLU, FrozenBN2d, NoBN, TwoBlock, env_with_tests
 
 import bncheck
 from bncheck.discovery import find_bn_layers, is_bn_like
@@ -131,13 +129,7 @@ finally:
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed/gloo"
 )
 def test_ddp_names_are_relative_to_the_user_model(tmp_path):
-    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = env_with_tests(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store")],
         capture_output=True,

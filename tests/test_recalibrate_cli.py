@@ -7,7 +7,6 @@ the installed entry point end to end.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from recalibrate_data import batches
-from zoo import TwoBlock
+from zoo import TwoBlock, env_with_tests
 
 import bncheck
 from bncheck.cli import main
 
 ARCH = "cli_factories:two_block"
 DATA = "recalibrate_data:batches"
-TESTS = Path(__file__).resolve().parent
 
 
 def broken_state_dict() -> dict[str, torch.Tensor]:
@@ -183,9 +181,7 @@ def test_a_pickled_module_is_refused_without_running_it(capsys, tmp_path):
 def test_entry_point_end_to_end(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": broken_state_dict()}, ckpt)
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
+    env = env_with_tests()
     result = subprocess.run(
         [sys.executable, "-m", "bncheck", "recalibrate", str(ckpt), "--arch", ARCH, "--data",
          DATA, "-o", str(tmp_path / "fixed.pt")],

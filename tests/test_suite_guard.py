@@ -3,15 +3,12 @@ thread's stack on stderr, even after a failing test (pytest cancels its own time
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
+from zoo import env_with_tests
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,11 +30,7 @@ def test_a_hung_test_after_a_failing_one_ends_the_run_with_its_stack(tmp_path):
             """
         )
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
-        "BNCHECK_TEST_HANG_SECONDS": "3",
-    }
+    env = env_with_tests(BNCHECK_TEST_HANG_SECONDS="3")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "."],
         cwd=tmp_path,

@@ -5,11 +5,20 @@ Every factory is deterministic (seeded) so tests can rebuild the same model twic
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def env_with_tests(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that imports the test helpers: ``tests/`` first on
+    ``PYTHONPATH``, then ``extra`` variables."""
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **extra}
 
 
 def seeded(seed: int = 0) -> torch.Generator:
