@@ -1142,19 +1142,27 @@ def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
         t = module._buffers.get(name)
     if not isinstance(t, torch.Tensor):
         return None
+    return _host_float64(t)
+
+
+def _host_float64(t: torch.Tensor) -> torch.Tensor:
+    """A flat float64 CPU copy of ``t``'s values."""
     return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
-def _affine_from_op(rec: TrainCall, bound: dict[str, Any] | None) -> None:
+def _affine_from_op(rec: TrainCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Where the module holds no weight or bias tensor of its own (a parametrized weight,
     ``torch.nn.utils.parametrize`` or ``weight_norm``, lives elsewhere and is computed on each
     access), the ``gamma``/``beta`` of a call are what its ``F.batch_norm`` was given."""
+    if rec.gamma is not None and rec.beta is not None:
+        return  # the module's own (the common case: no arguments to bind)
+    bound = _batch_norm_arguments(args, kwargs)
     if bound is None:
         return
     for attr, name in (("gamma", "weight"), ("beta", "bias")):
         t = bound[name]
         if getattr(rec, attr) is None and isinstance(t, torch.Tensor) and t.dim() == 1:
-            setattr(rec, attr, t.detach().to(dtype=torch.float64, device="cpu", copy=True))
+            setattr(rec, attr, _host_float64(t))
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -1445,7 +1453,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         if not isinstance(inp, torch.Tensor):
             return
         _measure(rec, inp, out)
-        _affine_from_op(rec, _batch_norm_arguments(args, kwargs))
+        _affine_from_op(rec, args, kwargs)
         rec.norm_source = "batch_norm"
 
     tracer.listeners.append(on_op)
@@ -1498,7 +1506,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         with tracer.paused():
             kernel = _kernel_stats(x, mean, invstd, float(bound["eps"])) if backend == 0 else None
             _measure(rec, x, out, kernel)
-            _affine_from_op(rec, bound)
+            _affine_from_op(rec, args, kwargs)
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]
