@@ -128,6 +128,16 @@ class BNLayer:
         return not any(p.requires_grad for p in self.params)
 
     @property
+    def uses_batch_stats(self) -> bool:
+        """Whether the layer normalises with batch statistics in train mode. PyTorch's BN
+        always does; a custom layer with FrozenBatchNorm's signature (no parameters, no
+        ``num_batches_tracked`` counter: torchvision's FrozenBatchNorm2d, timm's
+        FrozenBatchNormAct2d) normalises with its running statistics in both modes."""
+        if self.standard:
+            return True
+        return bool(self.params) or self.num_batches_tracked is not None
+
+    @property
     def frozen_by_design(self) -> bool:
         """FrozenBatchNorm-style (gamma/beta are buffers), or eval mode with frozen params."""
         if not self.params and self.has_running_stats and not self.standard:

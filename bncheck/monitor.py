@@ -73,10 +73,12 @@ from .checks.training import (
     C_BACKWARD,
     C_EVAL,
     C_INFER,
+    C_KEPT_EVAL,
     C_MINBATCH,
     C_MINSAMPLES,
     C_NOGRAD,
     C_RECAL,
+    C_STILL,
     C_TRAIN,
     COUNT_COLUMNS,
     STAT_COLUMNS,
@@ -91,7 +93,7 @@ from .context import AuditContext, AuditFacts
 from .discovery import BNLayer, is_compiled, unwrap_model
 from .engine import first_line, prepare, run_report
 from .errors import BNCheckWarning, UsageError
-from .monitor_hooks import BACKWARD, INFERENCE, RECALIBRATION, Call, Recorder
+from .monitor_hooks import BACKWARD, INFERENCE, KEPT_EVAL, RECALIBRATION, STILL, Call, Recorder
 from .monitor_numerics import FlatBuffers, Snapshot
 from .render import visible
 from .report import Report
@@ -104,6 +106,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Monitor"]
 
 _BIG = np.iinfo(np.int64).max
+#: the statistics updates a partial step (the calls after the last step) may make: it is no
+#: optimizer step, so ``multiple-updates-per-step`` does not judge it
+_PARTIAL_STEP_UPDATES = 1 << 30
+#: rules that judge a layer no optimizer trains as frozen: for such a layer they wait until
+#: its gamma/beta were seen unchanged over a step (a moving-average copy's change from its
+#: first step on, once the network it follows has taken an optimizer step)
+_FROZEN_JUDGED = frozenset({"frozen-bn-drift", "stats-updated-without-grad"})
 
 _INTERNAL_DIRS = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
@@ -140,9 +149,13 @@ def count_calls(
             row = block[idx]
             if not training:
                 row[C_EVAL] += 1
+                if flags & KEPT_EVAL:
+                    row[C_KEPT_EVAL] += 1
                 continue
             row[C_TRAIN] += 1
-            if grad:
+            if flags & STILL:
+                row[C_STILL] += 1  # momentum 0: normalised, no update of the statistics
+            elif grad:
                 if flags & BACKWARD:
                     row[C_BACKWARD] += 1
             elif tracks[idx]:
@@ -262,6 +275,10 @@ class Monitor:
             dtype=bool,
         )
         self._sync_bn = np.array([lyr.kind == "SyncBatchNorm" for lyr in layers], dtype=bool)
+        self._batch_stats = np.array([lyr.uses_batch_stats for lyr in layers], dtype=bool)
+        #: copies of the gamma/beta of layers no optimizer trains, to tell a frozen layer from
+        #: a moving-average copy (its parameters change without the optimizer)
+        self._param_base: dict[int, list[torch.Tensor]] = {}
         warmup = []
         for lyr in layers:
             m = lyr.momentum
@@ -320,6 +337,7 @@ class Monitor:
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
             self._last_scale = float(self.scaler.get_scale())
         self._recorder.reset_step()
+        self._watch_params(self._trainable_flags()[0])
         self._attached = True
         self._ever_attached = True
         return self
@@ -350,7 +368,7 @@ class Monitor:
         snap = self._flat.snapshot() if self._flat.modules else None
         self._note_update_kinds(self._recorder.finish_step())
         self._pending.append((self._step, snap, calls, ((False,) * len(frozen), frozen, reason)))
-        self._skipped.append(0)
+        self._skipped.append(_PARTIAL_STEP_UPDATES)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
         # A Monitor is not copied along with something that holds it: the copy would watch
@@ -418,7 +436,34 @@ class Monitor:
             )
         self._flag_key = key
         self._flags = (tuple(trainable), tuple(frozen), tuple(reason))
+        self._watch_params(trainable)
         return self._flags
+
+    def _watch_params(self, trainable: Sequence[bool]) -> None:
+        """Keep a copy of the gamma/beta of each layer no optimizer trains now (taken when it
+        stops being trained or at attach), and none of the others."""
+        for idx, ps in enumerate(self._bn_params):
+            if not ps or (idx < len(trainable) and trainable[idx]):
+                self._param_base.pop(idx, None)
+            elif idx not in self._param_base:
+                self._param_base[idx] = [p.detach().clone() for p in ps]
+
+    def _note_moving_copies(self, layers: Iterable[int]) -> None:
+        """Mark those of ``layers`` whose gamma/beta changed while no optimizer trained them:
+        a moving-average copy of another network (``RunObservations.moving_copies``)."""
+        for idx in layers:
+            base = self._param_base.get(idx)
+            if base is None or idx in self._run.moving_copies:
+                continue
+            try:
+                changed = any(
+                    p.shape != b.shape or not torch.equal(p.detach(), b)
+                    for p, b in zip(self._bn_params[idx], base)
+                )
+            except RuntimeError:  # moved to another device: changed
+                changed = True
+            if changed:
+                self._run.moving_copies.add(idx)
 
     def _end_step(self) -> None:
         self._step += 1
@@ -486,6 +531,7 @@ class Monitor:
             sync_bn=self._sync_bn,
             expected_updates=1 + np.array(skipped, dtype=np.int64),
             frozen_reason=reasons or ("",) * n_layers,
+            batch_stats=self._batch_stats,
         )
         if self._compiled and not self._hooks_silent:
             # statistics updated with no BN call seen: dynamo compiled the model before the
@@ -493,7 +539,14 @@ class Monitor:
             with np.errstate(invalid="ignore"):
                 silent = (np.nan_to_num(block.updates) > 0) & (counts[..., C_TRAIN] == 0)
             self._hooks_silent = bool(silent.any())
+        kept = trainable & (counts[..., C_KEPT_EVAL] > 0) & (counts[..., C_TRAIN] == 0)
+        self._run.kept_eval.update(int(i) for i in np.flatnonzero(kept.any(axis=0)))
         masks = conditions(block)
+        # only layers a frozen-judging rule flags now or flagged before are compared (a run
+        # without such a problem pays nothing)
+        flagged = {int(i) for rule in _FROZEN_JUDGED for i in np.flatnonzero(masks[rule].any(0))}
+        flagged.update(layer for rule, layer in self._run.episodes if rule in _FROZEN_JUDGED)
+        self._note_moving_copies(flagged)
         assert self._run.drift_judged is not None
         self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
         recal_steps = steps[masks["_recalibration"].any(axis=1)].tolist()
@@ -512,6 +565,12 @@ class Monitor:
         for key, ep in list(self._run.episodes.items()):
             if key in self._warned or ep.rule not in wanted:
                 continue
+            if (
+                ep.rule in _FROZEN_JUDGED
+                and ep.layer in self._param_base
+                and self._step - ep.first_step < 1
+            ):
+                continue  # not yet told from a moving-average copy: at the next flush
             finding = episode_finding(self._ctx, self._run, ep)
             if finding is None or finding.severity.value == "info":
                 continue
@@ -609,6 +668,12 @@ class Monitor:
             )
         if self.optimizer is not None:
             notes.append(f"monitored {steps} optimizer step(s)")
+            if steps == 0 and self._trailing_steps:
+                notes.append(
+                    "BN layers ran but the optimizer never stepped: is optimizer= the one "
+                    "whose step() the loop calls? (a wrapper such as SAM steps its base "
+                    "optimizer: pass that one)"
+                )
         else:
             notes.append(
                 f"monitored {steps} step(s); without an optimizer a step is a "
@@ -633,6 +698,23 @@ class Monitor:
                 f"{len(views)} BN layer(s) ran several times per step on batches of one "
                 "distribution trained by one backward (two views, ghost BN, a siamese "
                 f"encoder; e.g. {views[0]}): intended, not reported"
+            )
+        moving = sorted(self.layers[i].name for i in self._run.moving_copies)
+        if moving:
+            notes.append(
+                f"{len(moving)} BN layer(s) had their gamma/beta changed while the optimizer "
+                "watched did not train them: a moving-average copy (a MoCo key encoder, a BYOL "
+                f"target, a mean teacher) or a network another optimizer trains (e.g. "
+                f"{moving[0]}); not judged as frozen BN, and their train-mode forwards without "
+                "grad not as validation"
+            )
+        kept_eval = sorted(self.layers[i].name for i in self._run.kept_eval)
+        if kept_eval:
+            notes.append(
+                f"{len(kept_eval)} BN layer(s) with trainable gamma/beta ran in eval mode inside "
+                "a model in train mode (running statistics kept frozen by the recipe, as "
+                f"mmdetection's norm_eval; e.g. {kept_eval[0]}): not reported by "
+                "stats-not-updating"
             )
         if self._hooks_silent:
             notes.append(

@@ -12,8 +12,10 @@ Per call of a watched BN layer the forward hook appends one tuple ``(layer, trai
 grad_enabled, flags, input shape)``; ``flags`` says whether a train-mode call ran inside a
 backward pass (a recomputed forward), under ``inference_mode``, or looks like a deliberate
 recalibration (no grad and momentum None while the layer has a momentum, or BN in train mode
-inside a model in eval mode). Calls made by bncheck's own audit passes on the model
-(:func:`bncheck.state.auditing`) are not recorded.
+inside a model in eval mode), ran with momentum 0 (no statistics update: SAM's second pass),
+or, in eval mode, ran inside a model in train mode (BN kept in eval by the recipe). Calls
+made by bncheck's own audit passes on the model (:func:`bncheck.state.auditing`) are not
+recorded.
 
 A layer that updates more than once in a step is *armed* for the next ``ARM_STEPS`` steps:
 its calls are then recorded in detail (per-channel input statistics, and when the output's
@@ -43,9 +45,13 @@ from .state import auditing
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import Monitor
 
-__all__ = ["Recorder", "BACKWARD", "INFERENCE", "RECALIBRATION", "ARM_STEPS"]
+__all__ = ["Recorder", "BACKWARD", "INFERENCE", "RECALIBRATION", "STILL", "KEPT_EVAL", "ARM_STEPS"]
 
 BACKWARD, INFERENCE, RECALIBRATION = 1, 2, 4
+#: a train-mode call with momentum 0 (normalises, leaves the running statistics as they were)
+STILL = 8
+#: an eval-mode call while the watched model itself is in train mode (BN kept in eval)
+KEPT_EVAL = 16
 #: Steps a layer with several updates per step is recorded in detail.
 ARM_STEPS = 3
 
@@ -177,11 +183,16 @@ class Recorder:
                     flags |= RECALIBRATION
             elif _current_node() is not None:
                 flags = BACKWARD
+            momentum = getattr(module, "momentum", None)
+            if type(momentum) in (float, int) and momentum == 0:
+                flags |= STILL
+        elif self.inner.training:
+            flags = KEPT_EVAL
         x = args[0] if args else None
         self.calls.append(
             (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
         )
-        if training and grad:
+        if training and grad and not flags & STILL:
             if self._seen[idx] == self._step:  # a second update in this step
                 if idx not in self._armed:
                     self._armed[idx] = [self._step + 1, ARM_STEPS]

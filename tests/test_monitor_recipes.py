@@ -9,6 +9,8 @@ train mode, one BN across the time steps of a recurrent loop.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -373,3 +375,208 @@ def test_batches_differ_matches_a_per_channel_two_sample_test(n_a, n_b, m_a, m_b
     b = CallRecord(1, n_b, torch.tensor(m_b), torch.tensor(var), True, False)
     z = np.abs(np.subtract(m_a, m_b)) / np.sqrt(np.array(var) / n_a + np.array(var) / n_b)
     assert batches_differ(a, b) == bool(np.mean(z > 4.0) >= 0.25)
+
+
+# ---- recipes the Monitor once misjudged ---------------------------------------------------------
+class Momentum(nn.Module):
+    """MoCo's layout: a key encoder inside the trained module, a copy of the query encoder
+    with requires_grad=False, moved towards it by a parameter EMA inside forward and run in
+    train mode under no_grad (``update=False``: the copy is never moved, a frozen encoder
+    left in train mode)."""
+
+    def __init__(self, update: bool = True) -> None:
+        super().__init__()
+        self.encoder_q = Encoder()
+        self.encoder_k = Encoder()
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.update = update
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            if self.update:
+                for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                    pk.data.mul_(0.9).add_(pq.data, alpha=0.1)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+        return F.cross_entropy(q @ k.t() / 0.2, torch.arange(q.shape[0]))
+
+
+def momentum_run(update: bool, warn: bool = False, steps: int = 4):
+    torch.manual_seed(0)
+    model = Momentum(update).train()
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    with _recorded() as caught, bncheck.Monitor(model, optimizer=opt, warn=warn) as monitor:
+        for _ in range(steps):
+            x = torch.randn(32, 3, 8, 8, generator=gen)
+            loss = model(augment(x, gen), augment(x, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return monitor.report(), [w for w in caught if issubclass(w.category, bncheck.BNCheckWarning)]
+
+
+def _recorded():
+    class Recorded(warnings.catch_warnings):
+        def __enter__(self):  # type: ignore[override]
+            caught = super().__enter__()
+            warnings.simplefilter("always")
+            return caught
+
+    return Recorded(record=True)
+
+
+FROZEN_RULES = ["frozen-bn-drift", "frozen-bn-in-train-mode", "stats-updated-without-grad"]
+
+
+@pytest.mark.parametrize("warn", [False, True])
+def test_momentum_encoder_inside_the_model_is_not_a_frozen_bn(warn):
+    report, warned = momentum_run(update=True, warn=warn)
+    assert report.filter(rules=FROZEN_RULES) == []
+    assert warnings_of(report) == []
+    assert warned == []  # not even at step 1, before the copy had moved
+    assert any("moving-average copy" in n and "encoder_k." in n for n in report.notes)
+
+
+@pytest.mark.parametrize("warn", [False, True])
+def test_a_copy_that_never_moves_is_still_a_frozen_bn_in_train_mode(warn):
+    report, warned = momentum_run(update=False, warn=warn)
+    drift = report.filter(rules=["frozen-bn-drift"])
+    assert {f.layer for f in drift} == {"encoder_k.net.1", "encoder_k.net.6"}
+    assert all(f.details["step"] == 1 for f in drift)
+    assert report.filter(rules=["frozen-bn-in-train-mode"])
+    assert not any("moving-average copy" in n for n in report.notes)
+    if warn:  # told one step later than the problem began, once the copy was seen static
+        assert any("frozen-bn-drift" in str(w.message) for w in warned)
+
+
+def test_byol_target_moved_after_the_optimizer_step_is_not_a_frozen_bn():
+    """BYOL: the target network is a submodule, moved by EMA after each optimizer step."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"online": Encoder(), "target": Encoder()})
+    model["target"].load_state_dict(model["online"].state_dict())
+    model["target"].requires_grad_(False)
+    opt = torch.optim.SGD(model["online"].parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(4):
+            x = torch.randn(32, 3, 8, 8, generator=gen)
+            a, b = augment(x, gen), augment(x, gen)
+            with torch.no_grad():
+                t = model["target"](b)
+            loss = -F.cosine_similarity(model["online"](a), t).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for po, pt in zip(model["online"].parameters(), model["target"].parameters()):
+                    pt.mul_(0.99).add_(po, alpha=0.01)
+    report = monitor.report()
+    assert report.filter(rules=FROZEN_RULES) == []
+    assert warnings_of(report) == []
+
+
+def sam_run(disable_second: bool, watch_base: bool = True) -> bncheck.Report:
+    """SAM: two forward/backward passes on one batch per step; its README's recipe sets BN
+    momentum to 0 for the second pass so that the statistics update once."""
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    base = torch.optim.SGD(model.parameters(), lr=0.05)
+    wrapper = torch.optim.SGD(model.parameters(), lr=0.0)  # stands in for SAM (never steps)
+    gen = torch.Generator().manual_seed(3)
+    with bncheck.Monitor(model, optimizer=base if watch_base else wrapper) as monitor:
+        for _ in range(4):
+            x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 4, (16,))
+            F.cross_entropy(model(x), y).backward()  # first pass: the ascent direction
+            if disable_second:
+                model.bn.momentum = 0
+            F.cross_entropy(model(x), y).backward()  # second pass, at the perturbed weights
+            model.bn.momentum = 0.1
+            base.step()
+            base.zero_grad()
+    return monitor.report()
+
+
+def test_sam_second_pass_with_momentum_zero_is_one_update_per_step():
+    report = sam_run(disable_second=True)
+    assert multi(report) == []
+    assert warnings_of(report) == []
+
+
+def test_sam_second_pass_that_updates_the_statistics_is_found():
+    [finding] = multi(sam_run(disable_second=False))
+    assert finding.details["updates"] == 2
+
+
+def test_an_optimizer_that_never_steps_gives_a_note_not_per_step_findings():
+    report = sam_run(disable_second=False, watch_base=False)
+    assert multi(report) == []
+    assert any("optimizer never stepped" in n for n in report.notes)
+
+
+def test_frozen_batchnorm_in_train_mode_is_not_a_small_batch():
+    from zoo import FrozenBN2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        FrozenBN2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):  # two images per step, as a detector's
+            x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    small = monitor.report().filter(rules=["small-batch"])
+    assert [f.layer for f in small] == ["4"]  # the BatchNorm2d, not the frozen layer
+
+
+def norm_eval_run(reapply_train: bool) -> bncheck.Report:
+    """mmdetection's ``norm_eval=True``: model.train() each step, then every BN back to eval
+    (statistics frozen, gamma/beta trained); the twin forgets model.train() after a
+    validation pass."""
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        model.eval()  # a validation pass before training
+        with torch.no_grad():
+            model(torch.randn(8, 3, 8, 8, generator=gen))
+        for _ in range(3):
+            if reapply_train:
+                model.train()
+                for m in model.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.eval()
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 2, (8,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return monitor.report()
+
+
+def test_bn_kept_in_eval_inside_a_training_model_is_a_note():
+    report = norm_eval_run(reapply_train=True)
+    assert report.filter(rules=["stats-not-updating"]) == []
+    assert any("norm_eval" in n for n in report.notes)
+
+
+def test_forgetting_model_train_after_validation_is_still_found():
+    report = norm_eval_run(reapply_train=False)
+    assert {f.layer for f in report.filter(rules=["stats-not-updating"])} == {
+        "block1.1",
+        "block2.1",
+    }
+    assert not any("norm_eval" in n for n in report.notes)

@@ -88,7 +88,13 @@ S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S
 #: forward: reentrant activation checkpointing); ``recalibration_updates``: train-mode calls
 #: without grad recognised as a deliberate recalibration of the statistics (the layer's
 #: momentum set to None, as ``torch.optim.swa_utils.update_bn`` does, or BN switched to train
-#: mode inside a model in eval mode, as AdaBN-style recalibration does).
+#: mode inside a model in eval mode, as AdaBN-style recalibration does); ``still_calls``:
+#: train-mode calls of a layer whose momentum was 0 at the call (batch statistics normalise,
+#: the running statistics stay as they were: SAM's second pass, ``disable_running_stats``;
+#: only ``num_batches_tracked`` moves), not counted as updates of any kind;
+#: ``kept_eval_calls``: eval-mode calls while the watched model itself was in train mode (BN
+#: kept in eval mode by the recipe: mmdetection's ``norm_eval``, fine-tuning with frozen
+#: statistics).
 COUNT_COLUMNS: tuple[str, ...] = (
     "train_calls",
     "eval_calls",
@@ -98,8 +104,21 @@ COUNT_COLUMNS: tuple[str, ...] = (
     "min_samples",
     "backward_calls",
     "recalibration_updates",
+    "still_calls",
+    "kept_eval_calls",
 )
-C_TRAIN, C_EVAL, C_NOGRAD, C_INFER, C_MINBATCH, C_MINSAMPLES, C_BACKWARD, C_RECAL = range(8)
+(
+    C_TRAIN,
+    C_EVAL,
+    C_NOGRAD,
+    C_INFER,
+    C_MINBATCH,
+    C_MINSAMPLES,
+    C_BACKWARD,
+    C_RECAL,
+    C_STILL,
+    C_KEPT_EVAL,
+) = range(10)
 
 #: How the several updates of one step came about, judged by the Monitor on a few steps of a
 #: layer that updated more than once (see ``Monitor`` and ``multiple-updates-per-step``):
@@ -163,6 +182,13 @@ class RunObservations:
     update_kinds: dict[int, Counter[str]] = field(default_factory=dict)
     #: steps with a recalibration pass (update_bn and the like), in order
     recalibrations: list[int] = field(default_factory=list)
+    #: layers whose gamma/beta changed during the run while no optimizer trained them: a
+    #: moving-average copy (MoCo's key encoder, BYOL's target, a mean teacher), whose
+    #: train-mode forwards without grad are the method, not a frozen BN left in train mode
+    moving_copies: set[int] = field(default_factory=set)
+    #: layers with trainable gamma/beta that ran in eval mode inside a model in train mode
+    #: (statistics frozen by the recipe: norm_eval), which ``stats-not-updating`` leaves alone
+    kept_eval: set[int] = field(default_factory=set)
 
     @property
     def step_word(self) -> str:
@@ -184,6 +210,14 @@ class StepBlock:
     sync_bn: np.ndarray | None = None  # [L]
     expected_updates: np.ndarray | None = None  # [S]: 1 + iterations a GradScaler skipped
     frozen_reason: Sequence[str] = ()
+    #: [L] the layer normalises with batch statistics in train mode (not a FrozenBatchNorm)
+    batch_stats: np.ndarray | None = None
+
+    @cached_property
+    def uses_batch_stats(self) -> np.ndarray:
+        n_layers = self.updates.shape[1]
+        mask = np.ones(n_layers, dtype=bool) if self.batch_stats is None else self.batch_stats
+        return np.broadcast_to(mask[None, :], self.updates.shape)
 
     @cached_property
     def updates(self) -> np.ndarray:
@@ -217,11 +251,14 @@ class StepBlock:
     @cached_property
     def grad_updates(self) -> np.ndarray:
         """Updates that belong to training: all updates but validation/recalibration ones
-        (counted from the hooks in a step whose statistics were reset)."""
+        and calls with momentum 0, which move the counter but not the statistics (counted
+        from the hooks in a step whose statistics were reset)."""
         c = self.counts
-        no_grad = np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD], 0) + c[..., C_RECAL]
+        no_grad = (
+            np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD], 0) + c[..., C_RECAL] + c[..., C_STILL]
+        )
         counted = np.where(self.has_counter & ~self.reset, self.updates, c[..., C_TRAIN])
-        hooks_only = c[..., C_TRAIN] - c[..., C_NOGRAD] - c[..., C_RECAL]
+        hooks_only = c[..., C_TRAIN] - c[..., C_NOGRAD] - c[..., C_RECAL] - c[..., C_STILL]
         return np.where(self.reset, hooks_only, np.nan_to_num(counted) - no_grad)
 
 
@@ -304,6 +341,8 @@ class FrozenBNDrift(TrainingRule):
 
     @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        if ep.layer in run.moving_copies:
+            return None  # a moving-average copy: its gamma/beta are not frozen (a note)
         f = ep.first
         return Said(
             f"{f['reason']} but its running statistics changed {_span(run, ep)} "
@@ -320,7 +359,9 @@ class StatsNotUpdating(TrainingRule):
     def when(b: StepBlock) -> np.ndarray:
         no_update = np.where(b.has_counter, np.nan_to_num(b.updates) == 0, ~b.moved)
         c = b.counts
-        return b.trainable & b.tracks & (c[..., C_EVAL] > 0) & (c[..., C_TRAIN] == 0) & no_update
+        # eval-mode calls while the model itself trains keep BN in eval on purpose (norm_eval)
+        forgot_train = (c[..., C_EVAL] > 0) & (c[..., C_KEPT_EVAL] == 0)
+        return b.trainable & b.tracks & forgot_train & (c[..., C_TRAIN] == 0) & no_update
 
     @staticmethod
     def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
@@ -359,6 +400,8 @@ class StatsUpdatedWithoutGrad(TrainingRule):
 
     @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
+        if ep.layer in run.moving_copies:
+            return None  # a MoCo key / BYOL target encoder runs without grad by design
         f = ep.first
         how = "torch.inference_mode()" if f["inference_mode"] else "torch.no_grad()"
         return Said(
@@ -497,9 +540,15 @@ class SmallBatch(TrainingRule):
     @staticmethod
     def when(b: StepBlock) -> np.ndarray:
         c, tol = b.counts, b.tolerances
-        return (c[..., C_TRAIN] > 0) & (
-            (c[..., C_MINBATCH] < float(tol["min_batch_size"]))
-            | (c[..., C_MINSAMPLES] < float(tol["min_samples_per_channel"]))
+        # a FrozenBatchNorm-style layer in train mode normalises with its running statistics:
+        # the batch size does not enter its output
+        return (
+            b.uses_batch_stats
+            & (c[..., C_TRAIN] > 0)
+            & (
+                (c[..., C_MINBATCH] < float(tol["min_batch_size"]))
+                | (c[..., C_MINSAMPLES] < float(tol["min_samples_per_channel"]))
+            )
         )
 
     @staticmethod
@@ -574,6 +623,7 @@ class UnsyncedSmallBatch(TrainingRule):
         return (
             (c[..., C_TRAIN] > 0)
             & b.tracks
+            & b.uses_batch_stats
             & plain[None, :]
             & (c[..., C_MINBATCH] < float(b.tolerances["sync_bn_min_batch"]))
         )
@@ -627,6 +677,7 @@ def step_conditions(
     sync_bn: np.ndarray | None = None,
     expected_updates: np.ndarray | None = None,
     frozen_reason: Sequence[str] = (),
+    batch_stats: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """For each rule, a boolean mask ``[steps, layers]``: the problem holds at that step.
 
@@ -637,8 +688,10 @@ def step_conditions(
     statistics; ``drift_warmup`` ``[L]`` the counter value before which stat-drift is not
     judged (the running average has not yet forgotten its initial values);
     ``expected_updates`` ``[S]`` the statistics updates each step may make (1, plus the
-    iterations a GradScaler skipped before it; default 1). ``_drift_judged`` is the mask of
-    the steps where stat-drift was judged.
+    iterations a GradScaler skipped before it; default 1); ``batch_stats`` ``[L]`` whether
+    the layer normalises with batch statistics in train mode (default: every layer; a
+    FrozenBatchNorm-style layer does not). ``_drift_judged`` is the mask of the steps where
+    stat-drift was judged.
     """
     return conditions(
         StepBlock(
@@ -653,6 +706,7 @@ def step_conditions(
             sync_bn,
             expected_updates,
             frozen_reason,
+            batch_stats,
         )
     )
 
