@@ -1137,9 +1137,7 @@ def _grid_matrix(picked: torch.Tensor) -> torch.Tensor:
 
 
 def _affine_copy(module: nn.Module, name: str) -> torch.Tensor | None:
-    t: torch.Tensor | None = module._parameters.get(name)
-    if t is None:
-        t = module._buffers.get(name)
+    t = _own_affine(module, name)
     if not isinstance(t, torch.Tensor):
         return None
     return _host_float64(t)
@@ -1150,19 +1148,28 @@ def _host_float64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
-def _affine_from_op(rec: TrainCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Where the module holds no weight or bias tensor of its own (a parametrized weight,
-    ``torch.nn.utils.parametrize`` or ``weight_norm``, lives elsewhere and is computed on each
-    access), the ``gamma``/``beta`` of a call are what its ``F.batch_norm`` was given."""
-    if rec.gamma is not None and rec.beta is not None:
-        return  # the module's own (the common case: no arguments to bind)
-    bound = _batch_norm_arguments(args, kwargs)
+def _affine_from_op(rec: TrainCall, module: nn.Module, bound: dict[str, Any] | None) -> None:
+    """The ``gamma``/``beta`` of a call whose output is its ``F.batch_norm``'s (``bound``: the
+    op's arguments by name) are what the op was given: the module's own tensors (the common
+    case, copied already), others (a parametrized weight, ``torch.nn.utils.parametrize`` or
+    ``weight_norm``, computed on each access; a cast copy), or none (a layer that applies its
+    gamma/beta after the op, or a conditional BN's from an embedding: the op's output is then
+    the normalised tensor before any affine step)."""
     if bound is None:
         return
     for attr, name in (("gamma", "weight"), ("beta", "bias")):
         t = bound[name]
-        if getattr(rec, attr) is None and isinstance(t, torch.Tensor) and t.dim() == 1:
+        if t is None:
+            setattr(rec, attr, None)
+        elif t is _own_affine(module, name) and getattr(rec, attr) is not None:
+            continue
+        elif isinstance(t, torch.Tensor) and t.dim() == 1:
             setattr(rec, attr, _host_float64(t))
+
+
+def _own_affine(module: nn.Module, name: str) -> torch.Tensor | None:
+    t = module._parameters.get(name)
+    return t if t is not None else module._buffers.get(name)
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -1453,7 +1460,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         if not isinstance(inp, torch.Tensor):
             return
         _measure(rec, inp, out)
-        _affine_from_op(rec, args, kwargs)
+        _affine_from_op(rec, module, _batch_norm_arguments(args, kwargs))
         rec.norm_source = "batch_norm"
 
     tracer.listeners.append(on_op)
@@ -1506,7 +1513,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         with tracer.paused():
             kernel = _kernel_stats(x, mean, invstd, float(bound["eps"])) if backend == 0 else None
             _measure(rec, x, out, kernel)
-            _affine_from_op(rec, args, kwargs)
+            _affine_from_op(rec, active[-1][1], bound)
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]

@@ -199,9 +199,24 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
 
 
 # ---- normalization ---------------------------------------------------------------------------
+#: The steepest elementwise op after a frozen layer's affine step that it may apply and still
+#: be recognised as frozen: ``|f(a) - f(b)| <= ELEMENTWISE_SLOPE * |a - b|``. Activations have
+#: slopes up to about 1 (ReLU, ReLU6, LeakyReLU, ELU, SiLU, GELU, Mish, Tanh), 1.5 (Hardswish)
+#: and 1.76 (SELU).
+ELEMENTWISE_SLOPE = 2.0
+
+
 @np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
-def _behaves_frozen(call: TrainCall) -> bool:
-    """A custom layer that normalises with its running statistics even in train mode."""
+def _behaves_frozen(call: TrainCall, layer: BNLayer | None = None) -> bool:
+    """A custom layer that normalises with its running statistics even in train mode.
+
+    Its output's channel moments are those of the affine map with the running statistics,
+    ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; or, for a layer with
+    FrozenBatchNorm's signature (``layer`` given: no parameters, no ``num_batches_tracked``)
+    whose output is the module's own (``norm_source == "module"``), that map followed by one
+    elementwise op in the same module (timm's FrozenBatchNormAct2d: an activation), which
+    moves the moments (see :func:`_frozen_then_elementwise`).
+    """
     if (
         call.standard
         or call.before is None
@@ -226,7 +241,61 @@ def _behaves_frozen(call: TrainCall) -> bool:
     )
     ok_mean = ((call.output_stats.mean - exp_mean).abs() <= 1e-3 * scale_m).all()
     ok_var = ((call.output_stats.var - exp_var).abs() <= 1e-3 * (exp_var + 1e-12)).all()
-    return bool(ok_mean) and bool(ok_var)
+    if bool(ok_mean) and bool(ok_var):
+        return True
+    return (
+        call.norm_source == "module"
+        and layer is not None
+        and not layer.uses_batch_stats
+        and _frozen_then_elementwise(call, rm, rv, eps, gamma, beta)
+    )
+
+
+@np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
+def _frozen_then_elementwise(
+    call: TrainCall,
+    rm: torch.Tensor,
+    rv: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> bool:
+    """Whether the recorded element grid's outputs are one elementwise function ``f`` of the
+    frozen affine map ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta`` of
+    its inputs, the same ``f`` for every channel, with slope at most ``ELEMENTWISE_SLOPE``.
+
+    The grid's elements of all channels are sorted by ``y``. The channels must interleave:
+    ``C`` channels whose ``y`` do not overlap give ``C - 1`` neighbour pairs from two
+    channels, and twice that many are asked for (one channel alone, or channels side by side,
+    cannot show that they share ``f``). Each neighbour pair must have
+    ``|o_j - o_i| <= ELEMENTWISE_SLOPE * (y_j - y_i)`` plus the round-off of the layer's
+    ``y`` and ``f(y)`` in its dtype (``u * (|x * scale| + |shift| + |o|)`` per element, times
+    ``NORM_SAFETY * ELEMENTWISE_SLOPE``). A layer that normalises with its batch statistics
+    maps each channel's ``y`` through an affine map of its own (batch against running
+    statistics), so its channels' points do not lie on one curve where their ``y`` overlap.
+    """
+    gi, go = call.grid_in, call.grid_out
+    c = rm.numel()
+    if gi is None or go is None or gi.shape != go.shape or gi.dim() != 2 or gi.shape[0] != c:
+        return False
+    if c < 2 or gi.shape[1] == 0:
+        return False
+    x, o = gi.numpy(), go.numpy()
+    scale = gamma.numpy() / np.sqrt(np.maximum(rv.double().cpu().numpy() + eps, 1e-30))
+    shift = beta.numpy() - rm.double().cpu().numpy() * scale
+    xs = x * scale[:, None]
+    y = xs + shift[:, None]
+    if not (np.isfinite(y).all() and np.isfinite(o).all()):
+        return False
+    roundoff = np.abs(xs) + np.abs(shift)[:, None] + np.abs(o)
+    order = np.argsort(y, axis=None, kind="stable")
+    channel = order // y.shape[1]
+    if np.count_nonzero(channel[1:] != channel[:-1]) < 2 * (c - 1):
+        return False
+    y_s, o_s, r_s = y.ravel()[order], o.ravel()[order], roundoff.ravel()[order]
+    k = NORM_SAFETY * ELEMENTWISE_SLOPE * _unit(call)
+    tol = ELEMENTWISE_SLOPE * np.diff(y_s) + k * (r_s[1:] + r_s[:-1])
+    return bool((np.abs(np.diff(o_s)) <= tol).all())
 
 
 def _affine(call: TrainCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,7 +444,7 @@ def normalization(ctx: AuditContext) -> Iterator[Finding]:
     for call in obs.calls:
         if call.layer in reported or not call.training or call.forced_eval:
             continue
-        if _behaves_frozen(call):
+        if _behaves_frozen(call, layers.get(call.layer)):
             continue
         err = normalization_errors(call, rtol)
         if err is None:
