@@ -300,6 +300,9 @@ class EvalObservations:
     #: (an auxiliary head used in training only): moving their statistics far changed none
     #: of sample 0's BN outputs or model outputs (:func:`_unread_statistics`)
     unread_stats: frozenset[str] = frozenset()
+    #: parameters whose values the repeated pass (``a_again``) changed: a forward that
+    #: updates weights (an EMA step inside forward) differs at every call by construction
+    params_changed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -1932,7 +1935,12 @@ def _eval_passes(
         else:
             b, companion = None, "none (batch of 1 and the model needs that batch size)"
     differs = b is None or screen_differs or first_difference(a, b, slice(0, 1), rtol) is not None
-    a_again = (run(a_in) if batch == size else run(x, n)) if differs else None
+    params_changed: tuple[str, ...] = ()
+    a_again = None
+    if differs:
+        sums = _parameter_sums(model)
+        a_again = run(a_in) if batch == size else run(x, n)
+        params_changed = _changed_since(model, sums)
     if (
         a_again is not None
         and batch == size
@@ -1950,7 +1958,31 @@ def _eval_passes(
         if batch == size and not differs
         else frozenset()
     )
-    return EvalObservations(a, a_again, b, batch, companion, unread_stats=unread)
+    return EvalObservations(
+        a, a_again, b, batch, companion, unread_stats=unread, params_changed=params_changed
+    )
+
+
+def _parameter_sums(model: nn.Module) -> dict[str, float]:
+    """A float64 sum of each floating-point parameter's values, by qualified name (one read
+    of each, no copy): enough to see a forward that moves its weights (an EMA step)."""
+    sums: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and p.numel():
+            sums[name] = float(p.detach().sum(dtype=torch.float64))
+    return sums
+
+
+def _changed_since(model: nn.Module, sums: dict[str, float]) -> tuple[str, ...]:
+    """The parameters whose sum is not what :func:`_parameter_sums` found (in order)."""
+    now = _parameter_sums(model)
+    return tuple(
+        name
+        for name, value in now.items()
+        if name in sums
+        and value != sums[name]
+        and not (math.isnan(value) and math.isnan(sums[name]))
+    )
 
 
 def _unread_statistics(

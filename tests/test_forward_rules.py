@@ -213,6 +213,47 @@ def test_nondeterministic_eval_is_caught() -> None:
     assert _found(report, "eval-batch-dependence") == []
 
 
+class EMAInForward(nn.Module):
+    """A momentum encoder's layout: the forward moves a copy towards the trained network by a
+    parameter EMA before running it (MoCo's key encoder), in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online = ConvBNReLU()
+        self.target = ConvBNReLU()
+        with torch.no_grad():
+            for p in self.online.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        self.target.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for po, pt in zip(self.online.parameters(), self.target.parameters()):
+                pt.data.mul_(0.9).add_(po.data, alpha=0.1)
+        return self.online(x) + self.target(x)
+
+
+def test_a_forward_that_moves_its_weights_is_named_as_the_cause() -> None:
+    torch.manual_seed(0)
+    model = EMAInForward().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert "changed" in finding.message and "parameter tensor(s)" in finding.message
+    assert "target.conv.weight" in finding.details["params_changed"]
+    assert not any(n.startswith("online.") for n in finding.details["params_changed"])
+    assert "outside forward" in finding.message
+    # the audit put the weights back
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_random_op_keeps_the_random_op_hint() -> None:
+    report = _audit_norm(NoisyEvalBN(8))
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert "params_changed" not in finding.details
+    assert "self.training" in finding.message
+
+
 class EvalCounted(nn.Module):
     """ConvBNReLU with ``classes`` outputs that counts its eval-mode calls and adds
     ``offsets[call]`` (0 past the end) to its output, standing in for a random op."""

@@ -855,6 +855,25 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
         return
     layer, occurrence, upstream_too, (diff, scale) = first
     where = _where(upstream_too)
+    moved = obs.eval.params_changed
+    if moved:
+        # the forward changed the weights the next forward runs with (an EMA step inside
+        # forward): that, not a random op, is why two identical passes differ
+        shown = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
+        yield ctx.finding(
+            "eval-nondeterminism",
+            ctx.layer(layer) if layer else None,
+            f"two identical eval forwards differ (max |diff| = {diff:.2g} > tol "
+            f"{rtol * scale:.2g}) because the forward changed {len(moved)} parameter "
+            f"tensor(s) between them ({shown}): every call runs with other weights",
+            hint="update parameters outside forward (a momentum encoder's EMA step after "
+            "optimizer.step()), or only when self.training",
+            max_diff=diff,
+            tolerance=rtol * scale,
+            call=occurrence,
+            params_changed=list(moved),
+        )
+        return
     if layer is None:
         text = (
             f"two identical eval forwards give different model outputs (max |diff| = "
