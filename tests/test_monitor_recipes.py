@@ -256,6 +256,26 @@ def test_gradient_accumulation_is_found_as_accumulation():
     assert "micro-batches" in finding.message
 
 
+def test_a_count_that_grows_after_the_first_step_is_given_as_a_range():
+    """Accumulation over 2 micro-batches at the first step, 3 afterwards: the finding gives
+    both, not only the first step's count."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for micro in (2, 3, 3, 3):
+            for _ in range(micro):
+                x = torch.randn(8, 3, 8, 8, generator=gen)
+                y = torch.randint(0, 4, (8,), generator=gen)
+                (F.cross_entropy(model(x), y) / micro).backward()
+            opt.step()
+            opt.zero_grad()
+    [finding] = multi(monitor.report())
+    assert finding.details["updates"] == 2 and finding.details["max_updates"] == 3
+    assert finding.message.startswith("bn (BatchNorm2d): 2 to 3 running-statistics updates")
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant: bool) -> None:
         super().__init__()

@@ -156,12 +156,24 @@ class Episode:
     last_step: int
     steps: int
     first: dict[str, Any]
+    #: the largest value of the rule's :meth:`TrainingRule.peak` over the steps (``None``
+    #: for rules without one)
+    peak: float | None = None
 
-    def extend(self, first_step: int, last_step: int, steps: int, first: dict[str, Any]) -> None:
+    def extend(
+        self,
+        first_step: int,
+        last_step: int,
+        steps: int,
+        first: dict[str, Any],
+        peak: float | None = None,
+    ) -> None:
         if first_step < self.first_step:
             self.first_step, self.first = first_step, first
         self.last_step = max(self.last_step, last_step)
         self.steps += steps
+        if peak is not None:
+            self.peak = peak if self.peak is None else max(self.peak, peak)
 
 
 @dataclass
@@ -291,6 +303,12 @@ class TrainingRule:
     def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
         """The numbers of step ``i`` of the block for ``layer`` (kept in the episode)."""
         return {}
+
+    @staticmethod
+    def peak(b: StepBlock, rows: np.ndarray, layer: int) -> float | None:
+        """The largest of one number over the block's steps ``rows`` where the problem held
+        (kept in the episode as its maximum over the run; ``None``: the rule keeps none)."""
+        return None
 
     @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
@@ -491,17 +509,25 @@ class MultipleUpdatesPerStep(TrainingRule):
         }
 
     @staticmethod
+    def peak(b: StepBlock, rows: np.ndarray, layer: int) -> float | None:
+        return float(b.grad_updates[rows, layer].max())
+
+    @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
         f = ep.first
         kind = update_kind(run, ep)
-        head = f"{f['updates']} running-statistics updates per {run.step_word} {_span(run, ep)}"
+        most = int(ep.peak) if ep.peak is not None else f["updates"]
+        count = f"{f['updates']}" if most <= f["updates"] else f"{f['updates']} to {most}"
+        head = f"{count} running-statistics updates per {run.step_word} {_span(run, ep)}"
         if kind == "views":
             return None  # several inputs trained by one backward: two views, ghost BN
         if kind is None:
-            return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None})
+            return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
         severity = "info" if kind == "sources" else None
-        return Said(f"{head} (expected 1): {why}", hint, {"cause": kind}, severity)
+        return Said(
+            f"{head} (expected 1): {why}", hint, {"cause": kind, "max_updates": most}, severity
+        )
 
 
 # ---- nonfinite-stats -------------------------------------------------------------------------
@@ -734,16 +760,17 @@ def record_episodes(
     for rule, mask in conditions.items():
         if rule.startswith("_") or not mask.any():
             continue
-        first_numbers = TRAINING_RULES[rule].first
+        first_numbers, peak_of = TRAINING_RULES[rule].first, TRAINING_RULES[rule].peak
         for layer in np.flatnonzero(mask.any(axis=0)).tolist():
             idx = np.flatnonzero(mask[:, layer])
             i0, i1 = int(idx[0]), int(idx[-1])
             first = first_numbers(block, i0, layer)
+            peak = peak_of(block, idx, layer)
             key = (rule, layer)
             if key in episodes:
-                episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first)
+                episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first, peak)
             else:
-                ep = Episode(rule, layer, int(steps[i0]), int(steps[i1]), len(idx), first)
+                ep = Episode(rule, layer, int(steps[i0]), int(steps[i1]), len(idx), first, peak)
                 episodes[key] = ep
                 new.append(ep)
     return new
