@@ -94,7 +94,7 @@ from .discovery import BNLayer, is_compiled, unwrap_model
 from .engine import first_line, prepare, run_report
 from .errors import BNCheckWarning, UsageError
 from .monitor_hooks import BACKWARD, INFERENCE, KEPT_EVAL, RECALIBRATION, STILL, Call, Recorder
-from .monitor_numerics import FlatBuffers, Snapshot
+from .monitor_numerics import FlatBuffers, ParamWatch, Snapshot
 from .render import visible
 from .report import Report
 
@@ -109,9 +109,9 @@ _BIG = np.iinfo(np.int64).max
 #: the statistics updates a partial step (the calls after the last step) may make: it is no
 #: optimizer step, so ``multiple-updates-per-step`` does not judge it
 _PARTIAL_STEP_UPDATES = 1 << 30
-#: rules that judge a layer no optimizer trains as frozen: for such a layer they wait until
-#: its gamma/beta were seen unchanged over a step (a moving-average copy's change from its
-#: first step on, once the network it follows has taken an optimizer step)
+#: rules that judge a layer no optimizer trains as frozen: with warn=True, for such a layer
+#: they wait ParamWatch.MIN_CHANGES steps (a moving-average copy moves from its second step,
+#: once the network it follows has taken an optimizer step); held warnings go out at detach
 _FROZEN_JUDGED = frozenset({"frozen-bn-drift", "stats-updated-without-grad"})
 
 _INTERNAL_DIRS = (
@@ -276,9 +276,9 @@ class Monitor:
         )
         self._sync_bn = np.array([lyr.kind == "SyncBatchNorm" for lyr in layers], dtype=bool)
         self._batch_stats = np.array([lyr.uses_batch_stats for lyr in layers], dtype=bool)
-        #: copies of the gamma/beta of layers no optimizer trains, to tell a frozen layer from
-        #: a moving-average copy (its parameters change without the optimizer)
-        self._param_base: dict[int, list[torch.Tensor]] = {}
+        #: the gamma/beta of layers no optimizer trains, to tell a frozen layer from a
+        #: moving-average copy (its parameters change outside the optimizer's step)
+        self._params = ParamWatch()
         warmup = []
         for lyr in layers:
             m = lyr.momentum
@@ -351,6 +351,9 @@ class Monitor:
             self._safely(self._close_trailing_step)
             if self._pending:
                 self._flush()
+            if self.warn:  # the warnings held back for a later flush that will not come
+                self._run.moving_copies |= self._params.moving()
+                self._safely(lambda: self._emit_warnings(final=True))
 
     def _close_trailing_step(self) -> None:
         """Judge the BN calls made after the last step (e.g. a final validation pass).
@@ -440,32 +443,25 @@ class Monitor:
         return self._flags
 
     def _watch_params(self, trainable: Sequence[bool]) -> None:
-        """Keep a copy of the gamma/beta of each layer no optimizer trains now (taken when it
-        stops being trained or at attach), and none of the others."""
-        for idx, ps in enumerate(self._bn_params):
-            if not ps or (idx < len(trainable) and trainable[idx]):
-                self._param_base.pop(idx, None)
-            elif idx not in self._param_base:
-                self._param_base[idx] = [p.detach().clone() for p in ps]
+        """Watch the gamma/beta of each layer no optimizer trains now, none of the others."""
+        self._params.watch(
+            [
+                (idx, ps)
+                for idx, ps in enumerate(self._bn_params)
+                if ps and not (idx < len(trainable) and trainable[idx])
+            ]
+        )
 
-    def _note_moving_copies(self, layers: Iterable[int]) -> None:
-        """Mark those of ``layers`` whose gamma/beta changed while no optimizer trained them:
-        a moving-average copy of another network (``RunObservations.moving_copies``)."""
-        for idx in layers:
-            base = self._param_base.get(idx)
-            if base is None or idx in self._run.moving_copies:
-                continue
-            try:
-                changed = any(
-                    p.shape != b.shape or not torch.equal(p.detach(), b)
-                    for p, b in zip(self._bn_params[idx], base)
-                )
-            except RuntimeError:  # moved to another device: changed
-                changed = True
-            if changed:
-                self._run.moving_copies.add(idx)
+    def _before_step(self) -> None:
+        """At the start of an optimizer step: gamma/beta changes since the last step's end
+        were made outside the optimizer."""
+        self._params.outside()
 
     def _end_step(self) -> None:
+        if self.optimizer is not None:
+            self._params.inside()
+        else:  # a step is a forward: every change since the last one counts
+            self._params.outside()
         self._step += 1
         snap = self._flat.snapshot() if self._flat.modules else None
         calls = self._recorder.take_calls()
@@ -542,11 +538,7 @@ class Monitor:
         kept = trainable & (counts[..., C_KEPT_EVAL] > 0) & (counts[..., C_TRAIN] == 0)
         self._run.kept_eval.update(int(i) for i in np.flatnonzero(kept.any(axis=0)))
         masks = conditions(block)
-        # only layers a frozen-judging rule flags now or flagged before are compared (a run
-        # without such a problem pays nothing)
-        flagged = {int(i) for rule in _FROZEN_JUDGED for i in np.flatnonzero(masks[rule].any(0))}
-        flagged.update(layer for rule, layer in self._run.episodes if rule in _FROZEN_JUDGED)
-        self._note_moving_copies(flagged)
+        self._run.moving_copies |= self._params.moving()
         assert self._run.drift_judged is not None
         self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
         recal_steps = steps[masks["_recalibration"].any(axis=1)].tolist()
@@ -560,17 +552,20 @@ class Monitor:
         if self.warn:
             self._emit_warnings()
 
-    def _emit_warnings(self) -> None:
+    def _emit_warnings(self, final: bool = False) -> None:
+        """Warn about the new problems; ``final`` (at detach): also those held back."""
         wanted = set(self._ctx.rule_ids)
         for key, ep in list(self._run.episodes.items()):
             if key in self._warned or ep.rule not in wanted:
                 continue
             if (
-                ep.rule in _FROZEN_JUDGED
-                and ep.layer in self._param_base
-                and self._step - ep.first_step < 1
+                not final
+                and ep.rule in _FROZEN_JUDGED
+                and ep.layer in self._params.layers
+                and ep.layer not in self._run.moving_copies
+                and self._step - ep.first_step < ParamWatch.MIN_CHANGES
             ):
-                continue  # not yet told from a moving-average copy: at the next flush
+                continue  # not yet told from a moving-average copy: at a later flush
             finding = episode_finding(self._ctx, self._run, ep)
             if finding is None or finding.severity.value == "info":
                 continue
@@ -712,7 +707,7 @@ class Monitor:
         if kept_eval:
             notes.append(
                 f"{len(kept_eval)} BN layer(s) with trainable gamma/beta ran in eval mode inside "
-                "a model in train mode (running statistics kept frozen by the recipe, as "
+                "a module in train mode (running statistics kept frozen by the recipe, as "
                 f"mmdetection's norm_eval; e.g. {kept_eval[0]}): not reported by "
                 "stats-not-updating"
             )

@@ -1,8 +1,9 @@
 """The Monitor's hooks: what each watched BN call was, recorded at almost no cost.
 
 The hooks are registered globally (``torch.nn.modules.module.register_module_forward_hook``
-and ``torch.optim.optimizer.register_optimizer_step_post_hook``) and pick the watched modules
-and optimizer by identity, so the user's model and optimizer carry nothing of the Monitor:
+and ``torch.optim.optimizer.register_optimizer_step_post_hook``, with its pre-step twin) and
+pick the watched modules and optimizer by identity, so the user's model and optimizer carry
+nothing of the Monitor:
 ``torch.save(model)``, ``copy.deepcopy(model)`` and ``torch.jit.script(model)`` work inside
 and after a ``with bncheck.Monitor(model)`` block, and a copy (an EMA model, a "best model")
 is never watched. The hooks hold the Monitor through a weak reference: a Monitor dropped
@@ -13,7 +14,7 @@ grad_enabled, flags, input shape)``; ``flags`` says whether a train-mode call ra
 backward pass (a recomputed forward), under ``inference_mode``, or looks like a deliberate
 recalibration (no grad and momentum None while the layer has a momentum, or BN in train mode
 inside a model in eval mode), ran with momentum 0 (no statistics update: SAM's second pass),
-or, in eval mode, ran inside a model in train mode (BN kept in eval by the recipe). Calls
+or, in eval mode, ran inside a parent module in train mode (BN kept in eval by the recipe). Calls
 made by bncheck's own audit passes on the model (:func:`bncheck.state.auditing`) are not
 recorded.
 
@@ -36,7 +37,10 @@ from torch.nn.modules.module import (
     register_module_forward_hook,
     register_module_forward_pre_hook,
 )
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from .discovery import BNLayer
 from .monitor_numerics import CallRecord, classify_updates
@@ -103,6 +107,16 @@ class _ModuleHook:
         return (_ModuleHook, (None, self.method))
 
 
+def _parent(inner: nn.Module, name: str) -> nn.Module:
+    """The module that holds the layer named ``name`` in ``inner`` (``inner`` for a top-level
+    layer or the model itself)."""
+    prefix = name.rpartition(".")[0]
+    try:
+        return inner.get_submodule(prefix) if prefix else inner
+    except AttributeError:
+        return inner
+
+
 class Recorder:
     """Global hooks for one Monitor and what they recorded since the last step."""
 
@@ -113,6 +127,10 @@ class Recorder:
         self.inner = inner
         self._inner_id = id(inner)
         self._has_momentum = [lyr.momentum is not None for lyr in layers]
+        #: the module holding each layer: in train mode while the layer runs in eval mode, the
+        #: recipe put BN alone back in eval (norm_eval); a forgotten .train() leaves the whole
+        #: network (the parent too) in eval, whatever mode a wrapper around it is in
+        self._parents = [_parent(inner, lyr.name) for lyr in layers]
         self.optimizer: Any = None
         self.calls: list[Call] = []
         self._handles: list[Any] = []
@@ -140,6 +158,7 @@ class Recorder:
                 if pre_hook:
                     self._handles.append(register_module_forward_pre_hook(self._pre_forward))
             if optimizer is not None:
+                self._handles.append(register_optimizer_step_pre_hook(self._optimizer_pre_step))
                 self._handles.append(register_optimizer_step_post_hook(self._optimizer_step))
         except BaseException:
             self.remove()
@@ -186,7 +205,7 @@ class Recorder:
             momentum = getattr(module, "momentum", None)
             if type(momentum) in (float, int) and momentum == 0:
                 flags |= STILL
-        elif self.inner.training:
+        elif self._parents[idx].training:
             flags = KEPT_EVAL
         x = args[0] if args else None
         self.calls.append(
@@ -231,6 +250,13 @@ class Recorder:
         monitor = self._alive()
         if monitor is not None:
             monitor._before_train_forward()
+
+    def _optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer is not self.optimizer:
+            return
+        monitor = self._alive()
+        if monitor is not None:
+            monitor._safely(monitor._before_step)
 
     def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not self.optimizer:

@@ -4,11 +4,14 @@
 blocks of snapshots into per-layer summaries (see :mod:`bncheck.monitor` for the maths).
 :func:`classify_updates` judges how the several updates of one layer in one step came about,
 from the few calls the Monitor recorded in detail (see :class:`CallRecord`).
+:class:`ParamWatch` tells a moving-average copy from a frozen layer by where its gamma/beta
+change.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +19,14 @@ import torch
 
 from .discovery import BNLayer
 
-__all__ = ["FlatBuffers", "Snapshot", "CallRecord", "classify_updates", "batches_differ"]
+__all__ = [
+    "FlatBuffers",
+    "Snapshot",
+    "ParamWatch",
+    "CallRecord",
+    "classify_updates",
+    "batches_differ",
+]
 
 #: Per channel, a batch mean further than this many standard errors from another call's
 #: counts as a different distribution; ``DIFFER_FRACTION`` of the channels must be so.
@@ -142,6 +152,82 @@ class FlatBuffers:
             torch.where(exact_ch, batch_mean, self.nan),
             torch.where(exact_ch, batch_var, self.nan),
         )
+
+
+class ParamWatch:
+    """The gamma/beta of the BN layers no optimizer trains, fingerprinted (one norm per tensor,
+    one ``torch._foreach_norm``) at the start of each optimizer step and at its end: a change
+    between one step's end and the next step's start happened outside the optimizer (a
+    momentum encoder's EMA step, a ``load_state_dict``); changes the optimizer makes itself
+    (Adam's momentum on parameters just frozen) are not counted. Without an optimizer, every
+    change between two steps counts. The counts stay on the parameters' device (no host
+    transfer per step) until :meth:`moving` reads them. A layer whose gamma/beta changed
+    outside the optimizer in at least :attr:`MIN_CHANGES` steps is a moving-average copy of
+    another network (or one another optimizer trains), not a frozen layer."""
+
+    #: steps with a change outside the optimizer that make a layer a moving-average copy
+    #: (one change is a load_state_dict or a manual edit, not a copy that follows a network)
+    MIN_CHANGES = 2
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.owners: list[int] = []
+        self.layers: frozenset[int] = frozenset()
+        self.last: torch.Tensor | None = None
+        self.changes: torch.Tensor | None = None
+        self.totals: Counter[int] = Counter()
+
+    def watch(self, layer_params: Sequence[tuple[int, Sequence[torch.Tensor]]]) -> None:
+        """Watch these layers' parameters from now on (what was counted is kept)."""
+        self._fold()
+        self.params = [p for _, ps in layer_params for p in ps]
+        self.owners = [idx for idx, ps in layer_params for _ in ps]
+        self.layers = frozenset(self.owners)
+        self.last = self._fingerprint()
+
+    def _fingerprint(self) -> torch.Tensor | None:
+        if not self.params:
+            return None
+        try:
+            with torch.no_grad():
+                norms = torch._foreach_norm([p.detach() for p in self.params])
+                try:
+                    return torch.stack(norms).double()
+                except RuntimeError:  # mixed dtypes or devices
+                    return torch.stack([n.double().cpu() for n in norms])
+        except Exception:  # a tensor foreach cannot take: not watched
+            return None
+
+    def outside(self) -> None:
+        """Compare with the last fingerprint: the changes since then were made outside the
+        optimizer's step."""
+        now = self._fingerprint()
+        last = self.last
+        if now is not None and last is not None and now.shape == last.shape:
+            if now.device != last.device:
+                last = last.to(now.device)
+            same = (now == last) | (now.isnan() & last.isnan())
+            changed = (~same).long()
+            self.changes = changed if self.changes is None else self.changes + changed
+        self.last = now
+
+    def inside(self) -> None:
+        """The optimizer stepped: what changed during its step is not counted."""
+        self.last = self._fingerprint()
+
+    def _fold(self) -> None:
+        if self.changes is None:
+            return
+        per_layer: dict[int, int] = {}
+        for idx, count in zip(self.owners, self.changes.cpu().tolist()):
+            per_layer[idx] = max(per_layer.get(idx, 0), int(count))
+        self.totals.update(per_layer)
+        self.changes = None
+
+    def moving(self) -> set[int]:
+        """The layers that changed outside the optimizer in at least MIN_CHANGES steps."""
+        self._fold()
+        return {idx for idx, count in self.totals.items() if count >= self.MIN_CHANGES}
 
 
 @dataclass

@@ -256,6 +256,10 @@ class TrainCall:
     raw_in: RawStats | None = field(default=None, repr=False)
     raw_out: RawStats | None = field(default=None, repr=False)
     measured: bool = False
+    #: ``gamma``/``beta`` the module holds but its ``F.batch_norm`` was not given (decided at
+    #: the module's exit, with ``op_output``, the op's result)
+    affine_after: tuple[str, ...] = ()
+    op_output: torch.Tensor | None = field(default=None, repr=False)
     #: why ``input_stats`` have no per-sample sums although ``bn-reused`` wanted them (the
     #: first call of a layer called again, whose input changed after the call)
     sums_unread: str | None = None
@@ -1151,23 +1155,29 @@ def _host_float64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
-def _affine_from_op(rec: TrainCall, module: nn.Module, bound: dict[str, Any] | None) -> None:
-    """The ``gamma``/``beta`` of a call whose output is its ``F.batch_norm``'s (``bound``: the
-    op's arguments by name) are what the op was given: the module's own tensors (the common
-    case, copied already), others (a parametrized weight, ``torch.nn.utils.parametrize`` or
-    ``weight_norm``, computed on each access; a cast copy), or none (a layer that applies its
-    gamma/beta after the op, or a conditional BN's from an embedding: the op's output is then
-    the normalised tensor before any affine step)."""
+def _affine_from_op(
+    rec: TrainCall, module: nn.Module, bound: dict[str, Any] | None, out: torch.Tensor
+) -> None:
+    """Complete the ``gamma``/``beta`` of a call whose output is its ``F.batch_norm``'s
+    (``bound``: the op's arguments by name, ``out`` its result). Where the module holds no
+    tensor of that name (a parametrized weight, ``torch.nn.utils.parametrize`` or
+    ``weight_norm``, lives elsewhere and is computed on each access), they are what the op was
+    given. Where it holds one and the op got none, the layer may apply its own after the op
+    (the post hook decides: the module then returns another tensor than the op's); any other
+    tensor the op got instead of the module's own is judged against the module's (a swapped
+    or forgotten weight is a bug the check reports)."""
     if bound is None:
         return
+    after: list[str] = []
     for attr, name in (("gamma", "weight"), ("beta", "bias")):
         t = bound[name]
-        if t is None:
-            setattr(rec, attr, None)
-        elif t is _own_affine(module, name) and getattr(rec, attr) is not None:
-            continue
-        elif isinstance(t, torch.Tensor) and t.dim() == 1:
-            setattr(rec, attr, _host_float64(t))
+        if getattr(rec, attr) is None:
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                setattr(rec, attr, _host_float64(t))
+        elif t is None:
+            after.append(attr)
+    if after:
+        rec.affine_after, rec.op_output = tuple(after), out
 
 
 def _own_affine(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -1463,7 +1473,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         if not isinstance(inp, torch.Tensor):
             return
         _measure(rec, inp, out)
-        _affine_from_op(rec, module, _batch_norm_arguments(args, kwargs))
+        _affine_from_op(rec, module, _batch_norm_arguments(args, kwargs), out)
         rec.norm_source = "batch_norm"
 
     tracer.listeners.append(on_op)
@@ -1516,7 +1526,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
         with tracer.paused():
             kernel = _kernel_stats(x, mean, invstd, float(bound["eps"])) if backend == 0 else None
             _measure(rec, x, out, kernel)
-            _affine_from_op(rec, active[-1][1], bound)
+            _affine_from_op(rec, active[-1][1], bound, out)
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]
@@ -1588,6 +1598,14 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                 if not rec.training:
                     return
                 out = _first_tensor(output)
+                if rec.affine_after:
+                    # the op got no gamma/beta of the module's own: applied after it when the
+                    # module returns another tensor than the op's (then the op's output is the
+                    # normalised tensor before any affine step)
+                    if out is not rec.op_output:
+                        for attr in rec.affine_after:
+                            setattr(rec, attr, None)
+                    rec.op_output = None
                 if (
                     rec.norm_source is None
                     and isinstance(x_in, torch.Tensor)

@@ -256,3 +256,30 @@ def test_gamma_beta_applied_after_the_op_are_not_a_normalization_error(act: str)
     report = bncheck.audit(_model(norm).train(), _batch())
     assert report.filter(rules=["normalization"]) == []
     assert _rules(report, "error") == []
+
+
+class WeightNotGiven(nn.BatchNorm2d):
+    """Trained gamma/beta the forward never uses: F.batch_norm gets none and nothing applies
+    them after (a forgotten argument)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, True, 0.1, self.eps)
+
+
+class SwappedAffine(nn.BatchNorm2d):
+    """bias and weight handed to F.batch_norm in each other's place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.bias, self.weight, True, 0.1, self.eps
+        )
+
+
+@pytest.mark.parametrize("cls", [WeightNotGiven, SwappedAffine])
+def test_gamma_beta_the_op_did_not_apply_are_still_a_normalization_error(cls) -> None:
+    norm = cls(8)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + torch.rand(8, generator=torch.Generator().manual_seed(2)))
+        norm.bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(3)))
+    report = bncheck.audit(_model(norm).train(), _batch())
+    assert [f.layer for f in report.filter(rules=["normalization"])] == ["1"]

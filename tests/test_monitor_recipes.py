@@ -600,3 +600,76 @@ def test_forgetting_model_train_after_validation_is_still_found():
         "block2.1",
     }
     assert not any("norm_eval" in n for n in report.notes)
+
+
+def test_a_forgotten_train_inside_a_wrapper_in_train_mode_is_still_found():
+    """The loss wrapper (model + criterion) stays in train mode; validation called
+    ``net.eval()`` and training never called ``net.train()`` again: the whole network, not
+    BN alone, runs in eval mode."""
+    torch.manual_seed(0)
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TwoBlock()
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.net(x), y)
+
+    model = WithLoss().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(7)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        model.net.eval()  # validation; .train() is never called again
+        for _ in range(3):
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 2, (8,))
+            opt.zero_grad()
+            model(x, y).backward()
+            opt.step()
+    report = monitor.report()
+    found = {f.layer for f in report.filter(rules=["stats-not-updating"])}
+    assert found == {"net.block1.1", "net.block2.1"}
+    assert not any("norm_eval" in n for n in report.notes)
+
+
+def frozen_backbone_run(event: str, warn: bool = False, steps: int = 4):
+    """A frozen backbone left in train mode (frozen-bn-drift) whose gamma/beta change once
+    in a way a moving-average copy's never would: a ``load_state_dict`` after attaching, the
+    watched Adam moving them inside its step after a mid-run freeze, a NaN gamma that stays
+    NaN."""
+    torch.manual_seed(0)
+    model = TwoBlock()
+    if event != "freeze-mid-run":
+        model.block1.requires_grad_(False)
+    if event == "nan":
+        with torch.no_grad():
+            model.block1[1].weight[0] = float("nan")
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(8)
+    saved = {k: v.clone() + 0.01 for k, v in model.state_dict().items()}
+    with _recorded() as caught, bncheck.Monitor(model, optimizer=opt, warn=warn) as monitor:
+        for step in range(steps):
+            if event == "load" and step == 1:
+                model.load_state_dict(saved)
+            if event == "freeze-mid-run" and step == 1:
+                model.block1.requires_grad_(False)
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 2, (8,))
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    warned = [w for w in caught if issubclass(w.category, bncheck.BNCheckWarning)]
+    return monitor.report(), warned
+
+
+@pytest.mark.parametrize("event", ["load", "freeze-mid-run", "nan"])
+def test_a_frozen_layer_whose_params_changed_once_or_inside_the_step_is_still_frozen(event):
+    report, _ = frozen_backbone_run(event)
+    assert [f.layer for f in report.filter(rules=["frozen-bn-drift"])] == ["block1.1"]
+    assert not any("moving-average copy" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_warning_held_back_for_a_frozen_layer_is_given_at_detach(steps):
+    report, warned = frozen_backbone_run("none", warn=True, steps=steps)
+    assert report.filter(rules=["frozen-bn-drift"])
+    assert any("frozen-bn-drift" in str(w.message) for w in warned)

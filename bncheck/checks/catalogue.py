@@ -120,9 +120,6 @@ CATALOGUE: tuple[RuleInfo, ...] = (
         "warning",
         "model",
         "Affine parameters frozen but the layer is in train mode: its statistics still move.",
-        # a frozen layer that mirrors a trained one (a momentum encoder's layout): by design
-        # when it is a moving-average copy, which the model alone cannot tell
-        causes=(("mirrors-trained-layer", "info"),),
     ),
     # ---- buffers ----------------------------------------------------------------------
     RuleInfo(

@@ -218,46 +218,22 @@ def frozen_bn_in_train_mode(ctx: AuditContext) -> Iterator[Finding]:
         if run is not None and getattr(run, "moving_copies", None)
         else set()
     )
-    frozen_layers: list[tuple[BNLayer, bool, bool | None]] = []
-    trained: list[BNLayer] = []
     for layer in _usable(ctx.layers):
-        if not layer.params:
+        if not layer.module.training or not layer.params or not layer.has_running_stats:
+            continue
+        if layer.name in moving:
+            continue
+        if not layer.track_running_stats or layer.momentum == 0:
             continue
         frozen = layer.params_frozen
         optimized = _in_optimizer(ctx, layer)
         if not frozen and optimized is not False:
-            trained.append(layer)
             continue
-        if not layer.module.training or not layer.has_running_stats or layer.name in moving:
-            continue
-        if not layer.track_running_stats or layer.momentum == 0:
-            continue
-        frozen_layers.append((layer, frozen, optimized))
-    twins = _trained_twins([lyr for lyr, _, _ in frozen_layers], trained)
-    for layer, frozen, optimized in frozen_layers:
         why = (
             "gamma/beta have requires_grad=False"
             if frozen
             else "gamma/beta are in no optimizer param group"
         )
-        twin = twins.get(layer.name)
-        if twin is not None:
-            yield ctx.finding(
-                "frozen-bn-in-train-mode",
-                layer,
-                f"{why} and the layer is in train mode, as the trained layer it mirrors "
-                f"({twin}): a moving-average copy of that network (a MoCo key encoder, a "
-                "BYOL target, a mean teacher) updates its statistics in train mode by "
-                "design; a frozen copy would have them drift",
-                hint="if it is a frozen copy, call .eval() on it after every model.train(); "
-                "bncheck.Monitor tells the two apart from how its gamma/beta change",
-                severity_cause="mirrors-trained-layer",
-                cause="mirrors-trained-layer",
-                requires_grad=not frozen,
-                in_optimizer=optimized,
-                mirrors=twin,
-            )
-            continue
         yield ctx.finding(
             "frozen-bn-in-train-mode",
             layer,
@@ -268,45 +244,6 @@ def frozen_bn_in_train_mode(ctx: AuditContext) -> Iterator[Finding]:
             requires_grad=not frozen,
             in_optimizer=optimized,
         )
-
-
-def _trained_twins(frozen: list[BNLayer], trained: list[BNLayer]) -> dict[str, str]:
-    """For frozen layers, the trained BN layer each mirrors: same kind and width, a name that
-    differs in one component (``encoder_k.layer1.0.bn1`` and ``encoder_q.layer1.0.bn1``,
-    ``target.net.1`` and ``online.net.1``): the layout of a momentum (EMA) copy kept beside
-    the network it follows."""
-    if not frozen or not trained:
-        return {}
-
-    def keys(layer: BNLayer) -> list[tuple[Any, ...]]:
-        parts = layer.name.split(".")
-        return [
-            (layer.kind, layer.num_features, i, *parts[:i], *parts[i + 1 :])
-            for i in range(len(parts))
-        ]
-
-    index: dict[tuple[Any, ...], str] = {}
-    for layer in trained:
-        for key in keys(layer):
-            index.setdefault(key, layer.name)
-    found: dict[str, str] = {}
-    for layer in frozen:
-        parts = layer.name.split(".")
-        for key in keys(layer):
-            twin = index.get(key)
-            if twin is None or twin == layer.name:
-                continue
-            i = key[2]
-            # two stages or blocks of one network (layer1/layer2, features.4/features.5) are
-            # not copies of each other: names that differ only in a number do not count
-            if _without_digits(parts[i]) != _without_digits(twin.split(".")[i]):
-                found[layer.name] = twin
-                break
-    return found
-
-
-def _without_digits(part: str) -> str:
-    return part.rstrip("0123456789")
 
 
 def _nonfinite_mask(t: torch.Tensor) -> torch.Tensor:

@@ -92,9 +92,9 @@ S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S
 #: train-mode calls of a layer whose momentum was 0 at the call (batch statistics normalise,
 #: the running statistics stay as they were: SAM's second pass, ``disable_running_stats``;
 #: only ``num_batches_tracked`` moves), not counted as updates of any kind;
-#: ``kept_eval_calls``: eval-mode calls while the watched model itself was in train mode (BN
-#: kept in eval mode by the recipe: mmdetection's ``norm_eval``, fine-tuning with frozen
-#: statistics).
+#: ``kept_eval_calls``: eval-mode calls while the module holding the layer was in train mode
+#: (BN alone kept in eval mode by the recipe: mmdetection's ``norm_eval``, fine-tuning with
+#: frozen statistics).
 COUNT_COLUMNS: tuple[str, ...] = (
     "train_calls",
     "eval_calls",
