@@ -673,3 +673,43 @@ def test_a_warning_held_back_for_a_frozen_layer_is_given_at_detach(steps):
     report, warned = frozen_backbone_run("none", warn=True, steps=steps)
     assert report.filter(rules=["frozen-bn-drift"])
     assert any("frozen-bn-drift" in str(w.message) for w in warned)
+
+
+class CounterlessBN(nn.Module):
+    """A hand-written BN without parameters or counter (FrozenBatchNorm's signature) that
+    batch-normalises in train mode and updates its running statistics."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            m, v = self.running_mean, self.running_var
+        else:
+            m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(m, 0.1)
+                self.running_var.lerp_(v, 0.1)
+        return (x - m[:, None, None]) / torch.sqrt(v[:, None, None] + 1e-5)
+
+
+def test_a_counterless_bn_that_batch_normalises_is_judged_on_its_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        CounterlessBN(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            x, y = torch.randn(2, 3, 4, 4), torch.randint(0, 2, (2,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert [f.layer for f in monitor.report().filter(rules=["small-batch"])] == ["1"]

@@ -227,9 +227,12 @@ class StepBlock:
 
     @cached_property
     def uses_batch_stats(self) -> np.ndarray:
+        """Layers that normalise with batch statistics in train mode: not of FrozenBatchNorm's
+        signature, or whose running buffers moved in the step (a hand-written BN without a
+        counter or parameters updates them; a FrozenBatchNorm never does)."""
         n_layers = self.updates.shape[1]
         mask = np.ones(n_layers, dtype=bool) if self.batch_stats is None else self.batch_stats
-        return np.broadcast_to(mask[None, :], self.updates.shape)
+        return np.broadcast_to(mask[None, :], self.updates.shape) | self.moved
 
     @cached_property
     def updates(self) -> np.ndarray:
