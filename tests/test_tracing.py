@@ -177,6 +177,9 @@ class Reused(nn.Module):
 
 
 def test_bn_called_at_several_places_is_reused() -> None:
+    # seeded: with 4 samples, about one random init in 70 makes the three calls' statistics
+    # alike enough for the "one distribution" info (the verdict depends on the weights)
+    torch.manual_seed(0)
     report = bncheck.audit(Reused(3), _x(), select=TRACING)
     found = _rules(report, "bn-reused")
     assert [f.layer for f in found] == ["bn"]
