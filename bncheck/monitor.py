@@ -59,6 +59,7 @@ import math
 import os
 import sys
 import warnings
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -81,6 +82,8 @@ from .checks.training import (
     C_STILL,
     C_TRAIN,
     COUNT_COLUMNS,
+    S_MOVED,
+    S_NONFINITE,
     STAT_COLUMNS,
     RunObservations,
     StepBlock,
@@ -145,6 +148,7 @@ def count_calls(
     counts[..., C_MINBATCH : C_MINSAMPLES + 1] = _BIG
     for s, calls in enumerate(pending_calls):
         block = counts[s]
+        trained_with_grad = False
         for idx, training, grad, flags, shape in calls:
             row = block[idx]
             if not training:
@@ -153,6 +157,7 @@ def count_calls(
                     row[C_KEPT_EVAL] += 1
                 continue
             row[C_TRAIN] += 1
+            trained_with_grad = trained_with_grad or grad
             if flags & STILL:
                 row[C_STILL] += 1  # momentum 0: normalised, no update of the statistics
             elif grad:
@@ -170,6 +175,11 @@ def count_calls(
                 samples = math.prod(shape) // int(shape[1]) if len(shape) >= 2 and shape[1] else n
                 row[C_MINBATCH] = min(row[C_MINBATCH], n)
                 row[C_MINSAMPLES] = min(row[C_MINSAMPLES], samples)
+        if trained_with_grad:
+            # other BN layers trained in this step: the ones that ran in eval mode were kept
+            # there by the recipe (a frozen backbone's .eval() inside model.train()), not
+            # left there by a forgotten model.train()
+            block[:, C_KEPT_EVAL] = block[:, C_EVAL]
     no_train = counts[..., C_TRAIN] == 0
     counts[..., C_MINBATCH][no_train] = 0
     counts[..., C_MINSAMPLES][no_train] = 0
@@ -276,6 +286,9 @@ class Monitor:
         )
         self._sync_bn = np.array([lyr.kind == "SyncBatchNorm" for lyr in layers], dtype=bool)
         self._batch_stats = np.array([lyr.uses_batch_stats for lyr in layers], dtype=bool)
+        #: per layer: steps with train-mode calls in which its finite running buffers moved
+        #: (a counterless BN that updates them batch-normalises, whatever its signature)
+        self._buffer_moves = np.zeros(n, dtype=np.int64)
         #: the gamma/beta of layers no optimizer trains, to tell a frozen layer from a
         #: moving-average copy (its parameters change outside the optimizer's step)
         self._params = ParamWatch()
@@ -332,6 +345,9 @@ class Monitor:
             pre_hook=self._dist is not None,
             per_module=is_compiled(self.model),
         )
+        # a Monitor dropped without detach(): its process-wide hooks (which hold the model
+        # and the optimizer) go with it, not at the next watched call that may never come
+        weakref.finalize(self, self._recorder.remove)
         if self._flat.modules:  # the baseline: what happened while detached is not judged
             self._base = self._flat.snapshot()
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
@@ -444,12 +460,19 @@ class Monitor:
 
     def _watch_params(self, trainable: Sequence[bool]) -> None:
         """Watch the gamma/beta of each layer no optimizer trains now, none of the others."""
+        opt = self.optimizer
+        optimized = (
+            frozenset(id(p) for g in opt.param_groups for p in g["params"])
+            if opt is not None
+            else frozenset()
+        )
         self._params.watch(
             [
                 (idx, ps)
                 for idx, ps in enumerate(self._bn_params)
                 if ps and not (idx < len(trainable) and trainable[idx])
-            ]
+            ],
+            optimized,
         )
 
     def _before_step(self) -> None:
@@ -472,6 +495,19 @@ class Monitor:
             self._sync_due = True
         if self.warn or len(self._pending) >= self.flush_every:
             self._flush()
+
+    def _batch_stats_now(self, stats: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Which layers normalise with batch statistics: by signature, or (a layer with
+        FrozenBatchNorm's signature) once its finite running buffers moved in at least two
+        steps with train-mode calls (one move is a load_state_dict, not an update)."""
+        with np.errstate(invalid="ignore"):
+            moved = (
+                (stats[..., S_MOVED] > 0)
+                & (stats[..., S_NONFINITE] == 0)
+                & (counts[..., C_TRAIN] > 0)
+            )
+        self._buffer_moves += moved.sum(axis=0)
+        return self._batch_stats | (self._buffer_moves >= 2)
 
     def _note_update_kinds(self, kinds: dict[int, str]) -> None:
         for idx, kind in kinds.items():
@@ -527,7 +563,7 @@ class Monitor:
             sync_bn=self._sync_bn,
             expected_updates=1 + np.array(skipped, dtype=np.int64),
             frozen_reason=reasons or ("",) * n_layers,
-            batch_stats=self._batch_stats,
+            batch_stats=self._batch_stats_now(stats, counts),
         )
         if self._compiled and not self._hooks_silent:
             # statistics updated with no BN call seen: dynamo compiled the model before the
@@ -706,9 +742,10 @@ class Monitor:
         kept_eval = sorted(self.layers[i].name for i in self._run.kept_eval)
         if kept_eval:
             notes.append(
-                f"{len(kept_eval)} BN layer(s) with trainable gamma/beta ran in eval mode inside "
-                "a module in train mode (running statistics kept frozen by the recipe, as "
-                f"mmdetection's norm_eval; e.g. {kept_eval[0]}): not reported by "
+                f"{len(kept_eval)} BN layer(s) with trainable gamma/beta ran in eval mode while "
+                "the module holding them, or other BN layers, trained (running statistics "
+                "kept frozen by the recipe: mmdetection's norm_eval, a backbone's .eval() "
+                f"inside model.train(); e.g. {kept_eval[0]}): not reported by "
                 "stats-not-updating"
             )
         if self._hooks_silent:

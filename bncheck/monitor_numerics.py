@@ -156,14 +156,17 @@ class FlatBuffers:
 
 class ParamWatch:
     """The gamma/beta of the BN layers no optimizer trains, fingerprinted (one norm per tensor,
-    one ``torch._foreach_norm``) at the start of each optimizer step and at its end: a change
+    one ``torch._foreach_norm``) at the start of each optimizer step and at its end. A change
     between one step's end and the next step's start happened outside the optimizer (a
-    momentum encoder's EMA step, a ``load_state_dict``); changes the optimizer makes itself
-    (Adam's momentum on parameters just frozen) are not counted. Without an optimizer, every
-    change between two steps counts. The counts stay on the parameters' device (no host
-    transfer per step) until :meth:`moving` reads them. A layer whose gamma/beta changed
-    outside the optimizer in at least :attr:`MIN_CHANGES` steps is a moving-average copy of
-    another network (or one another optimizer trains), not a frozen layer."""
+    momentum encoder's EMA step, a ``load_state_dict``); so did any change, even during the
+    step, to a tensor in none of the optimizer's param groups (an EMA step in an optimizer
+    step hook). Changes the optimizer makes to its own parameters (Adam's momentum on
+    parameters just frozen) are not counted. Without an optimizer, every change between two
+    steps counts. A tensor whose dtype or device changed is fingerprinted anew (a cast is not
+    a change). The counts stay on the parameters' device (no host transfer per step) until
+    :meth:`moving` reads them. A layer whose gamma/beta changed outside the optimizer in at
+    least :attr:`MIN_CHANGES` steps is a moving-average copy of another network (or one
+    another optimizer trains), not a frozen layer."""
 
     #: steps with a change outside the optimizer that make a layer a moving-average copy
     #: (one change is a load_state_dict or a manual edit, not a copy that follows a network)
@@ -173,21 +176,34 @@ class ParamWatch:
         self.params: list[torch.Tensor] = []
         self.owners: list[int] = []
         self.layers: frozenset[int] = frozenset()
+        #: per tensor: outside every param group of the watched optimizer
+        self.unowned: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
+        self.kinds: list[tuple[torch.dtype, torch.device]] = []
         self.changes: torch.Tensor | None = None
         self.totals: Counter[int] = Counter()
 
-    def watch(self, layer_params: Sequence[tuple[int, Sequence[torch.Tensor]]]) -> None:
-        """Watch these layers' parameters from now on (what was counted is kept)."""
+    def watch(
+        self,
+        layer_params: Sequence[tuple[int, Sequence[torch.Tensor]]],
+        optimized: frozenset[int] = frozenset(),
+    ) -> None:
+        """Watch these layers' parameters from now on (what was counted is kept);
+        ``optimized``: ids of the tensors in the watched optimizer's param groups."""
         self._fold()
         self.params = [p for _, ps in layer_params for p in ps]
         self.owners = [idx for idx, ps in layer_params for _ in ps]
         self.layers = frozenset(self.owners)
+        self.unowned = torch.tensor([id(p) not in optimized for p in self.params])
         self.last = self._fingerprint()
 
     def _fingerprint(self) -> torch.Tensor | None:
         if not self.params:
             return None
+        kinds = [(p.dtype, p.device) for p in self.params]
+        if kinds != self.kinds:  # cast or moved: a new baseline, nothing counted across it
+            self._fold()
+            self.kinds, self.last = kinds, None
         try:
             with torch.no_grad():
                 norms = torch._foreach_norm([p.detach() for p in self.params])
@@ -198,22 +214,27 @@ class ParamWatch:
         except Exception:  # a tensor foreach cannot take: not watched
             return None
 
-    def outside(self) -> None:
-        """Compare with the last fingerprint: the changes since then were made outside the
-        optimizer's step."""
+    def _advance(self, only_unowned: bool) -> None:
         now = self._fingerprint()
         last = self.last
         if now is not None and last is not None and now.shape == last.shape:
-            if now.device != last.device:
-                last = last.to(now.device)
             same = (now == last) | (now.isnan() & last.isnan())
-            changed = (~same).long()
-            self.changes = changed if self.changes is None else self.changes + changed
+            changed = ~same
+            if only_unowned and self.unowned is not None:
+                changed &= self.unowned.to(changed.device)
+            counted = changed.long()
+            self.changes = counted if self.changes is None else self.changes + counted
         self.last = now
 
+    def outside(self) -> None:
+        """The start of an optimizer step (or a step's end without one): every change since
+        the last fingerprint was made outside the optimizer."""
+        self._advance(only_unowned=False)
+
     def inside(self) -> None:
-        """The optimizer stepped: what changed during its step is not counted."""
-        self.last = self._fingerprint()
+        """The end of an optimizer step: only changes to tensors outside its param groups
+        count (the optimizer may change its own)."""
+        self._advance(only_unowned=True)
 
     def _fold(self) -> None:
         if self.changes is None:

@@ -260,6 +260,7 @@ class TrainCall:
     #: the module's exit, with ``op_output``, the op's result)
     affine_after: tuple[str, ...] = ()
     op_output: torch.Tensor | None = field(default=None, repr=False)
+    op_version: int = 0
     #: why ``input_stats`` have no per-sample sums although ``bn-reused`` wanted them (the
     #: first call of a layer called again, whose input changed after the call)
     sums_unread: str | None = None
@@ -1177,7 +1178,15 @@ def _affine_from_op(
         elif t is None:
             after.append(attr)
     if after:
-        rec.affine_after, rec.op_output = tuple(after), out
+        rec.affine_after, rec.op_output, rec.op_version = tuple(after), out, _version_of(out)
+
+
+def _version_of(t: torch.Tensor) -> int:
+    """``t``'s version counter (-1 for a tensor without one: an inference tensor)."""
+    try:
+        return int(t._version)
+    except Exception:
+        return -1
 
 
 def _own_affine(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -1600,9 +1609,13 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                 out = _first_tensor(output)
                 if rec.affine_after:
                     # the op got no gamma/beta of the module's own: applied after it when the
-                    # module returns another tensor than the op's (then the op's output is the
-                    # normalised tensor before any affine step)
-                    if out is not rec.op_output:
+                    # module returns another tensor than the op's, or the op's changed in place
+                    # (then the op's output was the normalised tensor before any affine step)
+                    if (
+                        out is None
+                        or out is not rec.op_output
+                        or _version_of(out) != rec.op_version
+                    ):
                         for attr in rec.affine_after:
                             setattr(rec, attr, None)
                     rec.op_output = None

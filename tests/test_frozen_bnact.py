@@ -283,3 +283,22 @@ def test_gamma_beta_the_op_did_not_apply_are_still_a_normalization_error(cls) ->
         norm.bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(3)))
     report = bncheck.audit(_model(norm).train(), _batch())
     assert [f.layer for f in report.filter(rules=["normalization"])] == ["1"]
+
+
+class AffineInPlaceAfterOp(nn.BatchNorm2d):
+    """gamma/beta applied in place on the op's output (the module returns the op's tensor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.batch_norm(
+            x, self.running_mean, self.running_var, None, None, True, self.momentum, self.eps
+        )
+        return out.mul_(self.weight[:, None, None]).add_(self.bias[:, None, None])
+
+
+def test_gamma_beta_applied_in_place_after_the_op_are_not_a_normalization_error() -> None:
+    norm = AffineInPlaceAfterOp(8)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + torch.rand(8, generator=torch.Generator().manual_seed(2)))
+        norm.bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(3)))
+    report = bncheck.audit(_model(norm).train(), _batch())
+    assert report.filter(rules=["normalization"]) == []

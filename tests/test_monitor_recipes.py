@@ -713,3 +713,129 @@ def test_a_counterless_bn_that_batch_normalises_is_judged_on_its_batch():
             F.cross_entropy(model(x), y).backward()
             opt.step()
     assert [f.layer for f in monitor.report().filter(rules=["small-batch"])] == ["1"]
+
+
+def test_byol_target_moved_in_an_optimizer_step_hook_is_not_a_frozen_bn():
+    """The EMA step in the optimizer's own step post-hook (it runs inside the step, before
+    the Monitor's): the target's parameters are in none of its param groups, so the change is
+    not the optimizer's."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"online": Encoder(), "target": Encoder()})
+    model["target"].load_state_dict(model["online"].state_dict())
+    model["target"].requires_grad_(False)
+    opt = torch.optim.SGD(model["online"].parameters(), lr=0.1)
+
+    def ema(*_):
+        with torch.no_grad():
+            for po, pt in zip(model["online"].parameters(), model["target"].parameters()):
+                pt.mul_(0.99).add_(po, alpha=0.01)
+
+    opt.register_step_post_hook(ema)
+    gen = torch.Generator().manual_seed(9)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(4):
+            x = torch.randn(32, 3, 8, 8, generator=gen)
+            with torch.no_grad():
+                t = model["target"](augment(x, gen))
+            loss = -F.cosine_similarity(model["online"](augment(x, gen)), t).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert monitor.report().filter(rules=FROZEN_RULES) == []
+
+
+def test_a_frozen_layer_cast_and_cast_back_is_still_frozen():
+    torch.manual_seed(0)
+    model = TwoBlock()
+    model.block1.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    gen = torch.Generator().manual_seed(10)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for step in range(4):
+            if step == 1:
+                model.double()
+            if step == 2:
+                model.float()
+            dtype = torch.float64 if step == 1 else torch.float32
+            x = torch.randn(8, 3, 8, 8, generator=gen, dtype=dtype)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
+            opt.step()
+    assert [f.layer for f in monitor.report().filter(rules=["frozen-bn-drift"])] == ["block1.1"]
+
+
+def test_a_backbone_kept_in_eval_inside_model_train_is_a_note():
+    """``train()`` overridden to keep the backbone in eval (its BN statistics frozen, its
+    weights still optimized) while the head's BN trains."""
+    torch.manual_seed(0)
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = TwoBlock()
+            self.head = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+        def train(self, mode: bool = True) -> Frozen:
+            super().train(mode)
+            self.backbone.eval()
+            return self
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+    model = Frozen().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(11)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 2, (32,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    report = monitor.report()
+    assert report.filter(rules=["stats-not-updating"]) == []
+    assert any("kept frozen by the recipe" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("event", ["load", "nan"])
+def test_a_frozen_batchnorm_whose_buffers_changed_once_is_not_a_small_batch(event):
+    from zoo import FrozenBN2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        FrozenBN2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    if event == "nan":
+        model[1].running_var[0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for step in range(4):
+            if event == "load" and step == 2:
+                model[1].running_mean.add_(0.1)  # a load_state_dict of other statistics
+            x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 2, (2,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert monitor.report().filter(rules=["small-batch"]) == []
+
+
+def test_a_monitor_dropped_without_detach_frees_the_model():
+    import gc
+    import weakref
+
+    from torch.optim import optimizer as optim_module
+
+    before = len(optim_module._global_optimizer_pre_hooks)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = bncheck.Monitor(model, optimizer=opt).attach()
+    alive = weakref.ref(model)
+    del monitor, model, opt
+    gc.collect()
+    assert alive() is None
+    assert len(optim_module._global_optimizer_pre_hooks) == before

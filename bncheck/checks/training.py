@@ -222,17 +222,15 @@ class StepBlock:
     sync_bn: np.ndarray | None = None  # [L]
     expected_updates: np.ndarray | None = None  # [S]: 1 + iterations a GradScaler skipped
     frozen_reason: Sequence[str] = ()
-    #: [L] the layer normalises with batch statistics in train mode (not a FrozenBatchNorm)
+    #: [L] the layer normalises with batch statistics in train mode: not of FrozenBatchNorm's
+    #: signature, or seen updating its running buffers (a hand-written BN without counter)
     batch_stats: np.ndarray | None = None
 
     @cached_property
     def uses_batch_stats(self) -> np.ndarray:
-        """Layers that normalise with batch statistics in train mode: not of FrozenBatchNorm's
-        signature, or whose running buffers moved in the step (a hand-written BN without a
-        counter or parameters updates them; a FrozenBatchNorm never does)."""
         n_layers = self.updates.shape[1]
         mask = np.ones(n_layers, dtype=bool) if self.batch_stats is None else self.batch_stats
-        return np.broadcast_to(mask[None, :], self.updates.shape) | self.moved
+        return np.broadcast_to(mask[None, :], self.updates.shape)
 
     @cached_property
     def updates(self) -> np.ndarray:
