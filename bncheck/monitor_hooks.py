@@ -132,6 +132,11 @@ class Recorder:
         #: network (the parent too) in eval, whatever mode a wrapper around it is in
         self._parents = [_parent(inner, lyr.name) for lyr in layers]
         self.optimizer: Any = None
+        #: nesting of the watched optimizer's step: torch runs the global step hooks around
+        #: each class's patched ``step``, so a subclass whose step calls ``super().step()``
+        #: fires them twice; only the outermost pair is a step. A train-mode BN call resets
+        #: it (a step that raised never ran its post hook; LBFGS's closure runs inside one)
+        self._step_depth = 0
         self.calls: list[Call] = []
         self._handles: list[Any] = []
         self._step = 0  # steps finished (for arming)
@@ -211,6 +216,8 @@ class Recorder:
         self.calls.append(
             (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
         )
+        if training:
+            self._step_depth = 0
         if training and grad and not flags & STILL:
             if self._seen[idx] == self._step:  # a second update in this step
                 if idx not in self._armed:
@@ -254,6 +261,9 @@ class Recorder:
     def _optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not self.optimizer:
             return
+        self._step_depth += 1
+        if self._step_depth > 1:
+            return  # a parent class's step inside the subclass's
         monitor = self._alive()
         if monitor is not None:
             monitor._safely(monitor._before_step)
@@ -261,6 +271,9 @@ class Recorder:
     def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not self.optimizer:
             return
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth:
+            return  # the end of a parent class's step inside the subclass's
         monitor = self._alive()
         if monitor is not None:
             monitor._safely(monitor._end_step)
@@ -308,3 +321,4 @@ class Recorder:
         """Forget what was recorded (attach: what happened while detached is not judged)."""
         self.calls = []
         self._details = {}
+        self._step_depth = 0

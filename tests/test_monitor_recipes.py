@@ -9,6 +9,7 @@ train mode, one BN across the time steps of a recurrent loop.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -839,3 +840,51 @@ def test_a_monitor_dropped_without_detach_frees_the_model():
     gc.collect()
     assert alive() is None
     assert len(optim_module._global_optimizer_pre_hooks) == before
+
+
+class EMASGD(torch.optim.SGD):
+    """An optimizer subclass whose step calls the parent's (both steps hooked by torch once
+    an instance of each class exists)."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        return super().step(closure)
+
+
+def test_a_subclassed_optimizer_step_is_one_step():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    torch.optim.SGD(model.parameters(), lr=0.1)  # an SGD instance: SGD.step is hooked too
+    opt = EMASGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(12)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert monitor.steps == 5
+    assert list(monitor.history["updates"]) == [1.0] * 5
+
+
+def test_a_step_that_raised_does_not_stop_the_count():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    failing = [True]
+
+    def fail_once(*_):
+        if failing:
+            failing.clear()
+            raise RuntimeError("a step that fails once")
+
+    handle = opt.register_step_pre_hook(fail_once)
+    gen = torch.Generator().manual_seed(13)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(4):
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            with contextlib.suppress(RuntimeError):
+                opt.step()
+    handle.remove()
+    assert monitor.steps == 3
