@@ -428,7 +428,10 @@ class StatsUpdatedWithoutGrad(TrainingRule):
             f"forward(s) under {how} {_span(run, ep)} (expected 0: forwards without grad are "
             "usually validation)",
             "call model.eval() before validation and model.train() after; to recalibrate "
-            "the statistics on purpose use torch.optim.swa_utils.update_bn (recognised)",
+            "the statistics on purpose use torch.optim.swa_utils.update_bn (recognised); a "
+            "network run in train mode without grad on purpose (a GAN generator making the "
+            "discriminator's fakes) updates them at every such forward: if that is intended, "
+            "ignore 'stats-updated-without-grad' for it",
         )
 
 
