@@ -537,29 +537,33 @@ def test_an_optimizer_that_never_steps_gives_a_note_not_per_step_findings():
     assert any("optimizer never stepped" in n for n in report.notes)
 
 
-def test_frozen_batchnorm_in_train_mode_is_not_a_small_batch():
-    from zoo import FrozenBN2d
-
+def with_norm(norm: nn.Module, *more: nn.Module) -> nn.Module:
+    """conv -> ``norm`` -> ReLU (-> ``more``) -> pool -> linear, 8 channels, 2 classes."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        FrozenBN2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    head = (nn.ReLU(), *more, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), norm, *head)
+
+
+def small_batch_findings(model: nn.Module, steps: int = 3, edit=None) -> list[bncheck.Finding]:
+    """``small-batch`` findings of a run of two images per step (as a detector's);
+    ``edit(step)`` runs before each step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for _ in range(3):  # two images per step, as a detector's
-            x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,))
+        for step in range(steps):
+            if edit is not None:
+                edit(step)
+            x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 2, (2,))
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-    small = monitor.report().filter(rules=["small-batch"])
+    return monitor.report().filter(rules=["small-batch"])
+
+
+def test_frozen_batchnorm_in_train_mode_is_not_a_small_batch():
+    from zoo import FrozenBN2d
+
+    more = (nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    small = small_batch_findings(with_norm(FrozenBN2d(8), *more))
     assert [f.layer for f in small] == ["4"]  # the BatchNorm2d, not the frozen layer
 
 
@@ -697,23 +701,7 @@ class CounterlessBN(nn.Module):
 
 
 def test_a_counterless_bn_that_batch_normalises_is_judged_on_its_batch():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, bias=False),
-        CounterlessBN(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for _ in range(3):
-            x, y = torch.randn(2, 3, 4, 4), torch.randint(0, 2, (2,))
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    assert [f.layer for f in monitor.report().filter(rules=["small-batch"])] == ["1"]
+    assert [f.layer for f in small_batch_findings(with_norm(CounterlessBN(8)))] == ["1"]
 
 
 def test_byol_target_moved_in_an_optimizer_step_hook_is_not_a_frozen_bn():
@@ -802,27 +790,15 @@ def test_a_backbone_kept_in_eval_inside_model_train_is_a_note():
 def test_a_frozen_batchnorm_whose_buffers_changed_once_is_not_a_small_batch(event):
     from zoo import FrozenBN2d
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        FrozenBN2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
+    model = with_norm(FrozenBN2d(8))
     if event == "nan":
         model[1].running_var[0] = float("nan")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for step in range(4):
-            if event == "load" and step == 2:
-                model[1].running_mean.add_(0.1)  # a load_state_dict of other statistics
-            x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 2, (2,))
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    assert monitor.report().filter(rules=["small-batch"]) == []
+
+    def load(step: int) -> None:
+        if event == "load" and step == 2:
+            model[1].running_mean.add_(0.1)  # a load_state_dict of other statistics
+
+    assert small_batch_findings(model, steps=4, edit=load) == []
 
 
 def test_a_monitor_dropped_without_detach_frees_the_model():
