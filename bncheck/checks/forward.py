@@ -71,14 +71,15 @@ def _indices(mask: torch.Tensor, limit: int = 32) -> list[int]:
 
 # ---- tracing rules ---------------------------------------------------------------------------
 def _frozen_layer(call: TrainCall, layer: BNLayer | None) -> bool:
+    """Whether a call does not normalise with batch statistics: eval mode, or a layer of
+    FrozenBatchNorm's signature (no parameters, no counter) whose running buffers the call
+    left as they were (a hand-written BN without them that updates its buffers is not)."""
     if not call.training:
         return True
-    return (
-        layer is not None
-        and not layer.standard
-        and not layer.params
-        and layer.num_batches_tracked is None
-    )
+    if layer is None or layer.uses_batch_stats:
+        return False
+    before, after = call.before, call.after
+    return before is None or after is None or not before.changed(after)
 
 
 def _first_producers(ctx: AuditContext) -> Iterator[tuple[TrainCall, BNLayer | None, OpRecord]]:
