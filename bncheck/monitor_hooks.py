@@ -54,7 +54,7 @@ __all__ = ["Recorder", "BACKWARD", "INFERENCE", "RECALIBRATION", "STILL", "KEPT_
 BACKWARD, INFERENCE, RECALIBRATION = 1, 2, 4
 #: a train-mode call with momentum 0 (normalises, leaves the running statistics as they were)
 STILL = 8
-#: an eval-mode call while the watched model itself is in train mode (BN kept in eval)
+#: an eval-mode call while the module holding the layer is in train mode (BN kept in eval)
 KEPT_EVAL = 16
 #: Steps a layer with several updates per step is recorded in detail.
 ARM_STEPS = 3

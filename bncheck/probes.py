@@ -1231,16 +1231,6 @@ def _hooks(
         yield
 
 
-def _computes_batch_stats(layer: BNLayer, module: nn.Module) -> bool:
-    """Whether a layer in train mode normalises with batch statistics. PyTorch's BN always
-    does; a custom layer with FrozenBatchNorm's signature (no parameters, no counter) does not.
-    """
-    if layer.standard:
-        return True
-    frozen_signature = not layer.params and module._buffers.get("num_batches_tracked") is None
-    return not frozen_signature
-
-
 #: forward methods of PyTorch's own BN classes (BatchNorm1d/2d/3d, lazy variants, SyncBatchNorm),
 #: where torch defines them (not a replacement patched in before bncheck was imported)
 _STOCK_FORWARDS = frozenset(
@@ -1578,7 +1568,7 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
                     stock=_stock(module),
                 )
                 obs.calls.append(rec)
-                if rec.training and count == 1 and _computes_batch_stats(layer, module):
+                if rec.training and count == 1 and layer.uses_batch_stats:
                     rec.single_value = True
                     if layer.has_running_stats:
                         rec.forced_eval = True

@@ -764,12 +764,7 @@ def ema_update(ctx: AuditContext) -> Iterator[Finding]:
         if not call.track_running_stats or _behaves_frozen(call):
             continue
         layer = layers.get(call.layer)
-        if (
-            layer is not None
-            and not layer.standard
-            and not layer.params
-            and layer.num_batches_tracked is None
-        ):
+        if layer is not None and not layer.uses_batch_stats:
             continue  # FrozenBatchNorm-style: no update by design
         judged.append((call, layer))
     suspects = ema_suspects([call for call, _ in judged], rtol)

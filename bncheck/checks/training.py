@@ -92,9 +92,9 @@ S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S
 #: train-mode calls of a layer whose momentum was 0 at the call (batch statistics normalise,
 #: the running statistics stay as they were: SAM's second pass, ``disable_running_stats``;
 #: only ``num_batches_tracked`` moves), not counted as updates of any kind;
-#: ``kept_eval_calls``: eval-mode calls while the module holding the layer was in train mode
-#: (BN alone kept in eval mode by the recipe: mmdetection's ``norm_eval``, fine-tuning with
-#: frozen statistics).
+#: ``kept_eval_calls``: eval-mode calls while the module holding the layer was in train mode,
+#: or in a step in which other BN layers trained with grad (BN kept in eval mode by the
+#: recipe: mmdetection's ``norm_eval``, a backbone's ``.eval()`` inside ``model.train()``).
 COUNT_COLUMNS: tuple[str, ...] = (
     "train_calls",
     "eval_calls",
@@ -198,8 +198,9 @@ class RunObservations:
     #: moving-average copy (MoCo's key encoder, BYOL's target, a mean teacher), whose
     #: train-mode forwards without grad are the method, not a frozen BN left in train mode
     moving_copies: set[int] = field(default_factory=set)
-    #: layers with trainable gamma/beta that ran in eval mode inside a model in train mode
-    #: (statistics frozen by the recipe: norm_eval), which ``stats-not-updating`` leaves alone
+    #: layers with trainable gamma/beta that ran in eval mode while the module holding them,
+    #: or other BN layers, trained (statistics frozen by the recipe: norm_eval, a backbone's
+    #: .eval()), which ``stats-not-updating`` leaves alone
     kept_eval: set[int] = field(default_factory=set)
 
     @property
@@ -378,7 +379,8 @@ class StatsNotUpdating(TrainingRule):
     def when(b: StepBlock) -> np.ndarray:
         no_update = np.where(b.has_counter, np.nan_to_num(b.updates) == 0, ~b.moved)
         c = b.counts
-        # eval-mode calls while the model itself trains keep BN in eval on purpose (norm_eval)
+        # eval-mode calls while the holding module or other BN layers train keep BN in eval
+        # on purpose (norm_eval, a backbone's .eval()): counted as kept_eval_calls
         forgot_train = (c[..., C_EVAL] > 0) & (c[..., C_KEPT_EVAL] == 0)
         return b.trainable & b.tracks & forgot_train & (c[..., C_TRAIN] == 0) & no_update
 
