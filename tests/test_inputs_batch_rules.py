@@ -205,30 +205,10 @@ def test_bn1d_mlp_at_batch_1_in_eval_is_clean() -> None:
     assert batch_findings(report) == []
 
 
-class CounterlessBN(nn.Module):
-    """FrozenBatchNorm's signature (buffers only, no counter), but it batch-normalises in
-    train mode and updates its running statistics: a hand-written port."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            m, v = self.running_mean, self.running_var
-        else:
-            m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(m, 0.1)
-                self.running_var.lerp_(v, 0.1)
-        return (x - m[:, None, None]) / torch.sqrt(v[:, None, None] + 1e-5)
-
-
 @pytest.mark.parametrize("frozen", [True, False])
 def test_a_counterless_layer_is_judged_on_its_batch_when_it_updates_its_buffers(frozen):
     torch.manual_seed(0)
-    norm = zoo.FrozenBN2d(8) if frozen else CounterlessBN(8)
+    norm = zoo.FrozenBN2d(8) if frozen else zoo.CounterlessBN(8)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU()).train()
     report = bncheck.audit(model, image_batch(2), select=["small-batch", "bias-before-bn"])
     found = {(f.rule, f.layer) for f in report.findings}

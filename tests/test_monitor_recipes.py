@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from zoo import ConvBNReLU, TwoBlock
+from zoo import ConvBNReLU, CounterlessBN, TwoBlock
 
 import bncheck
 from bncheck.monitor_numerics import CallRecord, batches_differ, classify_updates
@@ -680,26 +680,6 @@ def test_a_warning_held_back_for_a_frozen_layer_is_given_at_detach(steps):
     assert any("frozen-bn-drift" in str(w.message) for w in warned)
 
 
-class CounterlessBN(nn.Module):
-    """A hand-written BN without parameters or counter (FrozenBatchNorm's signature) that
-    batch-normalises in train mode and updates its running statistics."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            m, v = self.running_mean, self.running_var
-        else:
-            m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(m, 0.1)
-                self.running_var.lerp_(v, 0.1)
-        return (x - m[:, None, None]) / torch.sqrt(v[:, None, None] + 1e-5)
-
-
 def test_a_counterless_bn_that_batch_normalises_is_judged_on_its_batch():
     assert [f.layer for f in small_batch_findings(with_norm(CounterlessBN(8)))] == ["1"]
 
@@ -818,7 +798,7 @@ def test_a_monitor_dropped_without_detach_frees_the_model():
     assert len(optim_module._global_optimizer_pre_hooks) == before
 
 
-class EMASGD(torch.optim.SGD):
+class SubclassedSGD(torch.optim.SGD):
     """An optimizer subclass whose step calls the parent's (both steps hooked by torch once
     an instance of each class exists)."""
 
@@ -830,14 +810,9 @@ def test_a_subclassed_optimizer_step_is_one_step():
     torch.manual_seed(0)
     model = ConvBNReLU()
     torch.optim.SGD(model.parameters(), lr=0.1)  # an SGD instance: SGD.step is hooked too
-    opt = EMASGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(12)
+    opt = SubclassedSGD(model.parameters(), lr=0.05)
     with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for _ in range(5):
-            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,))
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+        train_steps(model, opt, 5, seed=12)
     assert monitor.steps == 5
     assert list(monitor.history["updates"]) == [1.0] * 5
 

@@ -108,6 +108,26 @@ class FrozenBN2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+class CounterlessBN(nn.Module):
+    """FrozenBatchNorm's signature (buffers only, no counter), but it batch-normalises in
+    train mode and updates its running statistics: a hand-written port."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            m, v = self.running_mean, self.running_var
+        else:
+            m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(m, 0.1)
+                self.running_var.lerp_(v, 0.1)
+        return (x - m[:, None, None]) / torch.sqrt(v[:, None, None] + 1e-5)
+
+
 class TwoInputs(nn.Module):
     """A model with two inputs, one BN branch each (``a`` and ``b``)."""
 
