@@ -29,6 +29,10 @@ and checks that both versions give the same findings (rule, layer, severity) on 
 ``--ignore`` passes rule ids for both audits to skip (``--ignore bn-reused``: the audit without
 the one rule that needs per-sample sums of every BN input).
 
+``--device cuda`` runs the models and the batch on the GPU: every timed call ends with
+``torch.cuda.synchronize()``, and the wall ratio is the one that counts there (the CPU time of
+this process includes waiting for the GPU); the summary lines give wall ratios.
+
 Timing depends on the machine's load: compare only ratios from one run.
 """
 
@@ -322,10 +326,22 @@ TORCHVISION = [
 
 
 # ---- measuring -------------------------------------------------------------------------------
+#: the device of the models and the batch (``--device``)
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
+    """(wall seconds, CPU seconds of this process) of one call, the device's queue drained
+    before and after."""
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -361,7 +377,8 @@ def measure(
     measurement at all (one train-mode forward of the batch under no_grad plus two eval
     forwards of 2 samples, the smallest eval passes the audit runs).
     """
-    model.eval()
+    model.to(DEVICE).eval()
+    x = x.to(DEVICE)
     pair_a, pair_b = x[:2].clone(), x[1:3].clone()
 
     def plain() -> None:
@@ -407,6 +424,8 @@ def measure(
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     cpu_ratios = [a / p for a, p in zip(cpu["audit"], cpu["plain"])]
     cpu_ratio = med_cpu["audit"] / med_cpu["plain"]
+    if DEVICE.type == "cuda":  # the host waits for the GPU: wall time is the measure
+        return _gpu_row(name, model, med, rows, other is not None, same)
     print(
         f"{name:<26} BN {_bn_count(model):3d}  forward {med['plain'] * 1e3:6.1f} ms"
         f"  audit {med['audit'] * 1e3:6.1f} ms"
@@ -421,6 +440,30 @@ def measure(
         flush=True,
     )
     return cpu_ratio, (med_cpu["against"] / med_cpu["plain"] if other is not None else None)
+
+
+def _gpu_row(
+    name: str,
+    model: nn.Module,
+    med: dict[str, float],
+    rows: dict[str, list[float]],
+    against: bool,
+    same: str,
+) -> tuple[float, float | None]:
+    """Print one row of wall-time ratios (``--device cuda``); return the audit's and the
+    other checkout's."""
+    ratios = [a / p for a, p in zip(rows["audit"], rows["plain"])]
+    ratio = med["audit"] / med["plain"]
+    theirs = med["against"] / med["plain"] if against else None
+    print(
+        f"{name:<26} BN {_bn_count(model):3d}  forward {med['plain'] * 1e3:6.2f} ms"
+        f"  audit {med['audit'] * 1e3:7.1f} ms  wall ratio {ratio:5.1f}x"
+        f" ({min(ratios):.1f}-{max(ratios):.1f})"
+        f"  floor {med['floor'] / med['plain']:4.2f}x"
+        + (f"  against {theirs:5.1f}x{same}" if theirs is not None else ""),
+        flush=True,
+    )
+    return ratio, theirs
 
 
 def _bn_count(model: nn.Module) -> int:
@@ -447,7 +490,10 @@ def main() -> None:
     parser.add_argument("--no-torchvision", dest="torchvision", action="store_false")
     parser.add_argument("--against", help="another checkout whose bncheck to time beside")
     parser.add_argument("--ignore", default="", help="comma-separated rule ids the audits skip")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.ignore:
         AUDIT_OPTIONS["ignore"] = [r for r in args.ignore.split(",") if r]
     other = load_other(args.against) if args.against else None
@@ -461,7 +507,8 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} repeats, batch "
+        f"torch {torch.__version__}, {DEVICE}, {args.threads} thread(s), {args.repeats} "
+        f"repeats, batch "
         f"{args.batch}, {args.size}x{args.size}; median times; ratio = audit / one plain eval "
         "forward (no_grad), same model and batch; CPU ratio (per-round min-max); wall ratio; "
         "floor = (train-mode forward + two 2-sample eval forwards) / forward, CPU"
@@ -478,7 +525,8 @@ def main() -> None:
         _summary(title, mine)
         _summary(f"  the same with {args.against}", theirs)
 
-    run_group("families built here (CPU ratio)", FAMILIES.items())
+    clock = "wall" if DEVICE.type == "cuda" else "CPU"
+    run_group(f"families built here ({clock} ratio)", FAMILIES.items())
     if not args.torchvision:
         return
     try:
@@ -487,7 +535,7 @@ def main() -> None:
         print("torchvision is not importable: its models were not measured")
         return
     run_group(
-        "torchvision models (CPU ratio)",
+        f"torchvision models ({clock} ratio)",
         ((f"tv:{name}", partial(getattr(tvm, name), weights=None)) for name in TORCHVISION),
     )
 

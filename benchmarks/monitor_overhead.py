@@ -13,6 +13,11 @@ much two identical blocks differ on this machine right now (the noise floor). Wi
 too.
 
     python benchmarks/monitor_overhead.py [--repeats 30] [--block 4] [--threads 1] [--naive]
+                                          [--device cuda] [--amp]
+
+``--device cuda`` trains on the GPU (each block ends with ``torch.cuda.synchronize()``; the
+wall ratio is the measure there, the CPU ratio counts the host's waiting); ``--amp`` trains
+under ``torch.autocast`` float16 with a ``GradScaler`` handed to the Monitor.
 
 Prints the median ratio and its spread (min, max over repeats) for wall-clock time and for
 this process's CPU time (``time.process_time``, less sensitive to other processes on a shared
@@ -67,24 +72,38 @@ def main() -> None:
     parser.add_argument(
         "--naive", action="store_true", help="also time forward hooks that re-reduce every BN input"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--amp", action="store_true", help="autocast float16 + GradScaler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = vgg16_bn_small()
+    device = torch.device(args.device)
+    model = vgg16_bn_small().to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
-    mon = bncheck.Monitor(model, optimizer=opt, flush_every=args.block)
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    mon = bncheck.Monitor(
+        model, optimizer=opt, flush_every=args.block, scaler=scaler if args.amp else None
+    )
 
     def block(kind: str) -> tuple[float, float]:
         """(wall, CPU) seconds per step over one block (attach/detach included)."""
+        sync()
         w0, c0 = time.perf_counter(), time.process_time()
         if kind == "monitor":
             mon.attach()
@@ -99,6 +118,7 @@ def main() -> None:
         else:
             for _ in range(args.block):
                 step()
+        sync()
         return ((time.perf_counter() - w0) / args.block, (time.process_time() - c0) / args.block)
 
     for _ in range(3):  # warm-up: allocator, kernels
@@ -121,7 +141,8 @@ def main() -> None:
             for k in kinds[1:]:
                 ratios[clock][k].append(statistics.median(t[c] for t in times[k]) / base)
     print(
-        f"vgg16_bn_small, batch {args.batch}, 32x32, SGD, CPU, {args.threads} thread(s); "
+        f"vgg16_bn_small, batch {args.batch}, 32x32, SGD, {device}"
+        f"{', AMP float16' if args.amp else ''}, {args.threads} thread(s); "
         f"{args.repeats} repeats of ABBA blocks of {args.block} steps"
     )
     print(
@@ -135,17 +156,23 @@ def main() -> None:
                 f"{clock:>4} {k:>8} / plain: median {med:.4f} ({(med - 1) * 100:+.2f}%), "
                 f"spread {min(values):.4f} .. {max(values):.4f}"
             )
-    work, step_time = monitor_work_per_step(model, opt, step)
+    work, step_time, step_wall = monitor_work_per_step(model, opt, step, sync)
     print(
         f"Monitor's own work, timed inside 64 monitored steps (CPU): {work * 1e6:.0f} us per "
-        f"step = {work / step_time * 100:.2f}% of the step (robust to machine noise)"
+        f"step = {work / step_time * 100:.2f}% of the step's CPU time, "
+        f"{work / step_wall * 100:.2f}% of its wall time (robust to machine noise)"
     )
 
 
 def monitor_work_per_step(
-    model: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], None], steps: int = 64
-) -> tuple[float, float]:
-    """(Monitor seconds per step, step seconds), CPU time, over ``steps`` real training steps.
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: Callable[[], None],
+    sync: Callable[[], None],
+    steps: int = 64,
+) -> tuple[float, float, float]:
+    """(Monitor seconds per step, step seconds, step wall seconds), CPU time but the last,
+    over ``steps`` real training steps.
 
     The Monitor's work is timed from inside: its end-of-step hook (which runs the periodic
     checks every ``flush_every`` = 64 steps), its forward hook (process-wide: called for
@@ -169,13 +196,15 @@ def monitor_work_per_step(
     mon._end_step = timed_end_step  # type: ignore[method-assign]
     mon._recorder._forward = timed_forward_hook  # type: ignore[method-assign]
     mon.attach()
-    t0 = time.process_time()
+    sync()
+    t0, w0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
         step()
-    t1 = time.process_time()
+    sync()
+    t1, w1 = time.process_time(), time.perf_counter()
     mon.detach()
     spent[0] += time.process_time() - t1
-    return spent[0] / steps, (t1 - t0) / steps
+    return spent[0] / steps, (t1 - t0) / steps, (w1 - w0) / steps
 
 
 if __name__ == "__main__":

@@ -70,6 +70,19 @@ def test_wrong_axes_is_caught_by_normalization() -> None:
     assert _found(report, "ema-update") == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_are_judged_at_their_own_rounding(dtype: torch.dtype) -> None:
+    # PyTorch sums float16/bfloat16 in float32: the budget is one rounding to the narrow
+    # type, not one per halving of n, so a wrong normalisation shows in bfloat16 too
+    x = image_batch(32, hw=16, seed=2).to(dtype)
+    broken = bncheck.audit(Net(WrongAxesBN(8)).to(dtype), x, select=NUMERIC)
+    (finding,) = _found(broken, "normalization")
+    assert finding.layer == "bn"
+    for model in (TwoBlock(), Net(HandBN(8))):
+        trained(model, image_batch(32, hw=16, seed=3))
+        assert bncheck.audit(model.to(dtype), x, select=NUMERIC).findings == []
+
+
 def test_normalising_with_the_unbiased_variance_is_caught() -> None:
     report = _audit_norm(UnbiasedNormBN(8), image_batch(2, hw=4))
     (finding,) = _found(report, "normalization")

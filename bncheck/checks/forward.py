@@ -320,6 +320,22 @@ def _unit(call: TrainCall) -> float:
     return torch.finfo(call.dtype).eps if call.dtype.is_floating_point else 2**-23
 
 
+#: dtypes whose reductions PyTorch accumulates in float32 (CPU and CUDA kernels alike)
+_WIDENED = (torch.float16, torch.bfloat16)
+
+
+def _reduced_rounding(call: TrainCall, n: int) -> float:
+    """The round-off of a value computed from a reduction over ``n`` elements of the call's
+    dtype and then rounded to it: u * (1 + log2 n) for float32/float64, whose sums carry
+    their own precision; for float16/bfloat16, whose sums PyTorch accumulates in float32,
+    one rounding to the narrow type plus float32's share, u + u_32 * (1 + log2 n)."""
+    u = _unit(call)
+    g = 1 + math.log2(max(2, n))
+    if call.dtype in _WIDENED:
+        return u + float(torch.finfo(torch.float32).eps) * g
+    return u * g
+
+
 @np.errstate(all="ignore")  # NaN/Inf statistics are judged, not warned about
 def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] | None:
     """Compare one train-mode call with BatchNorm's normalisation; ``None`` when it matches.
@@ -329,10 +345,11 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     var / (var + eps), and every element satisfies z = (x - mu) / sqrt(var + eps) (checked on
     the recorded grid of elements). Tolerances, with a = (|mu| + sqrt(var)) / sqrt(var + eps)
     (input conditioning), b = (|beta| + |gamma|) / |gamma| (affine conditioning),
-    u = finfo(dtype).eps and g = 1 + log2(n), times ``NORM_SAFETY * rtol``:
-    mean u*g*(a + b); variance u*g*((a + b)*(r + sqrt(r)) + u*g*(a + b)^2) with r the
-    expected variance (the sqrt(r) term: rounding noise of each element correlates with z);
-    element u*g*(a*(1 + |z|) + b + |z|).
+    e = u*g with u = finfo(dtype).eps and g = 1 + log2(n) (for float16/bfloat16, whose sums
+    PyTorch accumulates in float32, e = u + u_32*g: see :func:`_reduced_rounding`), times
+    ``NORM_SAFETY * rtol``: mean e*(a + b); variance e*((a + b)*(r + sqrt(r)) + e*(a + b)^2)
+    with r the expected variance (the sqrt(r) term: rounding noise of each element
+    correlates with z); element e*(a*(1 + |z|) + b + |z|).
     Channels with |gamma| <= GAMMA_FLOOR * (1 + |beta|) are skipped. When the call has no
     ``output_stats`` (PyTorch's own BN classes), only the element grid is checked.
     """
@@ -350,9 +367,7 @@ def normalization_errors(call: TrainCall, rtol: float = 1.0) -> dict[str, Any] |
     mean_in = st_in.mean.numpy()
     var = np.maximum(st_in.var.numpy(), 0.0)
     r = var / (var + eps)
-    u = _unit(call)
-    g = 1 + math.log2(max(2, st_in.count))
-    k = NORM_SAFETY * rtol * u * g
+    k = NORM_SAFETY * rtol * _reduced_rounding(call, st_in.count)
     a = (np.abs(mean_in) + np.sqrt(var)) / np.sqrt(var + eps)
     b = (np.abs(beta) + np.abs(gamma)) / np.abs(g_safe)
     parts: list[tuple[str, np.ndarray, np.ndarray]] = []
