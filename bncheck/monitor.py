@@ -302,7 +302,9 @@ class Monitor:
         self._drift_warmup = np.array(warmup)
         self._step = 0
         self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
-        self._skipped: list[int] = []  # per pending step: iterations the GradScaler skipped
+        #: per pending step: iterations the GradScaler skipped before it, or the scale read
+        #: at its end (a device tensor: counted at the flush, no host sync per step)
+        self._skipped: list[int | torch.Tensor | float] = []
         self._last_scale: float | None = None
         self._base: Snapshot | None = None
         self._pending: list[Pending] = []
@@ -490,7 +492,7 @@ class Monitor:
         calls = self._recorder.take_calls()
         self._note_update_kinds(self._recorder.finish_step())
         self._pending.append((self._step, snap, calls, self._trainable_flags()))
-        self._skipped.append(self._scaler_skips())
+        self._skipped.append(self._scale_now())
         if self._dist is not None and self._step % self.sync_every == 0:
             self._sync_due = True
         if self.warn or len(self._pending) >= self.flush_every:
@@ -513,13 +515,45 @@ class Monitor:
         for idx, kind in kinds.items():
             self._run.update_kinds.setdefault(idx, Counter())[kind] += 1
 
-    def _scaler_skips(self) -> int:
-        """Iterations the GradScaler skipped since the last step: each skip multiplies the
-        scale by the backoff factor, and growth only follows a step that ran."""
+    def _scale_now(self) -> int | torch.Tensor | float:
+        """The GradScaler's scale at the end of a step, read without a host sync: a copy of
+        its scale tensor (``update()`` changes it in place), its initial scale before the
+        first ``scale()``, 0 (no skips) without an enabled scaler."""
         scaler = self.scaler
         if scaler is None or not scaler.is_enabled():
             return 0
-        scale = float(scaler.get_scale())
+        read = getattr(scaler, "_get_scale_async", None)
+        scale = read() if callable(read) else None
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().clone()
+        return float(scaler.get_scale())
+
+    def _skips(self, entries: list[int | torch.Tensor | float]) -> list[int]:
+        """The iterations the GradScaler skipped before each pending step, from the scales
+        read at their ends (one host transfer for the whole block)."""
+        tensors = [e for e in entries if isinstance(e, torch.Tensor)]
+        values = iter(
+            torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors])
+            .cpu()
+            .tolist()
+            if tensors
+            else []
+        )
+        skips: list[int] = []
+        for entry in entries:
+            if isinstance(entry, int):
+                skips.append(entry)
+            else:
+                scale = next(values) if isinstance(entry, torch.Tensor) else entry
+                skips.append(self._scaler_skips(float(scale)))
+        return skips
+
+    def _scaler_skips(self, scale: float) -> int:
+        """Iterations the GradScaler skipped since the last step, ``scale`` read at this
+        step's end: each skip multiplies the scale by the backoff factor, and growth only
+        follows a step that ran."""
+        scaler = self.scaler
+        assert scaler is not None
         last, self._last_scale = self._last_scale, scale
         backoff = float(scaler.get_backoff_factor())
         if last is None or not scale < last or not 0.0 < backoff < 1.0 or scale <= 0.0:
@@ -561,7 +595,7 @@ class Monitor:
             self._drift_warmup,
             distributed=self._dist is not None,
             sync_bn=self._sync_bn,
-            expected_updates=1 + np.array(skipped, dtype=np.int64),
+            expected_updates=1 + np.array(self._skips(skipped), dtype=np.int64),
             frozen_reason=reasons or ("",) * n_layers,
             batch_stats=self._batch_stats_now(stats, counts),
         )

@@ -9,6 +9,7 @@ Every test here skips without CUDA (CI has none); run them on a machine with a G
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -172,28 +173,52 @@ def test_recalibrate_on_cuda_repairs_nan_statistics_like_on_the_cpu():
     assert torch.equal(gpu_model.bn.running_var.isnan(), kept.isnan())  # the input, untouched
 
 
-def test_monitored_steps_between_flushes_do_not_wait_for_the_gpu():
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "amp"])
+def test_monitored_steps_between_flushes_do_not_wait_for_the_gpu(amp):
     """A host synchronisation per step stalls a GPU training loop; the Monitor's per-step
-    work stays on the device between its periodic flushes."""
+    work stays on the device between its periodic flushes (the GradScaler's scale too)."""
     torch.manual_seed(0)
     model = TwoBlock().to(CUDA)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     x = torch.randn(16, 3, 8, 8, device=CUDA)
     y = torch.randint(0, 2, (16,), device=CUDA)
 
     def step() -> None:
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
+    def without_sync(work):
+        def run() -> None:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                work()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(work.__name__)
+
+        return run
+
+    checked: list[str] = []
     step()  # optimizer state and kernels exist before the checked steps
-    with bncheck.Monitor(model, optimizer=opt, flush_every=1000, sync_every=1000):
+    monitor = bncheck.Monitor(
+        model, optimizer=opt, scaler=scaler if amp else None, flush_every=1000, sync_every=1000
+    )
+    with monitor, warnings.catch_warnings():
+        warnings.simplefilter("error", bncheck.BNCheckWarning)  # a failing hook raises
         step()
         step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        if amp:  # GradScaler.step syncs by itself: check the Monitor's step work alone
+            monitor._end_step = without_sync(monitor._end_step)
+            monitor._before_step = without_sync(monitor._before_step)
             for _ in range(3):
                 step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+            assert checked.count("_end_step") == 3
+        else:
+            torch.cuda.synchronize()
+            without_sync(lambda: [step() for _ in range(3)])()
+    assert monitor.report().complete

@@ -30,7 +30,9 @@ def test_a_hung_test_after_a_failing_one_ends_the_run_with_its_stack(tmp_path):
             """
         )
     )
-    env = env_with_tests(BNCHECK_TEST_HANG_SECONDS="3")
+    # long enough for the failing test's report on a loaded machine (3 s was not, with
+    # 16 xdist workers), well short of the hanging test's sleep
+    env = env_with_tests(BNCHECK_TEST_HANG_SECONDS="10")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "."],
         cwd=tmp_path,
