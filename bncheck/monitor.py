@@ -533,9 +533,7 @@ class Monitor:
         read at their ends (one host transfer for the whole block)."""
         tensors = [e for e in entries if isinstance(e, torch.Tensor)]
         values = iter(
-            torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors])
-            .cpu()
-            .tolist()
+            torch.stack([t.to(tensors[0].device, torch.float32) for t in tensors]).cpu().tolist()
             if tensors
             else []
         )

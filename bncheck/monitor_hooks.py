@@ -143,6 +143,9 @@ class Recorder:
         self._seen = [-1] * len(layers)  # last step with a train-mode call with grad
         self._armed: dict[int, list[int]] = {}  # layer -> [first step to record, steps left]
         self._details: dict[int, list[CallRecord]] = {}
+        #: when other optimizers stepped in this step (on the ``seq`` clock, only while a
+        #: layer is armed): a network also run in another network's step (a GAN generator's)
+        self._other_steps: list[int] = []
         self._seq = itertools.count()
 
     # ---- registration ------------------------------------------------------------------------
@@ -270,6 +273,8 @@ class Recorder:
 
     def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not self.optimizer:
+            if self._armed:
+                self._other_steps.append(next(self._seq))
             return
         self._step_depth = max(0, self._step_depth - 1)
         if self._step_depth:
@@ -305,10 +310,13 @@ class Recorder:
         """Close a step: how the armed layers' several updates came about (layer -> kind)."""
         kinds: dict[int, str] = {}
         for idx, records in self._details.items():
-            kind = classify_updates(records, backward_seen=self.optimizer is not None)
+            kind = classify_updates(
+                records, backward_seen=self.optimizer is not None, others=self._other_steps
+            )
             if kind is not None:
                 kinds[idx] = kind
         self._details = {}
+        self._other_steps = []
         for idx, arm in list(self._armed.items()):
             if arm[0] <= self._step:
                 arm[1] -= 1
@@ -321,4 +329,5 @@ class Recorder:
         """Forget what was recorded (attach: what happened while detached is not judged)."""
         self.calls = []
         self._details = {}
+        self._other_steps = []
         self._step_depth = 0

@@ -294,12 +294,18 @@ def batches_differ(a: CallRecord, b: CallRecord) -> bool:
     return bool(((z > DIFFER_Z).double().mean() >= DIFFER_FRACTION).item())
 
 
-def classify_updates(calls: Sequence[CallRecord], *, backward_seen: bool = True) -> str | None:
+def classify_updates(
+    calls: Sequence[CallRecord], *, backward_seen: bool = True, others: Sequence[int] = ()
+) -> str | None:
     """How several train-mode updates of one layer in one step came about.
 
     One of :data:`bncheck.checks.training.UPDATE_KINDS` (None with fewer than two calls):
     ``recompute`` if a call ran during backward; ``extra`` if a call's output required grad
-    but no backward reached it; with forwards that share one backward (a later forward
+    but no backward reached it; ``other-step`` if another optimizer stepped between two of
+    the calls (``others``: when, on the calls' ``seq`` clock) and only one call follows the
+    last such step: the network is also run in another network's training step (a GAN
+    generator's step through the discriminator); when several follow it, they are
+    classified as below. With forwards that share one backward (a later forward
     before an earlier call's backward): ``reused`` when their batches differ (one BN across
     time steps or scales), else ``views`` (two augmented views, ghost-BN chunks); with
     forward/backward pairs: ``sources`` when the batches differ (real and fake batches),
@@ -313,6 +319,14 @@ def classify_updates(calls: Sequence[CallRecord], *, backward_seen: bool = True)
     if backward_seen and any(c.hookable and c.backward_seq is None for c in calls):
         return "extra"
     ordered = sorted(calls, key=lambda c: c.seq)
+    between = [s for s in others if ordered[0].seq < s < ordered[-1].seq]
+    if between:
+        # the calls after the last of those steps are the network's own step: when it has
+        # several, how they came about is the finding (the other step adds one more)
+        own = [c for c in ordered if c.seq > max(between)]
+        if len(own) < 2:
+            return "other-step"
+        ordered = own
     shared = not backward_seen or any(
         a.backward_seq is not None and b.seq < a.backward_seq
         for a, b in itertools.pairwise(ordered)

@@ -126,9 +126,11 @@ def test_ghost_batch_norm_is_not_flagged():
 
 
 # ---- intended: the DCGAN discriminator --------------------------------------------------------
-def dcgan_run(steps: int = 6) -> bncheck.Report:
+def dcgan_run(steps: int = 6, concatenated: bool = False) -> bncheck.Report:
     """The PyTorch DCGAN example's loop, scaled down: D sees a real and a fake batch per step
-    (and the generator's step runs D once more on the fake batch)."""
+    (and the generator's step runs D once more on the fake batch). ``concatenated``: D sees
+    one batch of real and fake samples per step, and the "real" samples come from a second
+    generator's batch (one distribution: nothing tells the calls apart by their batches)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)
     net_g = nn.Sequential(
@@ -155,9 +157,16 @@ def dcgan_run(steps: int = 6) -> bncheck.Report:
             real = torch.rand(32, 3, 8, 8, generator=gen) * 2 - 1
             ones, zeros = torch.ones(32, 1), torch.zeros(32, 1)
             net_d.zero_grad()
-            loss(net_d(real), ones).backward()
-            fake = net_g(torch.randn(32, 8, 1, 1, generator=gen))
-            loss(net_d(fake.detach()), zeros).backward()
+            if concatenated:
+                with torch.no_grad():
+                    real = net_g(torch.randn(32, 8, 1, 1, generator=gen))
+                fake = net_g(torch.randn(32, 8, 1, 1, generator=gen))
+                both = torch.cat([real, fake.detach()])
+                loss(net_d(both), torch.cat([ones, zeros])).backward()
+            else:
+                loss(net_d(real), ones).backward()
+                fake = net_g(torch.randn(32, 8, 1, 1, generator=gen))
+                loss(net_d(fake.detach()), zeros).backward()
             opt_d.step()
             net_g.zero_grad()
             loss(net_d(fake), ones).backward()
@@ -173,6 +182,41 @@ def test_dcgan_discriminator_real_and_fake_batches_are_at_most_info():
     assert {f.severity for f in found} == {bncheck.Severity.INFO}
     assert found[0].details["cause"] == "sources"
     assert "GAN discriminator" in found[0].message
+
+
+def test_a_discriminator_also_run_in_the_generators_step_is_info_whatever_its_batches():
+    # one call in D's own step and one in G's: the batches alone cannot tell this from
+    # gradient accumulation; G's optimizer stepping between the two calls does
+    report = dcgan_run(concatenated=True)
+    assert warnings_of(report) == []
+    found = multi(report)
+    assert [f.severity for f in found] == [bncheck.Severity.INFO]
+    assert found[0].details["cause"] == "other-step"
+    assert "another optimizer's step" in found[0].message
+
+
+def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
+    # two optimizers stepping one after the other at the end of each iteration (backbone
+    # and head): the other one's step is not between the watched network's calls
+    torch.manual_seed(0)
+    model = TwoBlock()
+    head = torch.optim.SGD(model.head.parameters(), lr=0.01)
+    body = torch.optim.SGD([p for n, p in model.named_parameters() if "head" not in n], lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with bncheck.Monitor(model, optimizer=body) as monitor:
+        for _ in range(5):
+            for _ in range(2):  # two micro-batches per step
+                x = torch.randn(8, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (8,), generator=gen)
+                F.cross_entropy(model(x), y).backward()
+            head.step()
+            body.step()
+            head.zero_grad()
+            body.zero_grad()
+    found = multi(monitor.report())
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert {f.details["cause"] for f in found} == {"accumulation"}
+    assert {f.severity for f in found} == {bncheck.Severity.WARNING}
 
 
 # ---- intended: recalibration passes -----------------------------------------------------------
@@ -378,6 +422,12 @@ def test_classify_updates_by_the_order_of_forwards_and_backwards():
     assert classify_updates([call(0, 3), call(1, 2)]) == "views"
     assert classify_updates([call(0, 3), call(1, 2, mean=5.0)]) == "reused"
     assert classify_updates([call(0, 1), call(2, None)]) == "extra"
+    # another optimizer stepped (at seq 2) between the calls; or before or after them
+    assert classify_updates([call(0, 1), call(3, 4)], others=[2]) == "other-step"
+    assert classify_updates([call(1, 2), call(3, 4)], others=[0, 5]) == "accumulation"
+    # the network's own step after the other one has two calls: those are the finding
+    own = [call(0, 1), call(3, 4), call(5, 6, mean=5.0)]
+    assert classify_updates(own, others=[2]) == "sources"
     assert classify_updates([call(0, 1), call(2, None, in_backward=True)]) == "recompute"
     # a step that ends at the forward (no optimizer): the calls share one backward
     assert classify_updates([call(0, None), call(1, None)], backward_seen=False) == "views"

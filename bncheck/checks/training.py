@@ -127,6 +127,8 @@ COUNT_COLUMNS: tuple[str, ...] = (
 #: ``accumulation``: forward/backward pairs on batches of one distribution (micro-batches);
 #: ``sources``: forward/backward pairs on batches whose statistics differ beyond sampling
 #: noise (a GAN discriminator's real and fake batches);
+#: ``other-step``: calls on both sides of another optimizer's step (a GAN generator's step,
+#: which runs the discriminator on its fakes);
 #: ``reused``: several forwards trained by one backward on batches whose statistics differ (one
 #: BN across the time steps of a recurrent loop, or across scales);
 #: ``views``: several forwards trained by one backward on batches of one distribution (two
@@ -137,6 +139,7 @@ UPDATE_KINDS: tuple[str, ...] = (
     "reused",
     "accumulation",
     "sources",
+    "other-step",
     "views",
 )
 
@@ -471,6 +474,12 @@ _KIND_WORDS = {
         "fine for a network used only in train mode (a GAN discriminator); otherwise give "
         "each source its own BN layer",
     ),
+    "other-step": (
+        "it is also run with grad in another optimizer's step (as a GAN discriminator in the "
+        "generator's step), and those batches update the running statistics too",
+        "fine for a network used only in train mode (a GAN discriminator); otherwise run it "
+        "in eval mode inside the other network's step, or freeze its BN layers there",
+    ),
 }
 _GENERIC = (
     "",
@@ -530,7 +539,7 @@ class MultipleUpdatesPerStep(TrainingRule):
         if kind is None:
             return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
-        severity = "info" if kind == "sources" else None
+        severity = "info" if kind in ("sources", "other-step") else None
         return Said(
             f"{head} (expected 1): {why}", hint, {"cause": kind, "max_updates": most}, severity
         )
