@@ -1393,11 +1393,14 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
             text = (
                 f"running statistics are far from the statistics of the given data "
                 f"{measured_text}; {first} differs from the data the statistics were "
-                "collected on"
+                "collected on, or the weights before it changed after they were collected "
+                "(large steps since the last train-mode batches, weights loaded or edited "
+                "without their statistics)"
             )
             hint = (
                 "check the preprocessing (scale, mean/std, channel order, resolution) against "
-                "training; if this data is the new target domain, " + recalibrate
+                "training; if this data is the new target domain, or the weights changed "
+                "since, " + recalibrate
             )
         else:
             layer_cause = "lag"

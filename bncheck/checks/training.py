@@ -642,8 +642,9 @@ class StatDrift(TrainingRule):
             f"train batches far from the running statistics {_span(run, ep)} ({ep.steps} of "
             f"{judged} judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std "
             f"(tol {tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})",
-            "the running statistics lag the data: momentum too small, statistics loaded "
-            "from other data, or the input distribution changed; recompute them "
+            "the running statistics lag the data: momentum too small for how fast the "
+            "weights before the layer move (a high learning rate), statistics loaded from "
+            "other data, or the input distribution changed; recompute them "
             "(torch.optim.swa_utils.update_bn)",
             {"judged_steps": judged, "drift_mean_z_tol": tz, "drift_var_ratio_tol": tv},
         )
