@@ -21,6 +21,13 @@
 3. **Data passes** (only with ``data=`` and ``stat-drift`` selected; eval mode, at most
    ``drift_max_batches`` batches): per-channel statistics of each BN input (:class:`DriftStats`).
 
+With ``bn-reused`` selected and both stages wanted, the eval passes run first when the input
+has one sample count: the layers they call more than once tell the train pass which first
+calls to read for ``bn-reused`` (otherwise first-call inputs are held until the forward ends,
+in case the layer is called again). The train pass then gets the RNG state it would have had
+first, and the eval passes run again after it when it shows another batch size or number of
+batch-mates than they used.
+
 The BN buffers are snapshot first and put back after each stage, so every stage sees the
 user's statistics; :func:`bncheck.state.preserved` restores everything else on exit. Random
 inputs are drawn from a local ``torch.Generator``, never the global RNG.
@@ -46,6 +53,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from .context import AuditContext
 from .discovery import BNLayer
 from .errors import BNCheckError, InputError, first_line
+from .state import RNGState
 from .tracing import BNCall, OpRecord, Tracer
 
 __all__ = [
@@ -1406,6 +1414,11 @@ def _fingerprint(t: torch.Tensor) -> tuple[Any, ...] | None:
 
 #: why a held first-call input was not read (``TrainCall.sums_unread``)
 _CHANGED = "its input was changed after the call (in place, or its memory freed)"
+#: why a first call was neither read nor held: the eval passes called the layer once
+_UNPREDICTED = (
+    "the eval-mode forward called it once, so its first train-mode call was not read "
+    "(the train-mode forward calls it more often)"
+)
 
 
 def _read_held(
@@ -1456,7 +1469,12 @@ def _same_statistics(read: RawStats, kernel: RawStats, dtype: torch.dtype) -> bo
 
 
 # ---- the train pass --------------------------------------------------------------------------
-def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
+def _train_pass(
+    ctx: AuditContext, x: Any, obs: ForwardObservations, predicted: _Predicted | None = None
+) -> None:
+    """The train-mode pass (see the module's docstring). ``predicted``: the BN calls the eval
+    passes saw, when they ran first: a layer they saw called more than once has its first
+    call read during the forward, one they saw called once is not held for ``bn-reused``."""
     model = ctx.model
     bn_modules = {layer.module: layer.name for layer in ctx.layers}
     tracer = Tracer(model, bn_modules)
@@ -1480,9 +1498,14 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
 
     # bn-reused compares a layer's calls by their per-sample sums, which only a reading
     # gives: with it selected, later calls of a layer are read, and first calls' inputs are
-    # held (up to HOLD_BYTES) to be read after the forward if the layer is called again
+    # held (up to HOLD_BYTES) to be read after the forward if the layer is called again;
+    # with the eval passes' calls known, the first calls of the layers they saw called
+    # again are read, and those of the layers they saw once are neither read nor held
     rows = "bn-reused" in ctx.rule_ids
+    reused = predicted.reused if predicted is not None else frozenset()
+    seen = predicted.seen if predicted is not None else frozenset()
     held: list[tuple[TrainCall, torch.Tensor, tuple[Any, ...]]] = []
+    unheld: list[TrainCall] = []
     held_bytes = [0]
 
     def batch_norm_read(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1497,13 +1520,14 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
             or rec.forced_eval
             or not rec.training
             or _BATCH_NORM_IMPL is None
-            or (rows and rec.occurrence > 0)
+            or (rows and (rec.occurrence > 0 or rec.layer in reused))
             or not _kernel_call(bound)
         ):
             return func(*args, **kwargs)
         x = bound["input"]
-        fingerprint = _fingerprint(x) if rows else None
-        if rows and (
+        hold = rows and rec.layer not in seen
+        fingerprint = _fingerprint(x) if hold else None
+        if hold and (
             fingerprint is None
             or fingerprint[5] > HOLD_TENSOR_BYTES
             or held_bytes[0] + fingerprint[5] > HOLD_BYTES
@@ -1529,6 +1553,8 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]
+            elif kernel is not None and rows:
+                unheld.append(rec)
         rec.norm_source = "batch_norm"
         return out
 
@@ -1639,6 +1665,9 @@ def _train_pass(ctx: AuditContext, x: Any, obs: ForwardObservations) -> None:
             with tracer.paused():  # bncheck's own arithmetic: not part of the model's trace
                 _read_held(held, counts)
                 held.clear()
+                for rec in unheld:
+                    if counts.get(rec.layer, 0) > 1:
+                        rec.sums_unread = _UNPREDICTED
                 _finish_measures(obs.calls)
     obs.call_counts = counts
     obs.train_ran = True
@@ -2272,6 +2301,36 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
+@dataclass(frozen=True)
+class _Predicted:
+    """What the eval passes saw of the BN calls, for the train pass: the layers called, and
+    those called more than once in one forward."""
+
+    seen: frozenset[str]
+    reused: frozenset[str]
+
+    @classmethod
+    def of(cls, ev: EvalObservations) -> _Predicted:
+        counts: dict[str, int] = {}
+        for call in ev.a.calls:
+            counts[call.layer] = max(counts.get(call.layer, 0), call.occurrence + 1)
+        return cls(frozenset(counts), frozenset(k for k, v in counts.items() if v > 1))
+
+
+def _flat_eval(ev: EvalObservations) -> bool:
+    """Whether a BN call of the eval passes saw one value per sample and channel (the train
+    pass's test, ``samples_per_channel <= batch_size``, on the eval passes' calls)."""
+    if not ev.a.calls:
+        return True
+    for call in ev.a.calls:
+        t = call.output if call.output is not None else call.input
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] == 0:
+            return True
+        if t[0].numel() // max(1, int(t.shape[1])) <= 1:
+            return True
+    return False
+
+
 def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardObservations:
     """Run the audit's forward passes on ``ctx.example_input`` and return what they observed.
 
@@ -2296,16 +2355,73 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
     snapshot = saved.states
     restore = saved.restore
 
-    failures: list[BaseException] = []
+    train_failure: BaseException | None = None
+    eval_failure: BaseException | None = None
+
+    def eval_stage(n: int, mates: int) -> None:
+        nonlocal eval_failure
+        obs.eval, obs.eval_error, eval_failure = None, None, None
+        changes: dict[str, list[str]] = {}
+
+        def after_pass() -> None:
+            # what an eval pass changed, then back to the user's values for the next one
+            if saved.unchanged():
+                return
+            for layer in ctx.layers:
+                if id(layer.module) in snapshot:
+                    state = snapshot[id(layer.module)][1]
+                    changed = state.changed_in(layer.module)
+                    if changed:
+                        state.restore(layer.module)
+                    for name in changed:
+                        if name not in changes.setdefault(layer.name, []):
+                            changes[layer.name].append(name)
+
+        try:
+            obs.eval = _eval_passes(ctx, x, n, after_pass, mates=mates)
+        except BNCheckError:
+            raise
+        except Exception as exc:
+            eval_failure = exc
+            obs.eval_error = first_line(exc)
+        else:
+            obs.eval.buffer_changes = {k: v for k, v in changes.items() if v}
+        restore()
+
     with torch.no_grad():
+        # the eval passes first when they can tell the train pass which layers are called
+        # more than once (bn-reused's per-sample sums): then no first-call input is held
+        # in case its layer is called again (see _train_pass); the train pass gets the RNG
+        # state it would have had first, and the eval passes run again after it if their
+        # batch size or batch-mates turn out other than the train pass says
+        early: tuple[int, int] | None = None
+        predicted: _Predicted | None = None
+        counts = set(_sample_counts(x))
+        if (
+            "train" in wanted
+            and "eval" in wanted
+            and "bn-reused" in ctx.rule_ids
+            and len(counts) == 1
+            and not any(layer.lazy_uninitialized for layer in ctx.layers)
+        ):
+            rng = RNGState.capture()
+            n, mates = counts.pop(), 1
+            eval_stage(n, mates)
+            if obs.eval is not None and _flat_eval(obs.eval):
+                mates = 2
+                eval_stage(n, mates)
+            if obs.eval is not None:  # a failure is left to the eval passes after the train pass
+                early = (n, mates)
+                predicted = _Predicted.of(obs.eval)
+            rng.restore()
         if "train" in wanted:
             ctx.model.train()
             try:
-                _train_pass(ctx, x, obs)
+                _train_pass(ctx, x, obs, predicted)
             except BNCheckError:
                 raise
             except Exception as exc:
-                failures.append(exc)
+                train_failure = exc
                 obs.train_error = first_line(exc)
                 if _needs_targets(exc, x):
                     obs.needs_targets = True
@@ -2313,37 +2429,12 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             # the batch is what the BN layers see as N: a list of images is its length
             obs.batch_size = _batch_size(x, (c.batch_size for c in obs.calls))
         if "eval" in wanted and obs.batch_size is not None:
-            changes: dict[str, list[str]] = {}
-
-            def after_pass() -> None:
-                # what an eval pass changed, then back to the user's values for the next one
-                if saved.unchanged():
-                    return
-                for layer in ctx.layers:
-                    if id(layer.module) in snapshot:
-                        state = snapshot[id(layer.module)][1]
-                        changed = state.changed_in(layer.module)
-                        if changed:
-                            state.restore(layer.module)
-                        for name in changed:
-                            if name not in changes.setdefault(layer.name, []):
-                                changes[layer.name].append(name)
-
-            try:
-                # with one value per sample and channel (BN on (N, C)), batch statistics of
-                # two samples are about +-1 whatever the samples are: use two batch-mates
-                flat = not obs.calls or any(
-                    c.samples_per_channel <= c.batch_size for c in obs.calls
-                )
-                obs.eval = _eval_passes(ctx, x, obs.batch_size, after_pass, mates=2 if flat else 1)
-            except BNCheckError:
-                raise
-            except Exception as exc:
-                failures.append(exc)
-                obs.eval_error = first_line(exc)
-            else:
-                obs.eval.buffer_changes = {k: v for k, v in changes.items() if v}
-            restore()
+            # with one value per sample and channel (BN on (N, C)), batch statistics of
+            # two samples are about +-1 whatever the samples are: use two batch-mates
+            flat = not obs.calls or any(c.samples_per_channel <= c.batch_size for c in obs.calls)
+            if early != (obs.batch_size, 2 if flat else 1):
+                eval_stage(obs.batch_size, 2 if flat else 1)
+        failures = [e for e in (train_failure, eval_failure) if e is not None]
         ran = obs.train_ran or obs.eval is not None
         if failures and not ran:
             raise failures[0]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from zoo import observed
+from zoo import TwoBlock, image_batch, observed
 
 import bncheck
 from bncheck import probes
@@ -390,7 +390,9 @@ def test_a_held_input_changed_after_its_call_keeps_the_kernels_statistics(change
     no version counter: the reading disagrees with the kernel's statistics). The call keeps
     the kernel's statistics, those of the input at the call, so ema-update and
     normalization stay quiet; bn-reused, which needs every call's per-sample sums, says in a
-    note that it did not judge the layer, rather than judging it on the variance."""
+    note that it did not judge the layer, rather than judging it on the variance. With the
+    eval passes, which run first and show the layer called twice, nothing is held: the first
+    call is read at the call, before the change, and the layer is judged."""
     torch.manual_seed(0)
     model, x = ChangedAfter(change), torch.randn(8, 3, 10, 10)
     with torch.no_grad():
@@ -407,10 +409,14 @@ def test_a_held_input_changed_after_its_call_keeps_the_kernels_statistics(change
     assert torch.allclose(first.input_stats.mean, mean, rtol=0, atol=1e-6)
     assert torch.allclose(first.input_stats.var, var, rtol=1e-6, atol=0)
     assert second.input_stats is not None and second.input_stats.sample_var is not None
-    report = bncheck.audit(model, x)
+    report = bncheck.audit(model, x, select=["normalization", "ema-update", "bn-reused"])
     assert report.complete
     assert [f.rule for f in report.findings if f.layer == "bn"] == []
     assert any(n.startswith("bn-reused: bn is called 2 times") for n in report.notes)
+    whole = bncheck.audit(model, x)
+    found = [(f.rule, f.details.get("cause")) for f in whole.findings if f.layer == "bn"]
+    assert found == [("bn-reused", "one-distribution")]
+    assert not any(n.startswith("bn-reused:") for n in whole.notes)
 
 
 def test_dropout_before_a_reused_layer_leaves_every_call_its_per_sample_sums(monkeypatch):
@@ -442,6 +448,73 @@ def test_only_bn_reused_needs_the_calls_of_a_reused_layer_read(monkeypatch):
     assert reads == []
     _observed(model, x, monkeypatch, select=["bn-reused"])
     assert reads == [(8, 6, 12, 12), (8, 6, 12, 12)]
+
+
+def _holds(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the first-call inputs the train pass considers holding."""
+    shapes: list[tuple[int, ...]] = []
+    fingerprint = probes._fingerprint
+
+    def counting(t):
+        shapes.append(tuple(t.shape))
+        return fingerprint(t)
+
+    monkeypatch.setattr(probes, "_fingerprint", counting)
+    return shapes
+
+
+#: bn-reused with a rule of the eval passes: the audit runs those first
+_EVAL_FIRST = ["bn-reused", "eval-batch-dependence"]
+
+
+def test_after_the_eval_passes_a_reused_layer_is_read_at_each_call_and_nothing_is_held(
+    monkeypatch,
+):
+    torch.manual_seed(0)
+    holds, reads = _holds(monkeypatch), _reads(monkeypatch)
+    obs = _observed(Reused(), torch.randn(8, 3, 12, 12), monkeypatch, select=_EVAL_FIRST)
+    assert holds == []
+    assert reads == [(8, 6, 12, 12), (8, 6, 12, 12)]  # both calls, during the forward
+    for call in [c for c in obs.calls_of("bn") if c.training]:
+        assert call.input_stats is not None and call.input_stats.sample_var is not None
+    assert obs.eval is not None
+    reads.clear()
+    obs = _observed(TwoBlock(), torch.randn(8, 3, 12, 12), monkeypatch, select=_EVAL_FIRST)
+    assert holds == [] and reads == []  # each layer called once: the kernel's statistics
+    assert [c.sums_unread for c in obs.calls] == [None, None]
+
+
+class ReusedInTraining(Reused):
+    """bn called once in eval mode, twice in train mode (an extra view in training only)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y + self.bn(self.conv(x.flip(3))) if self.training else y
+
+
+def test_a_layer_the_eval_passes_saw_once_and_training_calls_twice_is_not_judged_blindly(
+    monkeypatch,
+):
+    torch.manual_seed(0)
+    model, x = ReusedInTraining(), torch.randn(8, 3, 12, 12)
+    obs = _observed(model, x, monkeypatch, select=_EVAL_FIRST)
+    first, second = [c for c in obs.calls_of("bn") if c.training]
+    assert first.input_stats is not None and first.input_stats.sample_var is None
+    assert first.sums_unread is not None and "eval-mode forward called it once" in first.sums_unread
+    report = bncheck.audit(model, x)
+    assert [f.rule for f in report.findings if f.layer == "bn"] == []
+    assert any(n.startswith("bn-reused: bn is called 2 times") for n in report.notes)
+
+
+def test_the_eval_passes_run_first_only_for_bn_reused_and_give_the_same_findings():
+    """The order of the passes changes what the train pass holds, not what is found: the
+    same findings with the eval passes first (bn-reused selected) and after (not)."""
+    torch.manual_seed(0)
+    for model, x in ((Reused(), torch.randn(8, 3, 12, 12)), (TwoBlock(), image_batch(8))):
+        everything = bncheck.audit(model, x)
+        without = bncheck.audit(model, x, ignore=["bn-reused"])
+        keep = [(f.rule, f.layer, f.message) for f in everything.findings if f.rule != "bn-reused"]
+        assert keep == [(f.rule, f.layer, f.message) for f in without.findings]
 
 
 @pytest.mark.parametrize("budget", ["HOLD_BYTES", "HOLD_TENSOR_BYTES"])
