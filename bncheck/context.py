@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,9 @@ class AuditContext:
     skipped: dict[str, str] = field(default_factory=dict)
     #: what the front end found before the audit (missing buffers, ...)
     facts: AuditFacts = field(default_factory=AuditFacts)
+    #: set by the engine while the forward passes run: puts the model (all but the values of
+    #: its parameters) and the RNG states back as the user left them, between two stages
+    reset: Callable[[], None] | None = None
 
     def tol(self, name: str) -> float:
         return float(self.tolerances[name])

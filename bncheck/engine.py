@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -443,7 +444,8 @@ def _audit(
             # snapshot when the passes ran on a copy)
             copied = ctx.model is not inner
             try:
-                with preserved(ctx.model) if copied else contextlib.nullcontext():
+                with preserved(ctx.model) if copied else contextlib.nullcontext(snapshot) as snap:
+                    ctx.reset = functools.partial(snap.restore, parameters=False)
                     ctx.forward = probes.collect(ctx, forward_stages(ctx.rule_ids))
             except BNCheckError:
                 raise
@@ -455,6 +457,7 @@ def _audit(
                     f" ({code!r})" if code is not None else ""
                 )
             finally:
+                ctx.reset = None
                 # for good: from here on the audit only reads the model (its rules)
                 snapshot.restore(final=True)
                 ctx.model, ctx.layers = inner, layers  # the rules judge the user's model

@@ -1413,11 +1413,14 @@ def _fingerprint(t: torch.Tensor) -> tuple[Any, ...] | None:
 
 
 #: why a held first-call input was not read (``TrainCall.sums_unread``)
-_CHANGED = "its input was changed after the call (in place, or its memory freed)"
+_CHANGED = (
+    "its first call's input was changed after the call (in place, or its memory freed; BN's "
+    "backward needs that input as the call saw it)"
+)
 #: why a first call was neither read nor held: the eval passes called the layer once
 _UNPREDICTED = (
-    "the eval-mode forward called it once, so its first train-mode call was not read "
-    "(the train-mode forward calls it more often)"
+    "the eval-mode forward called it once (a batch split into chunks, or a view added in "
+    "training only), so its first train-mode call was not read"
 )
 
 
@@ -2404,7 +2407,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             and len(counts) == 1
             and not any(layer.lazy_uninitialized for layer in ctx.layers)
         ):
-            rng = RNGState.capture()
+            rng = RNGState.capture()  # (ctx.reset restores the RNG too, when the engine set it)
             n, mates = counts.pop(), 1
             eval_stage(n, mates)
             if obs.eval is not None and _flat_eval(obs.eval):
@@ -2413,6 +2416,11 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             if obs.eval is not None:  # a failure is left to the eval passes after the train pass
                 early = (n, mates)
                 predicted = _Predicted.of(obs.eval)
+            # the train pass runs on the model as the user left it: what the eval forwards
+            # changed (an attribute holding a hidden state of 2 samples, a counter, a module
+            # fused or swapped) is put back, with the RNG states
+            if ctx.reset is not None:
+                ctx.reset()
             rng.restore()
         if "train" in wanted:
             ctx.model.train()

@@ -340,7 +340,12 @@ class ModelState:
         schedulers = [(sch, _scheduler_state(sch)) for sch in held_schedulers(model, modules)]
         return cls(training, parameters, buffers, grads, opts, structure, schedulers)
 
-    def restore(self) -> None:
+    def restore(self, parameters: bool = True) -> None:
+        """Put everything back; with ``parameters=False`` the values of parameters, grads
+        and optimizer states are left as they are (which tensors they are, their
+        ``requires_grad`` and everything else is put back): the cheap reset between two
+        forward passes under ``no_grad``, which change buffers and attributes far more often
+        than weights, and whose weight changes the final restore puts back anyway."""
         for st in self.structure:
             st.restore()
         for sch, saved in self.schedulers:
@@ -348,6 +353,7 @@ class ModelState:
         for module, flag in self.training:
             module.training = flag
         for kind, slots in (("_parameters", self.parameters), ("_buffers", self.buffers)):
+            values = parameters or kind == "_buffers"
             for module, name, original, copy in slots:
                 table = getattr(module, kind)
                 if isinstance(table, dict):
@@ -355,20 +361,21 @@ class ModelState:
                         table[name] = original
                 elif original is not None:  # TorchScript: cannot swap back, write the values
                     current = dict(_slots(module, kind)).get(name, original)
-                    if isinstance(current, torch.Tensor):
+                    if isinstance(current, torch.Tensor) and values:
                         _put_back(current, copy)
                     continue
-                if isinstance(original, torch.Tensor):
+                if isinstance(original, torch.Tensor) and values:
                     _put_back(original, copy)
         for param, flag, grad, copy in self.grads:
             if param.grad is not grad:
                 param.grad = grad
-            if grad is not None:
+            if grad is not None and parameters:
                 _put_back(grad, copy)
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
-        for opt in self.optimizers:
-            opt.restore()
+        if parameters:
+            for opt in self.optimizers:
+                opt.restore()
 
 
 class Snapshot:
@@ -382,14 +389,16 @@ class Snapshot:
         #: exit of :func:`preserved` restores only the RNG states
         self.settled = False
 
-    def restore(self, final: bool = False) -> None:
+    def restore(self, final: bool = False, parameters: bool = True) -> None:
         """Put everything back. ``final=True``: the caller runs nothing on the model after
         this (the audit's rules only read it), so comparing every tensor again at the exit of
-        :func:`preserved` would find nothing to do; an interrupted restore is not final."""
+        :func:`preserved` would find nothing to do; an interrupted restore is not final.
+        ``parameters=False``: not the values of parameters, grads and optimizer states (see
+        :meth:`ModelState.restore`); never final."""
         try:
             if not self.settled:
-                self.model.restore()
-                self.settled = final
+                self.model.restore(parameters)
+                self.settled = final and parameters
         finally:
             self.rng.restore()
 

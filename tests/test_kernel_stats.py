@@ -485,11 +485,17 @@ def test_after_the_eval_passes_a_reused_layer_is_read_at_each_call_and_nothing_i
 
 
 class ReusedInTraining(Reused):
-    """bn called once in eval mode, twice in train mode (an extra view in training only)."""
+    """bn called once in eval mode, twice in train mode (an extra view in training only,
+    the input flipped, or scaled and shifted by ``shift``)."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.shift = shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
-        return y + self.bn(self.conv(x.flip(3))) if self.training else y
+        other = x.flip(3) if not self.shift else x * self.shift + self.shift
+        return y + self.bn(self.conv(other)) if self.training else y
 
 
 def test_a_layer_the_eval_passes_saw_once_and_training_calls_twice_is_not_judged_blindly(
@@ -504,6 +510,55 @@ def test_a_layer_the_eval_passes_saw_once_and_training_calls_twice_is_not_judged
     report = bncheck.audit(model, x)
     assert [f.rule for f in report.findings if f.layer == "bn"] == []
     assert any(n.startswith("bn-reused: bn is called 2 times") for n in report.notes)
+
+
+def test_a_first_call_without_per_sample_sums_still_shows_a_clear_difference():
+    # its variance bounds the noise of its mean: a difference beyond that is certain
+    torch.manual_seed(0)
+    report = bncheck.audit(ReusedInTraining(shift=10.0), torch.randn(8, 3, 12, 12))
+    (found,) = [f for f in report.findings if f.layer == "bn"]
+    assert found.rule == "bn-reused" and found.severity == "warning"
+    assert not any(n.startswith("bn-reused:") for n in report.notes)
+
+
+class KeepsHidden(Reused):
+    """Keeps a per-sample hidden state between forwards (as a stateful RNN does), created
+    at the first forward with that forward's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.h is None:
+            self.h = torch.zeros(x.shape[0], 6, 1, 1)
+        y = self.bn(self.conv(x)) + self.h
+        self.h = y.mean((2, 3), keepdim=True).detach()
+        return y
+
+
+class FusesInEval(TwoBlock):
+    """Folds its BN layers away at its first eval forward (a model that optimises itself
+    for inference; here into identities)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            for block in (self.block1, self.block2):
+                block[1] = nn.Identity()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("model", [KeepsHidden, FusesInEval])
+def test_the_train_pass_after_the_eval_passes_sees_the_model_as_the_user_left_it(model):
+    torch.manual_seed(0)
+    net, x = model(), torch.randn(8, 3, 12, 12)
+    report = bncheck.audit(net, x)
+    assert report.complete, report.notes
+    assert "normalization" not in report.skipped and "ema-update" not in report.skipped
+    assert all(
+        not (isinstance(m, nn.Identity) or getattr(m, "h", None) is not None)
+        for m in net.modules()
+    )
 
 
 def test_the_eval_passes_run_first_only_for_bn_reused_and_give_the_same_findings():

@@ -26,7 +26,7 @@ from ..probes import ForwardObservations, InputSummary, TrainCall, first_differe
 from ..report import Finding
 from ..tracing import OpRecord, upstream
 from .registry import check
-from .reuse import calls_alike
+from .reuse import calls_alike, calls_differ
 from .static import (
     batch_stats_in_eval,
     channel_list,
@@ -163,13 +163,15 @@ def bn_reused(ctx: AuditContext) -> Iterator[Finding]:
                 producers.append(src.label)
         trained = [c for c in obs.calls_of(name) if c.training]
         unread = next((c.sums_unread for c in trained if c.sums_unread), None)
-        if len(producers) <= 1 and unread:
+        if len(producers) <= 1 and unread and calls_differ(trained) is not True:
             # one producer: only the calls' statistics can tell intended reuse from a blend,
-            # and without the per-sample sums of every call they cannot be compared fairly
+            # and without the per-sample sums of every call they cannot be compared fairly:
+            # a call without them is compared with its variance as the noise of its mean,
+            # which can show a difference (then the blend is certain) but not sameness
             ctx.notes.append(
                 f"bn-reused: {name} is called {count} times from one producer, but was not "
-                f"judged: {unread}, so its calls' per-sample statistics could not be compared "
-                "(BN's backward needs that input as the call saw it)"
+                f"judged: {unread}; without every call's per-sample statistics, its calls "
+                "could not be compared"
             )
             continue
         if len(producers) <= 1 and calls_alike(trained):

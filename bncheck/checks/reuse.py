@@ -84,7 +84,22 @@ def calls_differ(calls: Sequence[Any]) -> bool | None:
             zv = pair_z(sa.var, qa, a.batch_size, sb.var, qb, b.batch_size)
             if float((zv > DIFFER_Z).double().mean()) >= DIFFER_FRACTION:
                 return True
+        elif float(_var_apart(sa.var, a.batch_size, sb.var, b.batch_size).mean()) >= (
+            DIFFER_FRACTION
+        ):
+            return True
     return False
+
+
+def _var_apart(var_a: Any, n_a: int, var_b: Any, n_b: int) -> torch.Tensor:
+    """Per channel, whether two variances differ without the per-sample spread that measures
+    their noise: more than ``ALIKE_VAR_CAP`` apart and more than ``DIFFER_Z`` standard errors
+    of log(var_a / var_b) by normal theory (about 2 / (n - 1) each, n the batch size: the
+    samples are independent, the values of one feature map are not)."""
+    va, vb = _t(var_a).clamp(min=1e-300), _t(var_b).clamp(min=1e-300)
+    log_ratio = (va / vb).log().abs()
+    se = (2 / max(n_a - 1, 1) + 2 / max(n_b - 1, 1)) ** 0.5
+    return ((log_ratio > DIFFER_Z * se) & (log_ratio > math.log(ALIKE_VAR_CAP))).double()
 
 
 #: Calls are "alike" when, in at least ``ALIKE_FRACTION`` of the channels, their means are
