@@ -24,9 +24,10 @@
 With ``bn-reused`` selected and both stages wanted, the eval passes run first when the input
 has one sample count: the layers they call more than once tell the train pass which first
 calls to read for ``bn-reused`` (otherwise first-call inputs are held until the forward ends,
-in case the layer is called again). The train pass then gets the RNG state it would have had
-first, and the eval passes run again after it when it shows another batch size or number of
-batch-mates than they used.
+in case the layer is called again). The train pass then gets the model as the user left it
+(``ctx.reset``: all but parameter values) and the RNG state it would have had first, and the
+eval passes run again after it when it shows another batch size or number of batch-mates
+than they used.
 
 The BN buffers are snapshot first and put back after each stage, so every stage sees the
 user's statistics; :func:`bncheck.state.preserved` restores everything else on exit. Random
