@@ -556,8 +556,7 @@ def test_the_train_pass_after_the_eval_passes_sees_the_model_as_the_user_left_it
     assert report.complete, report.notes
     assert "normalization" not in report.skipped and "ema-update" not in report.skipped
     assert all(
-        not (isinstance(m, nn.Identity) or getattr(m, "h", None) is not None)
-        for m in net.modules()
+        not (isinstance(m, nn.Identity) or getattr(m, "h", None) is not None) for m in net.modules()
     )
 
 
