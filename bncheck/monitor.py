@@ -304,8 +304,10 @@ class Monitor:
         self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
         #: per pending step: iterations the GradScaler skipped before it, or the scale read
         #: at its end (a device tensor: counted at the flush, no host sync per step)
-        self._skipped: list[int | torch.Tensor | float] = []
+        self._skipped: list[int | tuple[Any, Any]] = []
         self._last_scale: float | None = None
+        #: the growth tracker at the last step's end, before its update (None: unknown)
+        self._last_tracker: int | None = None
         self._base: Snapshot | None = None
         self._pending: list[Pending] = []
         self._chunks: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = deque()
@@ -354,6 +356,7 @@ class Monitor:
             self._base = self._flat.snapshot()
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
             self._last_scale = float(self.scaler.get_scale())
+            self._last_tracker = None  # read after an update, not before one: not comparable
         self._recorder.reset_step()
         self._watch_params(self._trainable_flags()[0])
         self._attached = True
@@ -515,25 +518,29 @@ class Monitor:
         for idx, kind in kinds.items():
             self._run.update_kinds.setdefault(idx, Counter())[kind] += 1
 
-    def _scale_now(self) -> int | torch.Tensor | float:
-        """The GradScaler's scale at the end of a step, read without a host sync: a copy of
-        its scale tensor (``update()`` changes it in place), its initial scale before the
-        first ``scale()``, 0 (no skips) without an enabled scaler."""
+    def _scale_now(self) -> int | tuple[Any, Any]:
+        """The GradScaler's scale and growth tracker at the end of a step (before its
+        ``update()``), read without a host sync: copies of its tensors (``update()`` changes
+        them in place), or its initial values before the first ``scale()``; 0 (no skips)
+        without an enabled scaler."""
         scaler = self.scaler
         if scaler is None or not scaler.is_enabled():
             return 0
         read = getattr(scaler, "_get_scale_async", None)
         scale = read() if callable(read) else None
-        if isinstance(scale, torch.Tensor):
-            return scale.detach().clone()
-        return float(scaler.get_scale())
+        scale = scale.detach().clone() if isinstance(scale, torch.Tensor) else scaler.get_scale()
+        tracker = getattr(scaler, "_growth_tracker", None)
+        tracker = tracker.detach().clone() if isinstance(tracker, torch.Tensor) else None
+        return scale, tracker
 
-    def _skips(self, entries: list[int | torch.Tensor | float]) -> list[int]:
+    def _skips(self, entries: list[int | tuple[Any, Any]]) -> list[int]:
         """The iterations the GradScaler skipped before each pending step, from the scales
-        read at their ends (one host transfer for the whole block)."""
-        tensors = [e for e in entries if isinstance(e, torch.Tensor)]
+        and growth trackers read at their ends (one host transfer for the whole block)."""
+        tensors = [v for e in entries if isinstance(e, tuple) for v in e if torch.is_tensor(v)]
         values = iter(
-            torch.stack([t.to(tensors[0].device, torch.float32) for t in tensors]).cpu().tolist()
+            torch.stack([t.to(tensors[0].device, torch.float32).reshape(()) for t in tensors])
+            .cpu()
+            .tolist()
             if tensors
             else []
         )
@@ -541,22 +548,39 @@ class Monitor:
         for entry in entries:
             if isinstance(entry, int):
                 skips.append(entry)
-            else:
-                scale = next(values) if isinstance(entry, torch.Tensor) else entry
-                skips.append(self._scaler_skips(float(scale)))
+                continue
+            scale, tracker = (next(values) if torch.is_tensor(v) else v for v in entry)
+            skips.append(
+                self._scaler_skips(float(scale), None if tracker is None else round(tracker))
+            )
         return skips
 
-    def _scaler_skips(self, scale: float) -> int:
-        """Iterations the GradScaler skipped since the last step, ``scale`` read at this
-        step's end: each skip multiplies the scale by the backoff factor, and growth only
-        follows a step that ran."""
+    def _scaler_skips(self, scale: float, tracker: int | None = None) -> int:
+        """Iterations the GradScaler skipped since the last step, from the scale and growth
+        tracker read at this step's end (before its ``update()``). Each skip multiplies the
+        scale by the backoff factor and resets the tracker; a step that ran adds one to the
+        tracker, or, at the growth interval, multiplies the scale by the growth factor and
+        resets the tracker. So a tracker above 0 means no skip; at 0 the scale tells, grown
+        first when the last step's update reached the interval (a growth then a skip leave
+        the scale where it was)."""
         scaler = self.scaler
         assert scaler is not None
         last, self._last_scale = self._last_scale, scale
-        backoff = float(scaler.get_backoff_factor())
-        if last is None or not scale < last or not 0.0 < backoff < 1.0 or scale <= 0.0:
+        last_tracker, self._last_tracker = self._last_tracker, tracker
+        if tracker is not None and tracker > 0:
             return 0
-        return max(0, round(math.log(scale / last) / math.log(backoff)))
+        backoff = float(scaler.get_backoff_factor())
+        expected = last
+        if (
+            last is not None
+            and tracker == 0
+            and last_tracker is not None
+            and last_tracker + 1 >= int(scaler.get_growth_interval())
+        ):
+            expected = last * float(scaler.get_growth_factor())
+        if expected is None or not scale < expected or not 0.0 < backoff < 1.0 or scale <= 0.0:
+            return 0
+        return max(0, round(math.log(scale / expected) / math.log(backoff)))
 
     # ---- checks ----------------------------------------------------------------------------
     def _flush(self) -> None:

@@ -230,7 +230,7 @@ class Recorder:
             if self._armed:
                 arm = self._armed.get(idx)
                 if arm is not None and arm[0] <= self._step:
-                    self._detail(idx, x, output, flags)
+                    self._detail(idx, module, x, output, flags)
 
     def _forward_traced(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """The forward hook as dynamo traces it into a compiled graph: the call's layer, mode,
@@ -284,7 +284,7 @@ class Recorder:
             monitor._safely(monitor._end_step)
 
     # ---- detailed calls (armed layers only) -----------------------------------------------------
-    def _detail(self, idx: int, x: Any, output: Any, flags: int) -> None:
+    def _detail(self, idx: int, module: nn.Module, x: Any, output: Any, flags: int) -> None:
         in_backward = bool(flags & BACKWARD)
         mean = var = None
         n = 0
@@ -297,6 +297,14 @@ class Recorder:
             n = int(x.shape[0])
         hookable = isinstance(output, torch.Tensor) and output.requires_grad and not in_backward
         record = CallRecord(next(self._seq), n, mean, var, hookable, in_backward)
+        # whether the layer's gradients were cleared before this call (zero_grad between a
+        # GAN's generator step and its discriminator step; gradient accumulation keeps them)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            grad = weight.grad
+            record.grad_left = None if grad is None else grad.detach().abs().sum()
+        else:
+            record.grad_left = False  # no gradient to tell by
         if hookable:
             output.register_hook(_BackwardMark(record, self._seq))
         self._details.setdefault(idx, []).append(record)

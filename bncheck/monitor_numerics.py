@@ -14,6 +14,7 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -270,6 +271,10 @@ class CallRecord:
     hookable: bool
     in_backward: bool
     backward_seq: int | None = None
+    #: the layer's gamma gradient at the call: ``None`` when cleared (``set_to_none``), a
+    #: device scalar (the sum of its magnitudes: 0 when zeroed), ``False`` when the layer
+    #: has no gradient to tell by
+    grad_left: Any = False
 
     def mark_backward(self, seq: int) -> None:
         if self.backward_seq is None:
@@ -294,6 +299,14 @@ def batches_differ(a: CallRecord, b: CallRecord) -> bool:
     return bool(((z > DIFFER_Z).double().mean() >= DIFFER_FRACTION).item())
 
 
+def _cleared(call: CallRecord) -> bool:
+    """Whether the layer's gradient was cleared (``None`` or all zeros) at the call."""
+    left = call.grad_left
+    if left is None:
+        return True
+    return isinstance(left, torch.Tensor) and float(left) == 0.0
+
+
 def classify_updates(
     calls: Sequence[CallRecord], *, backward_seen: bool = True, others: Sequence[int] = ()
 ) -> str | None:
@@ -302,11 +315,12 @@ def classify_updates(
     One of :data:`bncheck.checks.training.UPDATE_KINDS` (None with fewer than two calls):
     ``recompute`` if a call ran during backward; ``extra`` if a call's output required grad
     but no backward reached it; ``other-step`` if another optimizer stepped between two of
-    the calls (``others``: when, on the calls' ``seq`` clock) and only one call follows the
-    last such step: the network is also run in another network's training step (a GAN
-    generator's step through the discriminator); when several follow it, they are
-    classified as below. With forwards that share one backward (a later forward
-    before an earlier call's backward): ``reused`` when their batches differ (one BN across
+    the calls (``others``: when, on the calls' ``seq`` clock), the layer's gradients were
+    cleared before the first call after the last such step, and only that call follows it:
+    the network is also run in another network's training step (a GAN generator's step
+    through the discriminator); when several follow it, they are classified as below.
+    With forwards that share one backward (a later forward before an earlier call's
+    backward): ``reused`` when their batches differ (one BN across
     time steps or scales), else ``views`` (two augmented views, ghost-BN chunks); with
     forward/backward pairs: ``sources`` when the batches differ (real and fake batches),
     else ``accumulation``. Without ``backward_seen`` (a step ends at the forward, before its
@@ -321,12 +335,16 @@ def classify_updates(
     ordered = sorted(calls, key=lambda c: c.seq)
     between = [s for s in others if ordered[0].seq < s < ordered[-1].seq]
     if between:
-        # the calls after the last of those steps are the network's own step: when it has
-        # several, how they came about is the finding (the other step adds one more)
+        # the calls after the last of those steps are the network's own step: when its
+        # gradients were cleared before them (zero_grad: the other step's gradients through
+        # this network are not the network's to keep), the calls before belong to the other
+        # network's step; gradient accumulation beside an optimizer that steps on its own
+        # keeps them, and is classified as below
         own = [c for c in ordered if c.seq > max(between)]
-        if len(own) < 2:
-            return "other-step"
-        ordered = own
+        if _cleared(own[0]):
+            if len(own) < 2:
+                return "other-step"
+            ordered = own
     shared = not backward_seen or any(
         a.backward_seq is not None and b.seq < a.backward_seq
         for a, b in itertools.pairwise(ordered)

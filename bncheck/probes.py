@@ -1696,8 +1696,17 @@ def _measure(
     # PyTorch's own forward: its output's per-channel moments follow from the element grid
     # checked against the input's statistics; custom layers get their output measured too
     rec.raw_out = None if rec.stock else read_stats(out)
-    rec.dtype = out.dtype
+    rec.dtype = _narrower(inp.dtype, out.dtype)
     rec.measured = True
+
+
+def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Of a call's input and output dtypes, the one whose rounding is coarser: a layer that
+    computes in bfloat16 under autocast and returns float32 (its float32 gamma promotes the
+    result) is judged at bfloat16's precision."""
+    if not (a.is_floating_point and b.is_floating_point):
+        return b
+    return a if torch.finfo(a).eps > torch.finfo(b).eps else b
 
 
 def _finish_measures(calls: Iterable[TrainCall]) -> None:

@@ -83,6 +83,27 @@ def test_half_precision_layers_are_judged_at_their_own_rounding(dtype: torch.dty
         assert bncheck.audit(model.to(dtype), x, select=NUMERIC).findings == []
 
 
+class Autocast(nn.Module):
+    """Runs ``inner`` under CPU autocast: a hand-written BN computes in bfloat16 there and
+    returns float32 (its float32 gamma promotes the result)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x)
+
+
+def test_a_layer_computing_in_bfloat16_under_autocast_is_judged_at_bfloat16() -> None:
+    x = image_batch(32, hw=16, seed=2)
+    torch.manual_seed(0)
+    assert bncheck.audit(Autocast(Net(HandBN(8))), x, select=NUMERIC).findings == []
+    broken = bncheck.audit(Autocast(Net(WrongAxesBN(8))), x, select=NUMERIC)
+    assert [f.layer for f in _found(broken, "normalization")] == ["inner.bn"]
+
+
 def test_normalising_with_the_unbiased_variance_is_caught() -> None:
     report = _audit_norm(UnbiasedNormBN(8), image_batch(2, hw=4))
     (finding,) = _found(report, "normalization")

@@ -195,6 +195,31 @@ def test_a_discriminator_also_run_in_the_generators_step_is_info_whatever_its_ba
     assert "another optimizer's step" in found[0].message
 
 
+def test_accumulation_beside_an_optimizer_stepping_per_micro_batch_is_still_accumulation():
+    # another network's optimizer steps between the micro-batches; the watched network's
+    # gradients add up all the while (no zero_grad between its calls)
+    torch.manual_seed(0)
+    model, aux = TwoBlock(), nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    aux_opt = torch.optim.SGD(aux.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(6):
+            for _ in range(4):
+                x = torch.randn(8, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (8,), generator=gen)
+                (F.cross_entropy(model(x), y) / 4).backward()
+                aux(torch.randn(2, 4, generator=gen)).sum().backward()
+                aux_opt.step()
+                aux_opt.zero_grad()
+            opt.step()
+            opt.zero_grad()
+    found = multi(monitor.report())
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert {f.details["cause"] for f in found} == {"accumulation"}
+    assert {f.severity for f in found} == {bncheck.Severity.WARNING}
+
+
 def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
     # two optimizers stepping one after the other at the end of each iteration (backbone
     # and head): the other one's step is not between the watched network's calls
@@ -412,6 +437,7 @@ def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> Ca
         hookable=True,
         in_backward=kw.get("in_backward", False),
         backward_seq=back,
+        grad_left=kw.get("grad_left", torch.tensor(1.0)),
     )
 
 
@@ -422,11 +448,22 @@ def test_classify_updates_by_the_order_of_forwards_and_backwards():
     assert classify_updates([call(0, 3), call(1, 2)]) == "views"
     assert classify_updates([call(0, 3), call(1, 2, mean=5.0)]) == "reused"
     assert classify_updates([call(0, 1), call(2, None)]) == "extra"
-    # another optimizer stepped (at seq 2) between the calls; or before or after them
-    assert classify_updates([call(0, 1), call(3, 4)], others=[2]) == "other-step"
-    assert classify_updates([call(1, 2), call(3, 4)], others=[0, 5]) == "accumulation"
+    # another optimizer stepped (at seq 2) between the calls, and the layer's gradients were
+    # cleared (None, or zeros) before the next: the first call was the other network's step
+    for cleared in (None, torch.tensor(0.0)):
+        calls = [call(0, 1), call(3, 4, grad_left=cleared)]
+        assert classify_updates(calls, others=[2]) == "other-step"
+    # ... not cleared (accumulation beside an optimizer stepping on its own), or no gradient
+    # to tell by, or the other step before or after the calls
+    assert classify_updates([call(0, 1), call(3, 4)], others=[2]) == "accumulation"
+    assert classify_updates([call(0, 1), call(3, 4, grad_left=False)], others=[2]) == (
+        "accumulation"
+    )
+    assert classify_updates([call(1, 2), call(3, 4, grad_left=None)], others=[0, 5]) == (
+        "accumulation"
+    )
     # the network's own step after the other one has two calls: those are the finding
-    own = [call(0, 1), call(3, 4), call(5, 6, mean=5.0)]
+    own = [call(0, 1), call(3, 4, grad_left=None), call(5, 6, mean=5.0)]
     assert classify_updates(own, others=[2]) == "sources"
     assert classify_updates([call(0, 1), call(2, None, in_backward=True)]) == "recompute"
     # a step that ends at the forward (no optimizer): the calls share one backward

@@ -464,17 +464,21 @@ def test_validation_after_the_last_step_is_judged_at_detach():
 
 
 def _amp_run(
-    pass_scaler: bool, accumulate: int = 1, skip: tuple[int, ...] = (2, 5)
+    pass_scaler: bool,
+    accumulate: int = 1,
+    skip: tuple[int, ...] = (2, 5),
+    growth_interval: int = 2000,
+    iterations: int = 8,
 ) -> bncheck.Report:
     """A mixed-precision loop whose GradScaler skips the iterations in ``skip`` (inf grads)."""
     torch.manual_seed(0)
     model = TwoBlock()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", growth_interval=growth_interval)
     iteration = {"n": 0}
-    model.head.weight.register_hook(lambda g: g * float("inf") if iteration["n"] in (2, 5) else g)
+    model.head.weight.register_hook(lambda g: g * float("inf") if iteration["n"] in skip else g)
     with bncheck.Monitor(model, optimizer=opt, scaler=scaler if pass_scaler else None) as mon:
-        for i in range(8):
+        for i in range(iterations):
             iteration["n"] = i
             for _ in range(accumulate):
                 scaler.scale(model(torch.randn(8, 3, 6, 6)).square().mean()).backward()
@@ -505,3 +509,12 @@ def test_scaler_must_be_a_grad_scaler():
 def test_grad_scaler_skips_before_the_first_step_are_seen():
     # mixed-precision runs often skip their first iterations while the scale settles
     assert _amp_run(pass_scaler=True, skip=(0, 1, 4)).findings == []
+
+
+def test_a_grad_scaler_skip_right_after_its_scale_grew_is_seen():
+    # the steady state of a long AMP run: the scale grows (every growth_interval steps) and
+    # the next iteration overflows; x2 then x0.5 leave the scale where it was, and only the
+    # growth tracker tells the skip from a step that ran
+    for skip in ((3,), (3, 7), (3, 4)):
+        report = _amp_run(pass_scaler=True, skip=skip, growth_interval=3, iterations=10)
+        assert report.findings == [], (skip, report.findings)

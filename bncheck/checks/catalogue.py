@@ -156,7 +156,8 @@ CATALOGUE: tuple[RuleInfo, ...] = (
                 "normalization_rtol",
                 1.0,
                 "multiplier on the per-channel float round-off bound (u * (1 + log2 n) times "
-                "the input and gamma/beta conditioning, x16) used as tolerance; raise to loosen",
+                "the input and gamma/beta conditioning, x16; for float16/bfloat16 u + u_32 * "
+                "(1 + log2 n)) used as tolerance; raise to loosen",
             ),
         ),
         stage="train",
