@@ -195,6 +195,14 @@ def test_a_discriminator_also_run_in_the_generators_step_is_info_whatever_its_ba
     assert "another optimizer's step" in found[0].message
 
 
+def assert_accumulation(report: bncheck.Report) -> None:
+    """Both BN layers of TwoBlock warned of, for gradient accumulation."""
+    found = multi(report)
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert {f.details["cause"] for f in found} == {"accumulation"}
+    assert {f.severity for f in found} == {bncheck.Severity.WARNING}
+
+
 def test_accumulation_beside_an_optimizer_stepping_per_micro_batch_is_still_accumulation():
     # another network's optimizer steps between the micro-batches; the watched network's
     # gradients add up all the while (no zero_grad between its calls)
@@ -214,10 +222,7 @@ def test_accumulation_beside_an_optimizer_stepping_per_micro_batch_is_still_accu
                 aux_opt.zero_grad()
             opt.step()
             opt.zero_grad()
-    found = multi(monitor.report())
-    assert [f.layer for f in found] == ["block1.1", "block2.1"]
-    assert {f.details["cause"] for f in found} == {"accumulation"}
-    assert {f.severity for f in found} == {bncheck.Severity.WARNING}
+    assert_accumulation(monitor.report())
 
 
 def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
@@ -238,10 +243,7 @@ def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
             body.step()
             head.zero_grad()
             body.zero_grad()
-    found = multi(monitor.report())
-    assert [f.layer for f in found] == ["block1.1", "block2.1"]
-    assert {f.details["cause"] for f in found} == {"accumulation"}
-    assert {f.severity for f in found} == {bncheck.Severity.WARNING}
+    assert_accumulation(monitor.report())
 
 
 # ---- intended: recalibration passes -----------------------------------------------------------
