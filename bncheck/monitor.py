@@ -302,8 +302,9 @@ class Monitor:
         self._drift_warmup = np.array(warmup)
         self._step = 0
         self._trailing_steps = 0  # partial steps closed at detach (calls after the last step)
-        #: per pending step: iterations the GradScaler skipped before it, or the scale read
-        #: at its end (a device tensor: counted at the flush, no host sync per step)
+        #: per pending step: iterations the GradScaler skipped before it, or the scale and
+        #: growth tracker read at its end (device tensors: counted at the flush, no host
+        #: sync per step)
         self._skipped: list[int | tuple[Any, Any]] = []
         self._last_scale: float | None = None
         #: the growth tracker at the last step's end, before its update (None: unknown)

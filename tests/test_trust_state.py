@@ -294,3 +294,29 @@ def test_a_frozen_parameter_statistics_layer_is_restored() -> None:
     before = _snap(model, None)
     bncheck.audit(model, x)
     _assert_same(before, _snap(model, None))
+
+
+def test_the_reset_between_stages_puts_back_all_but_parameter_values() -> None:
+    from bncheck.state import Snapshot
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.train()
+    snap = Snapshot(model)
+    weight = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[1].running_mean.add_(1.0)
+        model[0].weight.add_(1.0)
+    model[1].cache = torch.zeros(2)  # an attribute a forward left behind
+    model[1] = nn.Identity()  # a module swapped
+    model.eval()
+    state = torch.get_rng_state()
+    torch.rand(3)
+    snap.restore(parameters=False)
+    assert isinstance(model[1], nn.BatchNorm2d) and not hasattr(model[1], "cache")
+    assert torch.equal(model[1].running_mean, torch.zeros(4))
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(model[0].weight, weight + 1)  # left to the final restore
+    assert not snap.settled
+    snap.restore(final=True)
+    assert torch.equal(model[0].weight, weight) and snap.settled
