@@ -659,6 +659,13 @@ class Monitor:
                 and self._step - ep.first_step < ParamWatch.MIN_CHANGES
             ):
                 continue  # not yet told from a moving-average copy: at a later flush
+            if (
+                not final
+                and ep.rule == "multiple-updates-per-step"
+                and not ep.first.get("recomputed")
+                and not self._run.update_kinds.get(ep.layer)
+            ):
+                continue  # its cause is classified from the next step on (two views are fine)
             finding = episode_finding(self._ctx, self._run, ep)
             if finding is None or finding.severity.value == "info":
                 continue

@@ -59,14 +59,18 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ---- intended: several calls per step trained by one backward ---------------------------------
-def test_two_view_self_supervised_training_is_not_flagged():
-    """SimSiam: one encoder on two augmented views of a batch, one loss, one backward."""
+@pytest.mark.parametrize("warn", [False, True])
+def test_two_view_self_supervised_training_is_not_flagged(warn):
+    """SimSiam: one encoder on two augmented views of a batch, one loss, one backward. With
+    ``warn=True`` nothing is warned during training either: the repeated calls are held
+    until their cause is classified (the views are), not warned at the first step."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     encoder, predictor = Encoder(), nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
     opt = torch.optim.SGD([*encoder.parameters(), *predictor.parameters()], lr=0.05)
     model = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
+    with warnings.catch_warnings(), bncheck.Monitor(model, optimizer=opt, warn=warn) as monitor:
+        warnings.simplefilter("error", bncheck.BNCheckWarning)
         for _ in range(6):
             x = torch.randn(32, 3, 8, 8, generator=gen)
             z1, z2 = encoder(augment(x, gen)), encoder(augment(x, gen))
@@ -308,19 +312,25 @@ def test_validation_in_train_mode_is_still_found_next_to_update_bn():
 
 
 # ---- harmful: caught, with the cause --------------------------------------------------------
-def test_gradient_accumulation_is_found_as_accumulation():
+@pytest.mark.parametrize("warn", [False, True])
+def test_gradient_accumulation_is_found_as_accumulation(warn):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
     model = ConvBNReLU()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for i in range(16):
-            x = torch.randn(8, 3, 8, 8, generator=gen)
-            y = torch.randint(0, 4, (8,), generator=gen)
-            (F.cross_entropy(model(x), y) / 4).backward()
-            if (i + 1) % 4 == 0:
-                opt.step()
-                opt.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", bncheck.BNCheckWarning)
+        with bncheck.Monitor(model, optimizer=opt, warn=warn) as monitor:
+            for i in range(16):
+                x = torch.randn(8, 3, 8, 8, generator=gen)
+                y = torch.randint(0, 4, (8,), generator=gen)
+                (F.cross_entropy(model(x), y) / 4).backward()
+                if (i + 1) % 4 == 0:
+                    opt.step()
+                    opt.zero_grad()
+                    if warn and i == 7:  # warned at the step after the first, with its cause
+                        said = [str(w.message) for w in caught]
+                        assert len(said) == 1 and "micro-batches" in said[0]
     [finding] = multi(monitor.report())
     assert finding.severity is bncheck.Severity.WARNING
     assert finding.details["cause"] == "accumulation"
@@ -928,3 +938,27 @@ def test_a_step_that_raised_does_not_stop_the_count():
                 opt.step()
     handle.remove()
     assert monitor.steps == 3
+
+
+def test_a_distillation_teacher_left_in_train_mode_is_frozen_bn_drift_alone():
+    # the teacher is frozen and run without grad; a model.train() on the whole put its BN
+    # back in train mode: frozen-bn-drift says that, and "validation" would be wrong
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"student": TwoBlock(), "teacher": TwoBlock()})
+    model["teacher"].requires_grad_(False)
+    opt = torch.optim.SGD(model["student"].parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        model.train()
+        for _ in range(4):
+            x = torch.randn(8, 3, 6, 6, generator=gen)
+            with torch.no_grad():
+                soft = model["teacher"](x).softmax(1)
+            loss = F.kl_div(model["student"](x).log_softmax(1), soft, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    report = monitor.report()
+    drift = {f.layer for f in report.filter(rules=["frozen-bn-drift"])}
+    assert drift == {"teacher.block1.1", "teacher.block2.1"}
+    assert report.filter(rules=["stats-updated-without-grad"]) == []

@@ -426,6 +426,13 @@ class StatsUpdatedWithoutGrad(TrainingRule):
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
         if ep.layer in run.moving_copies:
             return None  # a MoCo key / BYOL target encoder runs without grad by design
+        if "frozen-bn-drift" in ctx.rule_ids and any(
+            other.rule == "frozen-bn-drift" and other.layer == ep.layer
+            for other in run.episodes.values()
+        ):
+            # a frozen layer left in train mode (a distillation teacher run without grad):
+            # frozen-bn-drift says so, with its fix; this rule's "validation" would not fit
+            return None
         f = ep.first
         how = "torch.inference_mode()" if f["inference_mode"] else "torch.no_grad()"
         return Said(
@@ -816,6 +823,8 @@ def record_rank_check(
 def _span(run: RunObservations, ep: Episode) -> str:
     word = run.step_word
     if ep.first_step > run.steps:  # only in the calls after the last step (see Monitor)
+        if run.steps == 0:
+            return f"before any {word} (none was seen)"
         return f"after the last {word} ({run.steps})"
     if ep.steps == 1:
         return f"at {word} {ep.first_step}"
