@@ -962,3 +962,26 @@ def test_a_distillation_teacher_left_in_train_mode_is_frozen_bn_drift_alone():
     drift = {f.layer for f in report.filter(rules=["frozen-bn-drift"])}
     assert drift == {"teacher.block1.1", "teacher.block2.1"}
     assert report.filter(rules=["stats-updated-without-grad"]) == []
+
+
+@pytest.mark.parametrize(
+    ("sizes", "hw", "says"),
+    [
+        ((2, 2, 2, 2), 8, "use larger batches"),  # small at every step: no drop_last
+        ((16, 16, 16, 3), 8, "drop_last=True"),  # a short last batch of the epoch
+        ((16, 16, 16, 16), 1, "feature maps are small"),  # 16 samples, 1x1 maps
+    ],
+)
+def test_the_small_batch_hint_fits_when_and_where_the_batch_is_small(sizes, hw, says):
+    torch.manual_seed(0)
+    model = with_norm(nn.BatchNorm2d(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for n in sizes:
+            x, y = torch.randn(n, 3, hw, hw), torch.randint(0, 2, (n,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    (found,) = monitor.report().filter(rules=["small-batch"])
+    assert says in found.message
+    assert ("drop_last" in found.message) == (says == "drop_last=True")

@@ -604,12 +604,21 @@ class SmallBatch(TrainingRule):
         f = ep.first
         need_b = int(ctx.tol("min_batch_size"))
         need_s = int(ctx.tol("min_samples_per_channel"))
+        if f["batch_size"] >= need_b:  # the batch is large enough: the feature maps are small
+            hint = (
+                "the batch is large enough but this layer's feature maps are small: use "
+                "larger inputs or batches, freeze this BN (eval mode), or use GroupNorm here"
+            )
+        else:
+            hint = "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm"
+        if ep.steps * 2 <= max(run.steps, 1):
+            # at a few steps only: the short last batch of an epoch, most likely
+            hint += "; at a few steps only, as the last partial batch of an epoch: drop_last=True"
         return Said(
             f"train-mode batch of {f['batch_size']} sample(s), {f['samples_per_channel']} "
             f"value(s) per channel {_span(run, ep)} (expected >= {need_b} samples and >= "
             f"{need_s} values per channel): batch statistics are noisy",
-            "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm; "
-            "drop the last partial batch (drop_last=True)",
+            hint,
             {"min_batch_size": need_b, "min_samples_per_channel": need_s},
         )
 
