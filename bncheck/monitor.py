@@ -391,7 +391,7 @@ class Monitor:
         self._step += 1
         self._trailing_steps += 1
         snap = self._flat.snapshot() if self._flat.modules else None
-        self._note_update_kinds(self._recorder.finish_step())
+        self._note_update_kinds(self._recorder.finish_step(calls))
         self._pending.append((self._step, snap, calls, ((False,) * len(frozen), frozen, reason)))
         self._skipped.append(_PARTIAL_STEP_UPDATES)
 
@@ -494,7 +494,7 @@ class Monitor:
         self._step += 1
         snap = self._flat.snapshot() if self._flat.modules else None
         calls = self._recorder.take_calls()
-        self._note_update_kinds(self._recorder.finish_step())
+        self._note_update_kinds(self._recorder.finish_step(calls))
         self._pending.append((self._step, snap, calls, self._trainable_flags()))
         self._skipped.append(self._scale_now())
         if self._dist is not None and self._step % self.sync_every == 0:

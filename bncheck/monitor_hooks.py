@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,6 +105,22 @@ class _ModuleHook:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_ModuleHook, (None, self.method))
+
+
+def _whole_network_crops(calls: Sequence[Call]) -> bool:
+    """Whether the step ran the whole network on inputs of several sizes (multi-crop
+    training: global and local crops through one backbone): every BN layer updated with
+    grad the same number of times, and some layer saw more than one spatial size. One BN
+    shared by the levels of a feature pyramid sees several sizes too, but the layers before
+    it run once."""
+    updates: dict[int, int] = {}
+    sizes: dict[int, set[tuple[int, ...]]] = {}
+    for layer, training, grad, flags, shape in calls:
+        if training and grad and not flags & STILL:
+            updates[layer] = updates.get(layer, 0) + 1
+            if shape is not None:
+                sizes.setdefault(layer, set()).add(tuple(shape[2:]))
+    return len(set(updates.values())) == 1 and any(len(s) > 1 for s in sizes.values())
 
 
 def _parent(inner: nn.Module, name: str) -> nn.Module:
@@ -314,13 +330,19 @@ class Recorder:
         calls, self.calls = self.calls, []
         return calls
 
-    def finish_step(self) -> dict[int, str]:
-        """Close a step: how the armed layers' several updates came about (layer -> kind)."""
+    def finish_step(self, calls: Sequence[Call] = ()) -> dict[int, str]:
+        """Close a step: how the armed layers' several updates came about (layer -> kind).
+        ``calls``: the step's BN calls (:meth:`take_calls`), which tell multi-crop training
+        from one BN reused across scales."""
         kinds: dict[int, str] = {}
+        crops: bool | None = None
         for idx, records in self._details.items():
             kind = classify_updates(
                 records, backward_seen=self.optimizer is not None, others=self._other_steps
             )
+            if kind == "reused":
+                crops = _whole_network_crops(calls) if crops is None else crops
+                kind = "crops" if crops else kind
             if kind is not None:
                 kinds[idx] = kind
         self._details = {}

@@ -439,6 +439,64 @@ def test_one_bn_across_rnn_time_steps_is_found_as_reused():
     assert finding.severity is bncheck.Severity.WARNING
 
 
+def test_multi_crop_training_is_info_whatever_the_crops_statistics():
+    """DINO/SwAV: global and local crops of other sizes through the whole encoder, one
+    backward; the local crops' statistics differ (here: brighter), which the blend of
+    running statistics keeps by design: info, not a warning."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    encoder = Encoder()
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.05)
+    with bncheck.Monitor(encoder, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(32, 3, 16, 16, generator=gen)
+            big = encoder(torch.cat([augment(x, gen), augment(x, gen)]))
+            small = encoder(x[:, :, 4:12, 4:12] * 2 + 1.5)
+            loss = -F.cosine_similarity(big[:32].detach(), small).mean() - big.var(0).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    report = monitor.report()
+    assert warnings_of(report) == []
+    found = multi(report)
+    assert found and {f.details["cause"] for f in found} == {"crops"}
+
+
+class SharedHead(nn.Module):
+    """Two feature levels (8x8 and 4x4) and one conv-BN head shared by both (an FPN head
+    with one BN for all levels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p1 = torch.relu(self.stem(x))
+        p2 = self.down(p1) * 3 + 2  # a level with other statistics
+        outs = [self.head(p).mean((2, 3)) for p in (p1, p2)]
+        return self.fc(outs[0] + outs[1])
+
+
+def test_one_bn_shared_by_the_levels_of_a_pyramid_is_still_reused():
+    # several sizes too, but the layers before the head run once per step: not multi-crop
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = SharedHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 2, (16,), generator=gen)).backward()
+            opt.step()
+    [finding] = multi(monitor.report())
+    assert finding.layer == "head.1" and finding.details["cause"] == "reused"
+    assert finding.severity is bncheck.Severity.WARNING
+
+
 # ---- the classification on its own ------------------------------------------------------------
 def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> CallRecord:
     return CallRecord(
