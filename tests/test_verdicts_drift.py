@@ -82,6 +82,19 @@ def test_shift_on_statistics_with_few_updates_is_still_a_shift() -> None:
     assert findings[0].severity == "warning"
 
 
+def test_a_counter_at_0_beside_statistics_that_moved_is_not_few_updates() -> None:
+    # an EMA copy whose integer counter the averaging truncated (timm's ModelEmaV2): the
+    # statistics moved, so "0 updates, 100% of the initial values remain" would be false
+    torch.manual_seed(0)
+    model = trained(TwoBlock(), data(seed=100, n=1)[0], steps=3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.zero_()
+    findings = drift(model, data())
+    assert findings and "few updates" not in {f.details["cause"] for f in findings}
+    assert not any("only 0 updates" in f.message for f in findings)
+
+
 def test_never_trained_statistics_say_so() -> None:
     model = TwoBlock().train()  # statistics at 0 and 1, counter 0; train mode
     findings = drift(model, [3 * x + 1 for x in data()])

@@ -1254,12 +1254,17 @@ def _sampling_noise(stats: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor]
 
 def _initial_share(layer: BNLayer) -> float:
     """(1 - momentum) ** num_batches_tracked: the weight the initial values (0 and 1) still
-    have in the running statistics; 0 for momentum=None (the first update replaces them)."""
+    have in the running statistics; 0 for momentum=None (the first update replaces them),
+    and 0 (unknown) for a counter at 0 beside statistics that moved: the counter did not
+    count their updates (an EMA copy whose integer counter the averaging truncates)."""
     nbt = layer.num_batches_tracked
     m = layer.momentum
     if nbt is None or m is None or not 0 < m <= 1:
         return 0.0
-    return float((1 - m) ** int(nbt.reshape(-1)[0]))
+    count = int(nbt.reshape(-1)[0])
+    if count == 0 and not stats_at_initial_values(layer):
+        return 0.0
+    return float((1 - m) ** count)
 
 
 def _never_trained(layer: BNLayer) -> bool:

@@ -515,7 +515,9 @@ def dead_channels(ctx: AuditContext) -> Iterator[Finding]:
             f"|gamma| <= {atol:g} in {channel_list(dead)} of {w.numel()} "
             f"({float(dead.float().mean()):.0%}): those channels output only beta",
             hint="if pruned on purpose, remove the channels (fold beta into the next layer); "
-            "else check weight decay and learning rate",
+            "a gamma initialised to 0 on purpose (the last BN of a residual block with "
+            "torchvision's zero_init_residual or timm's zero_init_last) stays near 0 early in "
+            "training; else check weight decay and learning rate",
             channels=_indices(dead),
             count=int(dead.sum()),
             atol=atol,
