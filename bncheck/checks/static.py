@@ -551,8 +551,9 @@ def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
             "weight-decay-on-bn",
             layer,
             f"{names} {'are' if len(decayed) > 1 else 'is'} in param group {gi} with "
-            f"weight_decay={wd:g}; decay pulls gamma toward 0 without regularising "
-            "(BN output is scale-invariant)",
+            f"weight_decay={wd:g}; decay pulls each channel's output scale (gamma) and shift "
+            "(beta) toward 0, toward dead channels, rather than regularising; most recipes "
+            "leave norm parameters out of weight decay",
             hint="put BN (and bias) parameters in a param group with weight_decay=0",
             group=gi,
             weight_decay=wd,
