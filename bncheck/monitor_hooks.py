@@ -109,18 +109,17 @@ class _ModuleHook:
 
 def _whole_network_crops(calls: Sequence[Call]) -> bool:
     """Whether the step ran the whole network on inputs of several sizes (multi-crop
-    training: global and local crops through one backbone): every BN layer updated with
-    grad the same number of times, and some layer saw more than one spatial size. One BN
+    training: global and local crops through one backbone): every BN layer called the same
+    number of times, in whatever mode, and some layer saw more than one spatial size. One BN
     shared by the levels of a feature pyramid sees several sizes too, but the layers before
-    it run once."""
-    updates: dict[int, int] = {}
+    it run once (in train mode, or kept in eval)."""
+    counts: dict[int, int] = {}
     sizes: dict[int, set[tuple[int, ...]]] = {}
-    for layer, training, grad, flags, shape in calls:
-        if training and grad and not flags & STILL:
-            updates[layer] = updates.get(layer, 0) + 1
-            if shape is not None:
-                sizes.setdefault(layer, set()).add(tuple(shape[2:]))
-    return len(set(updates.values())) == 1 and any(len(s) > 1 for s in sizes.values())
+    for layer, _training, _grad, _flags, shape in calls:
+        counts[layer] = counts.get(layer, 0) + 1
+        if shape is not None:
+            sizes.setdefault(layer, set()).add(tuple(shape[2:]))
+    return len(set(counts.values())) == 1 and any(len(s) > 1 for s in sizes.values())
 
 
 def _parent(inner: nn.Module, name: str) -> nn.Module:

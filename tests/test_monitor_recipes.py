@@ -480,14 +480,19 @@ class SharedHead(nn.Module):
         return self.fc(outs[0] + outs[1])
 
 
-def test_one_bn_shared_by_the_levels_of_a_pyramid_is_still_reused():
-    # several sizes too, but the layers before the head run once per step: not multi-crop
+@pytest.mark.parametrize("stem_in_eval", [False, True])
+def test_one_bn_shared_by_the_levels_of_a_pyramid_is_still_reused(stem_in_eval):
+    # several sizes too, but the layers before the head run once per step (in train mode,
+    # or kept in eval as a detector's norm_eval keeps its backbone): not multi-crop
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     model = SharedHead()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with bncheck.Monitor(model, optimizer=opt) as monitor:
         for _ in range(5):
+            model.train()
+            if stem_in_eval:
+                model.stem[1].eval()
             x = torch.randn(16, 3, 8, 8, generator=gen)
             opt.zero_grad()
             F.cross_entropy(model(x), torch.randint(0, 2, (16,), generator=gen)).backward()
