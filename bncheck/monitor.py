@@ -664,8 +664,11 @@ class Monitor:
                 and ep.rule == "multiple-updates-per-step"
                 and not ep.first.get("recomputed")
                 and not self._run.update_kinds.get(ep.layer)
+                and self._recorder.classifying(ep.layer)
             ):
-                continue  # its cause is classified from the next step on (two views are fine)
+                # its cause is being classified over the next steps (two views are fine); a
+                # repetition those steps do not see is warned when they are over
+                continue
             finding = episode_finding(self._ctx, self._run, ep)
             if finding is None or finding.severity.value == "info":
                 continue

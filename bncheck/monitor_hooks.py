@@ -107,19 +107,11 @@ class _ModuleHook:
         return (_ModuleHook, (None, self.method))
 
 
-def _whole_network_crops(calls: Sequence[Call]) -> bool:
-    """Whether the step ran the whole network on inputs of several sizes (multi-crop
-    training: global and local crops through one backbone): every BN layer called the same
-    number of times, in whatever mode, and some layer saw more than one spatial size. One BN
-    shared by the levels of a feature pyramid sees several sizes too, but the layers before
-    it run once (in train mode, or kept in eval)."""
-    counts: dict[int, int] = {}
-    sizes: dict[int, set[tuple[int, ...]]] = {}
-    for layer, _training, _grad, _flags, shape in calls:
-        counts[layer] = counts.get(layer, 0) + 1
-        if shape is not None:
-            sizes.setdefault(layer, set()).add(tuple(shape[2:]))
-    return len(set(counts.values())) == 1 and any(len(s) > 1 for s in sizes.values())
+def _several_sizes(calls: Sequence[Call], idx: int) -> bool:
+    """Whether layer ``idx``'s calls in the step saw inputs of more than one spatial size
+    (crops of several sizes in multi-crop training, the levels of a feature pyramid)."""
+    sizes = {tuple(shape[2:]) for layer, *_, shape in calls if layer == idx and shape is not None}
+    return len(sizes) > 1
 
 
 def _parent(inner: nn.Module, name: str) -> nn.Module:
@@ -325,23 +317,26 @@ class Recorder:
         self._details.setdefault(idx, []).append(record)
 
     # ---- step boundaries ------------------------------------------------------------------------
+    def classifying(self, idx: int) -> bool:
+        """Whether layer ``idx``'s calls are being recorded in detail to classify its several
+        updates per step (for :data:`ARM_STEPS` steps after they were first seen)."""
+        return idx in self._armed
+
     def take_calls(self) -> list[Call]:
         calls, self.calls = self.calls, []
         return calls
 
     def finish_step(self, calls: Sequence[Call] = ()) -> dict[int, str]:
         """Close a step: how the armed layers' several updates came about (layer -> kind).
-        ``calls``: the step's BN calls (:meth:`take_calls`), which tell multi-crop training
-        from one BN reused across scales."""
+        ``calls``: the step's BN calls (:meth:`take_calls`), whose input sizes tell one BN
+        reused on inputs of several sizes (multi-crop training, pyramid levels)."""
         kinds: dict[int, str] = {}
-        crops: bool | None = None
         for idx, records in self._details.items():
             kind = classify_updates(
                 records, backward_seen=self.optimizer is not None, others=self._other_steps
             )
-            if kind == "reused":
-                crops = _whole_network_crops(calls) if crops is None else crops
-                kind = "crops" if crops else kind
+            if kind == "reused" and _several_sizes(calls, idx):
+                kind = "sizes"
             if kind is not None:
                 kinds[idx] = kind
         self._details = {}

@@ -439,10 +439,11 @@ def test_one_bn_across_rnn_time_steps_is_found_as_reused():
     assert finding.severity is bncheck.Severity.WARNING
 
 
-def test_multi_crop_training_is_info_whatever_the_crops_statistics():
+def test_multi_crop_training_is_told_apart_by_its_sizes_with_its_fix():
     """DINO/SwAV: global and local crops of other sizes through the whole encoder, one
-    backward; the local crops' statistics differ (here: brighter), which the blend of
-    running statistics keeps by design: info, not a warning."""
+    backward; the local crops' statistics differ (here: brighter). The blend is real (the
+    same holds for pyramid levels or domains at other sizes), so it stays a warning, whose
+    hint gives multi-crop training its fix: recompute at the evaluation size."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
     encoder = Encoder()
@@ -456,10 +457,9 @@ def test_multi_crop_training_is_info_whatever_the_crops_statistics():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    report = monitor.report()
-    assert warnings_of(report) == []
-    found = multi(report)
-    assert found and {f.details["cause"] for f in found} == {"crops"}
+    found = multi(monitor.report())
+    assert found and {f.details["cause"] for f in found} == {"sizes"}
+    assert "multi-crop" in found[0].message and "evaluation size" in found[0].message
 
 
 class SharedHead(nn.Module):
@@ -481,9 +481,8 @@ class SharedHead(nn.Module):
 
 
 @pytest.mark.parametrize("stem_in_eval", [False, True])
-def test_one_bn_shared_by_the_levels_of_a_pyramid_is_still_reused(stem_in_eval):
-    # several sizes too, but the layers before the head run once per step (in train mode,
-    # or kept in eval as a detector's norm_eval keeps its backbone): not multi-crop
+def test_one_bn_shared_by_the_levels_of_a_pyramid_is_a_warning(stem_in_eval):
+    # with the layers before the head in train mode or kept in eval (norm_eval)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     model = SharedHead()
@@ -498,8 +497,9 @@ def test_one_bn_shared_by_the_levels_of_a_pyramid_is_still_reused(stem_in_eval):
             F.cross_entropy(model(x), torch.randint(0, 2, (16,), generator=gen)).backward()
             opt.step()
     [finding] = multi(monitor.report())
-    assert finding.layer == "head.1" and finding.details["cause"] == "reused"
+    assert finding.layer == "head.1" and finding.details["cause"] == "sizes"
     assert finding.severity is bncheck.Severity.WARNING
+    assert "pyramid levels" in finding.message
 
 
 # ---- the classification on its own ------------------------------------------------------------
@@ -1048,3 +1048,28 @@ def test_the_small_batch_hint_fits_when_and_where_the_batch_is_small(sizes, hw, 
     (found,) = monitor.report().filter(rules=["small-batch"])
     assert says in found.message
     assert ("drop_last" in found.message) == (says == "drop_last=True")
+
+
+def test_warn_mode_warns_an_isolated_extra_update_during_the_run():
+    # one extra train-mode forward with grad, once: the steps that classify repeated updates
+    # never see it again, and the warning comes when they are over, not at detach
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen_at = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", bncheck.BNCheckWarning)
+        with bncheck.Monitor(model, optimizer=opt, warn=True):
+            for step in range(10):
+                x = torch.randn(8, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (8,), generator=gen)
+                if step == 1:
+                    model(x).sum()  # a logging forward in train mode, with grad
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                if caught and not seen_at:
+                    seen_at.append(step)
+    assert seen_at and seen_at[0] <= 6
+    assert all("multiple-updates-per-step" in str(w.message) for w in caught)

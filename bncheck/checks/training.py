@@ -131,8 +131,8 @@ COUNT_COLUMNS: tuple[str, ...] = (
 #: which runs the discriminator on its fakes);
 #: ``reused``: several forwards trained by one backward on batches whose statistics differ (one
 #: BN across the time steps of a recurrent loop, or across scales);
-#: ``crops``: the same, with the whole network run on inputs of several sizes (multi-crop
-#: self-supervised training: global and local crops through one backbone);
+#: ``sizes``: the same, on inputs of several spatial sizes (crops of several sizes in
+#: multi-crop self-supervised training, the levels of a feature pyramid);
 #: ``views``: several forwards trained by one backward on batches of one distribution (two
 #: augmented views of a self-supervised encoder, ghost BN chunks, a siamese encoder).
 UPDATE_KINDS: tuple[str, ...] = (
@@ -142,7 +142,7 @@ UPDATE_KINDS: tuple[str, ...] = (
     "accumulation",
     "sources",
     "other-step",
-    "crops",
+    "sizes",
     "views",
 )
 
@@ -484,12 +484,13 @@ _KIND_WORDS = {
         "fine for a network used only in train mode (a GAN discriminator); otherwise give "
         "each source its own BN layer",
     ),
-    "crops": (
-        "the whole network runs on inputs of several sizes in one step (multi-crop training: "
-        "global and local crops), whose statistics differ by size; the running statistics "
-        "blend them and eval at one size uses the blend",
-        "intended in multi-crop self-supervised training; before evaluating at one input "
-        "size, recompute the statistics at that size (bncheck.recalibrate(model, data))",
+    "sizes": (
+        "one forward/backward runs it on inputs of several spatial sizes whose statistics "
+        "differ beyond sampling noise (crops of several sizes, pyramid levels, domains at "
+        "other resolutions): the running statistics blend them and eval uses the blend",
+        "multi-crop self-supervised training (global and local crops): intended; recompute "
+        "the statistics at the evaluation size before evaluating (bncheck.recalibrate); "
+        "pyramid levels or domains: give each its own BN module",
     ),
     "other-step": (
         "it is also run with grad in another optimizer's step (as a GAN discriminator in the "
@@ -556,7 +557,7 @@ class MultipleUpdatesPerStep(TrainingRule):
         if kind is None:
             return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
-        severity = "info" if kind in ("sources", "other-step", "crops") else None
+        severity = "info" if kind in ("sources", "other-step") else None
         return Said(
             f"{head} (expected 1): {why}", hint, {"cause": kind, "max_updates": most}, severity
         )
