@@ -305,13 +305,12 @@ class Recorder:
         hookable = isinstance(output, torch.Tensor) and output.requires_grad and not in_backward
         record = CallRecord(next(self._seq), n, mean, var, hookable, in_backward)
         # whether the layer's gradients were cleared before this call (zero_grad between a
-        # GAN's generator step and its discriminator step; gradient accumulation keeps them)
+        # GAN's generator step and its discriminator step; gradient accumulation keeps them):
+        # consulted only for a call after another optimizer's step in this step
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        if self._other_steps and isinstance(weight, torch.Tensor) and weight.requires_grad:
             grad = weight.grad
             record.grad_left = None if grad is None else grad.detach().abs().sum()
-        else:
-            record.grad_left = False  # no gradient to tell by
         if hookable:
             output.register_hook(_BackwardMark(record, self._seq))
         self._details.setdefault(idx, []).append(record)

@@ -272,8 +272,8 @@ class CallRecord:
     in_backward: bool
     backward_seq: int | None = None
     #: the layer's gamma gradient at the call: ``None`` when cleared (``set_to_none``), a
-    #: device scalar (the sum of its magnitudes: 0 when zeroed), ``False`` when the layer
-    #: has no gradient to tell by
+    #: device scalar (the sum of its magnitudes: 0 when zeroed), ``False`` when not read (no
+    #: other optimizer stepped before the call in its step, or no gradient to tell by)
     grad_left: Any = False
 
     def mark_backward(self, seq: int) -> None:

@@ -1165,9 +1165,7 @@ def _host_float64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).to(dtype=torch.float64, device="cpu", copy=True)
 
 
-def _affine_from_op(
-    rec: TrainCall, module: nn.Module, bound: dict[str, Any] | None, out: torch.Tensor
-) -> None:
+def _affine_from_op(rec: TrainCall, bound: dict[str, Any] | None, out: torch.Tensor) -> None:
     """Complete the ``gamma``/``beta`` of a call whose output is its ``F.batch_norm``'s
     (``bound``: the op's arguments by name, ``out`` its result). Where the module holds no
     tensor of that name (a parametrized weight, ``torch.nn.utils.parametrize`` or
@@ -1487,14 +1485,14 @@ def _train_pass(
     def on_op(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if name != "batch_norm" or not active or not isinstance(out, torch.Tensor):
             return
-        rec, module, _ = active[-1]
+        rec = active[-1][0]
         if rec.norm_source is not None or rec.forced_eval or not rec.training:
             return
         inp = args[0] if args else kwargs.get("input")
         if not isinstance(inp, torch.Tensor):
             return
         _measure(rec, inp, out)
-        _affine_from_op(rec, module, _batch_norm_arguments(args, kwargs), out)
+        _affine_from_op(rec, _batch_norm_arguments(args, kwargs), out)
         rec.norm_source = "batch_norm"
 
     tracer.listeners.append(on_op)
@@ -1553,7 +1551,7 @@ def _train_pass(
         with tracer.paused():
             kernel = _kernel_stats(x, mean, invstd, float(bound["eps"])) if backend == 0 else None
             _measure(rec, x, out, kernel)
-            _affine_from_op(rec, active[-1][1], bound, out)
+            _affine_from_op(rec, bound, out)
             if kernel is not None and fingerprint is not None:
                 held.append((rec, x, fingerprint))
                 held_bytes[0] += fingerprint[5]

@@ -429,10 +429,7 @@ class StatsUpdatedWithoutGrad(TrainingRule):
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
         if ep.layer in run.moving_copies:
             return None  # a MoCo key / BYOL target encoder runs without grad by design
-        if "frozen-bn-drift" in ctx.rule_ids and any(
-            other.rule == "frozen-bn-drift" and other.layer == ep.layer
-            for other in run.episodes.values()
-        ):
+        if "frozen-bn-drift" in ctx.rule_ids and ("frozen-bn-drift", ep.layer) in run.episodes:
             # a frozen layer left in train mode (a distillation teacher run without grad):
             # frozen-bn-drift says so, with its fix; this rule's "validation" would not fit
             return None
