@@ -103,11 +103,49 @@ def _put_back(target: torch.Tensor, copy: torch.Tensor | None) -> None:
         return
     if data.is_inference():
         with torch.inference_mode():
-            if not torch.equal(data, copy):
+            if not _same(data, copy):
                 data.copy_(copy)
         return
-    if not torch.equal(data, copy):
+    if not _same(data, copy):
         data.copy_(copy)
+
+
+#: dtypes whose CPU tensors numpy can view without a copy
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+#: from this many elements numpy's comparison beats ``torch.equal`` (about 3x on large CPU
+#: tensors, whose ``torch.equal`` runs at a third of memory speed; below it the views cost more)
+_NUMPY_FROM = 1024
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal(a, b)`` for two detached tensors of one shape, dtype and device (NaN
+    differs from NaN in both), through numpy for large plain CPU tensors."""
+    if (
+        a.numel() >= _NUMPY_FROM
+        and a.device.type == "cpu"
+        and a.dtype in _NUMPY_DTYPES
+        and a.layout == torch.strided
+        and not (a.is_conj() or a.is_neg() or b.is_conj() or b.is_neg())
+    ):
+        try:
+            return bool(np.array_equal(a.numpy(), b.numpy()))
+        except (RuntimeError, TypeError):  # a tensor numpy cannot view: torch decides
+            pass
+    return torch.equal(a, b)
 
 
 #: (module, attribute name, original object, copy of its values)
@@ -171,12 +209,14 @@ def held_optimizers(
     """Every ``torch.optim.Optimizer`` held as an attribute of a submodule of ``model``
     (e.g. a test-time-adaptation wrapper that steps its own optimizer in forward);
     ``modules``: ``model.modules()`` when the caller has them listed already."""
-    found: list[torch.optim.Optimizer] = []
-    for module in model.modules() if modules is None else modules:
-        for value in vars(module).values():
-            if isinstance(value, torch.optim.Optimizer) and all(value is not o for o in found):
-                found.append(value)
-    return found
+    return _distinct(
+        (
+            value
+            for module in (model.modules() if modules is None else modules)
+            for value in vars(module).values()
+        ),
+        torch.optim.Optimizer,
+    )
 
 
 _TABLES = ("_parameters", "_buffers", "_modules")
@@ -209,17 +249,24 @@ class StructureState:
     containers: list[tuple[Any, Any]] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, module: nn.Module) -> StructureState | None:
+    def capture(cls, module: nn.Module, held: list[Any] | None = None) -> StructureState | None:
+        """``held``: where to append the optimizers and learning-rate schedulers the module
+        holds as attributes (found in the same walk of its attributes)."""
         attrs = vars(module)
         if not all(isinstance(attrs.get(kind), dict) for kind in _TABLES):
-            return None  # TorchScript: its attributes live in the compiled module
+            if held is not None:  # TorchScript: its attributes live in the compiled module
+                held.extend(v for v in attrs.values() if isinstance(v, _held_kinds()))
+            return None
         tables = {kind: dict(attrs[kind]) for kind in _TABLES}
         persistent = attrs.get("_non_persistent_buffers_set")
-        containers = [
-            (value, value.copy())
-            for name, value in attrs.items()
-            if name not in _MODULE_INTERNALS and isinstance(value, (list, dict, set))
-        ]
+        containers = []
+        for name, value in attrs.items():
+            if name in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, (list, dict, set)):
+                containers.append((value, value.copy()))
+            elif held is not None and isinstance(value, _held_kinds()):
+                held.append(value)
         return cls(
             module,
             dict(attrs),
@@ -257,10 +304,8 @@ class StructureState:
             live.update(self.non_persistent)
 
 
-def held_schedulers(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[Any]:
-    """Every learning-rate scheduler held as an attribute of a submodule of ``model``
-    (``modules`` as for :func:`held_optimizers`)."""
-    kinds = tuple(
+def _scheduler_kinds() -> tuple[type, ...]:
+    return tuple(
         k
         for k in (
             getattr(torch.optim.lr_scheduler, "LRScheduler", None),
@@ -268,12 +313,39 @@ def held_schedulers(model: nn.Module, modules: Iterable[nn.Module] | None = None
         )
         if isinstance(k, type)
     )
-    found: list[Any] = []
-    for module in model.modules() if modules is None else modules:
-        for value in vars(module).values():
-            if isinstance(value, kinds) and all(value is not s for s in found):
-                found.append(value)
-    return found
+
+
+def _held_kinds() -> tuple[type, ...]:
+    """The kinds of objects a module may hold whose state a snapshot keeps: optimizers and
+    learning-rate schedulers."""
+    global _HELD_KINDS
+    if _HELD_KINDS is None:
+        _HELD_KINDS = (torch.optim.Optimizer, *_scheduler_kinds())
+    return _HELD_KINDS
+
+
+_HELD_KINDS: tuple[type, ...] | None = None
+
+
+def _distinct(found: Iterable[Any], kind: type | tuple[type, ...]) -> list[Any]:
+    out: list[Any] = []
+    for value in found:
+        if isinstance(value, kind) and all(value is not o for o in out):
+            out.append(value)
+    return out
+
+
+def held_schedulers(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[Any]:
+    """Every learning-rate scheduler held as an attribute of a submodule of ``model``
+    (``modules`` as for :func:`held_optimizers`)."""
+    return _distinct(
+        (
+            value
+            for module in (model.modules() if modules is None else modules)
+            for value in vars(module).values()
+        ),
+        _scheduler_kinds(),
+    )
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any]:
@@ -332,12 +404,15 @@ class ModelState:
             if isinstance(param, torch.Tensor) and id(param) not in seen:
                 seen.add(id(param))
                 grads.append((param, param.requires_grad, param.grad, _snapshot(param.grad)))
+        held: list[Any] = []  # optimizers and schedulers held as module attributes
+        structure = [
+            st for st in (StructureState.capture(m, held) for m in modules) if st is not None
+        ]
         opts: list[OptimizerState] = []
-        for opt in [*optimizers, *held_optimizers(model, modules)]:
+        for opt in [*optimizers, *held]:
             if isinstance(opt, torch.optim.Optimizer) and all(o.optimizer is not opt for o in opts):
                 opts.append(OptimizerState.capture(opt))
-        structure = [st for st in (StructureState.capture(m) for m in modules) if st is not None]
-        schedulers = [(sch, _scheduler_state(sch)) for sch in held_schedulers(model, modules)]
+        schedulers = [(sch, _scheduler_state(sch)) for sch in _distinct(held, _scheduler_kinds())]
         return cls(training, parameters, buffers, grads, opts, structure, schedulers)
 
     def restore(self, parameters: bool = True) -> None:

@@ -320,3 +320,62 @@ def test_the_reset_between_stages_puts_back_all_but_parameter_values() -> None:
     assert not snap.settled
     snap.restore(final=True)
     assert torch.equal(model[0].weight, weight) and snap.settled
+
+
+def test_large_tensors_written_through_data_are_restored_bit_for_bit() -> None:
+    """Tensors of 1024 elements and more are compared through numpy: a forward that writes a
+    large weight, a float16 buffer and an integer buffer through ``.data`` (no version
+    counter moves) leaves none of it behind, and a NaN the model held stays NaN."""
+
+    class Writer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+            self.bn = nn.BatchNorm1d(64)
+            self.register_buffer("halves", torch.randn(2048).half())
+            self.register_buffer("counts", torch.arange(4096))
+            with torch.no_grad():
+                self.fc.weight[0, 0] = float("nan")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.fc.weight.data[1:].mul_(0.5)
+            self.halves.data.add_(1)
+            self.counts.data[7] += 1
+            return self.bn(torch.nan_to_num(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Writer()
+    before = _snap(model, None)
+    bncheck.audit(model, torch.randn(8, 64))
+    after = _snap(model, None)
+    nan = after["params"][0][1][0, 0]
+    assert torch.isnan(nan)
+    for (name, b), (_, a) in zip(
+        before["params"] + before["buffers"], after["params"] + after["buffers"]
+    ):
+        assert torch.equal(torch.nan_to_num(b), torch.nan_to_num(a)), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+    n=st.sampled_from([2, 8, 1024, 3000]),
+    change=st.sampled_from(["none", "one", "nan", "negzero"]),
+    transposed=st.booleans(),
+)
+def test_the_snapshot_comparison_agrees_with_torch_equal(
+    dtype: torch.dtype, n: int, change: str, transposed: bool
+) -> None:
+    from bncheck.state import _same
+
+    a = (torch.arange(n) % 5).to(dtype).reshape(2, -1)
+    if transposed:  # a strided view, not contiguous
+        a = a.t()
+    b = a.clone()
+    if change == "one":
+        b[-1, -1] = ~b[-1, -1] if dtype == torch.bool else b[-1, -1] + 1
+    elif change == "nan" and a.is_floating_point():
+        a[0, 0] = b[0, 0] = float("nan")
+    elif change == "negzero" and a.is_floating_point():
+        a[0, 0], b[0, 0] = 0.0, -0.0
+    assert _same(a, b) == torch.equal(a, b)
