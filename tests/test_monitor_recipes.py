@@ -200,7 +200,8 @@ def test_a_discriminator_also_run_in_the_generators_step_is_info_whatever_its_ba
 
 
 def assert_accumulation(report: bncheck.Report) -> None:
-    """Both BN layers of TwoBlock warned of, for gradient accumulation."""
+    """Both BN layers of TwoBlock warned of, for gradient accumulation (of micro-batches too
+    small for BN: large ones are info)."""
     found = multi(report)
     assert [f.layer for f in found] == ["block1.1", "block2.1"]
     assert {f.details["cause"] for f in found} == {"accumulation"}
@@ -218,8 +219,8 @@ def test_accumulation_beside_an_optimizer_stepping_per_micro_batch_is_still_accu
     with bncheck.Monitor(model, optimizer=opt) as monitor:
         for _ in range(6):
             for _ in range(4):
-                x = torch.randn(8, 3, 6, 6, generator=gen)
-                y = torch.randint(0, 2, (8,), generator=gen)
+                x = torch.randn(4, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (4,), generator=gen)
                 (F.cross_entropy(model(x), y) / 4).backward()
                 aux(torch.randn(2, 4, generator=gen)).sum().backward()
                 aux_opt.step()
@@ -240,14 +241,54 @@ def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
     with bncheck.Monitor(model, optimizer=body) as monitor:
         for _ in range(5):
             for _ in range(2):  # two micro-batches per step
-                x = torch.randn(8, 3, 6, 6, generator=gen)
-                y = torch.randint(0, 2, (8,), generator=gen)
+                x = torch.randn(4, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (4,), generator=gen)
                 F.cross_entropy(model(x), y).backward()
             head.step()
             body.step()
             head.zero_grad()
             body.zero_grad()
     assert_accumulation(monitor.report())
+
+
+def _accumulate(micro: int, warn: bool = False, **tolerances: float) -> bncheck.Report:
+    """Gradient accumulation of 4 micro-batches of ``micro`` samples per optimizer step."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt, warn=warn, **tolerances) as monitor:
+        for i in range(16):
+            x = torch.randn(micro, 3, 8, 8, generator=gen)
+            y = torch.randint(0, 4, (micro,), generator=gen)
+            (F.cross_entropy(model(x), y) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+    return monitor.report()
+
+
+def test_accumulation_of_micro_batches_large_enough_for_bn_is_info():
+    # BN-10's harm is small micro-batches (BN-09): at a size small-batch does not flag, BN's
+    # statistics are reliable and the accumulation costs it nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bncheck.BNCheckWarning)
+        report = _accumulate(16, warn=True)
+    assert warnings_of(report) == []
+    [finding] = multi(report)
+    assert finding.severity is bncheck.Severity.INFO
+    assert finding.details["cause"] == "accumulation"
+    assert finding.details["batch_size"] == 16
+    assert "micro-batches of 16 samples give it reliable statistics" in finding.message
+    assert "nothing to fix at this micro-batch size" in finding.message
+
+
+def test_large_micro_batches_follow_small_batchs_tolerances():
+    # the same run judged with min_batch_size=32 (or 2048 values per channel): a warning
+    for tolerances in ({"min_batch_size": 32}, {"min_samples_per_channel": 2048}):
+        [finding] = multi(_accumulate(16, **tolerances))
+        assert finding.severity is bncheck.Severity.WARNING, tolerances
+        assert "reliable" not in finding.message
 
 
 # ---- intended: recalibration passes -----------------------------------------------------------
@@ -322,14 +363,15 @@ def test_gradient_accumulation_is_found_as_accumulation(warn):
         warnings.simplefilter("always", bncheck.BNCheckWarning)
         with bncheck.Monitor(model, optimizer=opt, warn=warn) as monitor:
             for i in range(16):
-                x = torch.randn(8, 3, 8, 8, generator=gen)
-                y = torch.randint(0, 4, (8,), generator=gen)
+                x = torch.randn(4, 3, 8, 8, generator=gen)
+                y = torch.randint(0, 4, (4,), generator=gen)
                 (F.cross_entropy(model(x), y) / 4).backward()
                 if (i + 1) % 4 == 0:
                     opt.step()
                     opt.zero_grad()
                     if warn and i == 7:  # warned at the step after the first, with its cause
                         said = [str(w.message) for w in caught]
+                        said = [m for m in said if "multiple-updates-per-step" in m]
                         assert len(said) == 1 and "micro-batches" in said[0]
     [finding] = multi(monitor.report())
     assert finding.severity is bncheck.Severity.WARNING

@@ -469,10 +469,10 @@ _KIND_WORDS = {
     "accumulation": (
         "forward/backward pairs on batches of one distribution (gradient accumulation): BN "
         "normalises and averages the micro-batches, not the batch the optimizer steps on",
-        "make each micro-batch large enough for BN, use SyncBatchNorm across devices or "
-        "GroupNorm; ignore 'multiple-updates-per-step' if the micro-batches are large; "
-        "with AMP, pass scaler= to the Monitor so iterations the GradScaler skipped are not "
-        "counted",
+        "make each micro-batch large enough for BN (small-batch's min_batch_size and "
+        "min_samples_per_channel: then this is info), use SyncBatchNorm across devices or "
+        "GroupNorm; with AMP, pass scaler= to the Monitor so iterations the GradScaler "
+        "skipped are not counted",
     ),
     "sources": (
         "forward/backward pairs on batches whose statistics differ beyond sampling noise (as "
@@ -536,6 +536,8 @@ class MultipleUpdatesPerStep(TrainingRule):
             "updates": int(b.grad_updates[i, layer]),
             "train_calls": int(c[C_TRAIN]),
             "recomputed": int(c[C_BACKWARD]) or (int(ups - c[C_TRAIN]) if hidden else 0),
+            # the smallest train-mode call of the step (a micro-batch of an accumulation)
+            **_batch_numbers(b, i, layer),
         }
 
     @staticmethod
@@ -555,9 +557,34 @@ class MultipleUpdatesPerStep(TrainingRule):
             return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
         severity = "info" if kind in ("sources", "other-step") else None
+        if kind == "accumulation" and _large_micro_batches(ctx, f):
+            # BN-10's harm is BN-09's (small batches): micro-batches that small-batch would
+            # not flag give reliable statistics, and the accumulation costs BN nothing
+            severity = "info"
+            why, hint = _LARGE_ACCUMULATION
+            why = why.format(n=f["batch_size"])
+            hint = hint.format(need=int(ctx.tol("min_batch_size")))
         return Said(
             f"{head} (expected 1): {why}", hint, {"cause": kind, "max_updates": most}, severity
         )
+
+
+_LARGE_ACCUMULATION = (
+    "forward/backward pairs on batches of one distribution (gradient accumulation): BN "
+    "normalises each micro-batch on its own, and micro-batches of {n} samples give it "
+    "reliable statistics",
+    "nothing to fix at this micro-batch size (small-batch's min_batch_size is {need}); with "
+    "AMP, pass scaler= to the Monitor so iterations the GradScaler skipped are not counted",
+)
+
+
+def _large_micro_batches(ctx: AuditContext, first: dict[str, Any]) -> bool:
+    """Whether the smallest train-mode call of the episode's first step is large enough
+    that ``small-batch`` would not flag it (batch size and values per channel)."""
+    n, samples = first.get("batch_size", 0), first.get("samples_per_channel", 0)
+    return n >= int(ctx.tol("min_batch_size")) and samples >= int(
+        ctx.tol("min_samples_per_channel")
+    )
 
 
 # ---- nonfinite-stats -------------------------------------------------------------------------
