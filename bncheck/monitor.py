@@ -73,6 +73,7 @@ from . import monitor_views
 from .checks.training import (
     C_BACKWARD,
     C_EVAL,
+    C_FED,
     C_INFER,
     C_KEPT_EVAL,
     C_MINBATCH,
@@ -96,7 +97,7 @@ from .context import AuditContext, AuditFacts
 from .discovery import BNLayer, is_compiled, unwrap_model
 from .engine import first_line, prepare, run_report
 from .errors import BNCheckWarning, UsageError
-from .monitor_hooks import BACKWARD, INFERENCE, KEPT_EVAL, RECALIBRATION, STILL, Call, Recorder
+from .monitor_hooks import BACKWARD, FED, INFERENCE, KEPT_EVAL, RECALIBRATION, STILL, Call, Recorder
 from .monitor_numerics import FlatBuffers, ParamWatch, Snapshot
 from .render import visible
 from .report import Report
@@ -170,6 +171,8 @@ def count_calls(
                     row[C_NOGRAD] += 1
                     if flags & INFERENCE:
                         row[C_INFER] += 1
+                    if flags & FED:
+                        row[C_FED] += 1
             if shape is not None and len(shape) >= 1:
                 n = int(shape[0])
                 samples = math.prod(shape) // int(shape[1]) if len(shape) >= 2 and shape[1] else n
@@ -636,6 +639,8 @@ class Monitor:
         self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
         recal_steps = steps[masks["_recalibration"].any(axis=1)].tolist()
         self._run.recalibrations.extend(int(s) for s in recal_steps)
+        fed = (block.tracks & (counts[..., C_FED] > 0)).any(axis=1)
+        self._run.fed_steps.extend(int(s) for s in steps[fed].tolist())
         record_episodes(self._run.episodes, masks, steps, block)
         self._run.steps = self._step - self._trailing_steps
         self._chunks.append((steps, stats.astype(np.float32), counts, trainable))
@@ -785,6 +790,15 @@ class Monitor:
                 f"recalibration pass(es) of the running statistics recognised at step(s) "
                 f"{where} (no grad with momentum None, reset statistics or BN alone in train "
                 "mode, as torch.optim.swa_utils.update_bn): not judged as validation"
+            )
+        fed = self._run.fed_steps
+        if fed:
+            where = ", ".join(str(s) for s in fed[:5]) + (" ..." if len(fed) > 5 else "")
+            notes.append(
+                f"a train-mode forward without grad right before another optimizer's step "
+                f"(no forward with grad in between) at {len(fed)} step(s) ({where}): a network "
+                "making another's inputs (a GAN generator making the discriminator's fakes "
+                "under no_grad); its statistics updates are not judged as validation"
             )
         views = sorted(
             self.layers[i].name

@@ -14,7 +14,9 @@ grad_enabled, flags, input shape)``; ``flags`` says whether a train-mode call ra
 backward pass (a recomputed forward), under ``inference_mode``, or looks like a deliberate
 recalibration (no grad and momentum None while the layer has a momentum, or BN in train mode
 inside a model in eval mode), ran with momentum 0 (no statistics update: SAM's second pass),
-or, in eval mode, ran inside a parent module in train mode (BN kept in eval by the recipe). Calls
+or, in eval mode, ran inside a parent module in train mode (BN kept in eval by the recipe), or,
+without grad, was the layer's last call before another optimizer's step with no call with
+grad in between (a GAN generator making the discriminator's fakes under ``no_grad``). Calls
 made by bncheck's own audit passes on the model (:func:`bncheck.state.auditing`) are not
 recorded.
 
@@ -49,13 +51,26 @@ from .state import auditing
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import Monitor
 
-__all__ = ["Recorder", "BACKWARD", "INFERENCE", "RECALIBRATION", "STILL", "KEPT_EVAL", "ARM_STEPS"]
+__all__ = [
+    "Recorder",
+    "BACKWARD",
+    "INFERENCE",
+    "RECALIBRATION",
+    "STILL",
+    "KEPT_EVAL",
+    "FED",
+    "ARM_STEPS",
+]
 
 BACKWARD, INFERENCE, RECALIBRATION = 1, 2, 4
 #: a train-mode call with momentum 0 (normalises, leaves the running statistics as they were)
 STILL = 8
 #: an eval-mode call while the module holding the layer is in train mode (BN kept in eval)
 KEPT_EVAL = 16
+#: the last train-mode call of a layer without grad before another optimizer's step, with no
+#: train-mode call with grad in between (a GAN generator making the discriminator's fakes
+#: under no_grad)
+FED = 32
 #: Steps a layer with several updates per step is recorded in detail.
 ARM_STEPS = 3
 
@@ -154,6 +169,10 @@ class Recorder:
         #: layer is armed): a network also run in another network's step (a GAN generator's)
         self._other_steps: list[int] = []
         self._seq = itertools.count()
+        #: per layer, the position in ``calls`` of its last train-mode call without grad
+        #: since the last train-mode call with grad: marked FED if another optimizer steps
+        #: now (only the last: a validation pass before the fakes' forward stays validation)
+        self._nograd_at: dict[int, int] = {}
 
     # ---- registration ------------------------------------------------------------------------
     def register(self, *, optimizer: Any, pre_hook: bool, per_module: bool = False) -> None:
@@ -223,6 +242,11 @@ class Recorder:
         elif self._parents[idx].training:
             flags = KEPT_EVAL
         x = args[0] if args else None
+        if training:
+            if not grad:
+                self._nograd_at[idx] = len(self.calls)
+            elif self._nograd_at:
+                self._nograd_at = {}
         self.calls.append(
             (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
         )
@@ -282,6 +306,11 @@ class Recorder:
         if optimizer is not self.optimizer:
             if self._armed:
                 self._other_steps.append(next(self._seq))
+            if self._nograd_at:  # forwards without grad that fed this step (a GAN's fakes)
+                for pos in self._nograd_at.values():
+                    idx, training, grad, flags, shape = self.calls[pos]
+                    self.calls[pos] = (idx, training, grad, flags | FED, shape)
+                self._nograd_at = {}
             return
         self._step_depth = max(0, self._step_depth - 1)
         if self._step_depth:
@@ -323,6 +352,7 @@ class Recorder:
 
     def take_calls(self) -> list[Call]:
         calls, self.calls = self.calls, []
+        self._nograd_at = {}
         return calls
 
     def finish_step(self, calls: Sequence[Call] = ()) -> dict[int, str]:
@@ -351,6 +381,7 @@ class Recorder:
     def reset_step(self) -> None:
         """Forget what was recorded (attach: what happened while detached is not judged)."""
         self.calls = []
+        self._nograd_at = {}
         self._details = {}
         self._other_steps = []
         self._step_depth = 0

@@ -164,7 +164,7 @@ def test_history_has_a_row_per_step_and_layer():
     assert frame["samples_per_channel"].tolist()[0] == 8 * 8 * 8
     assert frame["updates"].tolist() == [1.0] * 8
     assert frame["num_batches_tracked"].tolist()[-1] == 4.0
-    assert len(COUNT_COLUMNS) == 10
+    assert len(COUNT_COLUMNS) == 11
 
 
 def test_history_is_bounded_by_max_history():

@@ -199,6 +199,93 @@ def test_a_discriminator_also_run_in_the_generators_step_is_info_whatever_its_ba
     assert "another optimizer's step" in found[0].message
 
 
+def _generator_run(
+    critic_steps: int = 1, validate_at: int | None = None, steps: int = 5
+) -> bncheck.Report:
+    """A GAN loop watched from the generator's side: D's fakes are made under no_grad with
+    G in train mode (``critic_steps`` D steps per G step, as WGAN's n_critic), then G's own
+    step makes fakes with grad. ``validate_at``: after that G step, a validation pass of G
+    in train mode under no_grad (the bug), with no other optimizer step after it."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    net_g = nn.Sequential(
+        nn.ConvTranspose2d(8, 16, 4, 1, 0, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 3, 4, 2, 1, bias=False),
+        nn.Tanh(),
+    )
+    net_d = nn.Sequential(
+        nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(1)
+    )
+    net_d(torch.zeros(1, 3, 8, 8))
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    with bncheck.Monitor(net_g, optimizer=opt_g) as monitor:
+        net_g.train()
+        for step in range(steps):
+            for _ in range(critic_steps):
+                real = torch.rand(16, 3, 8, 8, generator=gen) * 2 - 1
+                with torch.no_grad():
+                    fake = net_g(torch.randn(16, 8, 1, 1, generator=gen))
+                opt_d.zero_grad()
+                (net_d(fake).mean() - net_d(real).mean()).backward()
+                opt_d.step()
+            opt_g.zero_grad()
+            (-net_d(net_g(torch.randn(16, 8, 1, 1, generator=gen))).mean()).backward()
+            opt_g.step()
+            if step == validate_at:
+                with torch.no_grad():  # BUG: G still in train mode
+                    net_g(torch.randn(64, 8, 1, 1, generator=gen))
+    return monitor.report()
+
+
+@pytest.mark.parametrize("critic_steps", [1, 5])
+def test_a_generator_making_the_discriminators_fakes_under_no_grad_is_not_validation(
+    critic_steps,
+):
+    report = _generator_run(critic_steps)
+    assert report.filter(rules=["stats-updated-without-grad"]) == []
+    assert multi(report) == []  # those forwards are not training updates either
+    [note] = [n for n in report.notes if "GAN generator" in n]
+    assert "at 5 step(s) (1, 2, 3, 4, 5)" in note
+
+
+def test_validation_in_train_mode_is_still_found_in_a_gan_loop():
+    # the same loop with a validation pass of G in train mode after step 3's G step: no
+    # other optimizer steps before G's next forward with grad
+    [finding] = _generator_run(validate_at=2).filter(rules=["stats-updated-without-grad"])
+    assert finding.layer == "1" and finding.details["step"] == 4
+    assert finding.details["updates_without_grad"] == 1
+
+
+def test_validation_before_another_optimizers_step_is_still_validation():
+    # two optimizers (head, then the watched body) stepping at the end of each iteration,
+    # and a validation pass in train mode between iterations: the next iteration's forward
+    # with grad comes before the head's step, so the validation did not feed that step
+    torch.manual_seed(0)
+    model = TwoBlock()
+    head = torch.optim.SGD(model.head.parameters(), lr=0.01)
+    body = torch.optim.SGD([p for n, p in model.named_parameters() if "head" not in n], lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with bncheck.Monitor(model, optimizer=body) as monitor:
+        for i in range(4):
+            x = torch.randn(8, 3, 6, 6, generator=gen)
+            y = torch.randint(0, 2, (8,), generator=gen)
+            F.cross_entropy(model(x), y).backward()
+            head.step()
+            body.step()
+            head.zero_grad()
+            body.zero_grad()
+            if i == 1:
+                with torch.no_grad():  # BUG: validation without model.eval()
+                    model(torch.randn(8, 3, 6, 6, generator=gen))
+    found = monitor.report().filter(rules=["stats-updated-without-grad"])
+    assert [f.layer for f in found] == ["block1.1", "block2.1"]
+    assert {f.details["step"] for f in found} == {3}
+    assert not [n for n in monitor.report().notes if "GAN generator" in n]
+
+
 def assert_accumulation(report: bncheck.Report) -> None:
     """Both BN layers of TwoBlock warned of, for gradient accumulation (of micro-batches too
     small for BN: large ones are info)."""

@@ -94,7 +94,10 @@ S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S
 #: only ``num_batches_tracked`` moves), not counted as updates of any kind;
 #: ``kept_eval_calls``: eval-mode calls while the module holding the layer was in train mode,
 #: or in a step in which other BN layers trained with grad (BN kept in eval mode by the
-#: recipe: mmdetection's ``norm_eval``, a backbone's ``.eval()`` inside ``model.train()``).
+#: recipe: mmdetection's ``norm_eval``, a backbone's ``.eval()`` inside ``model.train()``);
+#: ``fed_updates``: those of the ``nograd_updates`` that were a layer's last call before
+#: another optimizer's step, with no train-mode call with grad in between (a GAN generator
+#: making the discriminator's fakes under ``no_grad``), which are not validation.
 COUNT_COLUMNS: tuple[str, ...] = (
     "train_calls",
     "eval_calls",
@@ -106,6 +109,7 @@ COUNT_COLUMNS: tuple[str, ...] = (
     "recalibration_updates",
     "still_calls",
     "kept_eval_calls",
+    "fed_updates",
 )
 (
     C_TRAIN,
@@ -118,7 +122,8 @@ COUNT_COLUMNS: tuple[str, ...] = (
     C_RECAL,
     C_STILL,
     C_KEPT_EVAL,
-) = range(10)
+    C_FED,
+) = range(11)
 
 #: How the several updates of one step came about, judged by the Monitor on a few steps of a
 #: layer that updated more than once (see ``Monitor`` and ``multiple-updates-per-step``):
@@ -200,6 +205,9 @@ class RunObservations:
     update_kinds: dict[int, Counter[str]] = field(default_factory=dict)
     #: steps with a recalibration pass (update_bn and the like), in order
     recalibrations: list[int] = field(default_factory=list)
+    #: steps whose train-mode forwards without grad came before another optimizer's step (a
+    #: GAN generator making the discriminator's fakes), in order
+    fed_steps: list[int] = field(default_factory=list)
     #: layers whose gamma/beta changed during the run while no optimizer trained them: a
     #: moving-average copy (MoCo's key encoder, BYOL's target, a mean teacher), whose
     #: train-mode forwards without grad are the method, not a frozen BN left in train mode
@@ -263,9 +271,10 @@ class StepBlock:
     @cached_property
     def nograd_unexplained(self) -> np.ndarray:
         """Updates without grad that are neither recalibration nor a checkpointed forward
-        (reentrant checkpointing runs the forward under no_grad and again in backward)."""
+        (reentrant checkpointing runs the forward under no_grad and again in backward) nor
+        made for another optimizer's step (a GAN generator's fakes for the discriminator)."""
         c = self.counts
-        left = np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD], 0)
+        left = np.maximum(c[..., C_NOGRAD] - c[..., C_BACKWARD] - c[..., C_FED], 0)
         return np.where(self.reset, 0, left)
 
     @cached_property
@@ -441,9 +450,10 @@ class StatsUpdatedWithoutGrad(TrainingRule):
             "usually validation)",
             "call model.eval() before validation and model.train() after; to recalibrate "
             "the statistics on purpose use torch.optim.swa_utils.update_bn (recognised); a "
-            "network run in train mode without grad on purpose (a GAN generator making the "
-            "discriminator's fakes) updates them at every such forward: if that is intended, "
-            "ignore 'stats-updated-without-grad' for it",
+            "network run in train mode without grad on purpose updates them at every such "
+            "forward (a GAN generator making the discriminator's fakes is recognised when "
+            "the Monitor has the generator's optimizer): if that is intended, ignore "
+            "'stats-updated-without-grad' for it",
         )
 
 
