@@ -796,9 +796,11 @@ class Monitor:
             where = ", ".join(str(s) for s in fed[:5]) + (" ..." if len(fed) > 5 else "")
             notes.append(
                 f"a train-mode forward without grad right before another optimizer's step "
-                f"(no forward with grad in between) at {len(fed)} step(s) ({where}): a network "
-                "making another's inputs (a GAN generator making the discriminator's fakes "
-                "under no_grad); its statistics updates are not judged as validation"
+                f"(no forward with grad of the layer in between) at {len(fed)} step(s) "
+                f"({where}): taken for a network making another's inputs (a GAN generator "
+                "making the discriminator's fakes under no_grad), so its statistics updates "
+                "were not judged as validation; if it was validation, a probe's features or "
+                "an agent acting, in train mode, call model.eval() before it"
             )
         views = sorted(
             self.layers[i].name

@@ -169,8 +169,12 @@ class Recorder:
         #: layer is armed): a network also run in another network's step (a GAN generator's)
         self._other_steps: list[int] = []
         self._seq = itertools.count()
+        #: the model's train-mode inputs with grad in this step (weak references, only while
+        #: a layer is armed), and whether one of them was run again
+        self._inputs: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        self._repeated = False
         #: per layer, the position in ``calls`` of its last train-mode call without grad
-        #: since the last train-mode call with grad: marked FED if another optimizer steps
+        #: since its last train-mode call with grad: marked FED if another optimizer steps
         #: now (only the last: a validation pass before the fakes' forward stays validation)
         self._nograd_at: dict[int, int] = {}
 
@@ -218,7 +222,7 @@ class Recorder:
         idx = self.index.get(id(module))
         if idx is None:
             if id(module) == self._inner_id and module is self.inner:
-                self._model_forward(module)
+                self._model_forward(module, args)
             return
         if self._monitor() is None:  # dropped without detach(): stop watching
             self.remove()
@@ -246,7 +250,7 @@ class Recorder:
             if not grad:
                 self._nograd_at[idx] = len(self.calls)
             elif self._nograd_at:
-                self._nograd_at = {}
+                self._nograd_at.pop(idx, None)
         self.calls.append(
             (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
         )
@@ -274,10 +278,21 @@ class Recorder:
         shape = x.shape if isinstance(x, torch.Tensor) else None
         self.calls.append((idx, module.training, torch.is_grad_enabled(), 0, shape))
 
-    def _model_forward(self, module: nn.Module) -> None:
-        if self.optimizer is not None or not (module.training and torch.is_grad_enabled()):
+    def _model_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not (module.training and torch.is_grad_enabled()) or auditing(module):
             return
-        if auditing(module):
+        if self._armed and args and isinstance(args[0], torch.Tensor):
+            # while layers are classified: the same input tensor run again in the step, with
+            # the same values (SAM's second pass, an LBFGS closure), by identity and version
+            # counter (a buffer a loader refills in place is another batch); a weak reference:
+            # the batch is not kept alive, so a freed batch's address cannot be mistaken for it
+            x = args[0]
+            version = x._version
+            if any(ref() is x and seen == version for ref, seen in self._inputs):
+                self._repeated = True
+            else:
+                self._inputs.append((weakref.ref(x), version))
+        if self.optimizer is not None:
             return
         monitor = self._alive()
         if monitor is not None:
@@ -306,7 +321,9 @@ class Recorder:
         if optimizer is not self.optimizer:
             if self._armed:
                 self._other_steps.append(next(self._seq))
-            if self._nograd_at:  # forwards without grad that fed this step (a GAN's fakes)
+            # forwards without grad that fed this step (a GAN's fakes); not an optimizer that
+            # the watched one steps inside its own step (a Lookahead-style wrapper's base)
+            if self._nograd_at and not self._step_depth:
                 for pos in self._nograd_at.values():
                     idx, training, grad, flags, shape = self.calls[pos]
                     self.calls[pos] = (idx, training, grad, flags | FED, shape)
@@ -366,10 +383,13 @@ class Recorder:
             )
             if kind == "reused" and _several_sizes(calls, idx):
                 kind = "sizes"
+            elif kind == "accumulation" and self._repeated:
+                kind = "repeat"  # one input tensor run again: not micro-batches
             if kind is not None:
                 kinds[idx] = kind
         self._details = {}
         self._other_steps = []
+        self._inputs, self._repeated = [], False
         for idx, arm in list(self._armed.items()):
             if arm[0] <= self._step:
                 arm[1] -= 1
@@ -382,6 +402,7 @@ class Recorder:
         """Forget what was recorded (attach: what happened while detached is not judged)."""
         self.calls = []
         self._nograd_at = {}
+        self._inputs, self._repeated = [], False
         self._details = {}
         self._other_steps = []
         self._step_depth = 0

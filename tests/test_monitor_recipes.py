@@ -286,6 +286,68 @@ def test_validation_before_another_optimizers_step_is_still_validation():
     assert not [n for n in monitor.report().notes if "GAN generator" in n]
 
 
+def test_an_optimizer_stepped_inside_the_watched_ones_step_is_not_another_network():
+    # a Lookahead-style wrapper steps its base optimizer inside its own step: a forward
+    # without grad in train mode just before that step is still validation
+    class Lookahead(torch.optim.Optimizer):
+        def __init__(self, base: torch.optim.Optimizer) -> None:
+            self.base = base
+            super().__init__(base.param_groups[0]["params"], {"lr": base.defaults["lr"]})
+            self.param_groups = base.param_groups
+
+        def step(self, closure=None):  # type: ignore[override]
+            return self.base.step(closure)
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    wrapper = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    with bncheck.Monitor(model, optimizer=wrapper) as monitor:
+        for _ in range(4):
+            wrapper.zero_grad()
+            x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 2, (32,), generator=gen)
+            F.cross_entropy(model(x), y).backward()
+            with torch.no_grad():  # BUG: validation in train mode, right before the step
+                model(torch.randn(32, 8, generator=gen))
+            wrapper.step()
+    [finding] = monitor.report().filter(rules=["stats-updated-without-grad"])
+    assert finding.details["step"] == 1
+
+
+def test_a_gan_module_holding_both_networks_recognises_the_generators_fakes():
+    # the Monitor watches one module holding G and D (D with BN too): D's forward with grad
+    # before D's step does not make G's forward without grad look like validation
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Sequential(
+                nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)
+            )
+            self.d = nn.Sequential(
+                nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1)
+            )
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    pair = Pair()
+    opt_g = torch.optim.SGD(pair.g.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(pair.d.parameters(), lr=0.01)
+    with bncheck.Monitor(pair, optimizer=opt_g) as monitor:
+        pair.train()
+        for _ in range(4):
+            with torch.no_grad():
+                fake = pair.g(torch.randn(16, 8, generator=gen))
+            opt_d.zero_grad()
+            (pair.d(fake).mean() - pair.d(torch.randn(16, 4, generator=gen)).mean()).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-pair.d(pair.g(torch.randn(16, 8, generator=gen))).mean()).backward()
+            opt_g.step()
+    report = monitor.report()
+    assert [f.layer for f in report.filter(rules=["stats-updated-without-grad"])] == []
+    assert any("GAN generator" in n for n in report.notes)
+
+
 def assert_accumulation(report: bncheck.Report) -> None:
     """Both BN layers of TwoBlock warned of, for gradient accumulation (of micro-batches too
     small for BN: large ones are info)."""
@@ -376,6 +438,114 @@ def test_large_micro_batches_follow_small_batchs_tolerances():
         [finding] = multi(_accumulate(16, **tolerances))
         assert finding.severity is bncheck.Severity.WARNING, tolerances
         assert "reliable" not in finding.message
+
+
+def test_large_micro_batches_are_judged_over_the_whole_run():
+    # micro-batches of 32 in the first step, then of 4 (token-budget batching): small-batch
+    # flags the later steps, so the accumulation is not called harmless
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for step in range(4):
+            micro = 32 if step == 0 else 4
+            for _ in range(2):
+                x = torch.randn(micro, 3, 8, 8, generator=gen)
+                y = torch.randint(0, 4, (micro,), generator=gen)
+                (F.cross_entropy(model(x), y) / 2).backward()
+            opt.step()
+            opt.zero_grad()
+    report = monitor.report()
+    [finding] = multi(report)
+    assert finding.severity is bncheck.Severity.WARNING
+    assert report.filter(rules=["small-batch"])
+
+
+def _sam_like(second_momentum: float | None = None, steps: int = 5) -> bncheck.Report:
+    """SAM's two passes on one batch per step (batch 32): the gradient at the weights moved
+    along the first pass's gradient, then the step. ``second_momentum``: the BN momentum
+    during the second pass (SAM's ``disable_running_stats`` sets 0)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(steps):
+            x = torch.randn(32, 3, 8, 8, generator=gen)
+            y = torch.randint(0, 4, (32,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            moved = []
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        e = 0.05 * p.grad / (p.grad.norm() + 1e-12)
+                        p.add_(e)
+                        moved.append((p, e))
+            opt.zero_grad()
+            if second_momentum is not None:
+                for bn in bns:
+                    bn.momentum = second_momentum
+            F.cross_entropy(model(x), y).backward()
+            for bn in bns:
+                bn.momentum = 0.1
+            with torch.no_grad():
+                for p, e in moved:
+                    p.sub_(e)
+            opt.step()
+    return monitor.report()
+
+
+def test_sams_second_pass_on_the_same_batch_is_a_repeat_not_accumulation():
+    [finding] = multi(_sam_like())
+    assert finding.severity is bncheck.Severity.WARNING
+    assert finding.details["cause"] == "repeat"
+    assert "disable_running_stats" in finding.message
+    # with the running statistics left alone in the second pass: nothing to report
+    assert multi(_sam_like(second_momentum=0.0)) == []
+
+
+def test_a_refilled_input_buffer_is_accumulation_not_a_repeat():
+    # a loader that writes each micro-batch into one preallocated tensor (in place): the
+    # same object, other values
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    buffer = torch.empty(4, 3, 8, 8)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for i in range(12):
+            buffer.copy_(torch.randn(4, 3, 8, 8, generator=gen))
+            y = torch.randint(0, 4, (4,), generator=gen)
+            (F.cross_entropy(model(buffer), y) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+    [finding] = multi(monitor.report())
+    assert finding.details["cause"] == "accumulation"
+
+
+def test_an_lbfgs_closure_evaluated_several_times_is_a_repeat():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = ConvBNReLU()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            y = torch.randint(0, 4, (16,), generator=gen)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    [finding] = multi(monitor.report())
+    assert finding.details["cause"] == "repeat"
 
 
 # ---- intended: recalibration passes -----------------------------------------------------------

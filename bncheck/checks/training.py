@@ -129,6 +129,8 @@ COUNT_COLUMNS: tuple[str, ...] = (
 #: layer that updated more than once (see ``Monitor`` and ``multiple-updates-per-step``):
 #: ``recompute``: a forward re-run during backward (activation checkpointing);
 #: ``extra``: a train-mode forward whose output no backward used (validation, a probe);
+#: ``repeat``: forward/backward pairs on the same input tensor (SAM's second pass, an LBFGS
+#: closure evaluated several times, a forward repeated by mistake);
 #: ``accumulation``: forward/backward pairs on batches of one distribution (micro-batches);
 #: ``sources``: forward/backward pairs on batches whose statistics differ beyond sampling
 #: noise (a GAN discriminator's real and fake batches);
@@ -144,6 +146,7 @@ UPDATE_KINDS: tuple[str, ...] = (
     "recompute",
     "extra",
     "reused",
+    "repeat",
     "accumulation",
     "sources",
     "other-step",
@@ -476,6 +479,15 @@ _KIND_WORDS = {
         "eval mode uses the blend for all",
         "give each call site its own BN module (nn.ModuleList for time steps)",
     ),
+    "repeat": (
+        "the same input tensor runs forward and backward more than once per step (SAM's "
+        "second pass, an LBFGS closure evaluated several times, a forward repeated by "
+        "mistake): every run updates the statistics, so that batch counts several times, "
+        "at weights the step does not keep",
+        "keep the statistics to one pass: set the BN momentum to 0 around the extra passes "
+        "(SAM's disable_running_stats/enable_running_stats), or run them with BN in eval "
+        "mode",
+    ),
     "accumulation": (
         "forward/backward pairs on batches of one distribution (gradient accumulation): BN "
         "normalises and averages the micro-batches, not the batch the optimizer steps on",
@@ -567,7 +579,7 @@ class MultipleUpdatesPerStep(TrainingRule):
             return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
         severity = "info" if kind in ("sources", "other-step") else None
-        if kind == "accumulation" and _large_micro_batches(ctx, f):
+        if kind == "accumulation" and _large_micro_batches(ctx, run, ep):
             # BN-10's harm is BN-09's (small batches): micro-batches that small-batch would
             # not flag give reliable statistics, and the accumulation costs BN nothing
             severity = "info"
@@ -588,12 +600,15 @@ _LARGE_ACCUMULATION = (
 )
 
 
-def _large_micro_batches(ctx: AuditContext, first: dict[str, Any]) -> bool:
-    """Whether the smallest train-mode call of the episode's first step is large enough
-    that ``small-batch`` would not flag it (batch size and values per channel)."""
-    n, samples = first.get("batch_size", 0), first.get("samples_per_channel", 0)
-    return n >= int(ctx.tol("min_batch_size")) and samples >= int(
-        ctx.tol("min_samples_per_channel")
+def _large_micro_batches(ctx: AuditContext, run: RunObservations, ep: Episode) -> bool:
+    """Whether the micro-batches are large enough for BN: the smallest train-mode call of the
+    episode's first step reaches ``small-batch``'s tolerances (batch size and values per
+    channel), and ``small-batch`` found no step of the run too small for the layer."""
+    n, samples = ep.first.get("batch_size", 0), ep.first.get("samples_per_channel", 0)
+    return (
+        n >= int(ctx.tol("min_batch_size"))
+        and samples >= int(ctx.tol("min_samples_per_channel"))
+        and ("small-batch", ep.layer) not in run.episodes
     )
 
 
