@@ -317,10 +317,49 @@ def drift_loop(momentum: float) -> bncheck.Report:
     return monitor.report()
 
 
-def test_running_statistics_that_lag_the_batches_drift():
+def test_running_statistics_still_warming_up_are_an_info_that_says_so():
+    # momentum 0.001: after 40 updates 96% of the starting values (0 and 1) remain, so the
+    # batches (mean 5, var 9) are far from the average; nothing lags, the average is young
     [finding] = only(drift_loop(0.001), "stat-drift")
     assert finding.details["step"] == 31  # judged after the 30-update warm-up
     assert finding.details["drift_z"] > 0.5
+    assert finding.severity is bncheck.Severity.INFO
+    assert finding.details["starting_share"] > 0.9
+    assert "follows the data after about 3000 updates" in finding.message
+
+
+def test_a_young_average_at_yolos_momentum_on_fixed_weights_is_not_a_lag():
+    # momentum 0.03 (YOLO's), weights fixed, i.i.d. batches: the statistics need about 100
+    # updates to forget their starting values; the drift seen before that is no warning
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=0.03)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(80, size=16):
+            opt.zero_grad()
+            F.cross_entropy(model(x * 0.3), y).backward()
+            opt.step()
+    report = monitor.report()
+    assert [f for f in report.findings if f.severity is not bncheck.Severity.INFO] == []
+    assert [f.severity for f in only(report, "stat-drift")] in ([], [bncheck.Severity.INFO])
+
+
+def test_statistics_from_a_long_run_that_lag_the_batches_are_a_warning():
+    # far-off statistics with a counter of 1000 at momentum 0.01 (loaded from a long run):
+    # no starting values weigh any more (0.99^1000), the average lags the data
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=0.01)
+    model.bn.num_batches_tracked.fill_(1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(40, size=8):
+            opt.zero_grad()
+            F.cross_entropy(model(x * 3 + 5), y).backward()
+            opt.step()
+    [finding] = only(monitor.report(), "stat-drift")
+    assert finding.severity is bncheck.Severity.WARNING
+    assert finding.details["step"] == 1
+    assert "lag the data" in finding.message
 
 
 def test_converged_running_statistics_do_not_drift():

@@ -158,6 +158,10 @@ UPDATE_KINDS: tuple[str, ...] = (
 #: tolerances, and at least this fraction of the judged steps.
 DRIFT_MIN_STEPS = 3
 DRIFT_MIN_FRACTION = 0.5
+#: A stat-drift episode whose last step came while the running average still held at least
+#: this share of its starting values ((1 - momentum) ** updates, e^-3 = 5%) is the warm-up
+#: of the average (info), not a lag.
+WARMUP_KEPT = math.exp(-3.0)
 
 
 @dataclass
@@ -708,21 +712,51 @@ class StatDrift(TrainingRule):
         return {"drift_z": float(s[S_Z]), "drift_var_ratio": float(s[S_VR])}
 
     @staticmethod
+    def peak(b: StepBlock, rows: np.ndarray, layer: int) -> float | None:
+        # the counter before the update of the last drifting step: how much of the
+        # statistics' starting values the running average still held there
+        before = b.stats[rows, layer, S_NBT] - np.nan_to_num(b.updates[rows, layer])
+        return None if np.isnan(before).all() else float(np.nanmax(before))
+
+    @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
         judged = int(run.drift_judged[ep.layer]) if run.drift_judged is not None else ep.steps
         if ep.steps < DRIFT_MIN_STEPS or ep.steps < DRIFT_MIN_FRACTION * max(judged, 1):
             return None
         f = ep.first
         tz, tv = ctx.tol("drift_mean_z"), ctx.tol("drift_var_ratio")
-        return Said(
+        measured = (
             f"train batches far from the running statistics {_span(run, ep)} ({ep.steps} of "
             f"{judged} judged): mean |batch mean - running_mean| = {f['drift_z']:.3g} std "
-            f"(tol {tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})",
+            f"(tol {tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})"
+        )
+        details = {"judged_steps": judged, "drift_mean_z_tol": tz, "drift_var_ratio_tol": tv}
+        momentum = ctx.layer(run.layer_names[ep.layer]).momentum
+        if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0:
+            kept = (1.0 - momentum) ** ep.peak
+            if kept >= WARMUP_KEPT:
+                # every drifting step came while the starting values still weighed in the
+                # average (the judging starts after at most 30 updates, 3 / momentum are
+                # needed at a small momentum): the warm-up of the average, not a lag
+                return Said(
+                    f"{measured}, while the running statistics still held {kept:.0%} or more "
+                    f"of their starting values (momentum {momentum:g}, {int(ep.peak)} "
+                    f"updates counted by the last of those steps): an average at this "
+                    f"momentum follows the data after about {math.ceil(3.0 / momentum)} "
+                    "updates",
+                    "expected early in training: nothing to fix if training runs well past "
+                    "that; to evaluate before it, recompute the statistics "
+                    "(torch.optim.swa_utils.update_bn) or use a larger momentum",
+                    {**details, "starting_share": kept},
+                    "info",
+                )
+        return Said(
+            measured,
             "the running statistics lag the data: momentum too small for how fast the "
             "weights before the layer move (a high learning rate), statistics loaded from "
             "other data, or the input distribution changed; recompute them "
             "(torch.optim.swa_utils.update_bn)",
-            {"judged_steps": judged, "drift_mean_z_tol": tz, "drift_var_ratio_tol": tv},
+            details,
         )
 
 
