@@ -788,8 +788,9 @@ class Monitor:
             where = ", ".join(str(s) for s in recal[:5]) + (" ..." if len(recal) > 5 else "")
             notes.append(
                 f"recalibration pass(es) of the running statistics recognised at step(s) "
-                f"{where} (no grad with momentum None, reset statistics or BN alone in train "
-                "mode, as torch.optim.swa_utils.update_bn): not judged as validation"
+                f"{where} (no grad with momentum None as torch.optim.swa_utils.update_bn, "
+                "momentum 1 as fvcore's update_bn_stats (PreciseBN), reset statistics or BN "
+                "alone in train mode): not judged as validation"
             )
         fed = self._run.fed_steps
         if fed:

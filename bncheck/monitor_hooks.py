@@ -149,6 +149,10 @@ class Recorder:
         self.inner = inner
         self._inner_id = id(inner)
         self._has_momentum = [lyr.momentum is not None for lyr in layers]
+        #: momentum 1 in a pass without grad, on a layer that does not train with it: each
+        #: batch replaces the statistics, which the pass then averages itself (fvcore's
+        #: update_bn_stats, detectron2's PreciseBN hook)
+        self._replaces = [lyr.momentum != 1.0 for lyr in layers]
         #: the module holding each layer: in train mode while the layer runs in eval mode, the
         #: recipe put BN alone back in eval (norm_eval); a forgotten .train() leaves the whole
         #: network (the parent too) in eval, whatever mode a wrapper around it is in
@@ -233,15 +237,20 @@ class Recorder:
         grad = torch.is_grad_enabled()
         flags = 0
         if training:
+            momentum = getattr(module, "momentum", None)
+            number = type(momentum) in (float, int)
             if not grad:
                 if torch.is_inference_mode_enabled():
                     flags = INFERENCE
-                if (module.momentum is None and self._has_momentum[idx]) or not self.inner.training:
+                if (
+                    (momentum is None and self._has_momentum[idx])
+                    or (number and momentum == 1 and self._replaces[idx])
+                    or not self.inner.training
+                ):
                     flags |= RECALIBRATION
             elif _current_node() is not None:
                 flags = BACKWARD
-            momentum = getattr(module, "momentum", None)
-            if type(momentum) in (float, int) and momentum == 0:
+            if number and momentum == 0:
                 flags |= STILL
         elif self._parents[idx].training:
             flags = KEPT_EVAL

@@ -595,6 +595,54 @@ def test_adabn_recalibration_with_only_bn_in_train_mode_is_not_flagged():
     assert monitor.report().filter(rules=["stats-updated-without-grad"]) == []
 
 
+def _precise_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """PreciseBN as fvcore's update_bn_stats does it (detectron2's PreciseBN hook): momentum
+    1 for the pass, so each batch replaces the statistics, averaged by hand, then assigned."""
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+    kept = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 1.0
+    means = [torch.zeros_like(m.running_mean) for m in layers]
+    variances = [torch.zeros_like(m.running_var) for m in layers]
+    with torch.no_grad():
+        for i, x in enumerate(batches):
+            model(x)
+            for j, m in enumerate(layers):
+                means[j] += (m.running_mean - means[j]) / (i + 1)
+                variances[j] += (m.running_var - variances[j]) / (i + 1)
+    for m, mean, var, momentum in zip(layers, means, variances, kept):
+        m.running_mean, m.running_var, m.momentum = mean, var, momentum
+
+
+def test_fvcores_precise_bn_is_a_recalibration_not_a_validation_leak():
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    calibration = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        train_steps(model, opt, 3)
+        _precise_bn(model, calibration)
+        train_steps(model, opt, 2, seed=1)
+    report = monitor.report()
+    assert report.filter(rules=["stats-updated-without-grad"]) == []
+    assert any("recalibration" in n and "PreciseBN" in n for n in report.notes)
+
+
+def test_a_layer_trained_at_momentum_1_still_has_its_validation_flagged():
+    # momentum 1 on purpose (statistics of the last batch only): a validation pass in train
+    # mode under no_grad is not taken for PreciseBN
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        train_steps(model, opt, 3)
+        with torch.no_grad():  # BUG: validation without model.eval()
+            model(torch.randn(16, 3, 8, 8))
+        train_steps(model, opt, 2, seed=1)
+    [finding] = monitor.report().filter(rules=["stats-updated-without-grad"])
+    assert finding.details["step"] == 4
+
+
 def test_validation_in_train_mode_is_still_found_next_to_update_bn():
     torch.manual_seed(0)
     model = ConvBNReLU()
