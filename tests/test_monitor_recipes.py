@@ -548,6 +548,28 @@ def test_an_lbfgs_closure_evaluated_several_times_is_a_repeat():
     assert finding.details["cause"] == "repeat"
 
 
+def test_separate_forwards_of_two_sources_are_told_to_run_as_one():
+    # FixMatch/DANN with one forward per source and one loss: the statistics of the
+    # labeled and the (differently distributed) unlabeled batches are blended
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(7)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            labeled = torch.randn(16, 3, 8, 8, generator=gen)
+            unlabeled = torch.randn(32, 3, 8, 8, generator=gen) * 2 + 1
+            y = torch.randint(0, 4, (16,), generator=gen)
+            loss = F.cross_entropy(model(labeled), y) + model(unlabeled).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    [finding] = multi(monitor.report())
+    assert finding.details["cause"] == "reused"
+    assert "labeled and unlabeled" in finding.message
+    assert "one concatenated forward" in finding.message
+
+
 # ---- intended: recalibration passes -----------------------------------------------------------
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)

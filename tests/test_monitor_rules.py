@@ -302,6 +302,10 @@ def test_small_batch_counts_values_per_channel():
             opt.step()
     [finding] = only(monitor.report(), "small-batch")
     assert finding.details["samples_per_channel"] == 16
+    # BN on (N, C): no feature maps to blame, the batch is the count
+    assert "feature maps" not in finding.message
+    assert "one value per sample" in finding.message
+    assert "batches of 32 or more" in finding.message
 
 
 # ---- stat-drift -----------------------------------------------------------------------------

@@ -228,3 +228,19 @@ def test_ignore_removes_a_rule_and_select_accepts_comma_strings():
     assert bncheck.audit(model, ignore="keras-momentum").rules_found() == {"invalid-eps"}
     both = bncheck.audit(model, select="keras-momentum, invalid-eps")
     assert both.rules_found() == {"keras-momentum", "invalid-eps"}
+
+
+# ---- untrained-stats on FrozenBatchNorm-style layers ----------------------------------------
+def test_frozen_lookalikes_at_identity_are_told_to_load_their_statistics():
+    """FrozenBatchNorm2d never updates its statistics (a detector built with
+    weights_backbone=None): the fix is loading them, not training or update_bn."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), FrozenBN2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), FrozenBN2d(4)
+    ).eval()
+    (f,) = found(model, "untrained-stats")
+    assert f.layer is None and "(mean 0, var 1)" in f.message
+    assert "num_batches_tracked" not in f.message
+    assert "load them with the pretrained weights" in f.message
+    assert "update_bn" not in f.message
+    (one,) = found(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBN2d(4)).eval(), "untrained-stats")
+    assert one.layer == "1" and "load them with the pretrained weights" in one.message

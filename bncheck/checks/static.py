@@ -424,17 +424,26 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
         "train (or calibrate) in train mode before saving, load the statistics with "
         "strict=True, or recompute them with torch.optim.swa_utils.update_bn"
     )
+    # FrozenBatchNorm-style layers (buffers only, no counter) never update their statistics:
+    # they come from the weights they are loaded with, or nowhere
+    frozen_hint = (
+        "FrozenBatchNorm-style layers never update their statistics: load them with the "
+        "pretrained weights (e.g. torchvision's weights_backbone=), or copy them from a "
+        "trained BatchNorm"
+    )
     usable = [
         layer for layer in ctx.layers if layer.has_running_stats and not layer.lazy_uninitialized
     ]
     if len(hits) > 1 and len(hits) == len(usable):
+        frozen = [not h[0].uses_batch_stats for h in hits]
         yield ctx.finding(
             "untrained-stats",
             None,
             f"all {len(hits)} BN layers still have their initial running statistics "
-            "(mean 0, var 1, num_batches_tracked 0) in a model in eval mode"
+            + ("(mean 0, var 1)" if all(frozen) else "(mean 0, var 1, num_batches_tracked 0)")
+            + " in a model in eval mode"
             + (" with trained gamma/beta" if any(h[2] for h in hits) else ""),
-            hint=hint,
+            hint=frozen_hint if all(frozen) else hint + ("; " + frozen_hint if any(frozen) else ""),
             layers=[h[0].name for h in hits],
         )
         return
@@ -445,7 +454,7 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
             layer,
             f"running statistics are still the initial values (mean 0, var 1) {why}; "
             "inference normalises with statistics no data produced",
-            hint=hint,
+            hint=hint if layer.uses_batch_stats else frozen_hint,
             eval_mode=in_eval,
             trained_affine=trained_affine,
         )

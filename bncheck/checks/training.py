@@ -473,15 +473,22 @@ _KIND_WORDS = {
         "keep BN layers out of the checkpointed segments",
     ),
     "extra": (
-        "a train-mode forward that no backward used (a validation or probe pass in train "
-        "mode) updated the statistics with batches the model does not train on",
-        "run such passes in eval mode: model.eval(), then model.train() before training",
+        "a train-mode call whose output no backward used updated the statistics: a "
+        "validation or probe pass in train mode, or a head whose output on that batch is "
+        "not in the loss (a domain-adaptation classifier on the target batch)",
+        "run validation and probe passes in eval mode: model.eval(), then model.train() "
+        "before training; for a head computed on a batch its loss ignores, ignore this if "
+        "its statistics are meant to include that batch",
     ),
     "reused": (
         "one forward/backward runs it on batches whose statistics differ beyond sampling "
-        "noise (one BN across time steps or scales): the running statistics blend them and "
-        "eval mode uses the blend for all",
-        "give each call site its own BN module (nn.ModuleList for time steps)",
+        "noise (one BN across time steps or scales, or separate forwards of batches from "
+        "different sources: labeled and unlabeled, source and target domain): the running "
+        "statistics blend them and eval mode uses the blend for all",
+        "time steps or scales: give each call site its own BN module (nn.ModuleList); "
+        "batches of several sources trained by one loss: run them as one concatenated "
+        "forward (FixMatch's interleave) so BN normalises them together, or give each "
+        "source its own BN",
     ),
     "repeat": (
         "the same input tensor runs forward and backward more than once per step (SAM's "
@@ -668,7 +675,15 @@ class SmallBatch(TrainingRule):
         f = ep.first
         need_b = int(ctx.tol("min_batch_size"))
         need_s = int(ctx.tol("min_samples_per_channel"))
-        if f["batch_size"] >= need_b:  # the batch is large enough: the feature maps are small
+        kind = ctx.layer(run.layer_names[ep.layer]).kind
+        if f["samples_per_channel"] <= f["batch_size"] and kind.endswith("1d"):
+            # BN on (N, C): one value per sample and channel, the batch is the whole count
+            hint = (
+                f"this layer normalises (N, C) features, one value per sample, so the batch "
+                f"is its whole count: use batches of {max(need_b, need_s)} or more, freeze "
+                "this BN (eval mode), or use LayerNorm/GroupNorm here"
+            )
+        elif f["batch_size"] >= need_b:  # the batch is large enough: the feature maps are small
             hint = (
                 "the batch is large enough but this layer's feature maps are small: use "
                 "larger inputs or batches, freeze this BN (eval mode), or use GroupNorm here"
