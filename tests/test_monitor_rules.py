@@ -308,6 +308,24 @@ def test_small_batch_counts_values_per_channel():
     assert "batches of 32 or more" in finding.message
 
 
+def test_a_batch_too_small_for_every_layer_is_one_finding():
+    """As the audit: one model-wide finding for the batch, not one per layer (a detector at
+    2 images a GPU would get one per BN layer)."""
+    torch.manual_seed(0)
+    model = TwoBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(3, size=4):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    [finding] = only(monitor.report(), "small-batch")
+    assert finding.layer is None
+    assert finding.details["layers"] == ["block1.1", "block2.1"]
+    assert finding.details["batch_size"] == 4 and finding.details["step"] == 1
+    assert "batches of 4 sample(s) in 2 BN layers" in finding.message
+
+
 # ---- stat-drift -----------------------------------------------------------------------------
 def drift_loop(momentum: float) -> bncheck.Report:
     torch.manual_seed(0)

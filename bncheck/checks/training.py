@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -992,7 +992,57 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
     if run is None:
         return
     eps = sorted((ep for (r, _), ep in run.episodes.items() if r == rule), key=lambda ep: ep.layer)
+    if rule == "small-batch":
+        eps = yield from _small_batches(ctx, run, eps)
     for ep in eps:
         finding = episode_finding(ctx, run, ep)
         if finding is not None:
             yield finding
+
+
+def _small_batches(
+    ctx: AuditContext, run: RunObservations, eps: list[Episode]
+) -> Generator[Finding, None, list[Episode]]:
+    """One model-wide ``small-batch`` finding for the layers whose batches were too small (as
+    the audit gives one for its batch), instead of one per layer: a detector trained at 2
+    images a GPU has every BN layer's batch small. Returns the episodes left to report one
+    by one (layers whose batch was large enough and whose feature maps were small)."""
+    need_b = int(ctx.tol("min_batch_size"))
+    small = [ep for ep in eps if 0 < ep.first.get("batch_size", 0) < need_b]
+    if len(small) < 2:
+        return eps
+    merged = Episode(
+        "small-batch",
+        small[0].layer,
+        min(ep.first_step for ep in small),
+        max(ep.last_step for ep in small),
+        max(ep.steps for ep in small),
+        small[0].first,
+    )
+    n = min(ep.first["batch_size"] for ep in small)
+    names = [run.layer_names[ep.layer] for ep in small]
+    hint = "use larger batches, SyncBatchNorm across devices, frozen BN (eval mode), or GroupNorm"
+    if merged.steps * 2 <= max(run.steps, 1):
+        hint += "; at a few steps only, as the last partial batch of an epoch: drop_last=True"
+    details: dict[str, Any] = {
+        "step": merged.first_step,
+        "last_step": merged.last_step,
+        "steps_affected": merged.steps,
+        "steps_observed": run.steps,
+        "batch_size": n,
+        "min_batch_size": need_b,
+        "layers": names,
+    }
+    if run.distributed and run.rank is not None:
+        details["rank"] = run.rank
+    yield ctx.finding(
+        "small-batch",
+        None,
+        f"train-mode batches of {n} sample(s) in {len(small)} BN layers "
+        f"{_span(run, merged)} (expected >= {need_b}): the batch statistics these layers "
+        "normalise with are noisy, and their running statistics follow that noise",
+        hint=hint,
+        **details,
+    )
+    merged_ids = {id(ep) for ep in small}
+    return [ep for ep in eps if id(ep) not in merged_ids]
