@@ -45,7 +45,7 @@ from torch.optim.optimizer import (
 )
 
 from .discovery import BNLayer
-from .monitor_numerics import CallRecord, classify_updates
+from .monitor_numerics import CallRecord, batches_same, classify_updates
 from .state import auditing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,11 +296,15 @@ class Recorder:
             # counter (a buffer a loader refills in place is another batch); a weak reference:
             # the batch is not kept alive, so a freed batch's address cannot be mistaken for it
             x = args[0]
-            version = x._version
-            if any(ref() is x and seen == version for ref, seen in self._inputs):
-                self._repeated = True
-            else:
-                self._inputs.append((weakref.ref(x), version))
+            try:
+                version = x._version
+            except RuntimeError:  # an inference tensor: no version counter to tell by
+                version = None
+            if version is not None:
+                if any(ref() is x and seen == version for ref, seen in self._inputs):
+                    self._repeated = True
+                else:
+                    self._inputs.append((weakref.ref(x), version))
         if self.optimizer is not None:
             return
         monitor = self._alive()
@@ -392,8 +396,11 @@ class Recorder:
             )
             if kind == "reused" and _several_sizes(calls, idx):
                 kind = "sizes"
-            elif kind == "accumulation" and self._repeated:
-                kind = "repeat"  # one input tensor run again: not micro-batches
+            elif kind == "accumulation" and self._repeated and batches_same(records):
+                # one input tensor run again, and the layer saw the same batch: not
+                # micro-batches (a fixed argument beside the batch, augmentation inside the
+                # model or a buffer refilled behind the version counter give other batches)
+                kind = "repeat"
             if kind is not None:
                 kinds[idx] = kind
         self._details = {}

@@ -527,6 +527,118 @@ def test_a_refilled_input_buffer_is_accumulation_not_a_repeat():
     assert finding.details["cause"] == "accumulation"
 
 
+class _CoordDecoder(nn.Module):
+    """A decoder called as model(grid, z): a fixed coordinate grid first, the data second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(2 + 8, 16, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, grid: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        n, (h, w) = z.shape[0], grid.shape[-2:]
+        x = torch.cat([grid.expand(n, -1, -1, -1), z[:, :, None, None].expand(-1, -1, h, w)], 1)
+        return self.out(torch.relu(self.bn(self.inp(x))))
+
+
+class _Jitter(nn.Module):
+    """Augmentation inside the model: each call makes another view of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + 0.3 * torch.randn(x.shape[0], 1, 1, 1)) + 0.3 * torch.randn(
+            x.shape[0], x.shape[1], 1, 1
+        )
+
+
+@pytest.mark.parametrize("case", ["fixed first argument", "views made inside", "data refill"])
+def test_the_same_input_object_with_other_batches_is_not_a_repeat(case):
+    # the same tensor object reaches the model, but the BN layers see other batches: a
+    # fixed grid beside new latents, augmentation inside the model (one backward per view),
+    # a loader refilling one buffer behind the version counter (through .data)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(8)
+    if case == "fixed first argument":
+        model: nn.Module = _CoordDecoder()
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+        grid = torch.stack([xs, ys])[None]
+    else:
+        model = (
+            nn.Sequential(_Jitter(), ConvBNReLU()) if case == "views made inside" else ConvBNReLU()
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    buffer = torch.empty(16, 3, 8, 8)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(5):
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            for _ in range(3):
+                if case == "fixed first argument":
+                    out = model(grid, torch.randn(16, 8, generator=gen)).square().mean()
+                elif case == "views made inside":
+                    out = model(x).square().mean()
+                else:
+                    buffer.data.copy_(torch.randn(16, 3, 8, 8, generator=gen))
+                    out = model(buffer).square().mean()
+                (out / 3).backward()
+            opt.step()
+            opt.zero_grad()
+    causes = {f.details.get("cause") for f in multi(monitor.report())}
+    assert "repeat" not in causes and causes <= {"accumulation"}
+
+
+def test_an_input_made_under_inference_mode_is_watched_without_error():
+    # uint8 images made under inference_mode (a loader's decode step), turned into floats by
+    # the model: an inference tensor has no version counter to read
+    class FromBytes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvBNReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float() / 255)
+
+    torch.manual_seed(0)
+    model = FromBytes()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(4):
+            for _ in range(2):
+                with torch.inference_mode():
+                    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+                (model(x).square().mean() / 2).backward()
+            opt.step()
+            opt.zero_grad()
+    report = monitor.report()
+    assert not any("stopped watching" in n for n in report.notes)
+    assert [f.details["cause"] for f in multi(report)] == ["accumulation"]
+
+
+def test_a_short_last_batch_of_each_epoch_leaves_large_micro_batches_info():
+    # accumulation of 4 micro-batches of 32, the epoch's last micro-batch of 4: small-batch
+    # reports that batch (drop_last), the accumulation itself stays info
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(9)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(2):  # epochs of 6 steps
+            sizes = [32] * 23 + [4]
+            for i, n in enumerate(sizes):
+                x, y = (
+                    torch.randn(n, 3, 8, 8, generator=gen),
+                    torch.randint(0, 4, (n,), generator=gen),
+                )
+                (F.cross_entropy(model(x), y) / 4).backward()
+                if (i + 1) % 4 == 0:
+                    opt.step()
+                    opt.zero_grad()
+    report = monitor.report()
+    [finding] = multi(report)
+    assert finding.severity is bncheck.Severity.INFO
+    [small] = report.filter(rules=["small-batch"])
+    assert "drop_last=True" in small.message
+
+
 def test_an_lbfgs_closure_evaluated_several_times_is_a_repeat():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
@@ -883,6 +995,16 @@ def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> Ca
         backward_seq=back,
         grad_left=kw.get("grad_left", torch.tensor(1.0)),
     )
+
+
+def test_batches_same_asks_every_channel_within_one_standard_error():
+    from bncheck.monitor_numerics import batches_same
+
+    # per-sample variance 1 at n = 32: the standard error of a difference is 0.25
+    assert batches_same([call(0, 1), call(2, 3)])
+    assert batches_same([call(0, 1), call(2, 3, mean=0.2), call(4, 5, mean=-0.2)])
+    assert not batches_same([call(0, 1), call(2, 3, mean=0.3)])  # 1.2 standard errors
+    assert not batches_same([call(0, 1), call(2, 3, n=16)])  # another batch size
 
 
 def test_classify_updates_by_the_order_of_forwards_and_backwards():
@@ -1401,7 +1523,7 @@ def test_a_distillation_teacher_left_in_train_mode_is_frozen_bn_drift_alone():
     [
         ((2, 2, 2, 2), 8, "use larger batches"),  # small at every step: no drop_last
         ((16, 16, 16, 3), 8, "drop_last=True"),  # a short last batch of the epoch
-        ((16, 16, 16, 16), 1, "feature maps are small"),  # 16 samples, 1x1 maps
+        ((16, 16, 16, 16), 1, "1x1 feature maps"),  # 16 samples, 1x1 maps
     ],
 )
 def test_the_small_batch_hint_fits_when_and_where_the_batch_is_small(sizes, hw, says):

@@ -493,8 +493,8 @@ _KIND_WORDS = {
     "repeat": (
         "the same input tensor runs forward and backward more than once per step (SAM's "
         "second pass, an LBFGS closure evaluated several times, a forward repeated by "
-        "mistake): every run updates the statistics, so that batch counts several times, "
-        "at weights the step does not keep",
+        "mistake): every run updates the statistics, so that batch counts several times "
+        "(with SAM or LBFGS, at weights the step does not keep)",
         "keep the statistics to one pass: set the BN momentum to 0 around the extra passes "
         "(SAM's disable_running_stats/enable_running_stats), or run them with BN in eval "
         "mode",
@@ -614,12 +614,16 @@ _LARGE_ACCUMULATION = (
 def _large_micro_batches(ctx: AuditContext, run: RunObservations, ep: Episode) -> bool:
     """Whether the micro-batches are large enough for BN: the smallest train-mode call of the
     episode's first step reaches ``small-batch``'s tolerances (batch size and values per
-    channel), and ``small-batch`` found no step of the run too small for the layer."""
+    channel), and ``small-batch`` found the layer's batches too small at no more than half
+    as many steps as the accumulation lasted."""
     n, samples = ep.first.get("batch_size", 0), ep.first.get("samples_per_channel", 0)
+    small = run.episodes.get(("small-batch", ep.layer))
     return (
         n >= int(ctx.tol("min_batch_size"))
         and samples >= int(ctx.tol("min_samples_per_channel"))
-        and ("small-batch", ep.layer) not in run.episodes
+        # small-batch's own finding covers a short last batch of an epoch; micro-batches
+        # that stay small at most steps make the accumulation harmful
+        and (small is None or small.steps * 2 <= ep.steps)
     )
 
 
@@ -675,12 +679,12 @@ class SmallBatch(TrainingRule):
         f = ep.first
         need_b = int(ctx.tol("min_batch_size"))
         need_s = int(ctx.tol("min_samples_per_channel"))
-        kind = ctx.layer(run.layer_names[ep.layer]).kind
-        if f["samples_per_channel"] <= f["batch_size"] and kind.endswith("1d"):
-            # BN on (N, C): one value per sample and channel, the batch is the whole count
+        if f["samples_per_channel"] <= f["batch_size"]:
+            # one value per sample and channel: (N, C) features or 1x1 feature maps
             hint = (
-                f"this layer normalises (N, C) features, one value per sample, so the batch "
-                f"is its whole count: use batches of {max(need_b, need_s)} or more, freeze "
+                "this layer sees one value per sample and channel ((N, C) features, or 1x1 "
+                f"feature maps), so the batch is its whole count: use batches of "
+                f"{max(need_b, need_s)} or more (or larger inputs, for 1x1 maps), freeze "
                 "this BN (eval mode), or use LayerNorm/GroupNorm here"
             )
         elif f["batch_size"] >= need_b:  # the batch is large enough: the feature maps are small
@@ -749,6 +753,20 @@ class StatDrift(TrainingRule):
         momentum = ctx.layer(run.layer_names[ep.layer]).momentum
         if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0:
             kept = (1.0 - momentum) ** ep.peak
+            if kept >= WARMUP_KEPT and ep.last_step >= run.steps:
+                # still drifting at the last step: the model leaves training with them
+                return Said(
+                    f"{measured}, up to the last {run.step_word}, while the running "
+                    f"statistics still held {kept:.0%} or more of their starting values "
+                    f"(momentum {momentum:g}, {int(ep.peak)} updates counted): an average "
+                    f"at this momentum follows the data after about "
+                    f"{math.ceil(3.0 / momentum)} updates, more than the run gave it, so "
+                    "eval mode would normalise with statistics still near their start",
+                    "recompute the statistics after training (torch.optim.swa_utils."
+                    "update_bn), train longer, or use a larger momentum (PyTorch's default "
+                    "is 0.1)",
+                    {**details, "starting_share": kept},
+                )
             if kept >= WARMUP_KEPT:
                 # every drifting step came while the starting values still weighed in the
                 # average (the judging starts after at most 30 updates, 3 / momentum are
