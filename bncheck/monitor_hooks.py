@@ -45,7 +45,7 @@ from torch.optim.optimizer import (
 )
 
 from .discovery import BNLayer
-from .monitor_numerics import CallRecord, batches_same, classify_updates
+from .monitor_numerics import CallRecord, classify_updates
 from .state import auditing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,6 +122,14 @@ class _ModuleHook:
         return (_ModuleHook, (None, self.method))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's version counter; ``None`` for an inference tensor (it has none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
 def _several_sizes(calls: Sequence[Call], idx: int) -> bool:
     """Whether layer ``idx``'s calls in the step saw inputs of more than one spatial size
     (crops of several sizes in multi-crop training, the levels of a feature pyramid)."""
@@ -175,8 +183,11 @@ class Recorder:
         self._seq = itertools.count()
         #: the model's train-mode inputs with grad in this step (weak references, only while
         #: a layer is armed), and whether one of them was run again
-        self._inputs: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        self._inputs: list[tuple[weakref.ref[torch.Tensor], int, int | None]] = []
         self._repeated = False
+        #: the watched layers' gamma/beta: their version counters tell weights moved in place
+        #: between two runs of one input (SAM's perturbation, an LBFGS line search)
+        self._weights = [p for lyr in layers for p in lyr.params]
         #: per layer, the position in ``calls`` of its last train-mode call without grad
         #: since its last train-mode call with grad: marked FED if another optimizer steps
         #: now (only the last: a validation pass before the fakes' forward stays validation)
@@ -292,24 +303,36 @@ class Recorder:
             return
         if self._armed and args and isinstance(args[0], torch.Tensor):
             # while layers are classified: the same input tensor run again in the step, with
-            # the same values (SAM's second pass, an LBFGS closure), by identity and version
-            # counter (a buffer a loader refills in place is another batch); a weak reference:
-            # the batch is not kept alive, so a freed batch's address cannot be mistaken for it
+            # the same values, at weights moved in place since its first run (SAM's second
+            # pass, an LBFGS closure); the input by identity and version counter (a buffer a
+            # loader refills in place is another batch), through a weak reference (the batch
+            # is not kept alive, so a freed batch's address cannot be mistaken for it)
             x = args[0]
-            try:
-                version = x._version
-            except RuntimeError:  # an inference tensor: no version counter to tell by
-                version = None
+            version = _version(x)
             if version is not None:
-                if any(ref() is x and seen == version for ref, seen in self._inputs):
-                    self._repeated = True
+                weights = self._weights_version()
+                for ref, seen, before in self._inputs:
+                    if ref() is x and seen == version:
+                        if before is not None and weights != before:
+                            self._repeated = True
+                        break
                 else:
-                    self._inputs.append((weakref.ref(x), version))
+                    self._inputs.append((weakref.ref(x), version, weights))
         if self.optimizer is not None:
             return
         monitor = self._alive()
         if monitor is not None:
             monitor._safely(monitor._end_step)
+
+    def _weights_version(self) -> int | None:
+        """The sum of the watched gamma/beta's version counters (``None`` without them)."""
+        total = 0
+        for p in self._weights:
+            v = _version(p)
+            if v is None:
+                return None
+            total += v
+        return total if self._weights else None
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.inner or not (module.training and torch.is_grad_enabled()):
@@ -396,10 +419,10 @@ class Recorder:
             )
             if kind == "reused" and _several_sizes(calls, idx):
                 kind = "sizes"
-            elif kind == "accumulation" and self._repeated and batches_same(records):
-                # one input tensor run again, and the layer saw the same batch: not
-                # micro-batches (a fixed argument beside the batch, augmentation inside the
-                # model or a buffer refilled behind the version counter give other batches)
+            elif kind == "accumulation" and self._repeated:
+                # one input run again at weights moved within the step: not micro-batches
+                # (the same weights: a fixed batch, views made inside the model, a fixed
+                # argument beside the data; all count as accumulation)
                 kind = "repeat"
             if kind is not None:
                 kinds[idx] = kind

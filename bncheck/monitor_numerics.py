@@ -299,31 +299,6 @@ def batches_differ(a: CallRecord, b: CallRecord) -> bool:
     return bool(((z > DIFFER_Z).double().mean() >= DIFFER_FRACTION).item())
 
 
-#: ``batches_same``: every channel's batch means within this many standard errors (two
-#: independent batches of one distribution come this close in all of C channels with
-#: probability 0.68^C: 2% at 10 channels)
-SAME_Z = 1.0
-
-
-def batches_same(records: Sequence[CallRecord]) -> bool:
-    """Whether the calls' batches look like one batch run again: the same batch size, and
-    every channel's batch mean within ``SAME_Z`` standard errors of the first call's (the
-    Welch statistic of :func:`batches_differ`). A batch run again at the same weights gives
-    0; at weights moved a little (SAM's second pass) the first layers stay close."""
-    first = records[0]
-    if first.mean is None or first.var is None or first.n < 2:
-        return False
-    for other in records[1:]:
-        if other.mean is None or other.var is None or other.n != first.n:
-            return False
-        if other.mean.shape != first.mean.shape:
-            return False
-        se = (first.var / first.n + other.var / other.n).clamp(min=1e-12).sqrt()
-        if bool(((first.mean - other.mean).abs() / se > SAME_Z).any()):
-            return False
-    return True
-
-
 def _cleared(call: CallRecord) -> bool:
     """Whether the layer's gradient was cleared (``None`` or all zeros) at the call."""
     left = call.grad_left

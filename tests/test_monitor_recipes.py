@@ -551,11 +551,15 @@ class _Jitter(nn.Module):
         )
 
 
-@pytest.mark.parametrize("case", ["fixed first argument", "views made inside", "data refill"])
-def test_the_same_input_object_with_other_batches_is_not_a_repeat(case):
-    # the same tensor object reaches the model, but the BN layers see other batches: a
-    # fixed grid beside new latents, augmentation inside the model (one backward per view),
-    # a loader refilling one buffer behind the version counter (through .data)
+@pytest.mark.parametrize(
+    "case", ["fixed first argument", "views made inside", "data refill", "fixed batch"]
+)
+def test_the_same_input_object_at_the_same_weights_is_not_a_repeat(case):
+    # the same tensor object reaches the model several times in a step, at weights no one
+    # moved in between: a fixed grid beside new latents, augmentation inside the model (one
+    # backward per view), a loader refilling one buffer behind the version counter (through
+    # .data), one fixed batch accumulated (an overfitting check); the statistics see
+    # batches of one distribution, as accumulation
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(8)
     if case == "fixed first argument":
@@ -574,7 +578,7 @@ def test_the_same_input_object_with_other_batches_is_not_a_repeat(case):
             for _ in range(3):
                 if case == "fixed first argument":
                     out = model(grid, torch.randn(16, 8, generator=gen)).square().mean()
-                elif case == "views made inside":
+                elif case in ("views made inside", "fixed batch"):
                     out = model(x).square().mean()
                 else:
                     buffer.data.copy_(torch.randn(16, 3, 8, 8, generator=gen))
@@ -995,16 +999,6 @@ def call(seq: int, back: int | None, mean: float = 0.0, n: int = 32, **kw) -> Ca
         backward_seq=back,
         grad_left=kw.get("grad_left", torch.tensor(1.0)),
     )
-
-
-def test_batches_same_asks_every_channel_within_one_standard_error():
-    from bncheck.monitor_numerics import batches_same
-
-    # per-sample variance 1 at n = 32: the standard error of a difference is 0.25
-    assert batches_same([call(0, 1), call(2, 3)])
-    assert batches_same([call(0, 1), call(2, 3, mean=0.2), call(4, 5, mean=-0.2)])
-    assert not batches_same([call(0, 1), call(2, 3, mean=0.3)])  # 1.2 standard errors
-    assert not batches_same([call(0, 1), call(2, 3, n=16)])  # another batch size
 
 
 def test_classify_updates_by_the_order_of_forwards_and_backwards():

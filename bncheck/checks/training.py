@@ -129,8 +129,8 @@ COUNT_COLUMNS: tuple[str, ...] = (
 #: layer that updated more than once (see ``Monitor`` and ``multiple-updates-per-step``):
 #: ``recompute``: a forward re-run during backward (activation checkpointing);
 #: ``extra``: a train-mode forward whose output no backward used (validation, a probe);
-#: ``repeat``: forward/backward pairs on the same input tensor (SAM's second pass, an LBFGS
-#: closure evaluated several times, a forward repeated by mistake);
+#: ``repeat``: forward/backward pairs on the same input at weights moved in place in between
+#: (SAM's second pass, an LBFGS closure evaluated along its line search);
 #: ``accumulation``: forward/backward pairs on batches of one distribution (micro-batches);
 #: ``sources``: forward/backward pairs on batches whose statistics differ beyond sampling
 #: noise (a GAN discriminator's real and fake batches);
@@ -491,10 +491,10 @@ _KIND_WORDS = {
         "source its own BN",
     ),
     "repeat": (
-        "the same input tensor runs forward and backward more than once per step (SAM's "
-        "second pass, an LBFGS closure evaluated several times, a forward repeated by "
-        "mistake): every run updates the statistics, so that batch counts several times "
-        "(with SAM or LBFGS, at weights the step does not keep)",
+        "the same input runs forward and backward again in the step at weights moved in "
+        "place in between (SAM's second pass, an LBFGS closure evaluated along its line "
+        "search): every run updates the statistics, the extra ones with the statistics of "
+        "weights the step does not keep",
         "keep the statistics to one pass: set the BN momentum to 0 around the extra passes "
         "(SAM's disable_running_stats/enable_running_stats), or run them with BN in eval "
         "mode",
