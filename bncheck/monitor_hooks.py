@@ -185,7 +185,8 @@ class Recorder:
         #: a layer is armed), and whether one of them was run again
         self._inputs: list[tuple[weakref.ref[torch.Tensor], int, int | None]] = []
         self._repeated = False
-        #: the watched layers' gamma/beta: their version counters tell weights moved in place
+        #: the watched layers' gamma/beta (with the optimizer's parameters, see
+        #: :meth:`_weights_version`): version counters that tell weights moved in place
         #: between two runs of one input (SAM's perturbation, an LBFGS line search)
         self._weights = [p for lyr in layers for p in lyr.params]
         #: per layer, the position in ``calls`` of its last train-mode call without grad
@@ -325,14 +326,20 @@ class Recorder:
             monitor._safely(monitor._end_step)
 
     def _weights_version(self) -> int | None:
-        """The sum of the watched gamma/beta's version counters (``None`` without them)."""
-        total = 0
-        for p in self._weights:
-            v = _version(p)
-            if v is None:
-                return None
-            total += v
-        return total if self._weights else None
+        """The sum of the version counters of the optimizer's parameters and the watched
+        gamma/beta (BN without affine parameters, or frozen ones, still sits among weights
+        SAM moves); inference tensors, which have none, are left out. ``None``: nothing to
+        read."""
+        tensors: list[Any] = list(self._weights)
+        groups = getattr(self.optimizer, "param_groups", None)
+        if isinstance(groups, list):
+            tensors.extend(p for g in groups if isinstance(g, dict) for p in g.get("params", ()))
+        total, seen = 0, False
+        for p in tensors:
+            v = _version(p) if isinstance(p, torch.Tensor) else None
+            if v is not None:
+                total, seen = total + v, True
+        return total if seen else None
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.inner or not (module.training and torch.is_grad_enabled()):
@@ -419,10 +426,11 @@ class Recorder:
             )
             if kind == "reused" and _several_sizes(calls, idx):
                 kind = "sizes"
-            elif kind == "accumulation" and self._repeated:
-                # one input run again at weights moved within the step: not micro-batches
-                # (the same weights: a fixed batch, views made inside the model, a fixed
-                # argument beside the data; all count as accumulation)
+            elif kind in ("accumulation", "sources") and self._repeated:
+                # one input run again at weights moved within the step: not micro-batches,
+                # nor two sources (deep layers see the moved weights' effect as another
+                # batch); at the same weights (a fixed batch, views made inside the model, a
+                # fixed argument beside the data) the calls keep their classification
                 kind = "repeat"
             if kind is not None:
                 kinds[idx] = kind

@@ -52,7 +52,9 @@ class FlatBuffers:
         self.indices = [
             i
             for i, lyr in enumerate(layers)
-            if lyr.has_running_stats and not lyr.lazy_uninitialized
+            if lyr.has_running_stats
+            and not lyr.lazy_uninitialized
+            and not (isinstance(lyr.running_mean, torch.Tensor) and lyr.running_mean.is_meta)
         ]
         self.modules = [layers[i].module for i in self.indices]
         self.has_counter = [layers[i].num_batches_tracked is not None for i in self.indices]
@@ -192,6 +194,8 @@ class ParamWatch:
         """Watch these layers' parameters from now on (what was counted is kept);
         ``optimized``: ids of the tensors in the watched optimizer's param groups."""
         self._fold()
+        # a structure-only (meta) parameter holds no values to fingerprint
+        layer_params = [(idx, [p for p in ps if not p.is_meta]) for idx, ps in layer_params]
         self.params = [p for _, ps in layer_params for p in ps]
         self.owners = [idx for idx, ps in layer_params for _ in ps]
         self.layers = frozenset(self.owners)

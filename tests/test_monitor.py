@@ -432,3 +432,16 @@ def test_a_deep_copy_of_the_watched_model_is_not_watched():
     assert monitor.report().findings == []
     leftover = [n for n, m in twin.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert leftover == []
+
+
+def test_an_unused_bn_layer_on_the_meta_device_does_not_stop_the_monitor():
+    # a structure-only layer beside the real ones (a head built on meta, never called)
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    model.spare = nn.BatchNorm2d(4, device="meta")
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("spare")])
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        train(model, opt, batches(3))
+    report = monitor.report()
+    assert monitor.steps == 3
+    assert not any("stopped watching" in n for n in report.notes)

@@ -462,13 +462,18 @@ def test_large_micro_batches_are_judged_over_the_whole_run():
     assert report.filter(rules=["small-batch"])
 
 
-def _sam_like(second_momentum: float | None = None, steps: int = 5) -> bncheck.Report:
+def _sam_like(
+    second_momentum: float | None = None,
+    steps: int = 5,
+    model: nn.Module | None = None,
+    rho: float = 0.05,
+) -> bncheck.Report:
     """SAM's two passes on one batch per step (batch 32): the gradient at the weights moved
-    along the first pass's gradient, then the step. ``second_momentum``: the BN momentum
-    during the second pass (SAM's ``disable_running_stats`` sets 0)."""
+    along the first pass's gradient (by ``rho``), then the step. ``second_momentum``: the BN
+    momentum during the second pass (SAM's ``disable_running_stats`` sets 0)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)
-    model = ConvBNReLU()
+    model = ConvBNReLU() if model is None else model
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with bncheck.Monitor(model, optimizer=opt) as monitor:
@@ -481,7 +486,7 @@ def _sam_like(second_momentum: float | None = None, steps: int = 5) -> bncheck.R
             with torch.no_grad():
                 for p in model.parameters():
                     if p.grad is not None:
-                        e = 0.05 * p.grad / (p.grad.norm() + 1e-12)
+                        e = rho * p.grad / (p.grad.norm() + 1e-12)
                         p.add_(e)
                         moved.append((p, e))
             opt.zero_grad()
@@ -641,6 +646,29 @@ def test_a_short_last_batch_of_each_epoch_leaves_large_micro_batches_info():
     assert finding.severity is bncheck.Severity.INFO
     [small] = report.filter(rules=["small-batch"])
     assert "drop_last=True" in small.message
+
+
+def test_sam_is_a_repeat_without_affine_bn_and_in_every_layer_of_a_deep_net():
+    # BN without gamma/beta (affine=False): the optimizer's weights tell they moved; a deep
+    # net at a large rho: the deep layers' batches differ (they see the moved weights), and
+    # are not taken for two sources
+    [found] = multi(_sam_like(model=ConvBNReLU(affine=False)))
+    assert found.details["cause"] == "repeat"
+    deep = nn.Sequential(
+        *[
+            nn.Sequential(
+                nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+            )
+            for i in range(6)
+        ],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    found = multi(_sam_like(model=deep, rho=2.0))
+    assert len(found) == 6 and {f.details["cause"] for f in found} == {"repeat"}
 
 
 def test_an_lbfgs_closure_evaluated_several_times_is_a_repeat():

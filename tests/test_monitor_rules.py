@@ -328,6 +328,40 @@ def test_a_batch_too_small_for_every_layer_is_one_finding():
     assert "batches of 4 sample(s) in 2 BN layers" in finding.message
 
 
+class _Detector(nn.Module):
+    """A backbone (two BN2d) and a head of two BN1d that sees 3 samples of each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.h1, self.hb1 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.h2, self.hb2 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x)))))).mean((2, 3))[:3]
+        return self.hb2(self.h2(F.relu(self.hb1(self.h1(f)))))
+
+
+def test_layers_with_other_small_batches_at_other_steps_are_not_merged():
+    # the backbone sees 32 samples but 4 at each epoch's last batch, the head 3 every step:
+    # two findings, each with its own hint, not one for all four layers
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = _Detector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for n in ([32] * 9 + [4]) * 2:
+            model(torch.randn(n, 3, 8, 8, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    found = sorted(only(monitor.report(), "small-batch"), key=lambda f: f.details["batch_size"])
+    assert [f.details["layers"] for f in found] == [["hb1", "hb2"], ["b1", "b2"]]
+    assert [f.details["steps_affected"] for f in found] == [20, 2]
+    assert "one value per sample and channel" in found[0].message
+    assert "drop_last=True" in found[1].message and "drop_last" not in found[0].message
+
+
 # ---- stat-drift -----------------------------------------------------------------------------
 def drift_loop(momentum: float) -> bncheck.Report:
     torch.manual_seed(0)

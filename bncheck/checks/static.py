@@ -37,9 +37,18 @@ def _indices(mask: torch.Tensor, limit: int = 32) -> list[int]:
 
 
 def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
+    """The layers whose tensors hold values: not uninitialised lazy layers, not layers on
+    the meta device (structure only; the audit skips the buffer rules for a model on it, a
+    run report judges the other layers)."""
     for layer in layers:
-        if not layer.lazy_uninitialized:
-            yield layer
+        if layer.lazy_uninitialized:
+            continue
+        if any(
+            isinstance(t, torch.Tensor) and t.is_meta
+            for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)
+        ):
+            continue
+        yield layer
 
 
 def layers_where(

@@ -1021,46 +1021,42 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
 def _small_batches(
     ctx: AuditContext, run: RunObservations, eps: list[Episode]
 ) -> Generator[Finding, None, list[Episode]]:
-    """One model-wide ``small-batch`` finding for the layers whose batches were too small (as
-    the audit gives one for its batch), instead of one per layer: a detector trained at 2
-    images a GPU has every BN layer's batch small. Returns the episodes left to report one
-    by one (layers whose batch was large enough and whose feature maps were small)."""
+    """One ``small-batch`` finding for the layers that saw the same too-small batch at the
+    same steps (as the audit gives one for its batch), instead of one per layer: a detector
+    trained at 2 images a GPU has every BN layer's batch small. Layers that saw other
+    batches, at other steps (a head fed a slice of the batch, a last partial batch), or
+    whose batch was large enough and whose feature maps were small, are left to be reported
+    one by one (returned)."""
     need_b = int(ctx.tol("min_batch_size"))
-    small = [ep for ep in eps if 0 < ep.first.get("batch_size", 0) < need_b]
-    if len(small) < 2:
-        return eps
-    merged = Episode(
-        "small-batch",
-        small[0].layer,
-        min(ep.first_step for ep in small),
-        max(ep.last_step for ep in small),
-        max(ep.steps for ep in small),
-        small[0].first,
-    )
-    n = min(ep.first["batch_size"] for ep in small)
-    names = [run.layer_names[ep.layer] for ep in small]
-    hint = "use larger batches, SyncBatchNorm across devices, frozen BN (eval mode), or GroupNorm"
-    if merged.steps * 2 <= max(run.steps, 1):
-        hint += "; at a few steps only, as the last partial batch of an epoch: drop_last=True"
-    details: dict[str, Any] = {
-        "step": merged.first_step,
-        "last_step": merged.last_step,
-        "steps_affected": merged.steps,
-        "steps_observed": run.steps,
-        "batch_size": n,
-        "min_batch_size": need_b,
-        "layers": names,
-    }
-    if run.distributed and run.rank is not None:
-        details["rank"] = run.rank
-    yield ctx.finding(
-        "small-batch",
-        None,
-        f"train-mode batches of {n} sample(s) in {len(small)} BN layers "
-        f"{_span(run, merged)} (expected >= {need_b}): the batch statistics these layers "
-        "normalise with are noisy, and their running statistics follow that noise",
-        hint=hint,
-        **details,
-    )
-    merged_ids = {id(ep) for ep in small}
+    groups: dict[tuple[int, int, int, int], list[Episode]] = {}
+    for ep in eps:
+        n = ep.first.get("batch_size", 0)
+        if 0 < n < need_b:
+            groups.setdefault((n, ep.first_step, ep.last_step, ep.steps), []).append(ep)
+    merged_ids: set[int] = set()
+    for (n, _, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        merged_ids.update(id(ep) for ep in members)
+        said = SmallBatch.says(ctx, run, members[0])  # the hint of the group's batch
+        details: dict[str, Any] = {
+            "step": members[0].first_step,
+            "last_step": members[0].last_step,
+            "steps_affected": members[0].steps,
+            "steps_observed": run.steps,
+            "batch_size": n,
+            "min_batch_size": need_b,
+            "layers": [run.layer_names[ep.layer] for ep in members],
+        }
+        if run.distributed and run.rank is not None:
+            details["rank"] = run.rank
+        yield ctx.finding(
+            "small-batch",
+            None,
+            f"train-mode batches of {n} sample(s) in {len(members)} BN layers "
+            f"{_span(run, members[0])} (expected >= {need_b}): the batch statistics these "
+            "layers normalise with are noisy, and their running statistics follow that noise",
+            hint=said.hint if said is not None else "",
+            **details,
+        )
     return [ep for ep in eps if id(ep) not in merged_ids]
