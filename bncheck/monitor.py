@@ -141,6 +141,11 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def _first_steps(steps: Sequence[int], shown: int = 5) -> str:
+    """The first ``shown`` of ``steps``, comma-separated, with " ..." when there are more."""
+    return ", ".join(str(s) for s in steps[:shown]) + (" ..." if len(steps) > shown else "")
+
+
 def count_calls(
     pending_calls: Sequence[Sequence[Call]], n_layers: int, tracks: np.ndarray
 ) -> np.ndarray:
@@ -785,7 +790,7 @@ class Monitor:
             )
         recal = self._run.recalibrations
         if recal:
-            where = ", ".join(str(s) for s in recal[:5]) + (" ..." if len(recal) > 5 else "")
+            where = _first_steps(recal)
             notes.append(
                 f"recalibration pass(es) of the running statistics recognised at step(s) "
                 f"{where} (no grad with momentum None as torch.optim.swa_utils.update_bn, "
@@ -794,7 +799,7 @@ class Monitor:
             )
         fed = self._run.fed_steps
         if fed:
-            where = ", ".join(str(s) for s in fed[:5]) + (" ..." if len(fed) > 5 else "")
+            where = _first_steps(fed)
             notes.append(
                 f"a train-mode forward without grad right before another optimizer's step "
                 f"(no forward with grad of the layer in between) at {len(fed)} step(s) "
