@@ -330,12 +330,14 @@ class Recorder:
         gamma/beta (BN without affine parameters, or frozen ones, still sits among weights
         SAM moves); inference tensors, which have none, are left out. ``None``: nothing to
         read."""
-        tensors: list[Any] = list(self._weights)
+        tensors = {id(p): p for p in self._weights}
         groups = getattr(self.optimizer, "param_groups", None)
         if isinstance(groups, list):
-            tensors.extend(p for g in groups if isinstance(g, dict) for p in g.get("params", ()))
+            for g in groups:
+                if isinstance(g, dict):
+                    tensors.update((id(p), p) for p in g.get("params", ()))
         total, seen = 0, False
-        for p in tensors:
+        for p in tensors.values():
             v = _version(p) if isinstance(p, torch.Tensor) else None
             if v is not None:
                 total, seen = total + v, True

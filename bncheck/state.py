@@ -129,6 +129,8 @@ _NUMPY_DTYPES = frozenset(
 #: from this many elements numpy's comparison beats ``torch.equal`` (about 3x on large CPU
 #: tensors, whose ``torch.equal`` runs at a third of memory speed; below it the views cost more)
 _NUMPY_FROM = 1024
+#: elements compared at once
+_NUMPY_BLOCK = 1 << 22
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -142,9 +144,17 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
         and not (a.is_conj() or a.is_neg() or b.is_conj() or b.is_neg())
     ):
         try:
-            return bool(np.array_equal(a.numpy(), b.numpy()))
+            x, y = a.numpy(), b.numpy()
         except (RuntimeError, TypeError):  # a tensor numpy cannot view: torch decides
-            pass
+            return torch.equal(a, b)
+        if x.flags.c_contiguous and y.flags.c_contiguous:
+            # in blocks: the elementwise comparison's temporary stays small (VGG's largest
+            # weight would need 100 MB at once)
+            x, y = x.reshape(-1), y.reshape(-1)
+            return all(
+                np.array_equal(x[i : i + _NUMPY_BLOCK], y[i : i + _NUMPY_BLOCK])
+                for i in range(0, x.size, _NUMPY_BLOCK)
+            )
     return torch.equal(a, b)
 
 
@@ -333,19 +343,6 @@ def _distinct(found: Iterable[Any], kind: type | tuple[type, ...]) -> list[Any]:
         if isinstance(value, kind) and all(value is not o for o in out):
             out.append(value)
     return out
-
-
-def held_schedulers(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[Any]:
-    """Every learning-rate scheduler held as an attribute of a submodule of ``model``
-    (``modules`` as for :func:`held_optimizers`)."""
-    return _distinct(
-        (
-            value
-            for module in (model.modules() if modules is None else modules)
-            for value in vars(module).values()
-        ),
-        _scheduler_kinds(),
-    )
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any]:

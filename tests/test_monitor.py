@@ -445,3 +445,24 @@ def test_an_unused_bn_layer_on_the_meta_device_does_not_stop_the_monitor():
     report = monitor.report()
     assert monitor.steps == 3
     assert not any("stopped watching" in n for n in report.notes)
+    # the real layer is still judged: its statistics were watched step by step
+    frame = monitor.history
+    assert set(frame["layer"]) >= {"bn"}
+    assert frame[frame["layer"] == "bn"]["updates"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_report_after_the_layer_left_the_model_still_says_its_drift():
+    # a layer replaced after the run (a conv-BN fusion in place) before the report: the
+    # run's stat-drift episode is reported without the layer's current settings
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=0.001)
+    model.spare = nn.BatchNorm2d(8)  # a BN layer that stays, unused
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for x, y in batches(40):
+            opt.zero_grad()
+            F.cross_entropy(model(x * 3 + 5), y).backward()
+            opt.step()
+    model.bn = nn.Identity()
+    [finding] = monitor.report().filter(rules=["stat-drift"])
+    assert finding.layer == "bn"

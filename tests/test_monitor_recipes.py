@@ -286,6 +286,30 @@ def test_validation_before_another_optimizers_step_is_still_validation():
     assert not [n for n in monitor.report().notes if "GAN generator" in n]
 
 
+def test_an_optimizer_stepping_after_the_watched_step_marks_nothing_of_the_step_before():
+    # a validation forward in train mode right before the watched optimizer's step, then
+    # another optimizer's step: the step was closed in between, so the mark has nothing to
+    # point at (no error), and the validation is still flagged
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    model, other = ConvBNReLU(), nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 3, 8, 8, generator=gen)).square().mean().backward()
+            with torch.no_grad():  # BUG: validation in train mode
+                model(torch.randn(8, 3, 8, 8, generator=gen))
+            opt.step()
+            other(torch.randn(2, 4, generator=gen)).sum().backward()
+            other_opt.step()
+    report = monitor.report()
+    assert not any("stopped watching" in n for n in report.notes)
+    [finding] = report.filter(rules=["stats-updated-without-grad"])
+    assert finding.details["step"] == 1
+
+
 def test_an_optimizer_stepped_inside_the_watched_ones_step_is_not_another_network():
     # a Lookahead-style wrapper steps its base optimizer inside its own step: a forward
     # without grad in train mode just before that step is still validation
@@ -512,19 +536,22 @@ def test_sams_second_pass_on_the_same_batch_is_a_repeat_not_accumulation():
     assert multi(_sam_like(second_momentum=0.0)) == []
 
 
-def test_a_refilled_input_buffer_is_accumulation_not_a_repeat():
-    # a loader that writes each micro-batch into one preallocated tensor (in place): the
-    # same object, other values
+def test_a_buffer_refilled_in_place_is_another_batch_even_when_weights_move():
+    # a loader writes each micro-batch into one preallocated tensor (copy_: its version
+    # counter moves), and the loop clamps a weight in place between micro-batches: the same
+    # object at moved weights, but another batch, so accumulation, not a repeat
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     model = ConvBNReLU()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    buffer = torch.empty(4, 3, 8, 8)
+    buffer = torch.empty(16, 3, 8, 8)
     with bncheck.Monitor(model, optimizer=opt) as monitor:
         for i in range(12):
-            buffer.copy_(torch.randn(4, 3, 8, 8, generator=gen))
-            y = torch.randint(0, 4, (4,), generator=gen)
+            buffer.copy_(torch.randn(16, 3, 8, 8, generator=gen))
+            y = torch.randint(0, 4, (16,), generator=gen)
             (F.cross_entropy(model(buffer), y) / 4).backward()
+            with torch.no_grad():
+                model.conv.weight.clamp_(-1.0, 1.0)
             if (i + 1) % 4 == 0:
                 opt.step()
                 opt.zero_grad()

@@ -338,8 +338,11 @@ class _Detector(nn.Module):
         self.h1, self.hb1 = nn.Linear(8, 8), nn.BatchNorm1d(8)
         self.h2, self.hb2 = nn.Linear(8, 8), nn.BatchNorm1d(8)
 
+    head_samples = 3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x)))))).mean((2, 3))[:3]
+        f = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x)))))).mean((2, 3))
+        f = f[: self.head_samples]
         return self.hb2(self.h2(F.relu(self.hb1(self.h1(f)))))
 
 
@@ -360,6 +363,25 @@ def test_layers_with_other_small_batches_at_other_steps_are_not_merged():
     assert [f.details["steps_affected"] for f in found] == [20, 2]
     assert "one value per sample and channel" in found[0].message
     assert "drop_last=True" in found[1].message and "drop_last" not in found[0].message
+
+
+def test_layers_on_n_c_features_are_grouped_apart_for_their_own_hint():
+    # one batch of 4 for all four layers, every step: the two BN2d and the two BN1d on (N, C)
+    # get one finding each, each with its hint
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = _Detector()
+    model.head_samples = 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    found = {tuple(f.details["layers"]): f for f in only(monitor.report(), "small-batch")}
+    assert set(found) == {("b1", "b2"), ("hb1", "hb2")}
+    assert "one value per sample and channel" in found["hb1", "hb2"].message
+    assert "one value per sample and channel" not in found["b1", "b2"].message
 
 
 # ---- stat-drift -----------------------------------------------------------------------------

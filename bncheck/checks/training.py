@@ -750,7 +750,10 @@ class StatDrift(TrainingRule):
             f"(tol {tz:g}), var ratio {f['drift_var_ratio']:.3g} (tol {tv:g})"
         )
         details = {"judged_steps": judged, "drift_mean_z_tol": tz, "drift_var_ratio_tol": tv}
-        momentum = ctx.layer(run.layer_names[ep.layer]).momentum
+        try:
+            momentum = ctx.layer(run.layer_names[ep.layer]).momentum
+        except KeyError:  # the layer left the model before the report (fused, replaced)
+            momentum = None
         if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0:
             kept = (1.0 - momentum) ** ep.peak
             if kept >= WARMUP_KEPT and ep.last_step >= run.steps:
@@ -1021,20 +1024,24 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
 def _small_batches(
     ctx: AuditContext, run: RunObservations, eps: list[Episode]
 ) -> Generator[Finding, None, list[Episode]]:
-    """One ``small-batch`` finding for the layers that saw the same too-small batch at the
-    same steps (as the audit gives one for its batch), instead of one per layer: a detector
-    trained at 2 images a GPU has every BN layer's batch small. Layers that saw other
-    batches, at other steps (a head fed a slice of the batch, a last partial batch), or
-    whose batch was large enough and whose feature maps were small, are left to be reported
-    one by one (returned)."""
+    """One ``small-batch`` finding for the layers that saw the same too-small batch over the
+    same steps (the same first and last step and as many steps; as the audit gives one for
+    its batch), instead of one per layer: a detector trained at 2 images a GPU has every BN
+    layer's batch small. Layers on (N, C) features are grouped apart from the others (their
+    hint differs). Layers that saw other batches, over other steps (a head fed a slice of
+    the batch, a last partial batch), or whose batch was large enough and whose feature maps
+    were small, are left to be reported one by one (returned)."""
     need_b = int(ctx.tol("min_batch_size"))
-    groups: dict[tuple[int, int, int, int], list[Episode]] = {}
+    need_s = int(ctx.tol("min_samples_per_channel"))
+    groups: dict[tuple[int, int, int, int, bool], list[Episode]] = {}
     for ep in eps:
         n = ep.first.get("batch_size", 0)
         if 0 < n < need_b:
-            groups.setdefault((n, ep.first_step, ep.last_step, ep.steps), []).append(ep)
+            # one value per sample and channel ((N, C) features) has its own hint
+            flat = ep.first.get("samples_per_channel", 0) <= n
+            groups.setdefault((n, ep.first_step, ep.last_step, ep.steps, flat), []).append(ep)
     merged_ids: set[int] = set()
-    for (n, _, _, _), members in groups.items():
+    for (n, *_), members in groups.items():
         if len(members) < 2:
             continue
         merged_ids.update(id(ep) for ep in members)
@@ -1045,7 +1052,9 @@ def _small_batches(
             "steps_affected": members[0].steps,
             "steps_observed": run.steps,
             "batch_size": n,
+            "samples_per_channel": min(ep.first["samples_per_channel"] for ep in members),
             "min_batch_size": need_b,
+            "min_samples_per_channel": need_s,
             "layers": [run.layer_names[ep.layer] for ep in members],
         }
         if run.distributed and run.rank is not None:
