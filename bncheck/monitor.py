@@ -92,6 +92,7 @@ from .checks.training import (
     episode_finding,
     record_episodes,
     record_rank_check,
+    small_batch_findings,
 )
 from .context import AuditContext, AuditFacts
 from .discovery import BNLayer, is_compiled, unwrap_model
@@ -658,8 +659,22 @@ class Monitor:
     def _emit_warnings(self, final: bool = False) -> None:
         """Warn about the new problems; ``final`` (at detach): also those held back."""
         wanted = set(self._ctx.rule_ids)
+        if "small-batch" in wanted:
+            # grouped as in the report: one warning for the layers that saw the same batch
+            small = [
+                ep
+                for key, ep in self._run.episodes.items()
+                if ep.rule == "small-batch" and key not in self._warned
+            ]
+            for grouped, members in small_batch_findings(self._ctx, self._run, small):
+                self._warned.update(("small-batch", ep.layer) for ep in members)
+                if grouped.severity.value != "info":
+                    warnings.warn(
+                        BNCheckWarning(visible(f"[{grouped.rule}] {grouped.message}")),
+                        stacklevel=_user_stacklevel(),
+                    )
         for key, ep in list(self._run.episodes.items()):
-            if key in self._warned or ep.rule not in wanted:
+            if key in self._warned or ep.rule not in wanted or ep.rule == "small-batch":
                 continue
             if (
                 not final

@@ -49,6 +49,7 @@ __all__ = [
     "record_rank_check",
     "run_findings",
     "episode_finding",
+    "small_batch_findings",
 ]
 
 #: Per-step, per-layer numbers derived from the running-statistics buffers (float64).
@@ -1014,16 +1015,40 @@ def run_findings(ctx: AuditContext, rule: str) -> Iterator[Finding]:
         return
     eps = sorted((ep for (r, _), ep in run.episodes.items() if r == rule), key=lambda ep: ep.layer)
     if rule == "small-batch":
-        eps = yield from _small_batches(ctx, run, eps)
+        yield from (finding for finding, _ in small_batch_findings(ctx, run, eps))
+        return
     for ep in eps:
         finding = episode_finding(ctx, run, ep)
         if finding is not None:
             yield finding
 
 
+def small_batch_findings(
+    ctx: AuditContext, run: RunObservations, eps: list[Episode]
+) -> list[tuple[Finding, list[Episode]]]:
+    """``small-batch``'s findings from its episodes ``eps``, each with the episodes it
+    reports: one finding per group of layers that saw the same too-small batch over the same
+    steps (see :func:`_small_batches`), one per other episode. The report and the Monitor's
+    warnings (``warn=True``) use it alike."""
+    out: list[tuple[Finding, list[Episode]]] = []
+    grouped = _small_batches(ctx, run, eps)
+    while True:
+        try:
+            finding, members = next(grouped)
+        except StopIteration as done:
+            rest: list[Episode] = done.value
+            break
+        out.append((finding, members))
+    for ep in rest:
+        single = episode_finding(ctx, run, ep)
+        if single is not None:
+            out.append((single, [ep]))
+    return out
+
+
 def _small_batches(
     ctx: AuditContext, run: RunObservations, eps: list[Episode]
-) -> Generator[Finding, None, list[Episode]]:
+) -> Generator[tuple[Finding, list[Episode]], None, list[Episode]]:
     """One ``small-batch`` finding for the layers that saw the same too-small batch over the
     same steps (the same first and last step and as many steps; as the audit gives one for
     its batch), instead of one per layer: a detector trained at 2 images a GPU has every BN
@@ -1059,7 +1084,7 @@ def _small_batches(
         }
         if run.distributed and run.rank is not None:
             details["rank"] = run.rank
-        yield ctx.finding(
+        finding = ctx.finding(
             "small-batch",
             None,
             f"train-mode batches of {n} sample(s) in {len(members)} BN layers "
@@ -1068,4 +1093,5 @@ def _small_batches(
             hint=said.hint if said is not None else "",
             **details,
         )
+        yield finding, members
     return [ep for ep in eps if id(ep) not in merged_ids]
