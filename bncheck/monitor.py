@@ -645,7 +645,7 @@ class Monitor:
         self._run.drift_judged += masks["_drift_judged"].sum(axis=0)
         recal_steps = steps[masks["_recalibration"].any(axis=1)].tolist()
         self._run.recalibrations.extend(int(s) for s in recal_steps)
-        fed = (block.tracks & (counts[..., C_FED] > 0)).any(axis=1)
+        fed = (counts[..., C_FED] > 0).any(axis=1)  # counted for tracking layers only
         self._run.fed_steps.extend(int(s) for s in steps[fed].tolist())
         record_episodes(self._run.episodes, masks, steps, block)
         self._run.steps = self._step - self._trailing_steps

@@ -260,18 +260,17 @@ class Recorder:
                     or not self.inner.training
                 ):
                     flags |= RECALIBRATION
-            elif _current_node() is not None:
-                flags = BACKWARD
+                self._nograd_at[idx] = len(self.calls)  # the call appended below
+            else:
+                if self._nograd_at:
+                    self._nograd_at.pop(idx, None)
+                if _current_node() is not None:
+                    flags = BACKWARD
             if number and momentum == 0:
                 flags |= STILL
         elif self._parents[idx].training:
             flags = KEPT_EVAL
         x = args[0] if args else None
-        if training:
-            if not grad:
-                self._nograd_at[idx] = len(self.calls)
-            elif self._nograd_at:
-                self._nograd_at.pop(idx, None)
         self.calls.append(
             (idx, training, grad, flags, x.shape if isinstance(x, torch.Tensor) else None)
         )
@@ -436,9 +435,7 @@ class Recorder:
                 kind = "repeat"
             if kind is not None:
                 kinds[idx] = kind
-        self._details = {}
-        self._other_steps = []
-        self._inputs, self._repeated = [], False
+        self._forget_details()
         for idx, arm in list(self._armed.items()):
             if arm[0] <= self._step:
                 arm[1] -= 1
@@ -447,11 +444,14 @@ class Recorder:
         self._step += 1
         return kinds
 
-    def reset_step(self) -> None:
-        """Forget what was recorded (attach: what happened while detached is not judged)."""
-        self.calls = []
-        self._nograd_at = {}
-        self._inputs, self._repeated = [], False
+    def _forget_details(self) -> None:
+        """Drop what the step recorded to classify its repeated updates."""
         self._details = {}
         self._other_steps = []
+        self._inputs, self._repeated = [], False
+
+    def reset_step(self) -> None:
+        """Forget what was recorded (attach: what happened while detached is not judged)."""
+        self.take_calls()
+        self._forget_details()
         self._step_depth = 0

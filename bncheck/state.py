@@ -265,7 +265,7 @@ class StructureState:
         attrs = vars(module)
         if not all(isinstance(attrs.get(kind), dict) for kind in _TABLES):
             if held is not None:  # TorchScript: its attributes live in the compiled module
-                held.extend(v for v in attrs.values() if isinstance(v, _held_kinds()))
+                held.extend(v for v in attrs.values() if isinstance(v, _HELD_KINDS))
             return None
         tables = {kind: dict(attrs[kind]) for kind in _TABLES}
         persistent = attrs.get("_non_persistent_buffers_set")
@@ -275,7 +275,7 @@ class StructureState:
                 continue
             if isinstance(value, (list, dict, set)):
                 containers.append((value, value.copy()))
-            elif held is not None and isinstance(value, _held_kinds()):
+            elif held is not None and isinstance(value, _HELD_KINDS):
                 held.append(value)
         return cls(
             module,
@@ -314,27 +314,18 @@ class StructureState:
             live.update(self.non_persistent)
 
 
-def _scheduler_kinds() -> tuple[type, ...]:
-    return tuple(
-        k
-        for k in (
-            getattr(torch.optim.lr_scheduler, "LRScheduler", None),
-            getattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", None),
-        )
-        if isinstance(k, type)
+#: learning-rate scheduler classes (``LRScheduler`` and ``ReduceLROnPlateau``, where torch has
+#: them)
+_SCHEDULER_KINDS: tuple[type, ...] = tuple(
+    k
+    for k in (
+        getattr(torch.optim.lr_scheduler, "LRScheduler", None),
+        getattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", None),
     )
-
-
-def _held_kinds() -> tuple[type, ...]:
-    """The kinds of objects a module may hold whose state a snapshot keeps: optimizers and
-    learning-rate schedulers."""
-    global _HELD_KINDS
-    if _HELD_KINDS is None:
-        _HELD_KINDS = (torch.optim.Optimizer, *_scheduler_kinds())
-    return _HELD_KINDS
-
-
-_HELD_KINDS: tuple[type, ...] | None = None
+    if isinstance(k, type)
+)
+#: the objects a module may hold whose state a snapshot keeps: optimizers and schedulers
+_HELD_KINDS: tuple[type, ...] = (torch.optim.Optimizer, *_SCHEDULER_KINDS)
 
 
 def _distinct(found: Iterable[Any], kind: type | tuple[type, ...]) -> list[Any]:
@@ -409,7 +400,7 @@ class ModelState:
         for opt in [*optimizers, *held]:
             if isinstance(opt, torch.optim.Optimizer) and all(o.optimizer is not opt for o in opts):
                 opts.append(OptimizerState.capture(opt))
-        schedulers = [(sch, _scheduler_state(sch)) for sch in _distinct(held, _scheduler_kinds())]
+        schedulers = [(sch, _scheduler_state(sch)) for sch in _distinct(held, _SCHEDULER_KINDS)]
         return cls(training, parameters, buffers, grads, opts, structure, schedulers)
 
     def restore(self, parameters: bool = True) -> None:

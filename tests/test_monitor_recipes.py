@@ -130,6 +130,17 @@ def test_ghost_batch_norm_is_not_flagged():
 
 
 # ---- intended: the DCGAN discriminator --------------------------------------------------------
+def _dcgan_generator() -> nn.Module:
+    """The DCGAN example's generator, scaled down: 8-dim noise to 3x8x8 images."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(8, 16, 4, 1, 0, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 3, 4, 2, 1, bias=False),
+        nn.Tanh(),
+    )
+
+
 def dcgan_run(steps: int = 6, concatenated: bool = False) -> bncheck.Report:
     """The PyTorch DCGAN example's loop, scaled down: D sees a real and a fake batch per step
     (and the generator's step runs D once more on the fake batch). ``concatenated``: D sees
@@ -137,13 +148,7 @@ def dcgan_run(steps: int = 6, concatenated: bool = False) -> bncheck.Report:
     generator's batch (one distribution: nothing tells the calls apart by their batches)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)
-    net_g = nn.Sequential(
-        nn.ConvTranspose2d(8, 16, 4, 1, 0, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.ConvTranspose2d(16, 3, 4, 2, 1, bias=False),
-        nn.Tanh(),
-    )
+    net_g = _dcgan_generator()
     net_d = nn.Sequential(
         nn.Conv2d(3, 16, 4, 2, 1, bias=False),
         nn.LeakyReLU(0.2),
@@ -208,13 +213,7 @@ def _generator_run(
     in train mode under no_grad (the bug), with no other optimizer step after it."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(6)
-    net_g = nn.Sequential(
-        nn.ConvTranspose2d(8, 16, 4, 1, 0, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.ConvTranspose2d(16, 3, 4, 2, 1, bias=False),
-        nn.Tanh(),
-    )
+    net_g = _dcgan_generator()
     net_d = nn.Sequential(
         nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(1)
     )
@@ -259,31 +258,43 @@ def test_validation_in_train_mode_is_still_found_in_a_gan_loop():
     assert finding.details["updates_without_grad"] == 1
 
 
-def test_validation_before_another_optimizers_step_is_still_validation():
-    # two optimizers (head, then the watched body) stepping at the end of each iteration,
-    # and a validation pass in train mode between iterations: the next iteration's forward
-    # with grad comes before the head's step, so the validation did not feed that step
+def _head_and_body(
+    steps: int, micro_batches: int, size: int, validate_at: int | None = None
+) -> bncheck.Report:
+    """TwoBlock trained by two optimizers that step one after the other at the end of each
+    iteration (the head's, then the watched body's), after ``micro_batches`` forward/backward
+    pairs on batches of ``size``; ``validate_at``: after that iteration, a forward in train
+    mode under no_grad (validation without model.eval())."""
     torch.manual_seed(0)
     model = TwoBlock()
     head = torch.optim.SGD(model.head.parameters(), lr=0.01)
     body = torch.optim.SGD([p for n, p in model.named_parameters() if "head" not in n], lr=0.01)
     gen = torch.Generator().manual_seed(0)
     with bncheck.Monitor(model, optimizer=body) as monitor:
-        for i in range(4):
-            x = torch.randn(8, 3, 6, 6, generator=gen)
-            y = torch.randint(0, 2, (8,), generator=gen)
-            F.cross_entropy(model(x), y).backward()
+        for i in range(steps):
+            for _ in range(micro_batches):
+                x = torch.randn(size, 3, 6, 6, generator=gen)
+                y = torch.randint(0, 2, (size,), generator=gen)
+                F.cross_entropy(model(x), y).backward()
             head.step()
             body.step()
             head.zero_grad()
             body.zero_grad()
-            if i == 1:
-                with torch.no_grad():  # BUG: validation without model.eval()
-                    model(torch.randn(8, 3, 6, 6, generator=gen))
-    found = monitor.report().filter(rules=["stats-updated-without-grad"])
+            if i == validate_at:
+                with torch.no_grad():
+                    model(torch.randn(size, 3, 6, 6, generator=gen))
+    return monitor.report()
+
+
+def test_validation_before_another_optimizers_step_is_still_validation():
+    # two optimizers (head, then the watched body) stepping at the end of each iteration,
+    # and a validation pass in train mode between iterations: the next iteration's forward
+    # with grad comes before the head's step, so the validation did not feed that step
+    report = _head_and_body(steps=4, micro_batches=1, size=8, validate_at=1)
+    found = report.filter(rules=["stats-updated-without-grad"])
     assert [f.layer for f in found] == ["block1.1", "block2.1"]
     assert {f.details["step"] for f in found} == {3}
-    assert not [n for n in monitor.report().notes if "GAN generator" in n]
+    assert not [n for n in report.notes if "GAN generator" in n]
 
 
 def test_an_optimizer_stepping_after_the_watched_step_marks_nothing_of_the_step_before():
@@ -406,22 +417,7 @@ def test_accumulation_beside_an_optimizer_stepping_per_micro_batch_is_still_accu
 def test_accumulation_beside_a_second_optimizer_is_still_accumulation():
     # two optimizers stepping one after the other at the end of each iteration (backbone
     # and head): the other one's step is not between the watched network's calls
-    torch.manual_seed(0)
-    model = TwoBlock()
-    head = torch.optim.SGD(model.head.parameters(), lr=0.01)
-    body = torch.optim.SGD([p for n, p in model.named_parameters() if "head" not in n], lr=0.01)
-    gen = torch.Generator().manual_seed(0)
-    with bncheck.Monitor(model, optimizer=body) as monitor:
-        for _ in range(5):
-            for _ in range(2):  # two micro-batches per step
-                x = torch.randn(4, 3, 6, 6, generator=gen)
-                y = torch.randint(0, 2, (4,), generator=gen)
-                F.cross_entropy(model(x), y).backward()
-            head.step()
-            body.step()
-            head.zero_grad()
-            body.zero_grad()
-    assert_accumulation(monitor.report())
+    assert_accumulation(_head_and_body(steps=5, micro_batches=2, size=4))
 
 
 def _accumulate(micro: int, warn: bool = False, **tolerances: float) -> bncheck.Report:

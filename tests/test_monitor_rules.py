@@ -385,14 +385,26 @@ def test_layers_on_n_c_features_are_grouped_apart_for_their_own_hint():
 
 
 # ---- stat-drift -----------------------------------------------------------------------------
-def drift_loop(momentum: float) -> bncheck.Report:
+def drift_loop(
+    momentum: float,
+    *,
+    steps: int = 40,
+    size: int = 8,
+    scale: float = 3.0,
+    shift: float = 5.0,
+    lr: float = 0.01,
+    counted: int = 0,
+) -> bncheck.Report:
+    """Train ConvBNReLU at ``momentum`` on batches ``x * scale + shift``; ``counted``: the
+    layer's counter at the start (statistics loaded from a run that long)."""
     torch.manual_seed(0)
     model = ConvBNReLU(momentum=momentum)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.bn.num_batches_tracked.fill_(counted)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for x, y in batches(40, size=8):
+        for x, y in batches(steps, size=size):
             opt.zero_grad()
-            F.cross_entropy(model(x * 3 + 5), y).backward()
+            F.cross_entropy(model(x * scale + shift), y).backward()
             opt.step()
     return monitor.report()
 
@@ -414,15 +426,7 @@ def test_a_run_that_ends_before_its_average_warms_up_is_a_warning():
 def test_a_young_average_at_yolos_momentum_on_fixed_weights_is_not_a_lag():
     # momentum 0.03 (YOLO's), weights fixed, i.i.d. batches: the statistics need about 100
     # updates to forget their starting values; the drift seen before that is no warning
-    torch.manual_seed(0)
-    model = ConvBNReLU(momentum=0.03)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for x, y in batches(100, size=16):
-            opt.zero_grad()
-            F.cross_entropy(model(x * 0.5), y).backward()
-            opt.step()
-    report = monitor.report()
+    report = drift_loop(0.03, steps=100, size=16, scale=0.5, shift=0.0, lr=0.0)
     assert [f for f in report.findings if f.severity is not bncheck.Severity.INFO] == []
     [finding] = only(report, "stat-drift")
     assert finding.severity is bncheck.Severity.INFO
@@ -434,16 +438,7 @@ def test_a_young_average_at_yolos_momentum_on_fixed_weights_is_not_a_lag():
 def test_statistics_from_a_long_run_that_lag_the_batches_are_a_warning():
     # far-off statistics with a counter of 1000 at momentum 0.01 (loaded from a long run):
     # no starting values weigh any more (0.99^1000), the average lags the data
-    torch.manual_seed(0)
-    model = ConvBNReLU(momentum=0.01)
-    model.bn.num_batches_tracked.fill_(1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with bncheck.Monitor(model, optimizer=opt) as monitor:
-        for x, y in batches(40, size=8):
-            opt.zero_grad()
-            F.cross_entropy(model(x * 3 + 5), y).backward()
-            opt.step()
-    [finding] = only(monitor.report(), "stat-drift")
+    [finding] = only(drift_loop(0.01, counted=1000), "stat-drift")
     assert finding.severity is bncheck.Severity.WARNING
     assert finding.details["step"] == 1
     assert "lag the data" in finding.message

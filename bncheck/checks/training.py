@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -755,38 +755,44 @@ class StatDrift(TrainingRule):
             momentum = ctx.layer(run.layer_names[ep.layer]).momentum
         except KeyError:  # the layer left the model before the report (fused, replaced)
             momentum = None
-        if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0:
-            kept = (1.0 - momentum) ** ep.peak
-            if kept >= WARMUP_KEPT and ep.last_step >= run.steps:
+        kept = (
+            (1.0 - momentum) ** ep.peak
+            if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0
+            else 0.0
+        )
+        if kept >= WARMUP_KEPT:
+            # every drifting step came while the starting values still weighed in the average
+            # (the judging starts after at most 30 updates, 3 / momentum are needed at a
+            # small momentum): the warm-up of the average, not a lag
+            assert momentum is not None and ep.peak is not None
+            held = (
+                f"while the running statistics still held {kept:.0%} or more of their "
+                f"starting values (momentum {momentum:g}, {int(ep.peak)} updates counted"
+            )
+            follows = (
+                "an average at this momentum follows the data after about "
+                f"{math.ceil(3.0 / momentum)} updates"
+            )
+            warm = {**details, "starting_share": kept}
+            if ep.last_step >= run.steps:
                 # still drifting at the last step: the model leaves training with them
                 return Said(
-                    f"{measured}, up to the last {run.step_word}, while the running "
-                    f"statistics still held {kept:.0%} or more of their starting values "
-                    f"(momentum {momentum:g}, {int(ep.peak)} updates counted): an average "
-                    f"at this momentum follows the data after about "
-                    f"{math.ceil(3.0 / momentum)} updates, more than the run gave it, so "
-                    "eval mode would normalise with statistics still near their start",
+                    f"{measured}, up to the last {run.step_word}, {held}): {follows}, more "
+                    "than the run gave it, so eval mode would normalise with statistics still "
+                    "near their start",
                     "recompute the statistics after training (torch.optim.swa_utils."
                     "update_bn), train longer, or use a larger momentum (PyTorch's default "
                     "is 0.1)",
-                    {**details, "starting_share": kept},
+                    warm,
                 )
-            if kept >= WARMUP_KEPT:
-                # every drifting step came while the starting values still weighed in the
-                # average (the judging starts after at most 30 updates, 3 / momentum are
-                # needed at a small momentum): the warm-up of the average, not a lag
-                return Said(
-                    f"{measured}, while the running statistics still held {kept:.0%} or more "
-                    f"of their starting values (momentum {momentum:g}, {int(ep.peak)} "
-                    f"updates counted by the last of those steps): an average at this "
-                    f"momentum follows the data after about {math.ceil(3.0 / momentum)} "
-                    "updates",
-                    "expected early in training: nothing to fix if training runs well past "
-                    "that; to evaluate before it, recompute the statistics "
-                    "(torch.optim.swa_utils.update_bn) or use a larger momentum",
-                    {**details, "starting_share": kept},
-                    "info",
-                )
+            return Said(
+                f"{measured}, {held} by the last of those steps): {follows}",
+                "expected early in training: nothing to fix if training runs well past that; "
+                "to evaluate before it, recompute the statistics "
+                "(torch.optim.swa_utils.update_bn) or use a larger momentum",
+                warm,
+                "info",
+            )
         return Said(
             measured,
             "the running statistics lag the data: momentum too small for how fast the "
@@ -984,22 +990,27 @@ def _channels(ctx: AuditContext, name: str) -> str:
     return str(n) if n is not None else "?"
 
 
-def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Finding | None:
-    """The finding of one episode, in the one message format (``None``: not reportable)."""
-    said = TRAINING_RULES[ep.rule].says(ctx, run, ep)
-    if said is None:
-        return None
+def _where_in_run(run: RunObservations, ep: Episode) -> dict[str, Any]:
+    """The details every training-run finding carries: where in the run its episode was."""
     details: dict[str, Any] = {
         "step": ep.first_step,
         "last_step": ep.last_step,
         "steps_affected": ep.steps,
         "steps_observed": run.steps,
     }
-    if run.distributed:
+    if run.distributed and run.rank is not None:
         details["rank"] = run.rank
+    return details
+
+
+def episode_finding(ctx: AuditContext, run: RunObservations, ep: Episode) -> Finding | None:
+    """The finding of one episode, in the one message format (``None``: not reportable)."""
+    said = TRAINING_RULES[ep.rule].says(ctx, run, ep)
+    if said is None:
+        return None
+    details = _where_in_run(run, ep)
     details.update(said.details)
     details.update(ep.first)
-    details = {k: v for k, v in details.items() if not (k == "rank" and v is None)}
     name = run.layer_names[ep.layer]
     try:
         where: BNLayer | str = ctx.layer(name)
@@ -1027,35 +1038,14 @@ def small_batch_findings(
     ctx: AuditContext, run: RunObservations, eps: list[Episode]
 ) -> list[tuple[Finding, list[Episode]]]:
     """``small-batch``'s findings from its episodes ``eps``, each with the episodes it
-    reports: one finding per group of layers that saw the same too-small batch over the same
-    steps (see :func:`_small_batches`), one per other episode. The report and the Monitor's
-    warnings (``warn=True``) use it alike."""
-    out: list[tuple[Finding, list[Episode]]] = []
-    grouped = _small_batches(ctx, run, eps)
-    while True:
-        try:
-            finding, members = next(grouped)
-        except StopIteration as done:
-            rest: list[Episode] = done.value
-            break
-        out.append((finding, members))
-    for ep in rest:
-        single = episode_finding(ctx, run, ep)
-        if single is not None:
-            out.append((single, [ep]))
-    return out
-
-
-def _small_batches(
-    ctx: AuditContext, run: RunObservations, eps: list[Episode]
-) -> Generator[tuple[Finding, list[Episode]], None, list[Episode]]:
-    """One ``small-batch`` finding for the layers that saw the same too-small batch over the
-    same steps (the same first and last step and as many steps; as the audit gives one for
-    its batch), instead of one per layer: a detector trained at 2 images a GPU has every BN
+    reports. One finding for the layers that saw the same too-small batch over the same
+    steps (the same first and last step and as many steps; as the audit gives one for its
+    batch), instead of one per layer: a detector trained at 2 images a GPU has every BN
     layer's batch small. Layers on (N, C) features are grouped apart from the others (their
     hint differs). Layers that saw other batches, over other steps (a head fed a slice of
     the batch, a last partial batch), or whose batch was large enough and whose feature maps
-    were small, are left to be reported one by one (returned)."""
+    were small, get one finding each. The report and the Monitor's warnings (``warn=True``)
+    use it alike."""
     need_b = int(ctx.tol("min_batch_size"))
     need_s = int(ctx.tol("min_samples_per_channel"))
     groups: dict[tuple[int, int, int, int, bool], list[Episode]] = {}
@@ -1065,25 +1055,21 @@ def _small_batches(
             # one value per sample and channel ((N, C) features) has its own hint
             flat = ep.first.get("samples_per_channel", 0) <= n
             groups.setdefault((n, ep.first_step, ep.last_step, ep.steps, flat), []).append(ep)
-    merged_ids: set[int] = set()
+    out: list[tuple[Finding, list[Episode]]] = []
+    grouped: set[int] = set()
     for (n, *_), members in groups.items():
         if len(members) < 2:
             continue
-        merged_ids.update(id(ep) for ep in members)
+        grouped.update(id(ep) for ep in members)
         said = SmallBatch.says(ctx, run, members[0])  # the hint of the group's batch
-        details: dict[str, Any] = {
-            "step": members[0].first_step,
-            "last_step": members[0].last_step,
-            "steps_affected": members[0].steps,
-            "steps_observed": run.steps,
-            "batch_size": n,
-            "samples_per_channel": min(ep.first["samples_per_channel"] for ep in members),
-            "min_batch_size": need_b,
-            "min_samples_per_channel": need_s,
-            "layers": [run.layer_names[ep.layer] for ep in members],
-        }
-        if run.distributed and run.rank is not None:
-            details["rank"] = run.rank
+        details = _where_in_run(run, members[0])
+        details.update(
+            batch_size=n,
+            samples_per_channel=min(ep.first["samples_per_channel"] for ep in members),
+            min_batch_size=need_b,
+            min_samples_per_channel=need_s,
+            layers=[run.layer_names[ep.layer] for ep in members],
+        )
         finding = ctx.finding(
             "small-batch",
             None,
@@ -1093,5 +1079,9 @@ def _small_batches(
             hint=said.hint if said is not None else "",
             **details,
         )
-        yield finding, members
-    return [ep for ep in eps if id(ep) not in merged_ids]
+        out.append((finding, members))
+    for ep in eps:
+        single = None if id(ep) in grouped else episode_finding(ctx, run, ep)
+        if single is not None:
+            out.append((single, [ep]))
+    return out
