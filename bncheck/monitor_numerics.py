@@ -78,6 +78,11 @@ class FlatBuffers:
         eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
         self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
         self.counter_mask = torch.tensor(self.has_counter, device=dev)
+        #: the running statistics (flat, float64) the first summarized block started from,
+        #: and per layer whether they are its starting values: its counter was 0 then, it
+        #: averages at a momentum, and its counter has not gone back since (a reset)
+        self.start: torch.Tensor | None = None
+        self.start_known: torch.Tensor | None = None
         self._zero = torch.zeros((), dtype=torch.long, device=dev)
         self.nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
 
@@ -123,13 +128,43 @@ class FlatBuffers:
         batch_mean = (rm - keep * rm0) / f
         batch_var = (rv - keep * rv0) / f
         eps = self.eps
-        drift_z = (batch_mean - rm0).abs() / (batch_var.clamp(min=0.0) + eps).sqrt()
-        ratio = (batch_var.clamp(min=0.0) + eps) / (rv0.clamp(min=0.0) + eps)
-        drift_vr = torch.maximum(ratio, 1.0 / ratio)
+        drift_z, drift_vr = _drift(batch_mean, batch_var, rm0, rv0, eps)
+        # the same against the previous running statistics without their starting values'
+        # share, (1 - momentum) ** counter (the bias correction of an exponential average)
+        if self.start is None:
+            self.start = flats[0]
+            self.start_known = self.counter_mask & ~self.cumulative & (nbts[0] == 0)
+        assert self.start_known is not None
+        went_back = torch.cummax((nbt < nbt0).to(torch.int8), dim=0).values.bool()
+        known = self.start_known[None, :] & ~went_back
+        self.start_known = known[-1]
+        kept = torch.where(
+            known & (nbt0 >= 1), (1.0 - self.momentum) ** nbt0, torch.zeros_like(nbt0)
+        )[:, seg]
+        rest = 1.0 - kept
+        start_z, start_vr = _drift(
+            batch_mean,
+            batch_var,
+            (rm0 - kept * self.start[:c]) / rest,
+            (rv0 - kept * self.start[c:]) / rest,
+            eps,
+        )
         moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
         nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
         cols = torch.stack(
-            [moved, nonfinite, batch_mean.abs(), batch_var, rm.abs(), rv, drift_z, drift_vr], dim=2
+            [
+                moved,
+                nonfinite,
+                batch_mean.abs(),
+                batch_var,
+                rm.abs(),
+                rv,
+                drift_z,
+                drift_vr,
+                start_z,
+                start_vr,
+            ],
+            dim=2,
         )
         sums = torch.zeros(
             cols.shape[0], len(self.modules), cols.shape[2], dtype=torch.float64, device=cols.device
@@ -143,7 +178,7 @@ class FlatBuffers:
                 sums[..., 0:2],
                 torch.where(exact3, means[..., 2:4], self.nan),
                 means[..., 4:6],
-                torch.where(exact3, means[..., 6:8], self.nan),
+                torch.where(exact3, means[..., 6:10], self.nan),
             ],
             dim=2,
         )
@@ -155,6 +190,21 @@ class FlatBuffers:
             torch.where(exact_ch, batch_mean, self.nan),
             torch.where(exact_ch, batch_var, self.nan),
         )
+
+
+def _drift(
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: |batch mean - running mean| in batch standard deviations, and the
+    variance ratio max(r, 1 / r), r = (batch var + eps) / (running var + eps)."""
+    var = batch_var.clamp(min=0.0) + eps
+    z = (batch_mean - running_mean).abs() / var.sqrt()
+    ratio = var / (running_var.clamp(min=0.0) + eps)
+    return z, torch.maximum(ratio, 1.0 / ratio)
 
 
 class ParamWatch:

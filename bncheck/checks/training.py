@@ -64,6 +64,11 @@ __all__ = [
 #: ``drift_z``: mean over channels of |batch mean - previous running_mean| / sqrt(batch var + eps).
 #: ``drift_var_ratio``: mean over channels of max(r, 1/r), r = (batch var + eps) /
 #: (previous running_var + eps).
+#: ``start_drift_z`` / ``start_drift_var_ratio``: the same two against the previous running
+#: statistics with their starting values' share taken out (``(1 - momentum) ** counter`` of
+#: the values the layer held at counter 0, when the Monitor saw it there; the bias correction
+#: of an exponential average): what the drift would be once the average has forgotten how it
+#: started. Equal to ``drift_z`` / ``drift_var_ratio`` where the start is unknown.
 STAT_COLUMNS: tuple[str, ...] = (
     "updates",
     "num_batches_tracked",
@@ -75,8 +80,23 @@ STAT_COLUMNS: tuple[str, ...] = (
     "running_var",
     "drift_z",
     "drift_var_ratio",
+    "start_drift_z",
+    "start_drift_var_ratio",
 )
-S_UPDATES, S_NBT, S_MOVED, S_NONFINITE, S_BMEAN, S_BVAR, S_RMEAN, S_RVAR, S_Z, S_VR = range(10)
+(
+    S_UPDATES,
+    S_NBT,
+    S_MOVED,
+    S_NONFINITE,
+    S_BMEAN,
+    S_BVAR,
+    S_RMEAN,
+    S_RVAR,
+    S_Z,
+    S_VR,
+    S_START_Z,
+    S_START_VR,
+) = range(12)
 
 #: Per-step, per-layer counters from the BN forward hooks (int64).
 #:
@@ -178,6 +198,10 @@ class Episode:
     #: the largest value of the rule's :meth:`TrainingRule.peak` over the steps (``None``
     #: for rules without one)
     peak: float | None = None
+    #: the sum of the rule's :meth:`TrainingRule.remains` over the steps: how many of them
+    #: still show the problem once its known benign cause is taken out (``None`` for rules
+    #: without one)
+    remaining: int | None = None
 
     def extend(
         self,
@@ -186,6 +210,7 @@ class Episode:
         steps: int,
         first: dict[str, Any],
         peak: float | None = None,
+        remaining: int | None = None,
     ) -> None:
         if first_step < self.first_step:
             self.first_step, self.first = first_step, first
@@ -193,6 +218,8 @@ class Episode:
         self.steps += steps
         if peak is not None:
             self.peak = peak if self.peak is None else max(self.peak, peak)
+        if remaining is not None:
+            self.remaining = remaining + (self.remaining or 0)
 
 
 @dataclass
@@ -333,6 +360,13 @@ class TrainingRule:
     def peak(b: StepBlock, rows: np.ndarray, layer: int) -> float | None:
         """The largest of one number over the block's steps ``rows`` where the problem held
         (kept in the episode as its maximum over the run; ``None``: the rule keeps none)."""
+        return None
+
+    @staticmethod
+    def remains(b: StepBlock, rows: np.ndarray, layer: int) -> int | None:
+        """Of the block's steps ``rows`` where the problem held, how many still show it once
+        the rule's known benign cause is taken out (summed in the episode; ``None``: the
+        rule takes none out)."""
         return None
 
     @staticmethod
@@ -739,6 +773,18 @@ class StatDrift(TrainingRule):
         return None if np.isnan(before).all() else float(np.nanmax(before))
 
     @staticmethod
+    def remains(b: StepBlock, rows: np.ndarray, layer: int) -> int:
+        # the steps whose batches are still far from the running statistics once their
+        # starting values' share is taken out (NaN: not told, counted as drifting)
+        tol = b.tolerances
+        s = b.stats[rows, layer]
+        with np.errstate(invalid="ignore"):
+            explained = (s[:, S_START_Z] <= float(tol["drift_mean_z"])) & (
+                s[:, S_START_VR] <= float(tol["drift_var_ratio"])
+            )
+        return int((~explained).sum())
+
+    @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
         judged = int(run.drift_judged[ep.layer]) if run.drift_judged is not None else ep.steps
         if ep.steps < DRIFT_MIN_STEPS or ep.steps < DRIFT_MIN_FRACTION * max(judged, 1):
@@ -760,26 +806,47 @@ class StatDrift(TrainingRule):
             if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0
             else 0.0
         )
-        if kept >= WARMUP_KEPT:
-            # every drifting step came while the starting values still weighed in the average
-            # (the judging starts after at most 30 updates, 3 / momentum are needed at a
-            # small momentum): the warm-up of the average, not a lag
-            assert momentum is not None and ep.peak is not None
-            held = (
-                f"while the running statistics still held {kept:.0%} or more of their "
-                f"starting values (momentum {momentum:g}, {int(ep.peak)} updates counted"
-            )
-            follows = (
-                "an average at this momentum follows the data after about "
-                f"{math.ceil(3.0 / momentum)} updates"
-            )
+        # the starting values explain the drift when, with their share taken out, too few
+        # steps drift to make a finding of their own (see StatDrift.remains)
+        left = ep.remaining
+        explained = left is not None and (
+            left < DRIFT_MIN_STEPS or left < DRIFT_MIN_FRACTION * max(judged, 1)
+        )
+        if (kept >= WARMUP_KEPT or explained) and momentum is not None and ep.peak is not None:
+            # the warm-up of the average, not a lag: every drifting step came while the
+            # starting values still weighed in it (the judging starts after at most 30
+            # updates, 3 / momentum are needed at a small momentum), or they were so far from
+            # the data that even a small share of them explains the drift
             warm = {**details, "starting_share": kept}
+            count = f"momentum {momentum:g}, {int(ep.peak)} updates counted"
+            if kept >= WARMUP_KEPT:
+                held = (
+                    f"while the running statistics still held {kept:.0%} or more of their "
+                    f"starting values ({count}"
+                )
+                follows = (
+                    "an average at this momentum follows the data after about "
+                    f"{math.ceil(3.0 / momentum)} updates"
+                )
+                short = "more than the run gave it"
+            else:
+                warm["unexplained_steps"] = left
+                held = (
+                    "while the running statistics still held a share of their starting values "
+                    f"({kept:.2g}, {count}"
+                )
+                follows = (
+                    "with that share taken out the batches agree with them: the starting "
+                    "values are far from the data, and the average forgets them by a factor "
+                    f"{1.0 - momentum:g} per update"
+                )
+                short = "too slowly for the run"
             if ep.last_step >= run.steps:
                 # still drifting at the last step: the model leaves training with them
                 return Said(
-                    f"{measured}, up to the last {run.step_word}, {held}): {follows}, more "
-                    "than the run gave it, so eval mode would normalise with statistics still "
-                    "near their start",
+                    f"{measured}, up to the last {run.step_word}, {held}): {follows}, "
+                    f"{short}, so eval mode would normalise with statistics still near their "
+                    "start",
                     "recompute the statistics after training (torch.optim.swa_utils."
                     "update_bn), train longer, or use a larger momentum (PyTorch's default "
                     "is 0.1)",
@@ -929,17 +996,19 @@ def record_episodes(
     for rule, mask in conditions.items():
         if rule.startswith("_") or not mask.any():
             continue
-        first_numbers, peak_of = TRAINING_RULES[rule].first, TRAINING_RULES[rule].peak
+        kind = TRAINING_RULES[rule]
         for layer in np.flatnonzero(mask.any(axis=0)).tolist():
             idx = np.flatnonzero(mask[:, layer])
             i0, i1 = int(idx[0]), int(idx[-1])
-            first = first_numbers(block, i0, layer)
-            peak = peak_of(block, idx, layer)
+            first = kind.first(block, i0, layer)
+            peak, left = kind.peak(block, idx, layer), kind.remains(block, idx, layer)
             key = (rule, layer)
             if key in episodes:
-                episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first, peak)
+                episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first, peak, left)
             else:
-                ep = Episode(rule, layer, int(steps[i0]), int(steps[i1]), len(idx), first, peak)
+                ep = Episode(
+                    rule, layer, int(steps[i0]), int(steps[i1]), len(idx), first, peak, left
+                )
                 episodes[key] = ep
                 new.append(ep)
     return new
