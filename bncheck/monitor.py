@@ -364,6 +364,7 @@ class Monitor:
         weakref.finalize(self, self._recorder.remove)
         if self._flat.modules:  # the baseline: what happened while detached is not judged
             self._base = self._flat.snapshot()
+            self._flat.rebase()
         if self.scaler is not None and self.scaler.is_enabled():  # skips before step 1 count
             self._last_scale = float(self.scaler.get_scale())
             self._last_tracker = None  # read after an update, not before one: not comparable

@@ -11,6 +11,7 @@ change.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ DIFFER_Z = 4.0
 DIFFER_FRACTION = 0.25
 
 
-Snapshot = tuple[torch.Tensor, torch.Tensor]
+Snapshot = tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]
 
 
 class FlatBuffers:
@@ -70,25 +71,26 @@ class FlatBuffers:
         self.segment = torch.repeat_interleave(
             torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev)
         )
-        momenta = [layers[i].momentum for i in self.indices]
-        self.cumulative = torch.tensor([m is None for m in momenta], device=dev)
-        self.momentum = torch.tensor(
-            [0.0 if m is None else float(m) for m in momenta], dtype=torch.float64, device=dev
-        )
         eps = [layers[i].eps if layers[i].eps is not None else 0.0 for i in self.indices]
         self.eps = torch.tensor(eps, dtype=torch.float64, device=dev)[self.segment]
         self.counter_mask = torch.tensor(self.has_counter, device=dev)
-        #: the running statistics (flat, float64) the first summarized block started from,
-        #: and per layer whether they are its starting values: its counter was 0 then, it
-        #: averages at a momentum, and its counter has not gone back since (a reset)
-        self.start: torch.Tensor | None = None
-        self.start_known: torch.Tensor | None = None
+        #: per layer: whether it has a ``momentum`` attribute, read at each snapshot (a BN
+        #: momentum schedule changes it during the run); without one, its value when found
+        self.live_momentum = [hasattr(layers[i].module, "momentum") for i in self.indices]
+        self.found_momentum = [layers[i].momentum for i in self.indices]
+        #: the reference of the bias correction (see :meth:`summarize`): per channel, the
+        #: running statistics (flat, float64) the layer's average started from, and per
+        #: layer the log of the weight they still have in the last summarized snapshot
+        self.reference: torch.Tensor | None = None
+        self.reference_log: torch.Tensor | None = None
+        self._segment2 = torch.cat([self.segment, self.segment])
         self._zero = torch.zeros((), dtype=torch.long, device=dev)
         self.nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
 
     @torch.no_grad()
     def snapshot(self) -> Snapshot:
-        """(running_mean then running_var of every layer, counters) as new tensors."""
+        """(running_mean then running_var of every layer, counters) as new tensors, and the
+        layers' momenta (as read, the update of the step before used them)."""
         bufs = [m._buffers for m in self.modules]
         flat = torch.cat(
             [b["running_mean"] for b in bufs]  # type: ignore[misc,arg-type]
@@ -100,7 +102,34 @@ class FlatBuffers:
                 for b, has in zip(bufs, self.has_counter)
             ]
         )
-        return flat, nbt
+        momenta = tuple(
+            m.momentum if live else found
+            for m, live, found in zip(self.modules, self.live_momentum, self.found_momentum)
+        )
+        return flat, nbt, momenta
+
+    def rebase(self) -> None:
+        """Forget the bias correction's reference: the next summarized block starts a new
+        one (after a detach, the updates made meanwhile are unknown)."""
+        self.reference = self.reference_log = None
+
+    def _factors(self, snaps: Sequence[Snapshot], nbt: torch.Tensor) -> torch.Tensor:
+        """``[S, T]``: the update factor of each step, from the momenta its snapshot read
+        (``1 / num_batches_tracked`` for momentum None; NaN where the momentum is no
+        number)."""
+        rows = [
+            [
+                -1.0
+                if m is None
+                else float(m)
+                if isinstance(m, (int, float)) and not isinstance(m, bool)
+                else math.nan
+                for m in snap[2]
+            ]
+            for snap in snaps
+        ]
+        table = torch.tensor(rows, dtype=torch.float64, device=nbt.device)
+        return torch.where(table < 0, 1.0 / nbt.clamp(min=1.0), table)
 
     @torch.no_grad()
     def summarize(
@@ -121,7 +150,7 @@ class FlatBuffers:
         nbt0, nbt = nbts[:-1], nbts[1:]
         seg = self.segment
         updates = torch.where(self.counter_mask, nbt - nbt0, self.nan)
-        factor = torch.where(self.cumulative, 1.0 / nbt.clamp(min=1.0), self.momentum)
+        factor = self._factors(snaps, nbt)
         exact = (updates == 1) & (factor > 0)
         f = torch.where(exact, factor, torch.ones_like(factor))[:, seg]
         keep = 1.0 - f
@@ -129,26 +158,8 @@ class FlatBuffers:
         batch_var = (rv - keep * rv0) / f
         eps = self.eps
         drift_z, drift_vr = _drift(batch_mean, batch_var, rm0, rv0, eps)
-        # the same against the previous running statistics without their starting values'
-        # share, (1 - momentum) ** counter (the bias correction of an exponential average)
-        if self.start is None:
-            self.start = flats[0]
-            self.start_known = self.counter_mask & ~self.cumulative & (nbts[0] == 0)
-        assert self.start_known is not None
-        went_back = torch.cummax((nbt < nbt0).to(torch.int8), dim=0).values.bool()
-        known = self.start_known[None, :] & ~went_back
-        self.start_known = known[-1]
-        kept = torch.where(
-            known & (nbt0 >= 1), (1.0 - self.momentum) ** nbt0, torch.zeros_like(nbt0)
-        )[:, seg]
-        rest = 1.0 - kept
-        start_z, start_vr = _drift(
-            batch_mean,
-            batch_var,
-            (rm0 - kept * self.start[:c]) / rest,
-            (rv0 - kept * self.start[c:]) / rest,
-            eps,
-        )
+        # the same against the previous running statistics without their reference's share
+        start_z, start_vr, share = self._corrected(flats, exact, factor, batch_mean, batch_var)
         moved = torch.nan_to_num((rm - rm0).abs() + (rv - rv0).abs(), nan=1.0, posinf=1.0)
         nonfinite = (~torch.isfinite(rm) | ~torch.isfinite(rv)).to(torch.float64)
         cols = torch.stack(
@@ -179,6 +190,7 @@ class FlatBuffers:
                 torch.where(exact3, means[..., 2:4], self.nan),
                 means[..., 4:6],
                 torch.where(exact3, means[..., 6:10], self.nan),
+                torch.where(exact, share, self.nan)[..., None],
             ],
             dim=2,
         )
@@ -190,6 +202,59 @@ class FlatBuffers:
             torch.where(exact_ch, batch_mean, self.nan),
             torch.where(exact_ch, batch_var, self.nan),
         )
+
+    def _corrected(
+        self,
+        flats: torch.Tensor,
+        exact: torch.Tensor,
+        factor: torch.Tensor,
+        batch_mean: torch.Tensor,
+        batch_var: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The drift of each step's batch against the previous running statistics with
+        their reference's share taken out, per channel, and that share per layer ``[S, T]``.
+
+        A running average that started from values ``R0`` holds, k exact updates later,
+        ``K R0 + (1 - K) D`` with ``K`` the product of ``1 - factor`` over those updates and
+        ``D`` the (normalised) average of the batches; ``D = (R - K R0) / (1 - K)`` is what
+        it will hold once ``R0`` is forgotten (the bias correction of an exponential
+        average). The average is linear, so any snapshot can be the reference: the first
+        one summarized after the Monitor was attached, then, for each layer, the snapshot of
+        any step that was not one exact update (a reset, a recalibration, several updates:
+        what they did to the average is not known). Where no update came since the
+        reference, the share is 0 (nothing to correct)."""
+        c = self.channels
+        n_steps = exact.shape[0]
+        if self.reference is None or self.reference_log is None:
+            self.reference = flats[0]
+            self.reference_log = torch.zeros_like(exact[0], dtype=torch.float64)
+        step_log = torch.where(
+            exact, torch.log((1.0 - factor).clamp(min=1e-300)), torch.zeros_like(factor)
+        )
+        rows = torch.arange(1, n_steps + 1, device=exact.device)[:, None].expand_as(exact)
+        # per row (0: the base, t: after step t), the reference's row (0: the carried one)
+        since = torch.cummax(torch.where(exact, torch.zeros_like(rows), rows), dim=0).values
+        total = torch.cumsum(step_log, dim=0) + self.reference_log[None, :]
+        totals = torch.cat([self.reference_log[None, :], total])
+        log_share = total - torch.where(since > 0, totals.gather(0, since), totals[:1] * 0)
+        since = torch.cat([torch.zeros_like(since[:1]), since])
+        log_share = torch.cat([self.reference_log[None, :], log_share])
+        references = torch.cat([self.reference[None, :], flats[1:]])
+        picked = references.gather(0, since[:, self._segment2])
+        self.reference, self.reference_log = picked[-1], log_share[-1]
+        # step i is judged against row i - 1
+        share = torch.exp(log_share[:-1])
+        share = torch.where(share < 1.0, share, torch.zeros_like(share))
+        kept = share[:, self.segment]
+        rest = 1.0 - kept
+        start_z, start_vr = _drift(
+            batch_mean,
+            batch_var,
+            (flats[:-1, :c] - kept * picked[:-1, :c]) / rest,
+            (flats[:-1, c:] - kept * picked[:-1, c:]) / rest,
+            self.eps,
+        )
+        return start_z, start_vr, share
 
 
 def _drift(

@@ -65,10 +65,11 @@ __all__ = [
 #: ``drift_var_ratio``: mean over channels of max(r, 1/r), r = (batch var + eps) /
 #: (previous running_var + eps).
 #: ``start_drift_z`` / ``start_drift_var_ratio``: the same two against the previous running
-#: statistics with their starting values' share taken out (``(1 - momentum) ** counter`` of
-#: the values the layer held at counter 0, when the Monitor saw it there; the bias correction
-#: of an exponential average): what the drift would be once the average has forgotten how it
-#: started. Equal to ``drift_z`` / ``drift_var_ratio`` where the start is unknown.
+#: statistics with their starting values' share taken out (the bias correction of an
+#: exponential average, :meth:`bncheck.monitor_numerics.FlatBuffers.summarize`): what the
+#: drift would be once the average has forgotten the values it started from (when the
+#: Monitor was attached, or after a step that was not one exact update).
+#: ``start_share``: that share, the product of ``1 - momentum`` over the exact updates since.
 STAT_COLUMNS: tuple[str, ...] = (
     "updates",
     "num_batches_tracked",
@@ -82,6 +83,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "drift_var_ratio",
     "start_drift_z",
     "start_drift_var_ratio",
+    "start_share",
 )
 (
     S_UPDATES,
@@ -96,7 +98,8 @@ STAT_COLUMNS: tuple[str, ...] = (
     S_VR,
     S_START_Z,
     S_START_VR,
-) = range(12)
+    S_START_SHARE,
+) = range(13)
 
 #: Per-step, per-layer counters from the BN forward hooks (int64).
 #:
@@ -202,6 +205,8 @@ class Episode:
     #: still show the problem once its known benign cause is taken out (``None`` for rules
     #: without one)
     remaining: int | None = None
+    #: the rule's :meth:`TrainingRule.last` numbers at the last step
+    last: dict[str, Any] = field(default_factory=dict)
 
     def extend(
         self,
@@ -211,9 +216,12 @@ class Episode:
         first: dict[str, Any],
         peak: float | None = None,
         remaining: int | None = None,
+        last: dict[str, Any] | None = None,
     ) -> None:
         if first_step < self.first_step:
             self.first_step, self.first = first_step, first
+        if last_step >= self.last_step and last is not None:
+            self.last = last
         self.last_step = max(self.last_step, last_step)
         self.steps += steps
         if peak is not None:
@@ -368,6 +376,12 @@ class TrainingRule:
         the rule's known benign cause is taken out (summed in the episode; ``None``: the
         rule takes none out)."""
         return None
+
+    @staticmethod
+    def last(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        """The numbers of step ``i`` (the last where the problem held) the episode keeps from
+        the last such step of the run."""
+        return {}
 
     @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
@@ -749,6 +763,17 @@ def drift_judged(b: StepBlock) -> np.ndarray:
         return ~np.isnan(b.stats[..., S_Z]) & (nbt_before >= b.drift_warmup[None, :])
 
 
+def _start_explains(b: StepBlock, rows: np.ndarray, layer: int) -> np.ndarray:
+    """Per step of ``rows``: whether the batch is within the drift tolerances of the running
+    statistics once their starting values' share is taken out (NaN: not told, no)."""
+    tol = b.tolerances
+    s = b.stats[rows, layer]
+    with np.errstate(invalid="ignore"):
+        return (s[:, S_START_Z] <= float(tol["drift_mean_z"])) & (
+            s[:, S_START_VR] <= float(tol["drift_var_ratio"])
+        )
+
+
 @run_rule("stat-drift", check_function=False)  # audit check: checks/forward.py
 class StatDrift(TrainingRule):
     @staticmethod
@@ -775,14 +800,15 @@ class StatDrift(TrainingRule):
     @staticmethod
     def remains(b: StepBlock, rows: np.ndarray, layer: int) -> int:
         # the steps whose batches are still far from the running statistics once their
-        # starting values' share is taken out (NaN: not told, counted as drifting)
-        tol = b.tolerances
-        s = b.stats[rows, layer]
-        with np.errstate(invalid="ignore"):
-            explained = (s[:, S_START_Z] <= float(tol["drift_mean_z"])) & (
-                s[:, S_START_VR] <= float(tol["drift_var_ratio"])
-            )
-        return int((~explained).sum())
+        # starting values' share is taken out
+        return int((~_start_explains(b, rows, layer)).sum())
+
+    @staticmethod
+    def last(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
+        return {
+            "start_share": float(b.stats[i, layer, S_START_SHARE]),
+            "explained": bool(_start_explains(b, np.array([i]), layer)[0]),
+        }
 
     @staticmethod
     def says(ctx: AuditContext, run: RunObservations, ep: Episode) -> Said | None:
@@ -807,22 +833,29 @@ class StatDrift(TrainingRule):
             else 0.0
         )
         # the starting values explain the drift when, with their share taken out, too few
-        # steps drift to make a finding of their own (see StatDrift.remains)
-        left = ep.remaining
-        explained = left is not None and (
-            left < DRIFT_MIN_STEPS or left < DRIFT_MIN_FRACTION * max(judged, 1)
+        # steps drift to make a finding of their own among the steps they do not explain
+        left = ep.steps if ep.remaining is None else ep.remaining
+        lags = left >= DRIFT_MIN_STEPS and left >= DRIFT_MIN_FRACTION * max(
+            judged - (ep.steps - left), 1
         )
-        if (kept >= WARMUP_KEPT or explained) and momentum is not None and ep.peak is not None:
+        young = kept >= WARMUP_KEPT and momentum is not None and ep.peak is not None
+        to_end = ep.last_step >= run.steps
+        if (
+            (young or not lags)
+            and momentum is not None
+            and not (to_end and not young and not ep.last.get("explained", False))
+        ):
             # the warm-up of the average, not a lag: every drifting step came while the
             # starting values still weighed in it (the judging starts after at most 30
             # updates, 3 / momentum are needed at a small momentum), or they were so far from
-            # the data that even a small share of them explains the drift
-            warm = {**details, "starting_share": kept}
-            count = f"momentum {momentum:g}, {int(ep.peak)} updates counted"
-            if kept >= WARMUP_KEPT:
+            # the data that even a small share of them explains the drift. Not when the run
+            # ends on a drifting step they do not explain: that is a lag the model keeps
+            if young:
+                assert ep.peak is not None
+                warm = {**details, "starting_share": kept}
                 held = (
                     f"while the running statistics still held {kept:.0%} or more of their "
-                    f"starting values ({count}"
+                    f"starting values (momentum {momentum:g}, {int(ep.peak)} updates counted"
                 )
                 follows = (
                     "an average at this momentum follows the data after about "
@@ -830,18 +863,24 @@ class StatDrift(TrainingRule):
                 )
                 short = "more than the run gave it"
             else:
-                warm["unexplained_steps"] = left
+                share = float(ep.last.get("start_share", math.nan))
+                warm = {**details, "starting_share": share, "unexplained_steps": left}
                 held = (
-                    "while the running statistics still held a share of their starting values "
-                    f"({kept:.2g}, {count}"
+                    "while the running statistics still held a share of the values they "
+                    f"started from (momentum {momentum:g}: {share:.2g}"
+                )
+                agree = (
+                    "the batches agree with them"
+                    if left == 0
+                    else f"the batches of all but {left} of those steps agree with them"
                 )
                 follows = (
-                    "with that share taken out the batches agree with them: the starting "
-                    "values are far from the data, and the average forgets them by a factor "
+                    f"with that share taken out {agree}: the values they started from are "
+                    "far from the data, and the average forgets them by a factor "
                     f"{1.0 - momentum:g} per update"
                 )
                 short = "too slowly for the run"
-            if ep.last_step >= run.steps:
+            if to_end:
                 # still drifting at the last step: the model leaves training with them
                 return Said(
                     f"{measured}, up to the last {run.step_word}, {held}): {follows}, "
@@ -1000,15 +1039,14 @@ def record_episodes(
         for layer in np.flatnonzero(mask.any(axis=0)).tolist():
             idx = np.flatnonzero(mask[:, layer])
             i0, i1 = int(idx[0]), int(idx[-1])
-            first = kind.first(block, i0, layer)
+            first, last = kind.first(block, i0, layer), kind.last(block, i1, layer)
             peak, left = kind.peak(block, idx, layer), kind.remains(block, idx, layer)
             key = (rule, layer)
+            span = (int(steps[i0]), int(steps[i1]), len(idx))
             if key in episodes:
-                episodes[key].extend(int(steps[i0]), int(steps[i1]), len(idx), first, peak, left)
+                episodes[key].extend(*span, first, peak, left, last)
             else:
-                ep = Episode(
-                    rule, layer, int(steps[i0]), int(steps[i1]), len(idx), first, peak, left
-                )
+                ep = Episode(rule, layer, *span, first, peak, left, last)
                 episodes[key] = ep
                 new.append(ep)
     return new
