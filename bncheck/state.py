@@ -99,7 +99,10 @@ def _put_back(target: torch.Tensor, copy: torch.Tensor | None) -> None:
         return
     data = target.data
     if data.shape != copy.shape or data.dtype != copy.dtype or data.device != copy.device:
-        target.data = copy  # resized or moved in place: take the saved tensor itself
+        # resized or moved in place: a copy of the saved values (never the saved tensor
+        # itself, which a later restore reads: a forward that resizes the buffer in place
+        # again, as torch.ao's FakeQuantize does on its first call, would write into it)
+        target.data = copy.clone()
         return
     if data.is_inference():
         with torch.inference_mode():

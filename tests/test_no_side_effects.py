@@ -146,6 +146,31 @@ def test_buffers_are_restored_in_place_so_held_references_stay_valid():
     assert model.block1[1].running_mean is held
 
 
+class _ResizingObserver(nn.Module):
+    """Resizes its buffer in place and fills it in every forward (as torch.ao's FakeQuantize
+    does with its scale on its first call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = x.detach().abs().amax(dim=(0, 2, 3))
+        self.scale.resize_(amax.shape)
+        self.scale.copy_(amax)
+        return x
+
+
+def test_a_buffer_resized_in_place_by_each_forward_is_put_back():
+    # the audit's passes resize it again after a restore between them: the values put back
+    # at the end are the user's, not the last pass's
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), _ResizingObserver(), nn.BatchNorm2d(4))
+    held = model[1].scale
+    bncheck.audit(model, torch.randn(8, 3, 8, 8))
+    assert model[1].scale is held
+    assert torch.equal(held, torch.tensor([1.0]))
+
+
 @pytest.mark.parametrize("fail_at", ["rule"])
 def test_state_restored_when_a_rule_raises(monkeypatch, fail_at):
     from bncheck.checks import registry
