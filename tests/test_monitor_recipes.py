@@ -1197,6 +1197,34 @@ def test_byol_target_moved_after_the_optimizer_step_is_not_a_frozen_bn():
     assert warnings_of(report) == []
 
 
+def test_an_eval_mode_ema_copy_whose_buffers_are_averaged_is_no_multiple_update():
+    """An EMA copy held beside the net (AveragedModel with use_buffers=True, or timm's
+    ModelEmaV3), kept in eval mode: its counters follow the net's two views per step by
+    averaging, outside any forward of its own. That is no update of BN's (no checkpointing,
+    no accumulation)."""
+    torch.manual_seed(0)
+    net = ConvBNReLU()
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99), use_buffers=True
+    )
+    model = nn.ModuleDict({"net": net, "ema": ema})
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for _ in range(6):
+            ema.eval()
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            loss = net(augment(x, gen)).square().mean() + net(augment(x, gen)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update_parameters(net)
+    report = monitor.report()
+    assert int(ema.module.bn.num_batches_tracked) >= 2  # moved by the averaging alone
+    assert report.filter(rules=["multiple-updates-per-step"]) == []
+    assert warnings_of(report) == []
+
+
 def sam_run(disable_second: bool, watch_base: bool = True) -> bncheck.Report:
     """SAM: two forward/backward passes on one batch per step; its README's recipe sets BN
     momentum to 0 for the second pass so that the statistics update once."""

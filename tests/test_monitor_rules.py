@@ -7,6 +7,7 @@ started; every twin must produce none of the training-run findings.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -585,6 +586,36 @@ def test_a_run_that_ends_on_drift_its_start_does_not_explain_is_a_lag():
     assert finding.severity is bncheck.Severity.WARNING
     assert finding.details["last_step"] == 200
     assert "lag the data" in finding.message
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_warn_mode_warns_stat_drift_at_detach_as_the_report_judges_it(shift):
+    # the far start's warm-up looks like drift to the end of the run at every step of it:
+    # warned mid-run, it would be a warning the report does not keep. The shift's lag is
+    # warned, once, when the Monitor detaches
+    torch.manual_seed(0)
+    model = ConvBNReLU(momentum=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = bncheck.Monitor(model, optimizer=opt, warn=True)
+    during: list[str] = []
+
+    def shifted(step, x):
+        return x + 0.6 if shift and 120 <= step < 170 else x
+
+    def watch(step, model):
+        during.extend(str(w.message) for w in caught if "[stat-drift]" in str(w.message))
+        caught.clear()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        far_start_loop(
+            200 if shift else 100, monitor, model=model, opt=opt, before=watch, inputs=shifted
+        )
+        at_detach = [str(w.message) for w in caught if "[stat-drift]" in str(w.message)]
+    assert during == []
+    report = monitor.report()
+    kept = [f for f in only(report, "stat-drift") if f.severity is not bncheck.Severity.INFO]
+    assert len(at_detach) == len(kept) == (1 if shift else 0)
 
 
 @settings(max_examples=8, deadline=None)

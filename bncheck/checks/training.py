@@ -605,7 +605,14 @@ class MultipleUpdatesPerStep(TrainingRule):
     def when(b: StepBlock) -> np.ndarray:
         # one update per step, plus one for each iteration a GradScaler skipped before it
         allowed = 1 if b.expected_updates is None else b.expected_updates[:, None]
-        return b.tracks & (b.grad_updates > allowed)
+        # a counter that moved in a step without a train-mode call of its layer, while the
+        # hooks saw other layers' calls, was written outside any forward (an EMA copy whose
+        # buffers are averaged or copied, a load_state_dict): no update of BN's. Where no
+        # layer's calls were seen (a model compiled before the Monitor's hooks), the
+        # counters are all there is
+        called = b.counts[..., C_TRAIN] > 0
+        written = ~called & called.any(axis=1, keepdims=True)
+        return b.tracks & (b.grad_updates > allowed) & ~written
 
     @staticmethod
     def first(b: StepBlock, i: int, layer: int) -> dict[str, Any]:
