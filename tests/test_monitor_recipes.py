@@ -942,6 +942,29 @@ def test_validation_in_train_mode_with_grad_is_found_as_an_extra_forward():
     assert finding.severity is bncheck.Severity.WARNING
 
 
+def test_a_validation_pass_in_train_mode_every_few_steps_is_named_in_the_hint():
+    # every 10 steps, a validation loss with grad on and the model left in train mode: the
+    # steps recorded in detail after the first one do not repeat it, so its cause is not
+    # classified; the hint names what few such steps most likely are, and the fix
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for step in range(1, 31):
+            x = torch.randn(16, 3, 8, 8, generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 4, (16,), generator=gen)).backward()
+            opt.step()
+            if step % 10 == 0:
+                F.cross_entropy(model(x + 3.0), torch.randint(0, 4, (16,))).item()  # BUG
+    [finding] = multi(monitor.report())
+    assert finding.severity is bncheck.Severity.WARNING
+    assert finding.details["cause"] is None
+    assert "at a few steps only" in finding.message
+    assert "call model.eval() for it" in finding.message
+
+
 class RecurrentBN(nn.Module):
     """One BN applied at every time step of a recurrent loop (the hidden state's statistics
     change from step to step)."""

@@ -578,12 +578,20 @@ _KIND_WORDS = {
         "in eval mode inside the other network's step, or freeze its BN layers there",
     ),
 }
+#: the hint when the Monitor did not see how the updates came about
 _GENERIC = (
-    "",
-    "gradient accumulation feeds BN micro-batches; activation checkpointing and extra "
-    "train-mode forwards update twice; for checkpointing divide momentum by the recompute "
-    "count, else ignore 'multiple-updates-per-step' if intended; with AMP, pass scaler= to "
-    "the Monitor so steps the GradScaler skipped are not counted",
+    "each train-mode forward updates the statistics: gradient accumulation (micro-batches), "
+    "activation checkpointing (a recompute during backward: divide the momentum by the "
+    "recompute count), or a validation or logging forward in train mode (call model.eval() "
+    "for it, model.train() after); ignore 'multiple-updates-per-step' if intended; with AMP, "
+    "pass scaler= to the Monitor so steps the GradScaler skipped are not counted"
+)
+#: the hint when few steps had several updates and the Monitor did not see how
+_NOW_AND_THEN = (
+    "at a few steps only: most likely a forward the loop runs now and then in train mode (a "
+    "validation or logging pass: call model.eval() for it, model.train() after); else a "
+    "gradient accumulation or activation checkpointing at those steps; with AMP, pass "
+    "scaler= to the Monitor so steps the GradScaler skipped are not counted"
 )
 
 
@@ -643,7 +651,10 @@ class MultipleUpdatesPerStep(TrainingRule):
         if kind == "views":
             return None  # several inputs trained by one backward: two views, ghost BN
         if kind is None:
-            return Said(f"{head} (expected 1)", _GENERIC[1], {"cause": None, "max_updates": most})
+            # the steps after the first one with several updates, recorded in detail, did
+            # not repeat it: a pass the loop runs at some steps only, when they are few
+            hint = _GENERIC if ep.steps * 2 > max(run.steps, 1) else _NOW_AND_THEN
+            return Said(f"{head} (expected 1)", hint, {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
         severity = "info" if kind in ("sources", "other-step") else None
         if kind == "accumulation" and _large_micro_batches(ctx, run, ep):
