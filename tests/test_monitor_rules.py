@@ -681,7 +681,10 @@ def oracle_multiple_updates(updates, nograd, has_counter, train_calls, tracks):
             # the train-mode calls with grad are counted from the hooks instead
             reset = has_counter[layer] and updates[s, layer] < train_calls[s, layer]
             total = updates[s, layer] if has_counter[layer] and not reset else train_calls[s, layer]
-            out[s, layer] = total - nograd[s, layer] >= 2
+            # a counter moved with no train-mode call of the layer, while other layers'
+            # calls were seen in that step, was written outside any forward (an EMA copy)
+            written = train_calls[s, layer] == 0 and train_calls[s].sum() > 0
+            out[s, layer] = total - nograd[s, layer] >= 2 and not written
     return out
 
 
