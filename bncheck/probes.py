@@ -317,6 +317,9 @@ class EvalObservations:
     #: parameters whose values the repeated pass (``a_again``) changed: a forward that
     #: updates weights (an EMA step inside forward) differs at every call by construction
     params_changed: tuple[str, ...] = ()
+    #: the same for buffers other than the BN layers' running statistics (a quantization
+    #: observer that updates its scale in eval mode too)
+    buffers_changed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -1997,11 +2000,13 @@ def _eval_passes(
             b, companion = None, "none (batch of 1 and the model needs that batch size)"
     differs = b is None or screen_differs or first_difference(a, b, slice(0, 1), rtol) is not None
     params_changed: tuple[str, ...] = ()
+    buffers_changed: tuple[str, ...] = ()
     a_again = None
     if differs:
-        sums = _parameter_sums(model)
+        bn_modules = frozenset(id(layer.module) for layer in ctx.layers)
+        sums = _state_sums(model, bn_modules)
         a_again = run(a_in) if batch == size else run(x, n)
-        params_changed = _changed_since(model, sums)
+        params_changed, buffers_changed = _changed_since(_state_sums(model, bn_modules), sums)
     if (
         a_again is not None
         and batch == size
@@ -2020,30 +2025,59 @@ def _eval_passes(
         else frozenset()
     )
     return EvalObservations(
-        a, a_again, b, batch, companion, unread_stats=unread, params_changed=params_changed
+        a,
+        a_again,
+        b,
+        batch,
+        companion,
+        unread_stats=unread,
+        params_changed=params_changed,
+        buffers_changed=buffers_changed,
     )
 
 
-def _parameter_sums(model: nn.Module) -> dict[str, float]:
-    """A float64 sum of each floating-point parameter's values, by qualified name (one read
-    of each, no copy): enough to see a forward that moves its weights (an EMA step)."""
-    sums: dict[str, float] = {}
+def _state_sums(
+    model: nn.Module, bn_modules: frozenset[int]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """A float64 sum of each parameter's values and of each buffer's but the BN layers'
+    (``bn_modules``: their ids), by qualified name (one read of each, no copy): enough to see
+    a forward that moves its weights (an EMA step) or its other state (an observer)."""
+    params: dict[str, float] = {}
     for name, p in model.named_parameters():
         if p.is_floating_point() and not p.is_meta and p.numel():
-            sums[name] = float(p.detach().sum(dtype=torch.float64))
-    return sums
+            params[name] = float(p.detach().sum(dtype=torch.float64))
+    buffers: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        if id(module) in bn_modules:
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if (
+                isinstance(b, torch.Tensor)
+                and not b.is_meta
+                and b.numel()
+                and (b.is_floating_point() or (not b.is_complex() and b.dtype != torch.bool))
+            ):
+                buffers[f"{prefix}.{name}" if prefix else name] = float(
+                    b.detach().sum(dtype=torch.float64)
+                )
+    return params, buffers
 
 
-def _changed_since(model: nn.Module, sums: dict[str, float]) -> tuple[str, ...]:
-    """The parameters whose sum is not what :func:`_parameter_sums` found (in order)."""
-    now = _parameter_sums(model)
-    return tuple(
-        name
-        for name, value in now.items()
-        if name in sums
-        and value != sums[name]
-        and not (math.isnan(value) and math.isnan(sums[name]))
-    )
+def _changed_since(
+    now: tuple[dict[str, float], dict[str, float]],
+    before: tuple[dict[str, float], dict[str, float]],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The parameters, then the buffers, whose sum in ``now`` is not the one in ``before``
+    (:func:`_state_sums`; in order)."""
+
+    def changed(a: dict[str, float], b: dict[str, float]) -> tuple[str, ...]:
+        return tuple(
+            name
+            for name, value in a.items()
+            if name in b and value != b[name] and not (math.isnan(value) and math.isnan(b[name]))
+        )
+
+    return changed(now[0], before[0]), changed(now[1], before[1])
 
 
 def _unread_statistics(

@@ -288,6 +288,60 @@ def test_a_random_op_keeps_the_random_op_hint() -> None:
     assert "self.training" in finding.message
 
 
+class RunningScale(nn.Module):
+    """ConvBNReLU whose output is scaled by a buffer its forward updates in every mode (a
+    running maximum of its input, as an observer keeps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvBNReLU()
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.mul_(0.9).add_(0.1 * x.abs().amax())
+        return self.body(x) / self.scale
+
+
+def test_a_forward_that_updates_a_buffer_is_named_as_the_cause() -> None:
+    torch.manual_seed(0)
+    model = RunningScale().eval()
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.details["buffers_changed"] == ["scale"]
+    assert finding.severity is bncheck.Severity.WARNING
+    assert "changed 1 buffer(s) between them (scale)" in finding.message
+    assert "outside forward, or only when self.training" in finding.message
+    assert float(model.scale) == 1.0  # put back
+
+
+def test_qat_observers_updating_in_eval_are_named_with_their_fix() -> None:
+    # torch.ao's QAT keeps its FakeQuantize observers updating in eval mode while enabled:
+    # two identical eval forwards differ by the scales they moved, not by a random op
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    qconfig = tq.get_default_qat_qconfig("fbgemm")
+    model = nn.Sequential(
+        nniqat.ConvBnReLU2d(3, 8, 3, bias=False, qconfig=qconfig),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        model(image_batch(16)).square().mean().backward()
+        opt.step()
+    report = bncheck.audit(model, image_batch(16), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert any("fake_quant" in name for name in finding.details["buffers_changed"])
+    assert "torch.ao.quantization.disable_observer" in finding.message
+    model.apply(tq.disable_observer)
+    assert _found(bncheck.audit(model, image_batch(16)), "eval-nondeterminism") == []
+
+
 class EvalCounted(nn.Module):
     """ConvBNReLU with ``classes`` outputs that counts its eval-mode calls and adds
     ``offsets[call]`` (0 past the end) to its output, standing in for a random op."""

@@ -887,6 +887,39 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
             params_changed=list(moved),
         )
         return
+    kept = obs.eval.buffers_changed
+    if kept:
+        # the forward changed other state the next forward reads (a quantization observer
+        # that keeps updating its scale in eval mode): not a random op, and the model works
+        # as built; its eval outputs depend on the batches evaluated before
+        shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        observers = any(
+            part in name
+            for name in kept
+            for part in ("fake_quant", "activation_post_process", "observer")
+        )
+        hint = (
+            "quantization observers (QAT's FakeQuantize) keep updating in eval mode while "
+            "enabled: call model.apply(torch.ao.quantization.disable_observer) before "
+            "evaluating or converting, so eval outputs do not depend on the batches seen"
+            if observers
+            else "update this state outside forward, or only when self.training, so eval "
+            "outputs do not depend on the batches evaluated before"
+        )
+        yield ctx.finding(
+            "eval-nondeterminism",
+            ctx.layer(layer) if layer else None,
+            f"two identical eval forwards differ (max |diff| = {diff:.2g} > tol "
+            f"{rtol * scale:.2g}) because the forward changed {len(kept)} buffer(s) between "
+            f"them ({shown}): each call runs with the state the previous one left",
+            hint=hint,
+            severity="warning",
+            max_diff=diff,
+            tolerance=rtol * scale,
+            call=occurrence,
+            buffers_changed=list(kept),
+        )
+        return
     if layer is None:
         text = (
             f"two identical eval forwards give different model outputs (max |diff| = "
