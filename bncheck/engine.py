@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from .checks.catalogue import NEEDS, info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
 from .checks.training import TRAINING_RULES, RunObservations, run_findings
 from .context import AuditContext, AuditFacts
-from .discovery import find_bn_layers, unwrap_model
+from .discovery import BNLayer, find_bn_layers, unwrap_model
 from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, first_line
 from .report import Finding, Report
 from .state import Snapshot, audit_lock, audit_pass, preserved
@@ -370,6 +371,13 @@ def _uninitialised_lazy(model: nn.Module) -> list[str]:
     ]
 
 
+def _on_meta(layer: BNLayer) -> bool:
+    """Whether the layer's statistics or gamma hold no values (the meta device)."""
+    return any(
+        isinstance(t, torch.Tensor) and t.is_meta for t in (layer.running_mean, layer.weight)
+    )
+
+
 def _audit(
     ctx: AuditContext,
     snapshot: Snapshot,
@@ -387,11 +395,11 @@ def _audit(
         example_input = None  # the forward rules are skipped with the front end's reason
     available = {"model", "buffers"}
     incomplete: list[str] = []
-    if any(
-        t.is_meta
-        for layer in ctx.layers
-        for t in (layer.running_mean, layer.weight)
-        if isinstance(t, torch.Tensor)
+    on_meta = [layer.name for layer in ctx.layers if _on_meta(layer)]
+    if (
+        on_meta
+        and len(on_meta) == len(ctx.layers)
+        and all(t.is_meta for t in itertools.chain(inner.parameters(), inner.buffers()))
     ):
         available.discard("buffers")
         meta = (
@@ -401,6 +409,18 @@ def _audit(
         ctx.notes.append(meta)
         incomplete.append(meta)
         example_input = None
+    elif on_meta:
+        # some layers only: a structure-only template the forward runs with other tensors
+        # (torch.func.functional_call over stack_module_state's weights), or weights not
+        # loaded yet; the buffer rules judge the other layers (checks.static._usable)
+        shown = ", ".join(on_meta[:3]) + (
+            f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else ""
+        )
+        ctx.notes.append(
+            f"{len(on_meta)} BN layer(s) hold tensors on the meta device (structure only: a "
+            "template torch.func.functional_call runs with other weights, or weights not "
+            f"loaded yet): {shown}; their own statistics and gamma/beta were not checked"
+        )
     if optimizer is not None:
         available.add("optimizer")
     ctx.example_input = example_input
@@ -484,6 +504,11 @@ def _audit(
                 partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
                 if partial is not None:
                     forward_error = partial
+                elif obs.train_ran and not obs.calls and obs.transformed:
+                    incomplete.append(
+                        "every BN call of the train-mode forward pass ran inside "
+                        "torch.func.vmap, where the forward rules cannot observe it"
+                    )
                 elif obs.train_ran and not obs.calls:
                     # the forward returned, but through no BN layer (it caught its own error,
                     # or took a path around them): nothing the forward rules read was observed

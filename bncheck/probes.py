@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -244,6 +244,9 @@ class TrainCall:
     samples_per_channel: int
     single_value: bool = False
     forced_eval: bool = False
+    #: the call ran inside a torch.func ``vmap``: its tensors are batched wrappers, whose
+    #: values the readings cannot take out of the transform; not observed
+    transformed: bool = False
     eps: float | None = None
     momentum: float | None = None
     has_momentum: bool = False
@@ -396,6 +399,9 @@ class ForwardObservations:
     stage_errors: dict[str, str] = field(default_factory=dict)
     needs_targets: bool = False
     user_training: dict[str, bool] = field(default_factory=dict)
+    #: BN layers called inside a torch.func ``vmap``, whose calls the passes could not
+    #: observe
+    transformed: set[str] = field(default_factory=set)
 
     def calls_of(self, layer: str) -> list[TrainCall]:
         return [c for c in self.calls if c.layer == layer]
@@ -1396,6 +1402,30 @@ def _kernel_stats(
     return RawStats(batch, c, n, length, "kernel", mean, invstd, eps=eps)
 
 
+def _transformed(t: Any) -> bool:
+    """Whether ``t`` is batched by a torch.func ``vmap`` at some level of its wrappers: its
+    values cannot be read (``.item()``) nor kept after the transform. (A ``grad``
+    transform's tensor alone can be read: the kernel statistics leave it to F.batch_norm.)"""
+    if not isinstance(t, torch.Tensor):
+        return False
+    try:
+        functorch = torch._C._functorch
+        for _ in range(64):  # levels of nested transforms
+            if functorch.is_batchedtensor(t):
+                return True
+            if not functorch.is_functorch_wrapped_tensor(t):
+                return False
+            t = functorch.get_unwrapped(t)
+    except Exception:  # pragma: no cover - a torch without functorch's checks
+        return False
+    return False
+
+
+def _readable(t: Any) -> TypeGuard[torch.Tensor]:
+    """A tensor with a batch dimension the eval passes can keep rows of."""
+    return isinstance(t, torch.Tensor) and t.dim() >= 1 and not _transformed(t)
+
+
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...] | None:
     """What must be unchanged for a held tensor to hold what its call saw: its version
     counter, place, size and layout, and its storage's place and size; ``None`` for a tensor
@@ -1489,7 +1519,7 @@ def _train_pass(
         if name != "batch_norm" or not active or not isinstance(out, torch.Tensor):
             return
         rec = active[-1][0]
-        if rec.norm_source is not None or rec.forced_eval or not rec.training:
+        if rec.norm_source is not None or rec.forced_eval or rec.transformed or not rec.training:
             return
         inp = args[0] if args else kwargs.get("input")
         if not isinstance(inp, torch.Tensor):
@@ -1523,6 +1553,7 @@ def _train_pass(
             or bound is None
             or rec.norm_source is not None
             or rec.forced_eval
+            or rec.transformed
             or not rec.training
             or _BATCH_NORM_IMPL is None
             or (rows and (rec.occurrence > 0 or rec.layer in reused))
@@ -1598,6 +1629,11 @@ def _train_pass(
                     trace=trace,
                     stock=_stock(module),
                 )
+                if _transformed(x_in):
+                    rec.transformed = True
+                    obs.transformed.add(layer.name)
+                    active.append((rec, module, x_in))
+                    return
                 obs.calls.append(rec)
                 if rec.training and count == 1 and layer.uses_batch_stats:
                     rec.single_value = True
@@ -1622,6 +1658,8 @@ def _train_pass(
                     return
                 rec, _, x_in = active.pop()
                 tracer.bn_exit(rec.trace, module, output) if rec.trace else None
+                if rec.transformed:
+                    return
                 if rec.forced_eval:
                     module.training = True
                     return
@@ -1878,7 +1916,7 @@ def _eval_pass(
             call = EvalCall(
                 layer.name,
                 occ,
-                t[:keep].detach() if isinstance(t, torch.Tensor) and t.dim() >= 1 else None,
+                t[:keep].detach() if _readable(t) else None,
                 None,
             )
             calls.append(call)
@@ -1892,7 +1930,7 @@ def _eval_pass(
                 return
             call = pending.pop()
             t = _first_tensor(output) if not isinstance(output, torch.Tensor) else output
-            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            if _readable(t):
                 call.output = t[:keep].detach().clone()
 
         return hook
@@ -1907,7 +1945,7 @@ def _eval_pass(
         occ = counts.get(entry[1], 0)
         counts[entry[1]] = occ + 1
         t = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-        row = t[:1].detach().clone() if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+        row = t[:1].detach().clone() if _readable(t) else None
         calls.append(EvalCall(entry[1], occ, None, row))
 
     with ExitStack() as stack:
@@ -2396,7 +2434,14 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
     obs.user_training = {layer.name: bool(layer.module.training) for layer in ctx.layers}
     if "train" in wanted and ctx.user_batch:
         obs.inputs = summarize_inputs(x)
-    saved = _SavedBuffers([layer.module for layer in ctx.layers if layer.has_running_stats])
+    saved = _SavedBuffers(
+        [
+            layer.module
+            for layer in ctx.layers
+            if layer.has_running_stats
+            and not (isinstance(layer.running_mean, torch.Tensor) and layer.running_mean.is_meta)
+        ]
+    )
     snapshot = saved.states
     restore = saved.restore
 
@@ -2519,6 +2564,13 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             except Exception as exc:
                 obs.stage_errors["data"] = f"the forward pass on data= failed ({first_line(exc)})"
             restore()
+    if obs.transformed:
+        names = sorted(obs.transformed)
+        ctx.notes.append(
+            f"{len(names)} BN layer(s) ran inside torch.func.vmap and were not observed in "
+            f"the forward passes: {', '.join(names[:3])}"
+            f"{' and more' if len(names) > 3 else ''}"
+        )
     if obs.stopped_at is not None:
         ctx.notes.append(
             f"the train-mode pass stopped at {obs.stopped_at}: it sees one value per channel "

@@ -670,3 +670,79 @@ def test_a_torch_func_transform_through_bn_is_left_to_f_batch_norm(ignore):
     model, x = GradThroughBN(), torch.randn(8, 3, 12, 12)
     report = bncheck.audit(model, x, ignore=ignore)
     assert report.complete and report.forward_error is None
+
+
+def _ensemble_member() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8, track_running_stats=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+class VmapEnsemble(nn.Module):
+    """torch.func's model-ensembling recipe: the members' weights stacked
+    (``stack_module_state``), one structure-only template on the meta device, and every
+    member run at once by ``vmap`` over ``functional_call``."""
+
+    def __init__(self, members: int = 3) -> None:
+        super().__init__()
+        params, _ = torch.func.stack_module_state([_ensemble_member() for _ in range(members)])
+        self.keys = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.keys])
+        self.base = _ensemble_member().to("meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def member(weights: tuple[torch.Tensor, ...], inp: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.base, dict(zip(self.keys, weights)), (inp,))
+
+        return torch.func.vmap(member, in_dims=(0, None))(tuple(self.stacked), x).mean(0)
+
+
+def test_a_vmap_ensemble_over_a_meta_template_is_audited_for_what_can_be_seen():
+    # the model is not on the meta device (its weights are real), its BN layer runs inside
+    # vmap, where the passes cannot read it: the forward runs, the report says what was not
+    # observed (incomplete), and the template's settings are still judged
+    torch.manual_seed(0)
+    model, x = VmapEnsemble(), torch.randn(8, 3, 12, 12)
+    before = [p.detach().clone() for p in model.stacked]
+    report = bncheck.audit(model, x)
+    assert report.forward_error is None
+    assert not any("the model is on the meta device" in n for n in report.notes)
+    assert any("hold tensors on the meta device" in n and "base.1" in n for n in report.notes)
+    assert any("ran inside torch.func.vmap" in n for n in report.notes)
+    assert not report.complete
+    assert any("torch.func.vmap" in reason for reason in report.incomplete)
+    assert [(f.rule, f.layer) for f in report.findings if f.severity != "info"] == [
+        ("no-running-stats", "base.1")
+    ]
+    for f in report.findings:
+        assert "no BN output differs" not in f.message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.stacked))
+
+
+def test_a_meta_layer_beside_real_ones_leaves_the_others_audited():
+    # a structure-only BN template held beside a trained network: the network is audited
+    # (its forward runs), the template's settings too, its statistics are not read
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"net": nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.99))}
+    )
+    model["template"] = nn.BatchNorm2d(8).to("meta")
+
+    class Run(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner["net"](x)
+
+    report = bncheck.audit(Run(), torch.randn(8, 3, 12, 12))
+    assert report.forward_error is None
+    assert any("hold tensors on the meta device" in n for n in report.notes)
+    assert ("keras-momentum", "inner.net.1") in {(f.rule, f.layer) for f in report.findings}
+    assert "normalization" not in report.skipped

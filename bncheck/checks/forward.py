@@ -975,6 +975,26 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
         "(T, N, ...) inputs), this is expected; else look for reductions over the batch "
         "dimension (dim 0) that ignore self.training"
     )
+    if layer is None and obs.transformed:
+        # BN layers ran inside torch.func.vmap, where the passes cannot read them
+        shown = ", ".join(sorted(obs.transformed)[:3])
+        yield ctx.finding(
+            "eval-batch-dependence",
+            None,
+            f"in eval mode, sample 0's model output changes when its batch-mates change "
+            f"({companion}): max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; the BN "
+            f"layers that ran inside torch.func.vmap ({shown}) were not observed, so where "
+            "it starts is not known",
+            hint="a BN layer built with track_running_stats=False normalises with the batch "
+            "in eval mode (see no-running-stats); else look for reductions over the batch "
+            "dimension (dim 0) that ignore self.training",
+            severity="info",
+            max_diff=diff,
+            tolerance=rtol * scale,
+            companion=companion,
+            cause="not observed",
+        )
+        return
     if layer is None:
         text = (
             f"in eval mode, sample 0's model output changes when its batch-mates change "

@@ -51,6 +51,12 @@ def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
         yield layer
 
 
+def _configured(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
+    """The layers whose settings are known (all but uninitialised lazy layers): the settings
+    rules judge layers on the meta device too (a structure-only template keeps them)."""
+    return (layer for layer in layers if not layer.lazy_uninitialized)
+
+
 def layers_where(
     layers: Sequence[BNLayer], name: str, test: Callable[[torch.Tensor], torch.Tensor]
 ) -> set[str]:
@@ -151,7 +157,7 @@ def is_trained(layer: BNLayer) -> bool:
 @check("keras-momentum")
 def keras_momentum(ctx: AuditContext) -> Iterator[Finding]:
     limit = ctx.tol("momentum_max")
-    for layer in _usable(ctx.layers):
+    for layer in _configured(ctx.layers):
         m = layer.momentum
         if m is None or not layer.has_running_stats or m <= limit:
             continue
@@ -169,7 +175,7 @@ def keras_momentum(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("invalid-eps")
 def invalid_eps(ctx: AuditContext) -> Iterator[Finding]:
-    for layer in _usable(ctx.layers):
+    for layer in _configured(ctx.layers):
         eps = layer.eps
         if eps is None or (math.isfinite(eps) and eps > 0):
             continue
@@ -184,7 +190,7 @@ def invalid_eps(ctx: AuditContext) -> Iterator[Finding]:
 
 @check("no-running-stats")
 def no_running_stats(ctx: AuditContext) -> Iterator[Finding]:
-    for layer in _usable(ctx.layers):
+    for layer in _configured(ctx.layers):
         if not layer.standard:
             continue
         if layer.has_running_stats and layer.track_running_stats:
