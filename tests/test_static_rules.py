@@ -185,9 +185,32 @@ def test_zero_init_gamma_in_a_never_trained_model_is_not_a_dead_channel():
 def test_weight_decay_on_bn_params_is_flagged():
     model = TwoBlock()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    # one finding for the layers of one param group (the model's every BN layer, with
+    # optimizer(model.parameters(), weight_decay=wd)), naming them
+    [finding] = found(model, "weight-decay-on-bn", optimizer=opt)
+    assert finding.layer is None
+    assert finding.details["layers"] == ["block1.1", "block2.1"]
+    assert (
+        "gamma and beta of 2 BN layers (block1.1, block2.1) are in param group 0 with "
+        "weight_decay=0.0001" in finding.message
+    )
+
+
+def test_weight_decay_on_bn_is_one_finding_per_param_group():
+    # gamma and beta of block1 decayed in group 0, block2's gamma alone in group 1
+    model = TwoBlock()
+    b2 = model.block2[1]
+    rest = [p for p in model.parameters() if p is not b2.weight and p is not b2.bias]
+    opt = torch.optim.SGD(
+        [{"params": rest, "weight_decay": 1e-4}, {"params": [b2.weight], "weight_decay": 5e-4}],
+        lr=0.1,
+    )
     findings = found(model, "weight-decay-on-bn", optimizer=opt)
-    assert [f.layer for f in findings] == ["block1.1", "block2.1"]
-    assert "gamma and beta are in param group 0 with weight_decay=0.0001" in findings[0].message
+    assert [(f.layer, f.details["group"], f.details["params"]) for f in findings] == [
+        ("block1.1", 0, ["weight", "bias"]),
+        ("block2.1", 1, ["weight"]),
+    ]
+    assert "gamma is in param group 1 with weight_decay=0.0005" in findings[1].message
 
 
 def test_bn_params_in_a_no_decay_group_are_not_flagged():

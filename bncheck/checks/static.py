@@ -559,6 +559,10 @@ def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
         if wd > 0:
             for p in group["params"]:
                 where.setdefault(id(p), (gi, wd))
+    # one finding per param group and decayed parameters: a model built with
+    # optimizer(model.parameters(), weight_decay=wd) has every BN layer in it (52 in a
+    # DeepLabV3), and what is said and what is fixed is the same for all of them
+    groups: dict[tuple[int, float, tuple[str, ...]], list[BNLayer]] = {}
     for layer in _usable(ctx.layers):
         decayed = [
             (name, where[id(p)])
@@ -567,19 +571,40 @@ def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
         ]
         if not decayed:
             continue
-        names = " and ".join(
-            "gamma" if n == "weight" else "beta" if n == "bias" else n for n, _ in decayed
-        )
         gi, wd = decayed[0][1]
+        groups.setdefault((gi, wd, tuple(n for n, _ in decayed)), []).append(layer)
+    for (gi, wd, params), members in groups.items():
+        names = " and ".join(
+            "gamma" if n == "weight" else "beta" if n == "bias" else n for n in params
+        )
+        verb = "are" if len(params) > 1 else "is"
+        why = (
+            f"in param group {gi} with weight_decay={wd:g}; decay pulls each channel's output "
+            "scale (gamma) and shift (beta) toward 0, toward dead channels, rather than "
+            "regularising; most recipes leave norm parameters out of weight decay"
+        )
+        hint = "put BN (and bias) parameters in a param group with weight_decay=0"
+        if len(members) == 1:
+            yield ctx.finding(
+                "weight-decay-on-bn",
+                members[0],
+                f"{names} {verb} {why}",
+                hint=hint,
+                group=gi,
+                weight_decay=wd,
+                params=list(params),
+            )
+            continue
+        shown = ", ".join(m.name for m in members[:3]) + (
+            f" and {len(members) - 3} more" if len(members) > 3 else ""
+        )
         yield ctx.finding(
             "weight-decay-on-bn",
-            layer,
-            f"{names} {'are' if len(decayed) > 1 else 'is'} in param group {gi} with "
-            f"weight_decay={wd:g}; decay pulls each channel's output scale (gamma) and shift "
-            "(beta) toward 0, toward dead channels, rather than regularising; most recipes "
-            "leave norm parameters out of weight decay",
-            hint="put BN (and bias) parameters in a param group with weight_decay=0",
+            None,
+            f"{names} of {len(members)} BN layers ({shown}) {verb} {why}",
+            hint=hint,
             group=gi,
             weight_decay=wd,
-            params=[n for n, _ in decayed],
+            params=list(params),
+            layers=[m.name for m in members],
         )
