@@ -174,12 +174,27 @@ def _describe(name: str, module: nn.Module) -> BNLayer:
         standard=isinstance(module, _BatchNorm),
         lazy_uninitialized=lazy,
         num_features=num_features,
-        eps=float(eps) if isinstance(eps, (int, float)) else None,
-        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+        eps=setting_number(eps),
+        momentum=setting_number(momentum),
         has_momentum=has_momentum,
         affine=affine,
         track_running_stats=track,
     )
+
+
+def setting_number(value: object) -> float | None:
+    """A setting as a float: a Python, numpy or one-element tensor number (a momentum read
+    from a config as numpy.float32, or kept as a tensor); None for anything else."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def iter_bn_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

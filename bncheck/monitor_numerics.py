@@ -103,7 +103,7 @@ class FlatBuffers:
             ]
         )
         momenta = tuple(
-            m.momentum if live else found
+            _momentum_value(m.momentum) if live else found
             for m, live, found in zip(self.modules, self.live_momentum, self.found_momentum)
         )
         return flat, nbt, momenta
@@ -117,19 +117,11 @@ class FlatBuffers:
         """``[S, T]``: the update factor of each step, from the momenta its snapshot read
         (``1 / num_batches_tracked`` for momentum None; NaN where the momentum is no
         number)."""
-        rows = [
-            [
-                -1.0
-                if m is None
-                else float(m)
-                if isinstance(m, (int, float)) and not isinstance(m, bool)
-                else math.nan
-                for m in snap[2]
-            ]
-            for snap in snaps
-        ]
+        rows = [[math.nan if m is None else float(m) for m in snap[2]] for snap in snaps]
+        averaged = [[m is None for m in snap[2]] for snap in snaps]
         table = torch.tensor(rows, dtype=torch.float64, device=nbt.device)
-        return torch.where(table < 0, 1.0 / nbt.clamp(min=1.0), table)
+        cumulative = torch.tensor(averaged, dtype=torch.bool, device=nbt.device)
+        return torch.where(cumulative, 1.0 / nbt.clamp(min=1.0), table)
 
     @torch.no_grad()
     def summarize(
@@ -255,6 +247,20 @@ class FlatBuffers:
             self.eps,
         )
         return start_z, start_vr, share
+
+
+def _momentum_value(m: Any) -> float | None:
+    """A layer's momentum as a float (None: a cumulative average; NaN: no number). A float
+    is kept as it is (the common case, per step); a numpy scalar or a one-element tensor is
+    read now, so a later in-place change does not rewrite this step's value."""
+    if m is None or type(m) is float:
+        return m
+    if isinstance(m, bool):
+        return math.nan
+    try:
+        return float(m)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 def _drift(

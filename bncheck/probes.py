@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_hook
 
 from .context import AuditContext
-from .discovery import BNLayer
+from .discovery import BNLayer, setting_number
 from .errors import BNCheckError, InputError, first_line
 from .state import RNGState
 from .tracing import BNCall, OpRecord, Tracer
@@ -1619,8 +1619,8 @@ def _train_pass(
                     shape=shape,
                     batch_size=n,
                     samples_per_channel=count,
-                    eps=float(eps) if isinstance(eps, (int, float)) else None,
-                    momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+                    eps=setting_number(eps),
+                    momentum=setting_number(momentum),
                     has_momentum=hasattr(module, "momentum"),
                     track_running_stats=bool(
                         getattr(module, "track_running_stats", layer.has_running_stats)

@@ -548,6 +548,26 @@ def test_a_momentum_changed_after_the_monitor_was_built_is_read_at_each_step():
     assert finding.message == only(before.report(), "stat-drift")[0].message
 
 
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_a_momentum_held_as_a_numpy_or_tensor_number_is_read_as_that_number(kind):
+    # a momentum read from a config as numpy.float32, or kept as a one-element tensor,
+    # updates the statistics as the float would: the Monitor reads it so
+    def monitored(momentum: object) -> bncheck.Monitor:
+        torch.manual_seed(0)
+        model = ConvBNReLU(momentum=0.1)
+        model.bn.momentum = momentum
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return far_start_loop(60, model=model, opt=opt)
+
+    number = np.float32(0.1) if kind == "numpy" else torch.tensor(0.1)
+    held, plain = monitored(number), monitored(float(np.float32(0.1)))
+    assert held.history["batch_var"].notna().all()
+    np.testing.assert_allclose(held.history["batch_var"], plain.history["batch_var"], rtol=1e-9)
+    assert [f.message for f in only(held.report(), "stat-drift")] == [
+        f.message for f in only(plain.report(), "stat-drift")
+    ]
+
+
 def test_a_reset_mid_run_starts_a_new_warm_up():
     # reset_running_stats() at step 41: the counter goes back to 0 and the statistics to
     # their starting values, whose share explains the drift after it as at the start
