@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -396,11 +395,11 @@ def _audit(
     available = {"model", "buffers"}
     incomplete: list[str] = []
     on_meta = [layer.name for layer in ctx.layers if _on_meta(layer)]
-    if (
-        on_meta
-        and len(on_meta) == len(ctx.layers)
-        and all(t.is_meta for t in itertools.chain(inner.parameters(), inner.buffers()))
-    ):
+    # the model is on the meta device when its parameters are (all its tensors, without
+    # any): accelerate's init_empty_weights leaves the buffers real. A model whose real
+    # weights run a meta template (torch.func's ensembling recipe) is not
+    weights: list[torch.Tensor] = [*inner.parameters()] or [*inner.buffers()]
+    if on_meta and len(on_meta) == len(ctx.layers) and all(t.is_meta for t in weights):
         available.discard("buffers")
         meta = (
             "the model is on the meta device (structure only): its statistics and forward "
@@ -416,11 +415,13 @@ def _audit(
         shown = ", ".join(on_meta[:3]) + (
             f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else ""
         )
-        ctx.notes.append(
+        meta = (
             f"{len(on_meta)} BN layer(s) hold tensors on the meta device (structure only: a "
             "template torch.func.functional_call runs with other weights, or weights not "
-            f"loaded yet): {shown}; their own statistics and gamma/beta were not checked"
+            f"loaded yet): {shown}; their statistics and gamma/beta were not checked"
         )
+        ctx.notes.append(meta)
+        incomplete.append(meta)
     if optimizer is not None:
         available.add("optimizer")
     ctx.example_input = example_input
@@ -481,6 +482,11 @@ def _audit(
                 # for good: from here on the audit only reads the model (its rules)
                 snapshot.restore(final=True)
                 ctx.model, ctx.layers = inner, layers  # the rules judge the user's model
+            if forward_error is not None and on_meta:
+                forward_error += (
+                    f"; {len(on_meta)} BN layer(s) hold tensors on the meta device: load "
+                    "their weights (e.g. load_state_dict(..., assign=True))"
+                )
             if forward_error is not None:
                 reason = f"the forward pass failed ({forward_error})"
                 ctx.notes.append(reason)
@@ -504,10 +510,15 @@ def _audit(
                 partial = getattr(obs, "train_error", None) or getattr(obs, "eval_error", None)
                 if partial is not None:
                     forward_error = partial
-                elif obs.train_ran and not obs.calls and obs.transformed:
+                elif obs.unread:
+                    # calls inside torch.func.vmap, or with meta tensors: what they normalise
+                    # with was not read, whatever the other calls showed
+                    names = sorted(obs.unread)
                     incomplete.append(
-                        "every BN call of the train-mode forward pass ran inside "
-                        "torch.func.vmap, where the forward rules cannot observe it"
+                        f"{len(names)} BN layer(s) ran inside torch.func.vmap or with tensors "
+                        f"on the meta device ({', '.join(names[:3])}"
+                        f"{' and more' if len(names) > 3 else ''}), where the forward rules "
+                        "cannot read their calls"
                     )
                 elif obs.train_ran and not obs.calls:
                     # the forward returned, but through no BN layer (it caught its own error,

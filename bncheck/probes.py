@@ -244,9 +244,9 @@ class TrainCall:
     samples_per_channel: int
     single_value: bool = False
     forced_eval: bool = False
-    #: the call ran inside a torch.func ``vmap``: its tensors are batched wrappers, whose
-    #: values the readings cannot take out of the transform; not observed
-    transformed: bool = False
+    #: the call could not be read (:func:`_unreadable_call`: inside torch.func ``vmap``,
+    #: whose batched values cannot leave the transform, or with meta tensors); not observed
+    unread: bool = False
     eps: float | None = None
     momentum: float | None = None
     has_momentum: bool = False
@@ -295,6 +295,8 @@ class EvalPass:
 
     calls: list[EvalCall]
     outputs: list[torch.Tensor]
+    #: layers whose calls could not be read (inside torch.func.vmap, or on the meta device)
+    unread: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -399,9 +401,8 @@ class ForwardObservations:
     stage_errors: dict[str, str] = field(default_factory=dict)
     needs_targets: bool = False
     user_training: dict[str, bool] = field(default_factory=dict)
-    #: BN layers called inside a torch.func ``vmap``, whose calls the passes could not
-    #: observe
-    transformed: set[str] = field(default_factory=set)
+    #: BN layers with calls the passes could not read (:func:`_unreadable_call`)
+    unread: set[str] = field(default_factory=set)
 
     def calls_of(self, layer: str) -> list[TrainCall]:
         return [c for c in self.calls if c.layer == layer]
@@ -1423,7 +1424,18 @@ def _transformed(t: Any) -> bool:
 
 def _readable(t: Any) -> TypeGuard[torch.Tensor]:
     """A tensor with a batch dimension the eval passes can keep rows of."""
-    return isinstance(t, torch.Tensor) and t.dim() >= 1 and not _transformed(t)
+    return isinstance(t, torch.Tensor) and t.dim() >= 1 and not _transformed(t) and not t.is_meta
+
+
+def _unreadable_call(x: Any, module: nn.Module) -> bool:
+    """Whether a BN call cannot be read: its input, or the gamma/beta/statistics it runs
+    with (a functional_call's, at call time), are batched by torch.func.vmap or hold no
+    values (the meta device)."""
+    tensors = [x, module._parameters.get("weight"), module._parameters.get("bias")]
+    buffers = module._buffers
+    if isinstance(buffers, dict):
+        tensors += [buffers.get("running_mean"), buffers.get("running_var")]
+    return any(isinstance(t, torch.Tensor) and (t.is_meta or _transformed(t)) for t in tensors)
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...] | None:
@@ -1519,7 +1531,7 @@ def _train_pass(
         if name != "batch_norm" or not active or not isinstance(out, torch.Tensor):
             return
         rec = active[-1][0]
-        if rec.norm_source is not None or rec.forced_eval or rec.transformed or not rec.training:
+        if rec.norm_source is not None or rec.forced_eval or rec.unread or not rec.training:
             return
         inp = args[0] if args else kwargs.get("input")
         if not isinstance(inp, torch.Tensor):
@@ -1553,7 +1565,7 @@ def _train_pass(
             or bound is None
             or rec.norm_source is not None
             or rec.forced_eval
-            or rec.transformed
+            or rec.unread
             or not rec.training
             or _BATCH_NORM_IMPL is None
             or (rows and (rec.occurrence > 0 or rec.layer in reused))
@@ -1629,9 +1641,9 @@ def _train_pass(
                     trace=trace,
                     stock=_stock(module),
                 )
-                if _transformed(x_in):
-                    rec.transformed = True
-                    obs.transformed.add(layer.name)
+                if _unreadable_call(x_in, module):
+                    rec.unread = True
+                    obs.unread.add(layer.name)
                     active.append((rec, module, x_in))
                     return
                 obs.calls.append(rec)
@@ -1658,7 +1670,7 @@ def _train_pass(
                     return
                 rec, _, x_in = active.pop()
                 tracer.bn_exit(rec.trace, module, output) if rec.trace else None
-                if rec.transformed:
+                if rec.unread:
                     return
                 if rec.forced_eval:
                     module.training = True
@@ -1905,10 +1917,14 @@ def _eval_pass(
     calls: list[EvalCall] = []
     counts: dict[str, int] = {}
     pending: list[EvalCall] = []
+    unread: set[str] = set()
 
     def pre(layer: BNLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             t = _first_tensor(args)
+            if _unreadable_call(t, module):
+                unread.add(layer.name)
+                t = None
             occ = counts.get(layer.name, 0)
             counts[layer.name] = occ + 1
             # a view is enough for the input (nothing writes a BN input in place after BN;
@@ -1930,7 +1946,7 @@ def _eval_pass(
                 return
             call = pending.pop()
             t = _first_tensor(output) if not isinstance(output, torch.Tensor) else output
-            if _readable(t):
+            if _readable(t) and layer.name not in unread:
                 call.output = t[:keep].detach().clone()
 
         return hook
@@ -1945,6 +1961,9 @@ def _eval_pass(
         occ = counts.get(entry[1], 0)
         counts[entry[1]] = occ + 1
         t = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+        if _unreadable_call(t, module):
+            unread.add(entry[1])
+            t = None
         row = t[:1].detach().clone() if _readable(t) else None
         calls.append(EvalCall(entry[1], occ, None, row))
 
@@ -1955,7 +1974,7 @@ def _eval_pass(
             stack.callback(register_module_forward_hook(screen).remove)
         result = _call(ctx.model, x)
     # only outputs with one row (or one list entry) per sample are compared sample by sample
-    return EvalPass(calls, _sample_outputs(result, keep if batch is None else batch, keep))
+    return EvalPass(calls, _sample_outputs(result, keep if batch is None else batch, keep), unread)
 
 
 #: Fewer values than this in sample 0's model outputs, and the screening passes agreeing, call
@@ -2469,6 +2488,9 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
 
         try:
             obs.eval = _eval_passes(ctx, x, n, after_pass, mates=mates)
+            for p in (obs.eval.a, obs.eval.a_again, obs.eval.b):
+                if p is not None:
+                    obs.unread |= p.unread
         except BNCheckError:
             raise
         except Exception as exc:
@@ -2564,11 +2586,11 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
             except Exception as exc:
                 obs.stage_errors["data"] = f"the forward pass on data= failed ({first_line(exc)})"
             restore()
-    if obs.transformed:
-        names = sorted(obs.transformed)
+    if obs.unread:
+        names = sorted(obs.unread)
         ctx.notes.append(
-            f"{len(names)} BN layer(s) ran inside torch.func.vmap and were not observed in "
-            f"the forward passes: {', '.join(names[:3])}"
+            f"{len(names)} BN layer(s) ran inside torch.func.vmap or with tensors on the meta "
+            f"device, and their calls could not be read: {', '.join(names[:3])}"
             f"{' and more' if len(names) > 3 else ''}"
         )
     if obs.stopped_at is not None:

@@ -746,3 +746,88 @@ def test_a_meta_layer_beside_real_ones_leaves_the_others_audited():
     assert any("hold tensors on the meta device" in n for n in report.notes)
     assert ("keras-momentum", "inner.net.1") in {(f.rule, f.layer) for f in report.findings}
     assert "normalization" not in report.skipped
+
+
+class VmapFirstBN(nn.Module):
+    """An ensemble under vmap whose first layer is BN: the input is not batched, the
+    gamma/beta the BN runs with are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def member() -> nn.Module:
+            return nn.Sequential(
+                nn.BatchNorm2d(3, track_running_stats=False),
+                nn.Conv2d(3, 4, 3),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4, 2),
+            )
+
+        params, _ = torch.func.stack_module_state([member() for _ in range(3)])
+        self.keys = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.keys])
+        self.base = member().to("meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def run(weights: tuple[torch.Tensor, ...], inp: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.base, dict(zip(self.keys, weights)), (inp,))
+
+        return torch.func.vmap(run, in_dims=(0, None))(tuple(self.stacked), x).mean(0)
+
+
+class VmapInEval(nn.Module):
+    """A model whose eval path runs each sample through BN under vmap (its train path
+    does not): only the eval passes meet the batched calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.bn(self.conv(x)).mean((1, 2, 3))
+        return torch.func.vmap(lambda t: self.bn(self.conv(t[None]))[0])(x).mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("model_class", [VmapFirstBN, VmapInEval])
+def test_bn_calls_under_vmap_leave_the_report_incomplete_without_failing(model_class):
+    # batched weights (VmapFirstBN) or calls met by the eval passes only (VmapInEval): the
+    # audit neither fails nor passes as complete, and says which layers it could not read
+    torch.manual_seed(0)
+    report = bncheck.audit(model_class(), torch.randn(8, 3, 12, 12))
+    assert report.forward_error is None
+    assert not report.complete
+    assert any("torch.func.vmap" in reason for reason in report.incomplete)
+
+
+def test_parameters_on_meta_with_real_buffers_is_a_model_on_the_meta_device():
+    # accelerate's init_empty_weights() keeps the buffers real: the model still holds no
+    # weights, and the report says so instead of failing in the forward
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(p.to("meta"))
+    report = bncheck.audit(model, torch.randn(8, 3, 12, 12))
+    assert report.forward_error is None
+    assert any("the model is on the meta device" in r for r in report.incomplete)
+
+
+def test_meta_bn_layers_in_the_forward_path_fail_with_the_models_own_error():
+    # BN layers not loaded yet beside real convs: the forward fails as the model fails (the
+    # meta tensors), not in bncheck's readings, and the reason names the meta layers
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+    )
+    model[1].to("meta")
+    model[4].momentum = 0.9
+    model[4].to("meta")
+    report = bncheck.audit(model, torch.randn(8, 3, 12, 12))
+    assert report.forward_error is not None
+    assert "meta" in report.forward_error and "Cannot copy out of meta" not in report.forward_error
+    assert "2 BN layer(s) hold tensors on the meta device" in report.forward_error
+    # the settings of the meta layers are still judged
+    assert ("keras-momentum", "4") in {(f.rule, f.layer) for f in report.findings}

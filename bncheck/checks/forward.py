@@ -920,7 +920,19 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
             buffers_changed=list(kept),
         )
         return
-    if layer is None:
+    if layer is None and obs.unread:
+        # BN layers ran where the passes cannot read them (torch.func.vmap, meta tensors)
+        text = (
+            f"two identical eval forwards give different model outputs (max |diff| = "
+            f"{diff:.2g} > tol {rtol * scale:.2g}); the BN layers that ran inside "
+            f"torch.func.vmap or with meta tensors ({', '.join(sorted(obs.unread)[:3])}) were "
+            "not observed, so where it starts is not known"
+        )
+        hint = (
+            "look for F.dropout(...) without training=self.training, or random ops that "
+            "ignore eval mode"
+        )
+    elif layer is None:
         text = (
             f"two identical eval forwards give different model outputs (max |diff| = "
             f"{diff:.2g} > tol {rtol * scale:.2g}); no BN layer output differs, so the "
@@ -975,16 +987,16 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
         "(T, N, ...) inputs), this is expected; else look for reductions over the batch "
         "dimension (dim 0) that ignore self.training"
     )
-    if layer is None and obs.transformed:
-        # BN layers ran inside torch.func.vmap, where the passes cannot read them
-        shown = ", ".join(sorted(obs.transformed)[:3])
+    if layer is None and obs.unread:
+        # BN layers ran where the passes cannot read them (torch.func.vmap, meta tensors)
+        shown = ", ".join(sorted(obs.unread)[:3])
         yield ctx.finding(
             "eval-batch-dependence",
             None,
             f"in eval mode, sample 0's model output changes when its batch-mates change "
             f"({companion}): max |diff| = {diff:.2g} > tol {rtol * scale:.2g}; the BN "
-            f"layers that ran inside torch.func.vmap ({shown}) were not observed, so where "
-            "it starts is not known",
+            f"layers that ran inside torch.func.vmap or with meta tensors ({shown}) were not "
+            "observed, so where it starts is not known",
             hint="a BN layer built with track_running_stats=False normalises with the batch "
             "in eval mode (see no-running-stats); else look for reductions over the batch "
             "dimension (dim 0) that ignore self.training",
