@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
@@ -2062,8 +2062,16 @@ def _eval_passes(
     if differs:
         bn_modules = frozenset(id(layer.module) for layer in ctx.layers)
         sums = _state_sums(model, bn_modules)
+        started = _buffer_copies(model, bn_modules)
         a_again = run(a_in) if batch == size else run(x, n)
         params_changed, buffers_changed = _changed_since(_state_sums(model, bn_modules), sums)
+        if buffers_changed and not params_changed and _put_buffers(started, buffers_changed):
+            # is the changed state why the passes differ? once more from the state a_again
+            # started from: a pass that differs from it has a random op besides (a counter
+            # the forward increments and never reads must not hide a dropout)
+            third = run(a_in) if batch == size else run(x, n)
+            if first_difference(a_again, third, slice(0, 1), rtol) is not None:
+                buffers_changed = ()
     if (
         a_again is not None
         and batch == size
@@ -2118,6 +2126,34 @@ def _state_sums(
                     b.detach().sum(dtype=torch.float64)
                 )
     return params, buffers
+
+
+def _buffer_copies(
+    model: nn.Module, bn_modules: frozenset[int]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The buffers :func:`_state_sums` sums, by qualified name: (the buffer, a copy)."""
+    copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for prefix, module in model.named_modules():
+        if id(module) in bn_modules:
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if isinstance(b, torch.Tensor) and not b.is_meta and b.numel():
+                copies[f"{prefix}.{name}" if prefix else name] = (b, b.detach().clone())
+    return copies
+
+
+def _put_buffers(
+    copies: dict[str, tuple[torch.Tensor, torch.Tensor]], names: Sequence[str]
+) -> bool:
+    """Write the copied values of the buffers ``names`` back in place; False when one cannot
+    be (gone from the copies, resized or moved)."""
+    entries = [copies.get(name) for name in names]
+    if any(e is None or e[0].shape != e[1].shape or e[0].device != e[1].device for e in entries):
+        return False
+    with torch.no_grad():
+        for buffer, copy in entries:  # type: ignore[misc]
+            buffer.copy_(copy)
+    return True
 
 
 def _changed_since(

@@ -315,6 +315,33 @@ def test_a_forward_that_updates_a_buffer_is_named_as_the_cause() -> None:
     assert float(model.scale) == 1.0  # put back
 
 
+class CountedDropout(nn.Module):
+    """ConvBNReLU followed by a dropout that ignores eval mode, and a call counter its
+    forward increments but never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvBNReLU()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.dropout(self.body(x), 0.5, training=True)
+
+
+def test_a_changed_buffer_does_not_hide_a_random_op() -> None:
+    # the counter changes between the two eval passes, but a third pass from the same
+    # state still differs: the random op is the cause, and the error stands
+    torch.manual_seed(0)
+    model = CountedDropout().eval()
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.severity is bncheck.Severity.ERROR
+    assert "buffers_changed" not in finding.details
+    assert "F.dropout" in finding.message
+    assert int(model.calls) == 0  # put back
+
+
 def test_qat_observers_updating_in_eval_are_named_with_their_fix() -> None:
     # torch.ao's QAT keeps its FakeQuantize observers updating in eval mode while enabled:
     # two identical eval forwards differ by the scales they moved, not by a random op

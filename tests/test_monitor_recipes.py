@@ -965,6 +965,30 @@ def test_a_validation_pass_in_train_mode_every_few_steps_is_named_in_the_hint():
     assert "call model.eval() for it" in finding.message
 
 
+def test_updates_piled_up_at_the_first_steps_name_amp_skips_first():
+    # a GradScaler skips the optimizer step at the first iterations (its initial scale
+    # overflows), emulated by not stepping at iterations 1-4 (the Monitor was not given
+    # scaler=): the first step sees five updates, and the hint names the likeliest cause
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    with bncheck.Monitor(model, optimizer=opt) as monitor:
+        for it in range(1, 31):
+            opt.zero_grad()
+            x, y = (
+                torch.randn(16, 3, 8, 8, generator=gen),
+                torch.randint(0, 4, (16,), generator=gen),
+            )
+            F.cross_entropy(model(x), y).backward()
+            if it > 4:
+                opt.step()
+    [finding] = multi(monitor.report())
+    assert finding.details["updates"] == 5 and finding.details["step"] == 1
+    assert "at the run's first steps only: with AMP" in finding.message
+    assert "scaler=" in finding.message
+
+
 class RecurrentBN(nn.Module):
     """One BN applied at every time step of a recurrent loop (the hidden state's statistics
     change from step to step)."""

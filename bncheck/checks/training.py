@@ -586,6 +586,14 @@ _GENERIC = (
     "for it, model.train() after); ignore 'multiple-updates-per-step' if intended; with AMP, "
     "pass scaler= to the Monitor so steps the GradScaler skipped are not counted"
 )
+#: the hint when only the run's first steps had several updates and the Monitor did not see
+#: how: a GradScaler skips iterations while it finds its scale
+_FIRST_STEPS = (
+    "at the run's first steps only: with AMP, most likely iterations the GradScaler skipped "
+    "while it found its scale (pass scaler= to the Monitor, which then counts them); else a "
+    "forward run in train mode at those steps (a validation or logging pass: call "
+    "model.eval() for it), a gradient accumulation or activation checkpointing"
+)
 #: the hint when few steps had several updates and the Monitor did not see how
 _NOW_AND_THEN = (
     "at a few steps only: most likely a forward the loop runs now and then in train mode (a "
@@ -653,7 +661,10 @@ class MultipleUpdatesPerStep(TrainingRule):
         if kind is None:
             # the steps after the first one with several updates, recorded in detail, did
             # not repeat it: a pass the loop runs at some steps only, when they are few
-            hint = _GENERIC if ep.steps * 2 > max(run.steps, 1) else _NOW_AND_THEN
+            if ep.steps * 2 > max(run.steps, 1):
+                hint = _GENERIC
+            else:
+                hint = _FIRST_STEPS if ep.last_step <= 3 else _NOW_AND_THEN
             return Said(f"{head} (expected 1)", hint, {"cause": None, "max_updates": most})
         why, hint = _KIND_WORDS[kind]
         severity = "info" if kind in ("sources", "other-step") else None
