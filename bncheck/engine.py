@@ -21,6 +21,7 @@ from .checks.training import TRAINING_RULES, RunObservations, run_findings
 from .context import AuditContext, AuditFacts
 from .discovery import BNLayer, find_bn_layers, unwrap_model
 from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, first_line
+from .render import layer_list
 from .report import Finding, Report
 from .state import Snapshot, audit_lock, audit_pass, preserved
 
@@ -412,9 +413,7 @@ def _audit(
         # some layers only: a structure-only template the forward runs with other tensors
         # (torch.func.functional_call over stack_module_state's weights), or weights not
         # loaded yet; the buffer rules judge the other layers (checks.static._usable)
-        shown = ", ".join(on_meta[:3]) + (
-            f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else ""
-        )
+        shown = layer_list(on_meta, 3)
         meta = (
             f"{len(on_meta)} BN layer(s) hold tensors on the meta device (structure only: a "
             "template torch.func.functional_call runs with other weights, or weights not "
@@ -516,8 +515,7 @@ def _audit(
                     names = sorted(obs.unread)
                     incomplete.append(
                         f"{len(names)} BN layer(s) ran inside torch.func.vmap or with tensors "
-                        f"on the meta device ({', '.join(names[:3])}"
-                        f"{' and more' if len(names) > 3 else ''}), where the forward rules "
+                        f"on the meta device ({layer_list(names, 3)}), where the forward rules "
                         "cannot read their calls"
                     )
                 elif obs.train_ran and not obs.calls:

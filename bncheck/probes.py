@@ -54,6 +54,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from .context import AuditContext
 from .discovery import BNLayer, setting_number
 from .errors import BNCheckError, InputError, first_line
+from .render import layer_list
 from .state import RNGState
 from .tracing import BNCall, OpRecord, Tracer
 
@@ -2626,8 +2627,7 @@ def collect(ctx: AuditContext, stages: Iterable[str] | None = None) -> ForwardOb
         names = sorted(obs.unread)
         ctx.notes.append(
             f"{len(names)} BN layer(s) ran inside torch.func.vmap or with tensors on the meta "
-            f"device, and their calls could not be read: {', '.join(names[:3])}"
-            f"{' and more' if len(names) > 3 else ''}"
+            f"device, and their calls could not be read: {layer_list(names, 3)}"
         )
     if obs.stopped_at is not None:
         ctx.notes.append(

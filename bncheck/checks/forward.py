@@ -23,6 +23,7 @@ import torch
 from ..context import AuditContext
 from ..discovery import BNLayer
 from ..probes import ForwardObservations, InputSummary, TrainCall, first_difference, input_origin
+from ..render import layer_list
 from ..report import Finding
 from ..tracing import OpRecord, upstream
 from .registry import check
@@ -872,7 +873,7 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
     if moved:
         # the forward changed the weights the next forward runs with (an EMA step inside
         # forward): that, not a random op, is why two identical passes differ
-        shown = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
+        shown = layer_list(moved, 3)
         yield ctx.finding(
             "eval-nondeterminism",
             ctx.layer(layer) if layer else None,
@@ -892,7 +893,7 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
         # the forward changed other state the next forward reads (a quantization observer
         # that keeps updating its scale in eval mode): not a random op, and the model works
         # as built; its eval outputs depend on the batches evaluated before
-        shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        shown = layer_list(kept, 3)
         observers = any(
             part in name
             for name in kept
@@ -925,7 +926,7 @@ def eval_nondeterminism(ctx: AuditContext) -> Iterator[Finding]:
         text = (
             f"two identical eval forwards give different model outputs (max |diff| = "
             f"{diff:.2g} > tol {rtol * scale:.2g}); the BN layers that ran inside "
-            f"torch.func.vmap or with meta tensors ({', '.join(sorted(obs.unread)[:3])}) were "
+            f"torch.func.vmap or with meta tensors ({layer_list(sorted(obs.unread), 3)}) were "
             "not observed, so where it starts is not known"
         )
         hint = (
@@ -989,7 +990,7 @@ def eval_batch_dependence(ctx: AuditContext) -> Iterator[Finding]:
     )
     if layer is None and obs.unread:
         # BN layers ran where the passes cannot read them (torch.func.vmap, meta tensors)
-        shown = ", ".join(sorted(obs.unread)[:3])
+        shown = layer_list(sorted(obs.unread), 3)
         yield ctx.finding(
             "eval-batch-dependence",
             None,

@@ -10,6 +10,7 @@ import torch
 
 from ..context import AuditContext
 from ..discovery import BNLayer
+from ..render import layer_list
 from ..report import Finding
 from .registry import check
 
@@ -595,9 +596,7 @@ def weight_decay_on_bn(ctx: AuditContext) -> Iterator[Finding]:
                 params=list(params),
             )
             continue
-        shown = ", ".join(m.name for m in members[:3]) + (
-            f" and {len(members) - 3} more" if len(members) > 3 else ""
-        )
+        shown = layer_list([m.name for m in members], 3)
         yield ctx.finding(
             "weight-decay-on-bn",
             None,
