@@ -183,14 +183,17 @@ def _describe(name: str, module: nn.Module) -> BNLayer:
 
 
 def setting_number(value: object) -> float | None:
-    """A setting as a float: a Python, numpy or one-element tensor number (a momentum read
-    from a config as numpy.float32, or kept as a tensor); None for anything else."""
-    if value is None or isinstance(value, bool):
+    """A setting as a float, as torch uses it: a Python (bool included), numpy or one-element
+    tensor number (a momentum read from a config as numpy.float32, or kept as a tensor); None
+    for anything else."""
+    if value is None or isinstance(value, (str, bytes)):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)):  # bool too: torch runs momentum=True as 1
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.detach()
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, RuntimeError):

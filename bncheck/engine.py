@@ -400,7 +400,7 @@ def _audit(
     # any): accelerate's init_empty_weights leaves the buffers real. A model whose real
     # weights run a meta template (torch.func's ensembling recipe) is not
     weights: list[torch.Tensor] = [*inner.parameters()] or [*inner.buffers()]
-    if on_meta and len(on_meta) == len(ctx.layers) and all(t.is_meta for t in weights):
+    if (weights and all(t.is_meta for t in weights)) or (on_meta and not weights):
         available.discard("buffers")
         meta = (
             "the model is on the meta device (structure only): its statistics and forward "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .discovery import BNLayer
+from .discovery import BNLayer, setting_number
 
 __all__ = [
     "FlatBuffers",
@@ -255,12 +255,8 @@ def _momentum_value(m: Any) -> float | None:
     read now, so a later in-place change does not rewrite this step's value."""
     if m is None or type(m) is float:
         return m
-    if isinstance(m, bool):
-        return math.nan
-    try:
-        return float(m)
-    except (TypeError, ValueError, RuntimeError):
-        return math.nan
+    value = setting_number(m)
+    return math.nan if value is None else value
 
 
 def _drift(

@@ -342,6 +342,29 @@ def test_a_changed_buffer_does_not_hide_a_random_op() -> None:
     assert int(model.calls) == 0  # put back
 
 
+class ReassignedScale(RunningScale):
+    """RunningScale whose forward replaces its buffer (``self.scale = ...``) instead of
+    updating it in place, as observers and EMA code are often written."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale = self.scale * 0.9 + 0.1 * x.abs().amax()
+        return self.body(x) / self.scale
+
+
+def test_a_buffer_the_forward_replaces_is_named_as_the_cause() -> None:
+    # the third pass starts from the buffer the repeated pass started from, put back in its
+    # module: it agrees, so the replaced buffer is the cause (no random op)
+    torch.manual_seed(0)
+    model = ReassignedScale().eval()
+    held = model.scale
+    report = bncheck.audit(model, image_batch(8), select=["eval-nondeterminism"])
+    (finding,) = _found(report, "eval-nondeterminism")
+    assert finding.details["buffers_changed"] == ["scale"]
+    assert finding.severity is bncheck.Severity.WARNING
+    assert model.scale is held and float(held) == 1.0
+
+
 def test_qat_observers_updating_in_eval_are_named_with_their_fix() -> None:
     # torch.ao's QAT keeps its FakeQuantize observers updating in eval mode while enabled:
     # two identical eval forwards differ by the scales they moved, not by a random op

@@ -833,3 +833,49 @@ def test_meta_bn_layers_in_the_forward_path_fail_with_the_models_own_error():
     # the settings of the meta layers are still judged
     found = {(f.rule, f.layer) for f in report.findings}
     assert ("keras-momentum", "4") in found and ("invalid-eps", "1") in found
+
+
+class FunctionalTemplate(nn.Module):
+    """A meta template run by torch.func.functional_call with weights and buffers the
+    wrapper holds (no vmap): the BN layers' own statistics are meta, the ones they run
+    with are real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        real = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.weights = nn.ParameterDict(
+            {
+                k.replace(".", "_"): nn.Parameter(v.detach().clone())
+                for k, v in real.named_parameters()
+            }
+        )
+        for k, v in real.named_buffers():
+            self.register_buffer("buf_" + k.replace(".", "_"), v.clone())
+        self.names = [k for k, _ in real.named_parameters()]
+        self.buffer_names = [k for k, _ in real.named_buffers()]
+        self.base = real.to("meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        given = {k: self.weights[k.replace(".", "_")] for k in self.names}
+        given.update({k: getattr(self, "buf_" + k.replace(".", "_")) for k in self.buffer_names})
+        return torch.func.functional_call(self.base, given, (x,))
+
+
+def test_a_meta_template_with_data_is_left_out_of_stat_drift():
+    # data= batches through a template whose own statistics are meta: stat-drift does not
+    # compare the batches with them (that raised), and the report stays incomplete
+    torch.manual_seed(0)
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    report = bncheck.audit(FunctionalTemplate(), data[0], data=data)
+    assert not report.complete
+    assert [f.rule for f in report.findings if f.rule == "stat-drift"] == []
+
+
+def test_parameters_on_meta_beside_affine_free_bn_is_a_model_on_the_meta_device():
+    # the BN layers hold real buffers and no parameters; the convs' weights are on meta
+    # (torch's CPU conv then returns garbage): no forward check may run on it
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU())
+    model[0].to("meta")
+    report = bncheck.audit(model, torch.randn(4, 3, 8, 8))
+    assert any("the model is on the meta device" in r for r in report.incomplete)
+    assert [f for f in report.findings if f.severity != "info"] == []

@@ -568,6 +568,16 @@ def test_a_momentum_held_as_a_numpy_or_tensor_number_is_read_as_that_number(kind
     ]
 
 
+def test_setting_number_reads_settings_as_torch_uses_them():
+    from bncheck.discovery import setting_number
+
+    assert setting_number(True) == 1.0  # torch runs momentum=True as 1
+    assert setting_number(np.float32(0.5)) == 0.5
+    assert setting_number(torch.tensor(0.25, requires_grad=True)) == 0.25
+    assert setting_number(torch.tensor([0.1, 0.2])) is None
+    assert setting_number("0.1") is None and setting_number(None) is None
+
+
 def test_a_reset_mid_run_starts_a_new_warm_up():
     # reset_running_stats() at step 41: the counter goes back to 0 and the statistics to
     # their starting values, whose share explains the drift after it as at the start

@@ -1368,8 +1368,8 @@ def stat_drift(ctx: AuditContext) -> Iterator[Finding]:
         if layer is None:
             continue
         rm, rv = layer.running_mean, layer.running_var
-        if rm is None or rv is None or rm.shape != stats.mean.shape:
-            continue
+        if rm is None or rv is None or rm.shape != stats.mean.shape or rm.is_meta or rv.is_meta:
+            continue  # meta: a template's statistics hold no values
         eps = layer.eps if layer.eps is not None and layer.eps > 0 else 1e-5
         with torch.no_grad():
             rm_d, rv_d = rm.detach().double().cpu(), rv.detach().double().cpu()
