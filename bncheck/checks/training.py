@@ -771,7 +771,11 @@ class SmallBatch(TrainingRule):
                 "larger inputs or batches, freeze this BN (eval mode), or use GroupNorm here"
             )
         else:
-            hint = "use larger batches, freeze BN (eval mode) for fine-tuning, or use GroupNorm"
+            hint = (
+                "use larger batches (with several devices, SyncBatchNorm normalises over "
+                "their batches together), freeze BN (eval mode) for fine-tuning, or use "
+                "GroupNorm"
+            )
         if ep.steps * 2 <= max(run.steps, 1):
             # at a few steps only: the short last batch of an epoch, most likely
             hint += "; at a few steps only, as the last partial batch of an epoch: drop_last=True"
