@@ -330,7 +330,11 @@ def run_report(
             run_nonfinite[f.layer].details["at_end"] = dict(f.details)
         else:
             kept.append(f)
-    return _report(ctx, kept + judged, source, settings=settings)
+    # layers on the meta device were not watched (the Monitor leaves them out): as in audit()
+    on_meta = [layer.name for layer in ctx.layers if _on_meta(layer)]
+    incomplete = [_meta_layers(on_meta)] if on_meta else []
+    ctx.notes.extend(incomplete)
+    return _report(ctx, kept + judged, source, settings=settings, incomplete=incomplete)
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -369,6 +373,16 @@ def _uninitialised_lazy(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[misc]
     ]
+
+
+def _meta_layers(names: Sequence[str]) -> str:
+    """Why a report that has BN layers on the meta device beside real tensors is
+    incomplete."""
+    return (
+        f"{len(names)} BN layer(s) hold tensors on the meta device (structure only: a "
+        "template torch.func.functional_call runs with other weights, or weights not "
+        f"loaded yet): {layer_list(names, 3)}; their statistics and gamma/beta were not checked"
+    )
 
 
 def _on_meta(layer: BNLayer) -> bool:
@@ -413,12 +427,7 @@ def _audit(
         # some layers only: a structure-only template the forward runs with other tensors
         # (torch.func.functional_call over stack_module_state's weights), or weights not
         # loaded yet; the buffer rules judge the other layers (checks.static._usable)
-        shown = layer_list(on_meta, 3)
-        meta = (
-            f"{len(on_meta)} BN layer(s) hold tensors on the meta device (structure only: a "
-            "template torch.func.functional_call runs with other weights, or weights not "
-            f"loaded yet): {shown}; their statistics and gamma/beta were not checked"
-        )
+        meta = _meta_layers(on_meta)
         ctx.notes.append(meta)
         incomplete.append(meta)
     if optimizer is not None:

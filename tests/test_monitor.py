@@ -448,6 +448,10 @@ def test_an_unused_bn_layer_on_the_meta_device_does_not_stop_the_monitor():
     frame = monitor.history
     assert set(frame["layer"]) >= {"bn"}
     assert frame[frame["layer"] == "bn"]["updates"].tolist() == [1.0, 1.0, 1.0]
+    # the meta layer was not watched: the report says so and is not complete (a gate on
+    # report.ok must not pass on what it could not see), as the audit's is
+    assert not report.complete
+    assert any("meta device" in reason and "spare" in reason for reason in report.incomplete)
 
 
 def test_a_report_after_the_layer_left_the_model_still_says_its_drift():
