@@ -457,7 +457,7 @@ def untrained_stats(ctx: AuditContext) -> Iterator[Finding]:
             None,
             f"all {len(hits)} BN layers still have their initial running statistics "
             + ("(mean 0, var 1)" if all(frozen) else "(mean 0, var 1, num_batches_tracked 0)")
-            + " in a model in eval mode"
+            + " and run in eval mode"
             + (" with trained gamma/beta" if any(h[2] for h in hits) else ""),
             hint=frozen_hint if all(frozen) else hint + ("; " + frozen_hint if any(frozen) else ""),
             layers=[h[0].name for h in hits],
