@@ -618,6 +618,34 @@ def test_a_run_that_ends_on_drift_its_start_does_not_explain_is_a_lag():
     assert "lag the data" in finding.message
 
 
+@pytest.mark.parametrize(("remaining", "severity"), [(14, "warning"), (0, "info")])
+def test_drift_its_start_explains_on_few_of_its_steps_is_a_lag(remaining, severity):
+    # 15 drifting steps of 30 judged, a start share of 1% at the last of them (a OneCycle
+    # peak's lag): when the start explains 1 of the 15, the drift is a lag, not the warm-up;
+    # when it explains all of them, the warm-up
+    from bncheck.checks.training import Episode, RunObservations, StatDrift
+    from bncheck.engine import prepare
+
+    ctx = prepare(ConvBNReLU(momentum=0.1))
+    run = RunObservations(["bn"], ["BatchNorm2d"], "optimizer", steps=60)
+    run.drift_judged = np.array([30])
+    ep = Episode(
+        "stat-drift",
+        0,
+        31,
+        45,
+        15,
+        {"drift_z": 1.0, "drift_var_ratio": 1.5},
+        peak=44.0,
+        remaining=remaining,
+        last={"start_share": 0.01, "explained": remaining == 0},
+    )
+    said = StatDrift.says(ctx, run, ep)
+    assert said is not None
+    assert (said.severity or "warning") == severity
+    assert ("lag the data" in said.hint) == (severity == "warning")
+
+
 @pytest.mark.parametrize("shift", [False, True])
 def test_warn_mode_warns_stat_drift_at_detach_as_the_report_judges_it(shift):
     # the far start's warm-up looks like drift to the end of the run at every step of it:

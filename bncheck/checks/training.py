@@ -865,16 +865,17 @@ class StatDrift(TrainingRule):
             if ep.peak is not None and momentum is not None and 0.0 < momentum < 1.0
             else 0.0
         )
-        # the starting values explain the drift when, with their share taken out, too few
-        # steps drift to make a finding of their own among the steps they do not explain
+        # the starting values explain the drift when, with their share taken out, most of
+        # its steps agree, and too few drift to make a finding of their own among the steps
+        # they do not explain
         left = ep.steps if ep.remaining is None else ep.remaining
-        lags = left >= DRIFT_MIN_STEPS and left >= DRIFT_MIN_FRACTION * max(
-            judged - (ep.steps - left), 1
-        )
+        explained = ep.steps - left
+        lags = left >= DRIFT_MIN_STEPS and left >= DRIFT_MIN_FRACTION * max(judged - explained, 1)
+        start_explains = explained > left and not lags
         young = kept >= WARMUP_KEPT and momentum is not None and ep.peak is not None
         to_end = ep.last_step >= run.steps
         if (
-            (young or not lags)
+            (young or start_explains)
             and momentum is not None
             and not (to_end and not young and not ep.last.get("explained", False))
         ):
