@@ -118,6 +118,15 @@ class BNLayer:
         return self.running_mean is not None and self.running_var is not None
 
     @property
+    def on_meta(self) -> bool:
+        """Whether one of its statistics or gamma/beta holds no values (the meta device:
+        structure only, a template or weights not loaded yet)."""
+        return any(
+            isinstance(t, torch.Tensor) and t.is_meta
+            for t in (self.running_mean, self.running_var, self.weight, self.bias)
+        )
+
+    @property
     def params(self) -> list[nn.Parameter]:
         """The layer's own trainable parameters (gamma, beta), if any."""
         return [p for p in self.module.parameters(recurse=False) if p is not None]

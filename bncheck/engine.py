@@ -19,7 +19,7 @@ from .checks.catalogue import NEEDS, info_for
 from .checks.registry import get_rule, resolve_rule_ids, resolve_tolerances
 from .checks.training import TRAINING_RULES, RunObservations, run_findings
 from .context import AuditContext, AuditFacts
-from .discovery import BNLayer, find_bn_layers, unwrap_model
+from .discovery import find_bn_layers, unwrap_model
 from .errors import BNCheckError, InputError, NoBatchNormError, UsageError, first_line
 from .render import layer_list
 from .report import Finding, Report
@@ -331,7 +331,7 @@ def run_report(
         else:
             kept.append(f)
     # layers on the meta device were not watched (the Monitor leaves them out): as in audit()
-    on_meta = [layer.name for layer in ctx.layers if _on_meta(layer)]
+    on_meta = [layer.name for layer in ctx.layers if layer.on_meta]
     incomplete = [_meta_layers(on_meta)] if on_meta else []
     ctx.notes.extend(incomplete)
     return _report(ctx, kept + judged, source, settings=settings, incomplete=incomplete)
@@ -385,13 +385,6 @@ def _meta_layers(names: Sequence[str]) -> str:
     )
 
 
-def _on_meta(layer: BNLayer) -> bool:
-    """Whether the layer's statistics or gamma hold no values (the meta device)."""
-    return any(
-        isinstance(t, torch.Tensor) and t.is_meta for t in (layer.running_mean, layer.weight)
-    )
-
-
 def _audit(
     ctx: AuditContext,
     snapshot: Snapshot,
@@ -409,7 +402,7 @@ def _audit(
         example_input = None  # the forward rules are skipped with the front end's reason
     available = {"model", "buffers"}
     incomplete: list[str] = []
-    on_meta = [layer.name for layer in ctx.layers if _on_meta(layer)]
+    on_meta = [layer.name for layer in ctx.layers if layer.on_meta]
     # the model is on the meta device when its parameters are (all its tensors, without
     # any): accelerate's init_empty_weights leaves the buffers real. A model whose real
     # weights run a meta template (torch.func's ensembling recipe) is not

@@ -86,6 +86,7 @@ from .checks.training import (
     S_MOVED,
     S_NONFINITE,
     STAT_COLUMNS,
+    TRAINING_RULES,
     RunObservations,
     StepBlock,
     conditions,
@@ -685,11 +686,8 @@ class Monitor:
                 and self._step - ep.first_step < ParamWatch.MIN_CHANGES
             ):
                 continue  # not yet told from a moving-average copy: at a later flush
-            if not final and ep.rule == "stat-drift":
-                # judged over the whole run: whether its drift is the warm-up of the average
-                # or a lag, a share of the judged steps large enough to report, and whether
-                # the run ends with it, are known at the run's end
-                continue
+            if not final and TRAINING_RULES[ep.rule].whole_run:
+                continue  # what it says is known at the run's end
             if (
                 not final
                 and ep.rule == "multiple-updates-per-step"

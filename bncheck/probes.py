@@ -1424,8 +1424,9 @@ def _transformed(t: Any) -> bool:
 
 
 def _readable(t: Any) -> TypeGuard[torch.Tensor]:
-    """A tensor with a batch dimension the eval passes can keep rows of."""
-    return isinstance(t, torch.Tensor) and t.dim() >= 1 and not _transformed(t) and not t.is_meta
+    """A tensor with a batch dimension the eval passes can keep rows of (of a call that
+    :func:`_unreadable_call` let through)."""
+    return isinstance(t, torch.Tensor) and t.dim() >= 1
 
 
 def _unreadable_call(x: Any, module: nn.Module) -> bool:
@@ -2122,38 +2123,39 @@ def _state_sums(
     for name, p in model.named_parameters():
         if p.is_floating_point() and not p.is_meta and p.numel():
             params[name] = float(p.detach().sum(dtype=torch.float64))
-    buffers: dict[str, float] = {}
+    buffers = {
+        key: float(b.detach().sum(dtype=torch.float64))
+        for key, _, _, b in _other_buffers(model, bn_modules)
+        if b.is_floating_point() or (not b.is_complex() and b.dtype != torch.bool)
+    }
+    return params, buffers
+
+
+def _other_buffers(
+    model: nn.Module, bn_modules: frozenset[int]
+) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """The buffers with values of the modules but the BN layers (``bn_modules``: their ids):
+    (qualified name, the module holding it, its name there, the buffer)."""
     for prefix, module in model.named_modules():
         if id(module) in bn_modules:
             continue
         for name, b in module.named_buffers(recurse=False):
-            if (
-                isinstance(b, torch.Tensor)
-                and not b.is_meta
-                and b.numel()
-                and (b.is_floating_point() or (not b.is_complex() and b.dtype != torch.bool))
-            ):
-                buffers[f"{prefix}.{name}" if prefix else name] = float(
-                    b.detach().sum(dtype=torch.float64)
-                )
-    return params, buffers
+            if isinstance(b, torch.Tensor) and not b.is_meta and b.numel():
+                yield (f"{prefix}.{name}" if prefix else name), module, name, b
 
 
 _BufferCopy = tuple[nn.Module, str, torch.Tensor, torch.Tensor]
 
 
 def _buffer_copies(model: nn.Module, bn_modules: frozenset[int]) -> dict[str, _BufferCopy]:
-    """The buffers :func:`_state_sums` sums, by qualified name: (the module holding it, its
-    name there, the buffer, a copy of its values)."""
-    copies: dict[str, _BufferCopy] = {}
-    for prefix, module in model.named_modules():
-        if id(module) in bn_modules or not isinstance(module._buffers, dict):
-            continue
-        for name, b in module._buffers.items():
-            if isinstance(b, torch.Tensor) and not b.is_meta and b.numel():
-                key = f"{prefix}.{name}" if prefix else name
-                copies[key] = (module, name, b, b.detach().clone())
-    return copies
+    """The buffers :func:`_state_sums` reads, by qualified name, in modules whose table can
+    take them back: (the module holding it, its name there, the buffer, a copy of its
+    values)."""
+    return {
+        key: (module, name, b, b.detach().clone())
+        for key, module, name, b in _other_buffers(model, bn_modules)
+        if isinstance(module._buffers, dict)  # TorchScript's table cannot take one back
+    }
 
 
 def _put_buffers(copies: dict[str, _BufferCopy], names: Sequence[str]) -> bool:

@@ -42,14 +42,8 @@ def _usable(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:
     the meta device (structure only; the audit skips the buffer rules for a model on it, a
     run report judges the other layers)."""
     for layer in layers:
-        if layer.lazy_uninitialized:
-            continue
-        if any(
-            isinstance(t, torch.Tensor) and t.is_meta
-            for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)
-        ):
-            continue
-        yield layer
+        if not layer.lazy_uninitialized and not layer.on_meta:
+            yield layer
 
 
 def _configured(layers: Sequence[BNLayer]) -> Iterator[BNLayer]:

@@ -353,6 +353,10 @@ class TrainingRule:
     """Base of the training-run rules: ``when``, ``first`` and ``says`` side by side."""
 
     id: ClassVar[str]
+    #: judged over the whole run (a share of its steps, how the run ends): what an episode
+    #: says can change until the run's last step, so ``Monitor(warn=True)`` warns it at
+    #: ``detach()``
+    whole_run: ClassVar[bool] = False
 
     @staticmethod
     def when(b: StepBlock) -> np.ndarray:
@@ -809,6 +813,10 @@ def _start_explains(b: StepBlock, rows: np.ndarray, layer: int) -> np.ndarray:
 
 @run_rule("stat-drift", check_function=False)  # audit check: checks/forward.py
 class StatDrift(TrainingRule):
+    # a share of the judged steps makes a finding; whether the drift is the warm-up of the
+    # average or a lag, and whether the run ends with it, shows at the end
+    whole_run = True
+
     @staticmethod
     def when(b: StepBlock) -> np.ndarray:
         tol = b.tolerances
